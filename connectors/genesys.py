@@ -1,0 +1,170 @@
+"""Genesys Cloud API client: OAuth client credentials (token cached until it expires),
+conversations and the analytics details query."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import SecretStr
+
+from connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
+from events.errors import ConfigError, PermanentError, RetryableError
+
+# Genesys Cloud regions: AWS region name → the domain behind login.* and api.*.
+REGION_DOMAINS = {
+    "us-east-1": "mypurecloud.com",
+    "us-east-2": "use2.us-gov-pure.cloud",
+    "us-west-2": "usw2.pure.cloud",
+    "ca-central-1": "cac1.pure.cloud",
+    "sa-east-1": "sae1.pure.cloud",
+    "eu-west-1": "mypurecloud.ie",
+    "eu-west-2": "euw2.pure.cloud",
+    "eu-central-1": "mypurecloud.de",
+    "eu-central-2": "euc2.pure.cloud",
+    "me-central-1": "mec1.pure.cloud",
+    "ap-south-1": "aps1.pure.cloud",
+    "ap-northeast-1": "mypurecloud.jp",
+    "ap-northeast-2": "apne2.pure.cloud",
+    "ap-northeast-3": "apne3.pure.cloud",
+    "ap-southeast-2": "mypurecloud.com.au",
+}
+
+
+def region_urls(region: str) -> tuple[str, str]:
+    """(api_url, login_url) for a region given as `eu-west-1` or as its domain `mypurecloud.ie`."""
+    domain = REGION_DOMAINS.get(region.strip().lower(), region.strip().lower())
+    if domain.startswith(("api.", "login.")):
+        domain = domain.split(".", 1)[1]
+    if "." not in domain:
+        raise ConfigError(f"unknown Genesys Cloud region {region!r}; use e.g. mypurecloud.com "
+                          f"or one of {', '.join(sorted(REGION_DOMAINS))}")
+    return f"https://api.{domain}", f"https://login.{domain}"
+
+
+class GenesysNotFound(PermanentError):
+    """The conversation (or other resource) does not exist."""
+
+
+def _describe(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}"
+    if isinstance(body, dict):
+        parts = [str(body.get(k)) for k in ("code", "message", "error") if body.get(k)]
+        context = body.get("contextId")
+        text = ": ".join(parts) or f"HTTP {response.status_code}"
+        return f"HTTP {response.status_code} {text}" + (f" (contextId {context})" if context else "")
+    return f"HTTP {response.status_code}"
+
+
+class GenesysClient:
+    def __init__(
+        self,
+        api_url: str,
+        login_url: str,
+        client_id: str,
+        client_secret: SecretStr,
+        timeout: float = 10.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.login_url = login_url.rstrip("/")
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.http = http or httpx.AsyncClient(timeout=timeout)
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+        self.token_requests = 0
+        self.api_requests = 0
+
+    def __repr__(self) -> str:
+        return f"GenesysClient(api_url={self.api_url!r}, client_id={self.client_id!r})"
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def token(self) -> str:
+        if self._token and time.monotonic() < self._expires_at:
+            return self._token
+        async with self._lock:
+            if self._token and time.monotonic() < self._expires_at:
+                return self._token
+            try:
+                response = await self.http.post(
+                    f"{self.login_url}/oauth/token",
+                    data={"grant_type": "client_credentials"},
+                    auth=(self.client_id, self.client_secret.get_secret_value()),
+                )
+            except httpx.TransportError as exc:
+                raise RetryableError(f"Genesys login unreachable: {type(exc).__name__}") from exc
+            self.token_requests += 1
+            if response.status_code in RETRYABLE_STATUSES:
+                raise RetryableError(f"Genesys login: {_describe(response)}",
+                                     retry_after=retry_after_seconds(response.headers))
+            if response.status_code != 200:
+                raise PermanentError(f"Genesys login refused the client credentials: "
+                                     f"{_describe(response)}")
+            body = response.json()
+            self._token = body["access_token"]
+            # Renew a minute early so a token never expires between check and use.
+            lifetime = float(body.get("expires_in", 86399))
+            self._expires_at = time.monotonic() + max(1.0, lifetime - 60)
+            return self._token
+
+    def invalidate_token(self) -> None:
+        self._token = None
+        self._expires_at = 0.0
+
+    async def request(self, method: str, path: str, json: Any = None) -> Any:
+        for attempt in (1, 2):
+            token = await self.token()
+            try:
+                response = await self.http.request(
+                    method, f"{self.api_url}{path}", json=json,
+                    headers={"Authorization": f"Bearer {token}"})
+            except httpx.TransportError as exc:
+                raise RetryableError(f"Genesys API unreachable: {type(exc).__name__}") from exc
+            self.api_requests += 1
+            if response.status_code == 401 and attempt == 1:
+                self.invalidate_token()  # expired or revoked: one fresh token, then retry
+                continue
+            if response.is_success:
+                return response.json()
+            if response.status_code == 404:
+                raise GenesysNotFound(f"Genesys {method} {path}: {_describe(response)}")
+            if response.status_code in RETRYABLE_STATUSES:
+                raise RetryableError(f"Genesys {method} {path}: {_describe(response)}",
+                                     retry_after=retry_after_seconds(response.headers))
+            raise PermanentError(f"Genesys {method} {path}: {_describe(response)}")
+        raise PermanentError("Genesys API rejected a freshly issued token")
+
+    async def get_conversation(self, conversation_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/api/v2/conversations/{quote(conversation_id, safe='')}")
+
+    async def ended_conversations(
+        self, start: str, end: str, page_size: int = 100
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every conversation that ended in [start, end), through all result pages."""
+        page = 1
+        while True:
+            body = await self.request("POST", "/api/v2/analytics/conversations/details/query", {
+                "interval": f"{start}/{end}",
+                "order": "asc",
+                "orderBy": "conversationStart",
+                "paging": {"pageSize": page_size, "pageNumber": page},
+                "conversationFilters": [{"type": "and", "predicates": [
+                    {"type": "dimension", "dimension": "conversationEnd", "operator": "exists"}]}],
+            })
+            conversations = body.get("conversations") or []
+            for conversation in conversations:
+                yield conversation
+            if len(conversations) < page_size or page * page_size >= body.get("totalHits", 0):
+                return
+            page += 1

@@ -1,0 +1,167 @@
+"""Salesforce REST client on simple-salesforce: upsert by external id, always.
+
+simple-salesforce builds `https://` URLs from the instance host; for an `http://` instance (the
+sandbox on loopback) a transport adapter sends those requests over plain HTTP instead. It also
+does not URL-encode the external id value, so we do.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import anyio.to_thread
+import requests
+from pydantic import SecretStr
+from requests.adapters import HTTPAdapter
+from simple_salesforce import Salesforce
+from simple_salesforce.exceptions import SalesforceError
+
+from connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
+from events.errors import ConfigError, PermanentError, RetryableError
+
+TRANSIENT_ERROR_CODES = {"UNABLE_TO_LOCK_ROW", "REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"}
+
+
+class _Adapter(HTTPAdapter):
+    """Applies a default timeout; optionally rewrites https:// to http:// for one host."""
+
+    def __init__(self, timeout: float, downgrade_host: str | None) -> None:
+        super().__init__(pool_maxsize=32)
+        self.timeout = timeout
+        self.downgrade_host = downgrade_host
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
+        if self.downgrade_host and request.url and request.url.startswith(
+                f"https://{self.downgrade_host}/"):
+            request.url = "http://" + request.url[len("https://"):]
+        return super().send(request, **kwargs)
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    record_id: str | None
+    created: bool
+    status: int
+
+
+class SalesforceDuplicates(PermanentError):
+    """HTTP 300: several records carry the external id value."""
+
+
+def _first_error(content: Any) -> tuple[str, str]:
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        return str(content[0].get("errorCode", "")), str(content[0].get("message", ""))
+    return "", str(content)[:300]
+
+
+class SalesforceClient:
+    def __init__(
+        self,
+        instance_url: str,
+        access_token: SecretStr | None = None,
+        client_id: str | None = None,
+        client_secret: SecretStr | None = None,
+        api_version: str = "62.0",
+        timeout: float = 15.0,
+        token_url: str | None = None,
+    ) -> None:
+        if access_token is None and not (client_id and client_secret):
+            raise ConfigError("Salesforce needs CXRELAY_SALESFORCE_ACCESS_TOKEN, or "
+                              "CXRELAY_SALESFORCE_CLIENT_ID and CXRELAY_SALESFORCE_CLIENT_SECRET")
+        self.instance_url = instance_url.rstrip("/")
+        self.api_version = api_version
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.token_url = token_url or f"{self.instance_url}/services/oauth2/token"
+        self._token = access_token
+        parts = urlsplit(self.instance_url)
+        self._session = requests.Session()
+        adapter = _Adapter(timeout, parts.netloc if parts.scheme == "http" else None)
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
+        self._lock = threading.Lock()
+        self._sf: Salesforce | None = None
+        self.token_requests = 0
+
+    def __repr__(self) -> str:
+        return f"SalesforceClient(instance_url={self.instance_url!r})"
+
+    def _fetch_token(self) -> None:
+        if not (self.client_id and self.client_secret):
+            raise PermanentError("Salesforce rejected the access token (INVALID_SESSION_ID) and "
+                                 "no client credentials are configured to get a new one")
+        try:
+            response = self._session.post(self.token_url, data={
+                "grant_type": "client_credentials", "client_id": self.client_id,
+                "client_secret": self.client_secret.get_secret_value()})
+        except requests.RequestException as exc:
+            raise RetryableError(f"Salesforce token endpoint unreachable: "
+                                 f"{type(exc).__name__}") from exc
+        self.token_requests += 1
+        if response.status_code in RETRYABLE_STATUSES:
+            raise RetryableError(f"Salesforce token endpoint: HTTP {response.status_code}")
+        if response.status_code != 200:
+            raise PermanentError(f"Salesforce refused the client credentials: "
+                                 f"HTTP {response.status_code} {response.text[:200]}")
+        self._token = SecretStr(response.json()["access_token"])
+        self._sf = None
+
+    def _client(self) -> Salesforce:
+        with self._lock:
+            if self._token is None:
+                self._fetch_token()
+            if self._sf is None:
+                assert self._token is not None
+                self._sf = Salesforce(instance_url=self.instance_url,
+                                      session_id=self._token.get_secret_value(),
+                                      version=self.api_version, session=self._session)
+            return self._sf
+
+    def _upsert_once(self, sobject: str, field: str, value: str,
+                     fields: dict[str, Any]) -> requests.Response:
+        sf = self._client()
+        record_path = f"{field}/{quote(value, safe='')}"
+        return getattr(sf, sobject).upsert(record_path, fields, raw_response=True)
+
+    def upsert_sync(self, sobject: str, field: str, value: str,
+                    fields: dict[str, Any]) -> UpsertResult:
+        where = f"upsert {sobject} {field}={value!r}"
+        for attempt in (1, 2):
+            try:
+                response = self._upsert_once(sobject, field, value, fields)
+            except SalesforceError as exc:
+                code, message = _first_error(exc.content)
+                if exc.status == 401 and attempt == 1:
+                    with self._lock:
+                        self._token = None  # fetch a new one (or explain why we cannot)
+                        self._sf = None
+                    continue
+                if exc.status == 300:
+                    raise SalesforceDuplicates(
+                        f"{where}: several records match (HTTP 300): {exc.content}") from exc
+                detail = f"{where}: HTTP {exc.status} {code} {message}".strip()
+                if exc.status in RETRYABLE_STATUSES or code in TRANSIENT_ERROR_CODES:
+                    headers = getattr(getattr(exc, "response", None), "headers", {}) or {}
+                    raise RetryableError(detail, retry_after=retry_after_seconds(headers)) from exc
+                raise PermanentError(detail) from exc
+            except requests.RequestException as exc:
+                raise RetryableError(f"{where}: {type(exc).__name__}") from exc
+            body: dict[str, Any] = {}
+            if response.content:
+                try:
+                    body = response.json()
+                except ValueError:
+                    body = {}
+            return UpsertResult(record_id=body.get("id"), created=response.status_code == 201,
+                                status=response.status_code)
+        raise PermanentError(f"{where}: a freshly issued token was rejected")
+
+    async def upsert(self, sobject: str, field: str, value: str,
+                     fields: dict[str, Any]) -> UpsertResult:
+        """PATCH /sobjects/{sobject}/{field}/{value}: 201 created, 200/204 updated."""
+        return await anyio.to_thread.run_sync(self.upsert_sync, sobject, field, value, fields)

@@ -1,0 +1,67 @@
+"""Slack Web API client on slack-sdk: post a message, update it later."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.error import URLError
+
+import anyio.to_thread
+from pydantic import SecretStr
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError, SlackClientError
+
+from connectors.retry import retry_after_seconds
+from events.errors import PermanentError, RetryableError
+
+TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable",
+                    "request_timeout", "team_added_to_org"}
+DEFAULT_API_URL = "https://slack.com/api/"
+
+
+@dataclass(frozen=True)
+class SlackMessage:
+    channel: str
+    ts: str
+
+
+class SlackMessageGone(PermanentError):
+    """`chat.update` found no message to update (deleted in Slack)."""
+
+
+class SlackClient:
+    def __init__(self, bot_token: SecretStr, api_url: str = DEFAULT_API_URL,
+                 timeout: float = 10.0) -> None:
+        self.api_url = api_url if api_url.endswith("/") else api_url + "/"
+        self._client = WebClient(token=bot_token.get_secret_value(), base_url=self.api_url,
+                                 timeout=int(timeout))
+
+    def __repr__(self) -> str:
+        return f"SlackClient(api_url={self.api_url!r})"
+
+    def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._client.api_call(method, json=kwargs)
+        except SlackApiError as exc:
+            error = str(exc.response.get("error", "")) if exc.response is not None else ""
+            status = exc.response.status_code if exc.response is not None else 0
+            headers = dict(exc.response.headers) if exc.response is not None else {}
+            detail = f"Slack {method}: {error or 'HTTP ' + str(status)}"
+            if status == 429 or status >= 500 or error in TRANSIENT_ERRORS:
+                raise RetryableError(detail, retry_after=retry_after_seconds(headers)) from exc
+            if error == "message_not_found":
+                raise SlackMessageGone(detail) from exc
+            raise PermanentError(detail) from exc
+        except (SlackClientError, URLError, TimeoutError, OSError) as exc:
+            raise RetryableError(f"Slack {method}: {type(exc).__name__}") from exc
+        return dict(response.data) if isinstance(response.data, dict) else {}
+
+    async def post_message(self, channel: str, text: str) -> SlackMessage:
+        data = await anyio.to_thread.run_sync(
+            lambda: self._call("chat.postMessage", channel=channel, text=text))
+        return SlackMessage(channel=data["channel"], ts=data["ts"])
+
+    async def update_message(self, channel: str, ts: str, text: str) -> SlackMessage:
+        data = await anyio.to_thread.run_sync(
+            lambda: self._call("chat.update", channel=channel, ts=ts, text=text))
+        return SlackMessage(channel=data.get("channel", channel), ts=data.get("ts", ts))

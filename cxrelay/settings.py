@@ -1,0 +1,81 @@
+"""Settings from the environment (documented in the README). Secrets are `SecretStr`."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from events.errors import ConfigError
+from events.pipeline import Pipeline, parse_pipeline
+
+DEFAULT_PIPELINE = Path(__file__).with_name("default_pipeline.yaml")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXRELAY_", extra="ignore",
+                                      populate_by_name=True)
+
+    database_url: str = "sqlite:///.cxrelay/cxrelay.db"
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
+    pipeline: Path | None = Field(default=None, description="pipeline YAML; a default ships")
+    max_body_bytes: int = Field(default=32 * 1024, ge=1024)
+
+    webhook_secret: SecretStr | None = None
+
+    genesys_cloud_region: str | None = Field(
+        default=None, validation_alias=AliasChoices("GENESYS_CLOUD_REGION",
+                                                    "CXRELAY_GENESYS_CLOUD_REGION"))
+    genesys_api_url: str | None = None
+    genesys_login_url: str | None = None
+    genesys_client_id: str | None = None
+    genesys_client_secret: SecretStr | None = None
+    genesys_block: str | None = Field(default=None, description="GenesysCredentials block name")
+
+    salesforce_instance_url: str | None = None
+    salesforce_access_token: SecretStr | None = None
+    salesforce_client_id: str | None = None
+    salesforce_client_secret: SecretStr | None = None
+    salesforce_token_url: str | None = None
+    salesforce_api_version: str = "62.0"
+    salesforce_block: str | None = Field(default=None, description="SalesforceTarget block name")
+
+    slack_api_url: str = "https://slack.com/api/"
+    slack_bot_token: SecretStr | None = None
+    slack_channel: str | None = None
+    slack_block: str | None = Field(default=None, description="SlackTarget block name")
+
+    dispatcher: Literal["inprocess", "off"] = "inprocess"
+    dispatch_concurrency: int = Field(default=8, ge=1, le=256)
+    claim_lease_seconds: float = Field(default=60, gt=0)
+    poll_interval_seconds: float = Field(default=0.05, gt=0)
+    max_event_attempts: int = Field(default=5, ge=1)
+
+    @cached_property
+    def pipeline_config(self) -> Pipeline:
+        path = self.pipeline or DEFAULT_PIPELINE
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"CXRELAY_PIPELINE: cannot read {path}: {exc.strerror}") from exc
+        return parse_pipeline(text, str(path))
+
+    def genesys_urls(self) -> tuple[str, str]:
+        from connectors.genesys import region_urls
+
+        if self.genesys_api_url and self.genesys_login_url:
+            return self.genesys_api_url, self.genesys_login_url
+        if self.genesys_cloud_region:
+            api, login = region_urls(self.genesys_cloud_region)
+            return self.genesys_api_url or api, self.genesys_login_url or login
+        raise ConfigError("set GENESYS_CLOUD_REGION (e.g. mypurecloud.com), or "
+                          "CXRELAY_GENESYS_API_URL and CXRELAY_GENESYS_LOGIN_URL")
+
+
+def require(value: object, variable: str, purpose: str) -> None:
+    """One clear error naming the variable a step needs."""
+    if value is None or value == "":
+        raise ConfigError(f"{variable} is not set; it is needed to {purpose}")

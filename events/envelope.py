@@ -1,0 +1,213 @@
+"""Recognise the envelopes Genesys events arrive in and normalise them to one canonical event.
+
+| envelope | recognised by | event id | dedupe key | conversation id |
+|---|---|---|---|---|
+| generic webhook | `id` + `conversation.id` | `id` | `id` | `conversation.id` |
+| EventBridge | `detail-type` + `detail.topicName` | `id` | `detail.metadata.CorrelationId`, else `id` | `detail.eventBody.conversationId`, else the topic |
+| notification | `topicName` + `eventBody` | `metadata.CorrelationId` | `metadata.CorrelationId`, else a hash of the body | `eventBody.conversationId`, else the topic |
+
+The CorrelationId identifies one Genesys notification whichever path carried it, so the same
+notification delivered through EventBridge and a notification channel is processed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from events.errors import EnvelopeError
+
+Envelope = Literal["generic", "eventbridge", "notification"]
+
+# Topics whose arrival means the conversation (or the customer's part of it) is over.
+ENDED_TOPIC_SUFFIXES = (".customer.end", ".acw", ".end", ".disconnected", ".wrapup")
+ENDED_STATES = {"COMPLETED", "ENDED", "DISCONNECTED", "TERMINATED"}
+_CONVERSATION_TOPIC = re.compile(r"^v2\.(?:detail\.events\.)?conversations?\.([^.]+)\.(.+)$")
+
+
+class CanonicalEvent(BaseModel):
+    """One event, whatever envelope carried it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str
+    dedupe_key: str
+    event_type: str
+    conversation_id: str
+    occurred_at: datetime | None
+    ended: bool
+    envelope: Envelope
+    source: str
+    payload: dict[str, Any]
+
+    def context(self) -> dict[str, Any]:
+        """The names filters and mappings see: canonical fields plus the raw `event`."""
+        return {
+            "event_id": self.event_id,
+            "dedupe_key": self.dedupe_key,
+            "event_type": self.event_type,
+            "conversation_id": self.conversation_id,
+            "occurred_at": self.occurred_at.isoformat() if self.occurred_at else None,
+            "ended": self.ended,
+            "envelope": self.envelope,
+            "source": self.source,
+            "event": self.payload,
+        }
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # Genesys eventTime is epoch milliseconds.
+        seconds = value / 1000 if value > 10_000_000_000 else value
+        try:
+            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return None
+
+
+def _topic_parts(topic: str) -> tuple[str | None, str]:
+    """`v2.detail.events.conversation.<id>.customer.end` → (id, generic topic with `{id}`)."""
+    match = _CONVERSATION_TOPIC.match(topic)
+    if not match:
+        return None, topic
+    conversation_id = match.group(1)
+    if conversation_id == "{id}":
+        conversation_id = None
+    return conversation_id, topic.replace(match.group(1), "{id}", 1)
+
+
+def _topic_ended(topic: str) -> bool:
+    return topic.endswith(ENDED_TOPIC_SUFFIXES)
+
+
+def detect_envelope(payload: dict[str, Any]) -> Envelope | None:
+    if isinstance(payload.get("detail"), dict) and "detail-type" in payload:
+        return "eventbridge"
+    if "topicName" in payload and "eventBody" in payload:
+        return "notification"
+    if "conversation" in payload or "eventType" in payload:
+        return "generic"
+    return None
+
+
+def normalise(payload: Any, source: str, body: bytes = b"") -> CanonicalEvent:
+    """Turn a parsed JSON body into a `CanonicalEvent`, or raise `EnvelopeError` saying why not."""
+    if not isinstance(payload, dict):
+        raise EnvelopeError(
+            "the body is not a JSON object",
+            [{"loc": "$", "msg": f"expected an object, got {type(payload).__name__}"}],
+        )
+    envelope = detect_envelope(payload)
+    if envelope == "eventbridge":
+        return _eventbridge(payload, source)
+    if envelope == "notification":
+        return _notification(payload, source, body)
+    if envelope == "generic":
+        return _generic(payload, source)
+    raise EnvelopeError(
+        "not a recognisable Genesys event",
+        [{"loc": "$", "msg": "expected a generic webhook ({id, eventType, conversation}), an "
+          "EventBridge event ({detail-type, detail}) or a notification ({topicName, eventBody})"}],
+    )
+
+
+def _require(errors: list[dict[str, str]], loc: str, value: str | None) -> str:
+    if value is None:
+        errors.append({"loc": loc, "msg": "field required (a non-empty string)"})
+        return ""
+    return value
+
+
+def _generic(payload: dict[str, Any], source: str) -> CanonicalEvent:
+    errors: list[dict[str, str]] = []
+    conversation = payload.get("conversation")
+    if not isinstance(conversation, dict):
+        errors.append({"loc": "conversation", "msg": "field required (an object)"})
+        conversation = {}
+    event_id = _require(errors, "id", _text(payload.get("id")))
+    conversation_id = _require(errors, "conversation.id", _text(conversation.get("id")))
+    if errors:
+        raise EnvelopeError("generic webhook is missing required fields", errors)
+    state = _text(conversation.get("state")) or ""
+    return CanonicalEvent(
+        event_id=event_id,
+        dedupe_key=event_id,
+        event_type=_text(payload.get("eventType")) or "UNKNOWN",
+        conversation_id=conversation_id,
+        occurred_at=_parse_time(payload.get("createdAt")),
+        ended=state.upper() in ENDED_STATES,
+        envelope="generic",
+        source=source,
+        payload=payload,
+    )
+
+
+def _from_topic_event(
+    payload: dict[str, Any],
+    detail: dict[str, Any],
+    source: str,
+    event_id: str | None,
+    fallback_key: str,
+    envelope: Envelope,
+    prefix: str,
+) -> CanonicalEvent:
+    errors: list[dict[str, str]] = []
+    topic = _require(errors, f"{prefix}topicName", _text(detail.get("topicName")))
+    body = detail.get("eventBody")
+    if not isinstance(body, dict):
+        errors.append({"loc": f"{prefix}eventBody", "msg": "field required (an object)"})
+        body = {}
+    topic_conversation, event_type = _topic_parts(topic)
+    conversation_id = _text(body.get("conversationId")) or topic_conversation
+    _require(errors, f"{prefix}eventBody.conversationId", conversation_id)
+    metadata = detail.get("metadata") if isinstance(detail.get("metadata"), dict) else {}
+    correlation_id = _text(metadata.get("CorrelationId"))
+    if envelope == "eventbridge":
+        _require(errors, "id", event_id)
+    if errors:
+        raise EnvelopeError(f"{envelope} event is missing required fields", errors)
+    occurred = _parse_time(body.get("eventTime")) or _parse_time(
+        detail.get("timestamp") or payload.get("time")
+    )
+    return CanonicalEvent(
+        event_id=event_id or correlation_id or fallback_key,
+        dedupe_key=correlation_id or event_id or fallback_key,
+        event_type=event_type,
+        conversation_id=conversation_id or "",
+        occurred_at=occurred,
+        ended=_topic_ended(topic),
+        envelope=envelope,
+        source=source,
+        payload=payload,
+    )
+
+
+def _eventbridge(payload: dict[str, Any], source: str) -> CanonicalEvent:
+    return _from_topic_event(
+        payload, payload["detail"], source, _text(payload.get("id")), "", "eventbridge", "detail."
+    )
+
+
+def _notification(payload: dict[str, Any], source: str, body: bytes) -> CanonicalEvent:
+    # Without a CorrelationId the body itself is the only stable identity of a redelivery.
+    fallback = "sha256:" + hashlib.sha256(body or repr(sorted(payload.items())).encode()).hexdigest()
+    return _from_topic_event(payload, payload, source, None, fallback, "notification", "")

@@ -1,0 +1,43 @@
+"""The root of every error cxrelay raises on purpose.
+
+Retry decisions are a type check: `RetryableError` is worth another attempt
+(after `retry_after` seconds when the remote said so), `PermanentError` is not.
+"""
+
+from __future__ import annotations
+
+
+class CxrelayError(Exception):
+    """Base class of cxrelay's own errors."""
+
+
+class RetryableError(CxrelayError):
+    """A transient failure: a later attempt may succeed."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(CxrelayError):
+    """A failure that another attempt cannot fix; the work goes to the dead letters."""
+
+
+class ConfigError(PermanentError):
+    """A setting that a step needs is missing or invalid."""
+
+
+class SignatureError(CxrelayError):
+    """A webhook failed authentication. The message is safe to return to the caller."""
+
+
+class EnvelopeError(CxrelayError):
+    """A body parsed as JSON but is not a recognisable event."""
+
+    def __init__(self, message: str, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class MappingError(PermanentError):
+    """A mapping could not produce a valid payload (for example a required field is empty)."""

@@ -1,0 +1,168 @@
+"""The pipeline file: sources, filters, enrichment, lookups and targets, validated with pydantic.
+
+Errors name the line and the key (`pipeline.yaml:14: targets[0].fields.Phone.format: …`), so a
+typo in the file is found by `cxrelay config validate` rather than by a silent blank in Salesforce.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from events.errors import CxrelayError
+from events.filters import FilterRule
+from events.mapping import FieldSpec
+
+Scheme = Literal["hmac", "standard-webhooks", "genesys-open-messaging", "static"]
+
+
+class PipelineError(CxrelayError):
+    """The pipeline file is not valid; `errors` are `file:line: key: message` strings."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("invalid pipeline:\n  " + "\n  ".join(errors))
+        self.errors = errors
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SourceConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    scheme: Scheme
+    secret_env: str = Field(description="environment variable holding the secret(s), comma-separated")
+    static_kind: Literal["bearer", "basic", "header"] = "bearer"
+    header: str | None = None
+    tolerance_seconds: int = Field(default=300, ge=1)
+
+
+class EnrichConfig(_Strict):
+    genesys_conversation: bool = True
+    on_not_found: Literal["dead_letter", "skip"] = "dead_letter"
+    cache_seconds: int = Field(default=300, ge=0)
+
+
+def _template_shorthand(value: Any) -> Any:
+    return {"template": value} if isinstance(value, str) else value
+
+
+# A field is a spec, or a plain template string as shorthand.
+Fields = dict[str, Annotated[FieldSpec, BeforeValidator(_template_shorthand)]]
+
+
+class _TargetBase(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    enabled: bool = True
+    retries: int = Field(default=5, ge=0, le=50)
+    retry_max_delay_seconds: float = Field(default=60, gt=0)
+
+
+class SalesforceTargetConfig(_TargetBase):
+    type: Literal["salesforce"]
+    object: str = "Lead"
+    external_id_field: str = "Genesys_Conversation_Id__c"
+    external_id: str = "{{ conversation_id }}"
+    fields: Fields = Field(default_factory=dict)
+
+
+class SlackTargetConfig(_TargetBase):
+    type: Literal["slack"]
+    channel: str | None = Field(default=None, description="default: CXRELAY_SLACK_CHANNEL")
+    text: str = "Conversation {{ conversation_id }} ended"
+    fields: Fields = Field(default_factory=dict, description="rendered into the message context")
+
+
+class HttpTargetConfig(_TargetBase):
+    type: Literal["http"]
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: Fields = Field(default_factory=dict)
+
+
+TargetConfig = Annotated[
+    SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig, Field(discriminator="type")
+]
+
+
+class Pipeline(_Strict):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    filters: list[FilterRule] = Field(default_factory=list)
+    enrich: EnrichConfig = Field(default_factory=EnrichConfig)
+    lookups: dict[str, dict[str, str]] = Field(default_factory=dict)
+    targets: list[TargetConfig] = Field(default_factory=list)
+
+    @field_validator("targets", "sources")
+    @classmethod
+    def _unique_names(cls, items: list[Any]) -> list[Any]:
+        names = [item.name for item in items]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"names must be unique: {', '.join(duplicates)}")
+        return items
+
+    def target(self, name: str) -> SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig:
+        for target in self.targets:
+            if target.name == name:
+                return target
+        raise KeyError(name)
+
+    @property
+    def enabled_targets(self) -> list[SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig]:
+        return [target for target in self.targets if target.enabled]
+
+
+def _node_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at `loc`, or of the deepest ancestor found."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for key in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == key:
+                    child = value_node
+                    line = key_node.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            child = node.value[key]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
+
+
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def parse_pipeline(text: str, filename: str = "pipeline.yaml") -> Pipeline:
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{filename}:{mark.line + 1}" if mark else filename
+        raise PipelineError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError([f"{filename}:1: the pipeline must be a mapping of sections"])
+    try:
+        return Pipeline.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for error in exc.errors():
+            # Drop the union discriminator tag pydantic inserts (targets.0.salesforce.fields).
+            loc = tuple(part for part in error["loc"]
+                        if part not in {"salesforce", "slack", "http", "function-after"})
+            line = _node_line(node, loc)
+            errors.append(f"{filename}:{line}: {_loc_text(loc)}: {error['msg']}")
+        raise PipelineError(errors) from exc

@@ -1,0 +1,137 @@
+"""The dispatcher: claims events from the inbox and starts one `process-event` run for each.
+
+It runs on its own event loop (in `cxrelay serve`, a child process), never on the receiver's.
+Claims carry a lease that is renewed while the run is alive; an event whose dispatcher died is
+claimed again when its lease runs out. A run that fails before recording an outcome is retried
+with backoff, and after `max_attempts` ends in the dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+
+import httpx
+from prefect import tags
+
+from flows.process_event import process_event
+from flows.runtime import Runtime
+from store.database import ClaimedEvent
+
+logger = logging.getLogger("cxrelay.dispatcher")
+
+
+def _infrastructure_failure(exc: BaseException) -> bool:
+    """The run never got going: the Prefect API (or the network to it) was unavailable."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(exc, PrefectHTTPStatusError):
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    return isinstance(exc, (httpx.TransportError, ConnectionError))
+
+
+class Dispatcher:
+    def __init__(self, runtime: Runtime, concurrency: int | None = None,
+                 lease_seconds: float | None = None, poll_seconds: float | None = None,
+                 max_attempts: int | None = None, worker_id: str | None = None) -> None:
+        settings = runtime.settings
+        self.runtime = runtime
+        self.store = runtime.store
+        self.concurrency = concurrency or settings.dispatch_concurrency
+        self.lease = lease_seconds or settings.claim_lease_seconds
+        self.poll = poll_seconds or settings.poll_interval_seconds
+        self.max_attempts = max_attempts or settings.max_event_attempts
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.running: dict[int, asyncio.Task[None]] = {}
+        self.started_runs = 0
+        self.failed_runs = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
+        last_renew = time.monotonic()
+        wake = asyncio.Event()
+        try:
+            while not stop.is_set():
+                claimed: list[ClaimedEvent] = []
+                free = self.concurrency - len(self.running)
+                if free > 0:
+                    try:
+                        claimed = await asyncio.to_thread(
+                            self.store.claim, self.worker_id, free, self.lease)
+                    except Exception:  # the database is unavailable: keep trying
+                        logger.exception("claiming from the inbox failed")
+                        await asyncio.sleep(1)
+                for event in claimed:
+                    task = asyncio.create_task(self._run_one(event))
+                    self.running[event.id] = task
+                    task.add_done_callback(lambda _t, i=event.id: (self.running.pop(i, None),
+                                                                    wake.set()))
+                if time.monotonic() - last_renew > self.lease / 3 and self.running:
+                    last_renew = time.monotonic()
+                    try:
+                        await asyncio.to_thread(self.store.renew, self.worker_id,
+                                                list(self.running), self.lease)
+                    except Exception:
+                        logger.exception("renewing claims failed")
+                if not claimed or len(self.running) >= self.concurrency:
+                    wake.clear()
+                    stopper = asyncio.create_task(stop.wait())
+                    waker = asyncio.create_task(wake.wait())
+                    await asyncio.wait({stopper, waker}, timeout=self.poll,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    stopper.cancel()
+                    waker.cancel()
+        finally:
+            await self._drain()
+
+    async def _drain(self, grace_seconds: float = 10.0) -> None:
+        if not self.running:
+            return
+        pending = list(self.running.items())
+        _, still = await asyncio.wait([task for _, task in pending], timeout=grace_seconds)
+        for inbox_id, task in pending:
+            if task in still:
+                task.cancel()
+                await asyncio.to_thread(self.store.release, inbox_id, self.worker_id, 0, False)
+
+    async def _run_one(self, event: ClaimedEvent) -> None:
+        self.started_runs += 1
+        try:
+            with tags(f"source:{event.source}", f"event:{event.event_type}"):
+                await process_event(inbox_id=event.id, conversation_id=event.conversation_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failed_runs += 1
+            await self._after_failure(event, exc)
+
+    async def _after_failure(self, event: ClaimedEvent, exc: Exception) -> None:
+        infrastructure = _infrastructure_failure(exc)
+        if not infrastructure and event.attempts >= self.max_attempts:
+            logger.error("event %s failed %d times, dead-lettered: %s", event.id,
+                         event.attempts, exc)
+            reason = f"the process-event run failed {event.attempts} times; last: {exc!r}"
+            row = await asyncio.to_thread(self.store.get_event, event.id)
+            await asyncio.to_thread(
+                self.store.dead_letter, event.id, row.event_id if row else "",
+                event.conversation_id, "*", reason, type(exc).__name__, event.attempts)
+            await asyncio.to_thread(self.store.finish, event.id, "failed", {"reason": reason})
+            return
+        delay = min(60.0, 2.0 ** min(event.attempts, 6))
+        logger.warning("event %s: run failed (%s), retrying in %.0f s", event.id,
+                       type(exc).__name__, delay)
+        await asyncio.to_thread(self.store.release, event.id, self.worker_id, delay,
+                                not infrastructure)
+
+
+async def run_dispatcher(runtime: Runtime, stop: asyncio.Event | None = None) -> Dispatcher:
+    from flows.runtime import set_runtime
+
+    set_runtime(runtime)
+    dispatcher = Dispatcher(runtime)
+    await dispatcher.run(stop or asyncio.Event())
+    return dispatcher

@@ -1,0 +1,123 @@
+"""`process-event`: one flow run per acknowledged event."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_markdown_artifact
+
+from connectors.genesys import GenesysNotFound
+from events.envelope import CanonicalEvent
+from events.errors import CxrelayError, PermanentError
+from events.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
+from flows import steps
+from flows.report import outcome_of, render_report
+from flows.runtime import Runtime, get_runtime
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, CxrelayError) else f"{type(exc).__name__}: {exc}"
+
+
+async def _dead_letter(runtime: Runtime, inbox_id: int, event: CanonicalEvent, target: str,
+                       exc: BaseException, attempts: int) -> dict[str, Any]:
+    reason = _error_text(exc)
+    await asyncio.to_thread(runtime.store.dead_letter, inbox_id, event.event_id,
+                            event.conversation_id, target, reason, type(exc).__name__, attempts)
+    get_run_logger().warning("dead letter for %s: %s", target, reason)
+    return {"status": "dead_lettered", "error": reason}
+
+
+async def _deliver(runtime: Runtime, inbox_id: int, event: CanonicalEvent, target: Any,
+                   context: dict[str, Any]) -> dict[str, Any]:
+    """Map and deliver one target; any failure ends in the dead letters, never in the others."""
+    owner = f"inbox:{inbox_id}"
+    try:
+        default_channel = None
+        if isinstance(target, SalesforceTargetConfig):
+            client: Any = await runtime.salesforce()
+            deliver = steps.deliver_salesforce
+        elif isinstance(target, SlackTargetConfig):
+            client, default_channel = await runtime.slack()
+            deliver = steps.deliver_slack
+        else:
+            assert isinstance(target, HttpTargetConfig)
+            client = runtime.http(target.name, target.url, target.headers)
+            deliver = steps.deliver_http
+        payload = steps.map_target.with_options(name=f"map-{target.name}")(
+            runtime.mapper, target, context, default_channel)
+        result = await deliver.with_options(
+            name=f"deliver-{target.name}", retries=target.retries,
+            retry_delay_seconds=steps.backoff(target.retries, cap=target.retry_max_delay_seconds),
+        )(runtime.store, client, target, event, owner, payload)
+        return {**result, "warnings": payload.get("warnings", [])}
+    except Exception as exc:
+        return await _dead_letter(runtime, inbox_id, event, target.name, exc,
+                                  attempts=target.retries + 1)
+
+
+@flow(name="process-event", flow_run_name="conversation-{conversation_id}",
+      persist_result=False, log_prints=False)
+async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, Any]:
+    """Verify, deduplicate, filter, enrich, map and deliver one event from the inbox.
+
+    Each target is delivered independently and exactly once per conversation; whatever fails
+    after its retries is recorded as a dead letter that `cxrelay dead-letters replay` resends.
+    """
+    runtime = get_runtime()
+    store = runtime.store
+    row = await asyncio.to_thread(store.get_event, inbox_id)
+    if row is None:
+        raise PermanentError(f"inbox event {inbox_id} does not exist")
+    summary: dict[str, Any] = {"inbox_id": inbox_id, "conversation_id": row.conversation_id,
+                               "event_id": row.event_id, "event_type": row.event_type,
+                               "source": row.source, "targets": {}}
+    targets = runtime.pipeline.enabled_targets
+    try:
+        event = steps.verify(row)
+    except Exception as exc:
+        summary.update(outcome="dead_lettered", reason=_error_text(exc))
+        await asyncio.to_thread(store.dead_letter, inbox_id, row.event_id, row.conversation_id,
+                                "*", _error_text(exc), type(exc).__name__, row.attempts)
+        return await _finish(runtime, summary)
+
+    summary["plan"] = steps.deduplicate(store, event, [t.name for t in targets])
+    rule = steps.apply_filters(event, runtime.pipeline.filters)
+    if rule is not None:
+        summary.update(outcome="filtered", filtered_by=rule)
+        return await _finish(runtime, summary)
+
+    context = event.context()
+    if runtime.pipeline.enrich.genesys_conversation:
+        try:
+            context["conversation"] = await steps.enrich(await runtime.genesys(),
+                                                         event.conversation_id)
+        except GenesysNotFound as exc:
+            if runtime.pipeline.enrich.on_not_found == "dead_letter":
+                summary["targets"]["genesys"] = await _dead_letter(
+                    runtime, inbox_id, event, "genesys", exc, attempts=1)
+                summary.update(outcome="dead_lettered", reason=_error_text(exc))
+                return await _finish(runtime, summary)
+            context["conversation"] = {}
+        except Exception as exc:
+            summary["targets"]["genesys"] = await _dead_letter(
+                runtime, inbox_id, event, "genesys", exc, attempts=6)
+            summary.update(outcome="dead_lettered", reason=_error_text(exc))
+            return await _finish(runtime, summary)
+    else:
+        context["conversation"] = {}
+
+    results = await asyncio.gather(*(_deliver(runtime, inbox_id, event, target, context)
+                                      for target in targets))
+    summary["targets"] = {target.name: result for target, result in zip(targets, results)}
+    summary["outcome"] = outcome_of(summary["targets"])
+    return await _finish(runtime, summary)
+
+
+async def _finish(runtime: Runtime, summary: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.to_thread(runtime.store.finish, summary["inbox_id"], summary["outcome"], summary)
+    await acreate_markdown_artifact(markdown=render_report(summary),
+                                    description=f"cxrelay: {summary['outcome']}")
+    return summary

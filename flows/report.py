@@ -1,0 +1,35 @@
+"""The markdown a flow run leaves as its artifact: what was decided, and why."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def outcome_of(results: dict[str, dict[str, Any]]) -> str:
+    """delivered (every target ok) / dead_lettered (none) / partial (some)."""
+    failed = [r for r in results.values() if r.get("status") == "dead_lettered"]
+    if not failed:
+        return "delivered"
+    return "dead_lettered" if len(failed) == len(results) else "partial"
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    lines = [
+        f"### Conversation `{summary.get('conversation_id', '?')}`",
+        "",
+        f"- event `{summary.get('event_id', '?')}` ({summary.get('event_type', '?')}) "
+        f"from source `{summary.get('source', '?')}`",
+        f"- outcome: **{summary.get('outcome', '?')}**",
+    ]
+    if summary.get("filtered_by"):
+        lines.append(f"- filtered by rule `{summary['filtered_by']}`")
+    if summary.get("reason"):
+        lines.append(f"- reason: {summary['reason']}")
+    targets = summary.get("targets") or {}
+    if targets:
+        lines += ["", "| target | result | reference | detail |", "|---|---|---|---|"]
+        for name, result in targets.items():
+            detail = result.get("error") or "; ".join(result.get("warnings", [])) or ""
+            lines.append(f"| {name} | {result.get('status', '?')} | {result.get('ref') or ''} | "
+                         f"{detail.replace('|', '/')} |")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""What a flow needs at the edge: settings, store, pipeline and clients, built once per process.
+
+Clients come from Prefect blocks when `CXRELAY_*_BLOCK` names one, else from environment
+variables. A missing setting raises `ConfigError` naming the variable, when the step needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from connectors.genesys import GenesysClient
+from connectors.http import HttpTarget
+from connectors.salesforce import SalesforceClient
+from connectors.slack import SlackClient
+from cxrelay.settings import Settings, require
+from events.mapping import Mapper
+from events.pipeline import Pipeline
+from store.database import Store
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    pipeline: Pipeline
+    mapper: Mapper
+    _clients: dict[str, Any] = field(default_factory=dict)
+
+    async def genesys(self) -> GenesysClient:
+        if "genesys" not in self._clients:
+            s = self.settings
+            if s.genesys_block:
+                from blocks.genesys import GenesysCredentials
+
+                block = await GenesysCredentials.aload(s.genesys_block)
+                self._clients["genesys"] = block.get_client()
+            else:
+                api_url, login_url = s.genesys_urls()
+                require(s.genesys_client_id, "CXRELAY_GENESYS_CLIENT_ID", "enrich events")
+                require(s.genesys_client_secret, "CXRELAY_GENESYS_CLIENT_SECRET", "enrich events")
+                assert s.genesys_client_id and s.genesys_client_secret
+                self._clients["genesys"] = GenesysClient(
+                    api_url, login_url, s.genesys_client_id, s.genesys_client_secret)
+        return self._clients["genesys"]
+
+    async def salesforce(self) -> SalesforceClient:
+        if "salesforce" not in self._clients:
+            s = self.settings
+            if s.salesforce_block:
+                from blocks.salesforce import SalesforceTarget
+
+                block = await SalesforceTarget.aload(s.salesforce_block)
+                self._clients["salesforce"] = block.get_client()
+            else:
+                require(s.salesforce_instance_url, "CXRELAY_SALESFORCE_INSTANCE_URL",
+                        "deliver to Salesforce")
+                assert s.salesforce_instance_url
+                self._clients["salesforce"] = SalesforceClient(
+                    s.salesforce_instance_url, s.salesforce_access_token,
+                    s.salesforce_client_id, s.salesforce_client_secret,
+                    s.salesforce_api_version, token_url=s.salesforce_token_url)
+        return self._clients["salesforce"]
+
+    async def slack(self) -> tuple[SlackClient, str | None]:
+        if "slack" not in self._clients:
+            s = self.settings
+            if s.slack_block:
+                from blocks.slack import SlackTarget
+
+                block = await SlackTarget.aload(s.slack_block)
+                self._clients["slack"] = (block.get_client(), block.channel)
+            else:
+                require(s.slack_bot_token, "CXRELAY_SLACK_BOT_TOKEN", "post to Slack")
+                assert s.slack_bot_token
+                self._clients["slack"] = (SlackClient(s.slack_bot_token, s.slack_api_url),
+                                          s.slack_channel)
+        return self._clients["slack"]
+
+    def http(self, name: str, url: str, headers: dict[str, str]) -> HttpTarget:
+        key = f"http:{name}"
+        if key not in self._clients:
+            self._clients[key] = HttpTarget(url, headers)
+        return self._clients[key]
+
+
+_runtimes: dict[int, Runtime] = {}
+
+
+def get_runtime(settings: Settings | None = None) -> Runtime:
+    """The runtime of the running event loop (async HTTP clients belong to one loop)."""
+    loop_id = id(asyncio.get_running_loop())
+    runtime = _runtimes.get(loop_id)
+    if runtime is None:
+        settings = settings or Settings()
+        pipeline = settings.pipeline_config
+        runtime = Runtime(settings=settings,
+                          store=Store(settings.database_url, synchronous=settings.sqlite_synchronous),
+                          pipeline=pipeline, mapper=Mapper(pipeline.lookups))
+        _runtimes[loop_id] = runtime
+    return runtime
+
+
+def set_runtime(runtime: Runtime) -> None:
+    """Use this runtime for flows on the running loop (the dispatcher and tests build their own)."""
+    _runtimes[id(asyncio.get_running_loop())] = runtime
+
+
+def clear_runtime() -> None:
+    _runtimes.pop(id(asyncio.get_running_loop()), None)

@@ -1,0 +1,159 @@
+"""The thin receiver: authenticate, parse, normalise, commit to the inbox, answer 202.
+
+It never waits on Prefect or any target system. Every error is JSON `{"error", "detail"}` and
+never echoes a secret; an authenticated body that is not an event is quarantined, not dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio.to_thread
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from events.envelope import CanonicalEvent, normalise
+from events.errors import EnvelopeError, SignatureError
+from receiver.limits import BodySizeLimit
+from receiver.metrics import ReceiverMetrics
+from receiver.sources import Source
+from store.database import Store
+from store.writer import GroupCommitWriter
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024
+
+
+def error(status: int, code: str, detail: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return True  # Architect data actions and some senders omit it; the body decides
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+class Receiver:
+    def __init__(self, store: Store, sources: Mapping[str, Source]) -> None:
+        self.store = store
+        self.sources = dict(sources)
+        self.metrics = ReceiverMetrics()
+        self.writer: GroupCommitWriter | None = None
+
+    async def webhook(self, request: Request) -> Response:
+        started = time.perf_counter()
+        name = request.path_params["source"]
+        source = self.sources.get(name)
+        if source is None:
+            self.metrics.rejected.labels("unknown", "unknown_source").inc()
+            return error(404, "unknown_source", f"no enabled source is named {name!r}")
+        body = await request.body()
+        try:
+            source.verifier.verify(body, request.headers)
+        except SignatureError as exc:
+            self.metrics.rejected.labels(name, "unauthorized").inc()
+            return error(401, "unauthorized", str(exc))
+        content_type = request.headers.get("content-type")
+        if not _is_json(content_type):
+            self.metrics.rejected.labels(name, "unsupported_media_type").inc()
+            return error(415, "unsupported_media_type", "send the event as application/json")
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.metrics.rejected.labels(name, "malformed_json").inc()
+            return error(400, "malformed_json", f"the body is not valid JSON: {exc}")
+        try:
+            event = normalise(payload, name, body)
+        except EnvelopeError as exc:
+            self.metrics.rejected.labels(name, "not_an_event").inc()
+            quarantine_id = await anyio.to_thread.run_sync(
+                self.store.quarantine, name, body, content_type,
+                {"message": str(exc), "errors": exc.errors})
+            return JSONResponse(
+                {"error": "not_an_event", "detail": exc.errors, "message": str(exc),
+                 "quarantine_id": quarantine_id},
+                status_code=422)
+        assert self.writer is not None, "the receiver's lifespan has not started"
+        try:
+            inbox_id = await self.writer.insert(self._row(name, event, body))
+        except Exception as exc:  # not acknowledged, so the sender's retry loses nothing
+            self.metrics.rejected.labels(name, "database_unavailable").inc()
+            return error(503, "database_unavailable",
+                         f"the event was not stored ({type(exc).__name__}); retry later")
+        status = "accepted" if inbox_id is not None else "duplicate"
+        (self.metrics.accepted if inbox_id is not None else self.metrics.duplicates).labels(name).inc()
+        self.metrics.ack_latency.observe(time.perf_counter() - started)
+        return JSONResponse({"event_id": event.event_id, "status": status}, status_code=202)
+
+    @staticmethod
+    def _row(source: str, event: CanonicalEvent, body: bytes) -> dict[str, Any]:
+        return {
+            "dedupe_key": event.dedupe_key,
+            "event_id": event.event_id,
+            "source": source,
+            "envelope": event.envelope,
+            "event_type": event.event_type,
+            "conversation_id": event.conversation_id,
+            "body": body,
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            await anyio.to_thread.run_sync(self.store.ping)
+        except Exception as exc:  # any driver error means not ready; say which kind only
+            return error(503, "database_unavailable", type(exc).__name__)
+        return JSONResponse({"status": "ready", "sources": sorted(self.sources)})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        try:
+            self.metrics.inbox_depth.set(await anyio.to_thread.run_sync(self.store.backlog))
+        except Exception:  # the gauge keeps its last value; /readyz reports the database
+            pass
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.writer = GroupCommitWriter(self.store)
+        try:
+            yield
+        finally:
+            self.writer.close()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail)
+
+
+def create_app(
+    store: Store, sources: Mapping[str, Source], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> Starlette:
+    receiver = Receiver(store, sources)
+    app = Starlette(
+        routes=[
+            Route("/webhooks/{source}", receiver.webhook, methods=["POST"]),
+            Route("/healthz", receiver.healthz, methods=["GET"]),
+            Route("/readyz", receiver.readyz, methods=["GET"]),
+            Route("/metrics", receiver.metrics_endpoint, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=receiver.lifespan,
+    )
+    app.state.receiver = receiver
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    return app

@@ -1,0 +1,23 @@
+"""Prometheus metrics of the receiver, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class ReceiverMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.accepted = Counter("cxrelay_webhooks_accepted_total", "Events acknowledged (new)",
+                                ["source"], registry=self.registry)
+        self.duplicates = Counter("cxrelay_webhooks_duplicate_total",
+                                  "Events acknowledged as duplicates", ["source"],
+                                  registry=self.registry)
+        self.rejected = Counter("cxrelay_webhooks_rejected_total", "Requests rejected",
+                                ["source", "reason"], registry=self.registry)
+        self.ack_latency = Histogram(
+            "cxrelay_webhook_ack_seconds", "Time from request to acknowledgement",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry)
+        self.inbox_depth = Gauge("cxrelay_inbox_depth", "Events waiting or in progress",
+                                 registry=self.registry)

@@ -1,0 +1,215 @@
+"""Salesforce REST emulator: client-credentials token, upsert by external id (201/200/300),
+records by id, and Salesforce's list-shaped errors."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sandbox.base import Emulator, Fault, bearer_token
+
+DEFAULT_ACCESS_TOKEN = "sandbox-salesforce-token"
+DEFAULT_CLIENT_ID = "sandbox-salesforce-client"
+DEFAULT_CLIENT_SECRET = "sandbox-salesforce-secret"
+
+KEY_PREFIXES = {"Lead": "00Q", "Contact": "003", "Account": "001", "Case": "500", "Task": "00T"}
+# Fields Salesforce requires to create a record of these objects.
+REQUIRED_ON_CREATE = {"Lead": ["LastName", "Company"], "Contact": ["LastName"], "Account": ["Name"]}
+LEAD_FIELDS = {
+    "FirstName", "LastName", "Company", "Phone", "MobilePhone", "Email", "Title", "Status",
+    "LeadSource", "Description", "Industry", "Rating", "Street", "City", "State", "PostalCode",
+    "Country", "Website", "OwnerId",
+}
+
+
+def sf_error(status: int, code: str, message: str, fields: list[str] | None = None
+             ) -> JSONResponse:
+    item: dict[str, Any] = {"message": message, "errorCode": code}
+    if fields is not None:
+        item["fields"] = fields
+    return JSONResponse([item], status_code=status)
+
+
+def external_id_value(request: Request) -> str:
+    """The external id exactly as the client percent-encoded it, decoded once.
+
+    The server hands routes an already-decoded path, in which an encoded `/` is
+    indistinguishable from a separator; the raw path keeps the difference.
+    """
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    return unquote(raw.decode("latin-1").split("?", 1)[0].split("/", 7)[7])
+
+
+class SalesforceEmulator(Emulator):
+    name = "salesforce"
+
+    def __init__(self, access_token: str = DEFAULT_ACCESS_TOKEN,
+                 client_id: str = DEFAULT_CLIENT_ID,
+                 client_secret: str = DEFAULT_CLIENT_SECRET) -> None:
+        self.static_token = access_token
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.tokens: set[str] = {access_token}
+        self.records: dict[str, dict[str, dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self.api_calls = 0
+        super().__init__()
+
+    def routes(self) -> list[Route]:
+        data = "/services/data/v{version}/sobjects/{sobject}"
+        return [
+            self.route("/services/oauth2/token", self.token, ["POST"]),
+            self.route(data + "/{field}/{value:path}", self.upsert, ["PATCH"]),
+            self.route(data + "/{field}/{value:path}", self.get_by_external_id, ["GET"]),
+            self.route(data + "/{record_id}", self.get_record, ["GET"]),
+            Route("/__sandbox/records", self._seed, methods=["POST"]),
+            Route("/__sandbox/expire-tokens", self._expire, methods=["POST"]),
+        ]
+
+    def reset_state(self) -> None:
+        self.records.clear()
+        self.tokens = {self.static_token}
+        self.api_calls = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"records": {name: list(rows.values()) for name, rows in self.records.items()}}
+
+    def fault_response(self, fault: Fault) -> Response:
+        if fault.body is None and fault.status:
+            codes = {401: ("INVALID_SESSION_ID", "Session expired or invalid"),
+                     403: ("REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded."),
+                     400: ("UNABLE_TO_LOCK_ROW",
+                           "unable to obtain exclusive access to this record"),
+                     503: ("SERVER_UNAVAILABLE", "Service temporarily unavailable")}
+            code, message = codes.get(fault.status, ("UNKNOWN_EXCEPTION", "Injected fault"))
+            response = sf_error(fault.status, code, message)
+            response.headers.update(fault.headers)
+            return response
+        return super().fault_response(fault)
+
+    def _new_id(self, sobject: str) -> str:
+        prefix = KEY_PREFIXES.get(sobject, "a00")
+        return f"{prefix}{next(self._ids):012d}AAA"
+
+    def _authorize(self, request: Request) -> Response | None:
+        token = bearer_token(request)
+        with self.lock:
+            valid = token is not None and token in self.tokens
+            self.api_calls += 1
+        if not valid:
+            return sf_error(401, "INVALID_SESSION_ID", "Session expired or invalid")
+        return None
+
+    def _limit_headers(self) -> dict[str, str]:
+        return {"Sforce-Limit-Info": f"api-usage={self.api_calls}/15000"}
+
+    async def token(self, request: Request, payload: Any) -> Response:
+        form = payload if isinstance(payload, dict) else {}
+        if form.get("grant_type") != "client_credentials":
+            return JSONResponse({"error": "unsupported_grant_type",
+                                 "error_description": "grant type not supported"},
+                                status_code=400)
+        if (form.get("client_id"), form.get("client_secret")) != (self.client_id,
+                                                                  self.client_secret):
+            return JSONResponse({"error": "invalid_client",
+                                 "error_description": "invalid client credentials"},
+                                status_code=400)
+        token = "00D" + secrets.token_urlsafe(24)
+        with self.lock:
+            self.tokens.add(token)
+        base = str(request.base_url).rstrip("/")
+        return JSONResponse({"access_token": token, "instance_url": base,
+                             "id": f"{base}/id/00D000000000001/005000000000001",
+                             "token_type": "Bearer", "issued_at": str(int(time.time() * 1000)),
+                             "signature": secrets.token_urlsafe(16)})
+
+    def _matching(self, sobject: str, field: str, value: str) -> list[dict[str, Any]]:
+        return [record for record in self.records.get(sobject, {}).values()
+                if str(record.get(field)) == value]
+
+    async def upsert(self, request: Request, payload: Any) -> Response:
+        denied = self._authorize(request)
+        if denied is not None:
+            return denied
+        sobject = request.path_params["sobject"]
+        field = request.path_params["field"]
+        value = external_id_value(request)
+        if not isinstance(payload, dict):
+            return sf_error(400, "JSON_PARSER_ERROR", "The request body is not a JSON object")
+        if sobject == "Lead":
+            unknown = [name for name in payload
+                       if name not in LEAD_FIELDS and not name.endswith("__c")]
+            if unknown:
+                return sf_error(400, "INVALID_FIELD",
+                                f"No such column '{unknown[0]}' on sobject of type Lead")
+        if field in payload and str(payload[field]) != value:
+            return sf_error(400, "INVALID_FIELD",
+                            f"The external id field {field} in the body does not match the URL")
+        with self.lock:
+            matches = self._matching(sobject, field, value)
+            if len(matches) > 1:
+                version = request.path_params["version"]
+                return JSONResponse(
+                    [f"/services/data/v{version}/sobjects/{sobject}/{m['Id']}" for m in matches],
+                    status_code=300)
+            if matches:
+                record = matches[0]
+                record.update(payload)
+                record["_updates"] = record.get("_updates", 0) + 1
+                return JSONResponse({"id": record["Id"], "success": True, "errors": [],
+                                     "created": False}, status_code=200,
+                                    headers=self._limit_headers())
+            missing = [name for name in REQUIRED_ON_CREATE.get(sobject, [])
+                       if not payload.get(name)]
+            if missing:
+                return sf_error(400, "REQUIRED_FIELD_MISSING",
+                                f"Required fields are missing: [{', '.join(missing)}]", missing)
+            record_id = self._new_id(sobject)
+            record = {"Id": record_id, field: value, **payload, "_updates": 0}
+            self.records.setdefault(sobject, {})[record_id] = record
+        return JSONResponse({"id": record_id, "success": True, "errors": [], "created": True},
+                            status_code=201, headers=self._limit_headers())
+
+    async def get_by_external_id(self, request: Request, payload: Any) -> Response:
+        denied = self._authorize(request)
+        if denied is not None:
+            return denied
+        sobject = request.path_params["sobject"]
+        with self.lock:
+            matches = self._matching(sobject, request.path_params["field"],
+                                     external_id_value(request))
+        if not matches:
+            return sf_error(404, "NOT_FOUND", "The requested resource does not exist")
+        return JSONResponse(matches[0])
+
+    async def get_record(self, request: Request, payload: Any) -> Response:
+        denied = self._authorize(request)
+        if denied is not None:
+            return denied
+        with self.lock:
+            record = self.records.get(request.path_params["sobject"], {}).get(
+                request.path_params["record_id"])
+        if record is None:
+            return sf_error(404, "NOT_FOUND", "The requested resource does not exist")
+        return JSONResponse(record)
+
+    async def _seed(self, request: Request) -> Response:
+        items = await request.json()
+        with self.lock:
+            for item in items if isinstance(items, list) else [items]:
+                sobject = item.pop("attributes", {}).get("type", "Lead")
+                record_id = item.get("Id") or self._new_id(sobject)
+                self.records.setdefault(sobject, {})[record_id] = {**item, "Id": record_id}
+        return Response(status_code=201)
+
+    async def _expire(self, request: Request) -> Response:
+        with self.lock:
+            self.tokens.clear()
+        return Response(status_code=204)

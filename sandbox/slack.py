@@ -1,0 +1,138 @@
+"""Slack Web API emulator: `auth.test`, `chat.postMessage`, `chat.update`, with Slack's
+`{ok: false, error}` answers and 429 + Retry-After for rate limits."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sandbox.base import Emulator, Fault, bearer_token
+
+DEFAULT_BOT_TOKEN = "xoxb-sandbox-token"
+
+
+def channel_id(channel: str) -> str:
+    """`#support` → a stable channel id, as Slack answers with ids."""
+    if channel.startswith(("C", "G", "D")) and channel[1:].isalnum() and channel.isupper():
+        return channel
+    return "C" + hashlib.sha1(channel.lstrip("#").encode()).hexdigest()[:10].upper()
+
+
+class SlackEmulator(Emulator):
+    name = "slack"
+
+    def __init__(self, bot_token: str = DEFAULT_BOT_TOKEN,
+                 per_channel_per_second: float | None = None) -> None:
+        self.bot_token = bot_token
+        self.per_channel_per_second = per_channel_per_second
+        self.messages: dict[tuple[str, str], dict[str, Any]] = {}
+        self.missing_channels: set[str] = set()
+        self._last_post: dict[str, float] = {}
+        self._ts = 0.0
+        super().__init__()
+
+    def routes(self) -> list[Route]:
+        return [
+            self.route("/api/auth.test", self.auth_test, ["POST", "GET"]),
+            self.route("/api/chat.postMessage", self.post_message, ["POST"]),
+            self.route("/api/chat.update", self.update, ["POST"]),
+            Route("/__sandbox/settings", self._settings, methods=["POST"]),
+        ]
+
+    def reset_state(self) -> None:
+        self.messages.clear()
+        self._last_post.clear()
+
+    def state(self) -> dict[str, Any]:
+        return {"messages": list(self.messages.values())}
+
+    def fault_response(self, fault: Fault) -> Response:
+        if fault.body is None and fault.status == 429:
+            return JSONResponse({"ok": False, "error": "ratelimited"}, status_code=429,
+                                headers={"Retry-After": "1", **fault.headers})
+        if fault.body is None and fault.status == 200:
+            return JSONResponse({"ok": False, "error": "internal_error"})
+        return super().fault_response(fault)
+
+    def _auth(self, request: Request, payload: Any) -> str | None:
+        token = bearer_token(request)
+        if token is None and isinstance(payload, dict):
+            token = payload.get("token")
+        if token is None:
+            return "not_authed"
+        if token != self.bot_token:
+            return "invalid_auth"
+        return None
+
+    def _next_ts(self) -> str:
+        now = max(time.time(), self._ts + 0.000001)
+        self._ts = now
+        return f"{now:.6f}"
+
+    async def auth_test(self, request: Request, payload: Any) -> Response:
+        problem = self._auth(request, payload)
+        if problem:
+            return JSONResponse({"ok": False, "error": problem})
+        return JSONResponse({"ok": True, "url": "https://sandbox.slack.com/", "team": "sandbox",
+                             "user": "cxrelay", "team_id": "T0SANDBOX", "user_id": "U0CXRELAY",
+                             "bot_id": "B0CXRELAY"})
+
+    async def post_message(self, request: Request, payload: Any) -> Response:
+        payload = payload if isinstance(payload, dict) else {}
+        problem = self._auth(request, payload)
+        if problem:
+            return JSONResponse({"ok": False, "error": problem})
+        channel = str(payload.get("channel") or "")
+        if not channel:
+            return JSONResponse({"ok": False, "error": "channel_not_found"})
+        if channel in self.missing_channels or channel.lstrip("#") in self.missing_channels:
+            return JSONResponse({"ok": False, "error": "channel_not_found"})
+        if not payload.get("text") and not payload.get("blocks"):
+            return JSONResponse({"ok": False, "error": "no_text"})
+        cid = channel_id(channel)
+        with self.lock:
+            if self.per_channel_per_second:
+                now = time.monotonic()
+                last = self._last_post.get(cid)
+                gap = 1 / self.per_channel_per_second
+                if last is not None and now - last < gap:
+                    return JSONResponse({"ok": False, "error": "ratelimited"}, status_code=429,
+                                        headers={"Retry-After": str(max(1, round(gap)))})
+                self._last_post[cid] = now
+            ts = self._next_ts()
+            message = {"channel": cid, "ts": ts, "text": payload.get("text", ""),
+                       "blocks": payload.get("blocks"), "updates": 0}
+            self.messages[(cid, ts)] = message
+        return JSONResponse({"ok": True, "channel": cid, "ts": ts,
+                             "message": {"type": "message", "text": message["text"], "ts": ts,
+                                         "bot_id": "B0CXRELAY"}})
+
+    async def update(self, request: Request, payload: Any) -> Response:
+        payload = payload if isinstance(payload, dict) else {}
+        problem = self._auth(request, payload)
+        if problem:
+            return JSONResponse({"ok": False, "error": problem})
+        cid = channel_id(str(payload.get("channel") or ""))
+        ts = str(payload.get("ts") or "")
+        with self.lock:
+            message = self.messages.get((cid, ts))
+            if message is None:
+                return JSONResponse({"ok": False, "error": "message_not_found"})
+            message["text"] = payload.get("text", message["text"])
+            message["blocks"] = payload.get("blocks", message["blocks"])
+            message["updates"] += 1
+        return JSONResponse({"ok": True, "channel": cid, "ts": ts, "text": message["text"]})
+
+    async def _settings(self, request: Request) -> Response:
+        spec = await request.json()
+        if "per_channel_per_second" in spec:
+            self.per_channel_per_second = spec["per_channel_per_second"]
+        if "missing_channels" in spec:
+            self.missing_channels = set(spec["missing_channels"])
+        return JSONResponse({"per_channel_per_second": self.per_channel_per_second,
+                             "missing_channels": sorted(self.missing_channels)})

@@ -1,0 +1,340 @@
+"""Engines and the queries every component shares. SQLite (WAL) by default, PostgreSQL for scale-out.
+
+On SQLite every write transaction starts with BEGIN IMMEDIATE, so two processes never both read
+a row and then race to update it; on PostgreSQL claims use FOR UPDATE SKIP LOCKED.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, and_, case, create_engine, event, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
+from sqlmodel import SQLModel
+
+from store.models import DeadLetter, Delivery, InboxEvent, QuarantinedEvent, utcnow
+
+INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
+LEDGER = Delivery.__table__  # type: ignore[attr-defined]
+DEAD = DeadLetter.__table__  # type: ignore[attr-defined]
+QUARANTINE = QuarantinedEvent.__table__  # type: ignore[attr-defined]
+
+
+def normalise_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 here; relative SQLite paths get their folder created."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def make_engine(url: str, synchronous: str = "NORMAL") -> Engine:
+    url = normalise_url(url)
+    if make_url(url).get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        # Autocommit at the driver level: we issue BEGIN IMMEDIATE ourselves for writes.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    return engine
+
+
+@dataclass(frozen=True)
+class ClaimedEvent:
+    id: int
+    conversation_id: str
+    event_type: str
+    source: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The answer of `Store.reserve`: may this attempt deliver, and what was delivered before."""
+
+    granted: bool
+    external_ref: str | None
+    already_done: bool  # an identical payload was delivered already: nothing to do
+
+
+class Store:
+    def __init__(self, url: str, *, create: bool = True, synchronous: str = "NORMAL") -> None:
+        self.url = url
+        self.engine = make_engine(url, synchronous=synchronous)
+        self.dialect = self.engine.dialect.name
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        if create:
+            SQLModel.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    # --- ingest -------------------------------------------------------------------------
+
+    def insert_events(self, rows: Sequence[dict[str, Any]]) -> list[int | None]:
+        """Insert in one transaction; each result is the new inbox id, or None for a duplicate."""
+        stmt = (
+            self._insert(INBOX)
+            .on_conflict_do_nothing(index_elements=["dedupe_key"])
+            .returning(INBOX.c.id)
+        )
+        results: list[int | None] = []
+        now = utcnow()
+        with self.transaction() as conn:
+            for row in rows:
+                values = {"received_at": now, "available_at": now, "status": "pending",
+                          "attempts": 0, **row}
+                results.append(conn.execute(stmt, values).scalar())
+        return results
+
+    def quarantine(self, source: str, body: bytes, content_type: str | None, reason: Any) -> int:
+        with self.transaction() as conn:
+            return int(conn.execute(
+                QUARANTINE.insert().returning(QUARANTINE.c.id),
+                {"source": source, "body": body, "content_type": content_type,
+                 "reason": json.dumps(reason), "status": "open", "received_at": utcnow()},
+            ).scalar_one())
+
+    # --- dispatch -----------------------------------------------------------------------
+
+    def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedEvent]:
+        """Claim up to `limit` runnable events: pending ones, and claimed ones whose lease ran out."""
+        now = utcnow()
+        runnable = or_(
+            and_(INBOX.c.status == "pending", INBOX.c.available_at <= now),
+            and_(INBOX.c.status == "claimed", INBOX.c.lease_until < now),
+        )
+        ids = (
+            select(INBOX.c.id).where(runnable).order_by(INBOX.c.id).limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            update(INBOX)
+            .where(INBOX.c.id.in_(ids.scalar_subquery()))
+            .values(status="claimed", claimed_by=worker,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    attempts=INBOX.c.attempts + 1)
+            .returning(INBOX.c.id, INBOX.c.conversation_id, INBOX.c.event_type,
+                       INBOX.c.source, INBOX.c.attempts)
+        )
+        with self.transaction() as conn:
+            rows = conn.execute(stmt).all()
+        return sorted((ClaimedEvent(*row) for row in rows), key=lambda event: event.id)
+
+    def renew(self, worker: str, ids: Sequence[int], lease_seconds: float) -> None:
+        if not ids:
+            return
+        with self.transaction() as conn:
+            conn.execute(
+                update(INBOX)
+                .where(INBOX.c.id.in_(list(ids)), INBOX.c.claimed_by == worker,
+                       INBOX.c.status == "claimed")
+                .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+            )
+
+    def release(self, inbox_id: int, worker: str, delay_seconds: float,
+                count_attempt: bool = True) -> None:
+        """Give a claimed event back for a later attempt. An attempt that never ran (the
+        Prefect API was unreachable, the dispatcher stopped) does not count."""
+        with self.transaction() as conn:
+            conn.execute(
+                update(INBOX)
+                .where(INBOX.c.id == inbox_id, INBOX.c.claimed_by == worker,
+                       INBOX.c.status == "claimed")
+                .values(status="pending", claimed_by=None, lease_until=None,
+                        available_at=utcnow() + timedelta(seconds=delay_seconds),
+                        attempts=INBOX.c.attempts - (0 if count_attempt else 1))
+            )
+
+    def finish(self, inbox_id: int, outcome: str, detail: dict[str, Any]) -> None:
+        status = "failed" if outcome == "failed" else "done"
+        with self.transaction() as conn:
+            conn.execute(
+                update(INBOX).where(INBOX.c.id == inbox_id).values(
+                    status=status, outcome=outcome, detail=json.dumps(detail, default=str),
+                    finished_at=utcnow(), lease_until=None,
+                )
+            )
+
+    def requeue(self, inbox_id: int) -> None:
+        """Make a finished event runnable again (replay)."""
+        with self.transaction() as conn:
+            conn.execute(
+                update(INBOX).where(INBOX.c.id == inbox_id).values(
+                    status="pending", available_at=utcnow(), claimed_by=None, lease_until=None,
+                    outcome=None, finished_at=None,
+                )
+            )
+
+    def get_event(self, inbox_id: int) -> InboxEvent | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(INBOX).where(INBOX.c.id == inbox_id)).mappings().first()
+        return InboxEvent(**row) if row else None
+
+    def find_event(self, dedupe_key: str) -> InboxEvent | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(INBOX).where(INBOX.c.dedupe_key == dedupe_key)
+            ).mappings().first()
+        return InboxEvent(**row) if row else None
+
+    def events(self, limit: int = 1000) -> list[InboxEvent]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(INBOX).order_by(INBOX.c.id).limit(limit)).mappings().all()
+        return [InboxEvent(**row) for row in rows]
+
+    def status_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(INBOX.c.status, func.count()).group_by(INBOX.c.status)
+            ).all()
+        return {status: count for status, count in rows}
+
+    def backlog(self) -> int:
+        counts = self.status_counts()
+        return counts.get("pending", 0) + counts.get("claimed", 0)
+
+    # --- ledger -------------------------------------------------------------------------
+
+    def reserve(
+        self, conversation_id: str, target: str, action: str, owner: str,
+        payload_sha256: str, ttl_seconds: float = 300,
+    ) -> Reservation:
+        """Take the right to deliver (conversation, target, action), one attempt at a time."""
+        key = and_(LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
+                   LEDGER.c.action == action)
+        now = utcnow()
+        with self.transaction() as conn:
+            conn.execute(
+                self._insert(LEDGER).on_conflict_do_nothing(
+                    index_elements=["conversation_id", "target", "action"]),
+                {"conversation_id": conversation_id, "target": target, "action": action,
+                 "status": "open", "deliveries": 0, "created_at": now, "updated_at": now},
+            )
+            row = conn.execute(select(LEDGER).where(key).with_for_update()).mappings().one()
+            if row["status"] == "done" and row["payload_sha256"] == payload_sha256:
+                return Reservation(False, row["external_ref"], already_done=True)
+            busy = (row["status"] == "reserved" and row["owner"] != owner
+                    and row["reserved_until"] is not None and row["reserved_until"] > now)
+            if busy:
+                return Reservation(False, row["external_ref"], already_done=False)
+            conn.execute(update(LEDGER).where(key).values(
+                status="reserved", owner=owner,
+                reserved_until=now + timedelta(seconds=ttl_seconds), updated_at=now))
+            return Reservation(True, row["external_ref"], already_done=False)
+
+    def complete(
+        self, conversation_id: str, target: str, action: str, owner: str,
+        external_ref: str | None, payload_sha256: str, event_id: str,
+    ) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                update(LEDGER)
+                .where(LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
+                       LEDGER.c.action == action)
+                .values(status="done", owner=None, reserved_until=None,
+                        external_ref=external_ref, payload_sha256=payload_sha256,
+                        event_id=event_id, deliveries=LEDGER.c.deliveries + 1,
+                        updated_at=utcnow())
+            )
+
+    def unreserve(self, conversation_id: str, target: str, action: str, owner: str) -> None:
+        """Give up a reservation after a failed attempt: back to done (if it ever was) or open."""
+        with self.transaction() as conn:
+            conn.execute(
+                update(LEDGER)
+                .where(LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
+                       LEDGER.c.action == action, LEDGER.c.owner == owner)
+                .values(status=case((LEDGER.c.payload_sha256.is_not(None), "done"), else_="open"),
+                        owner=None, reserved_until=None, updated_at=utcnow())
+            )
+
+    def ledger(self, conversation_id: str | None = None) -> list[Delivery]:
+        stmt = select(LEDGER).order_by(LEDGER.c.id)
+        if conversation_id:
+            stmt = stmt.where(LEDGER.c.conversation_id == conversation_id)
+        with self.engine.connect() as conn:
+            return [Delivery(**row) for row in conn.execute(stmt).mappings().all()]
+
+    # --- dead letters and quarantine ----------------------------------------------------
+
+    def dead_letter(
+        self, inbox_id: int, event_id: str, conversation_id: str, target: str,
+        reason: str, error_type: str, attempts: int,
+    ) -> int:
+        with self.transaction() as conn:
+            return int(conn.execute(
+                DEAD.insert().returning(DEAD.c.id),
+                {"inbox_id": inbox_id, "event_id": event_id, "conversation_id": conversation_id,
+                 "target": target, "reason": reason, "error_type": error_type,
+                 "attempts": attempts, "status": "open", "created_at": utcnow()},
+            ).scalar_one())
+
+    def dead_letters(self, status: str | None = "open") -> list[DeadLetter]:
+        stmt = select(DEAD).order_by(DEAD.c.id)
+        if status:
+            stmt = stmt.where(DEAD.c.status == status)
+        with self.engine.connect() as conn:
+            return [DeadLetter(**row) for row in conn.execute(stmt).mappings().all()]
+
+    def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(DEAD).where(DEAD.c.id == dead_letter_id)).mappings().first()
+        return DeadLetter(**row) if row else None
+
+    def mark_dead_letters_replayed(self, ids: Sequence[int]) -> None:
+        with self.transaction() as conn:
+            conn.execute(update(DEAD).where(DEAD.c.id.in_(list(ids)))
+                         .values(status="replayed", replayed_at=utcnow()))
+
+    def quarantined(self, status: str | None = "open") -> list[QuarantinedEvent]:
+        stmt = select(QUARANTINE).order_by(QUARANTINE.c.id)
+        if status:
+            stmt = stmt.where(QUARANTINE.c.status == status)
+        with self.engine.connect() as conn:
+            return [QuarantinedEvent(**row) for row in conn.execute(stmt).mappings().all()]
+
+    def get_quarantined(self, quarantine_id: int) -> QuarantinedEvent | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(QUARANTINE).where(QUARANTINE.c.id == quarantine_id)
+            ).mappings().first()
+        return QuarantinedEvent(**row) if row else None
+
+    def mark_quarantine_replayed(self, quarantine_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(update(QUARANTINE).where(QUARANTINE.c.id == quarantine_id)
+                         .values(status="replayed", replayed_at=utcnow()))

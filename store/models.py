@@ -1,0 +1,89 @@
+"""The tables: inbox (every acknowledged event), ledger (effects per conversation and target),
+dead letters and quarantine. Raw bodies are kept verbatim; auth and signature headers never are."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class InboxEvent(SQLModel, table=True):
+    __tablename__ = "inbox"
+    __table_args__ = (Index("ix_inbox_status_id", "status", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    dedupe_key: str = Field(max_length=255, unique=True)
+    event_id: str = Field(max_length=255)
+    source: str = Field(max_length=64)
+    envelope: str = Field(max_length=32)
+    event_type: str = Field(max_length=255)
+    conversation_id: str = Field(max_length=255, index=True)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    body_sha256: str = Field(max_length=64)
+    received_at: datetime = Field(default_factory=utcnow)
+    # pending → claimed → done | failed; `available_at` delays a retry after a crashed run.
+    status: str = Field(default="pending", max_length=16)
+    available_at: datetime = Field(default_factory=utcnow)
+    attempts: int = 0
+    claimed_by: str | None = Field(default=None, max_length=128)
+    lease_until: datetime | None = None
+    outcome: str | None = Field(default=None, max_length=32)
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+    finished_at: datetime | None = None
+
+
+class Delivery(SQLModel, table=True):
+    """One row per (conversation, target, action): the exactly-once ledger."""
+
+    __tablename__ = "ledger"
+    __table_args__ = (UniqueConstraint("conversation_id", "target", "action"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: str = Field(max_length=255)
+    target: str = Field(max_length=64)
+    action: str = Field(max_length=32)
+    # reserved (an attempt is in flight) → done
+    status: str = Field(max_length=16)
+    owner: str | None = Field(default=None, max_length=255)
+    reserved_until: datetime | None = None
+    external_ref: str | None = Field(default=None, max_length=255)
+    payload_sha256: str | None = Field(default=None, max_length=64)
+    event_id: str | None = Field(default=None, max_length=255)
+    deliveries: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DeadLetter(SQLModel, table=True):
+    __tablename__ = "dead_letters"
+
+    id: int | None = Field(default=None, primary_key=True)
+    inbox_id: int = Field(index=True)
+    event_id: str = Field(max_length=255)
+    conversation_id: str = Field(max_length=255)
+    target: str = Field(max_length=64)
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    error_type: str = Field(max_length=128)
+    attempts: int = 0
+    status: str = Field(default="open", max_length=16)  # open | replayed
+    created_at: datetime = Field(default_factory=utcnow)
+    replayed_at: datetime | None = None
+
+
+class QuarantinedEvent(SQLModel, table=True):
+    __tablename__ = "quarantine"
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str = Field(max_length=64)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    content_type: str | None = Field(default=None, max_length=255)
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(default="open", max_length=16)  # open | replayed
+    received_at: datetime = Field(default_factory=utcnow)
+    replayed_at: datetime | None = None
