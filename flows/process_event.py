@@ -46,7 +46,7 @@ async def _deliver(runtime: Runtime, inbox_id: int, event: CanonicalEvent, targe
             assert isinstance(target, HttpTargetConfig)
             client = runtime.http(target.name, target.url, target.headers)
             deliver = steps.deliver_http
-        payload = steps.map_target.with_options(name=f"map-{target.name}")(
+        payload = await steps.map_target.with_options(name=f"map-{target.name}")(
             runtime.mapper, target, context, default_channel)
         result = await deliver.with_options(
             name=f"deliver-{target.name}", retries=target.retries,
@@ -76,15 +76,15 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
                                "source": row.source, "targets": {}}
     targets = runtime.pipeline.enabled_targets
     try:
-        event = steps.verify(row)
+        event = await steps.verify(row)
     except Exception as exc:
         summary.update(outcome="dead_lettered", reason=_error_text(exc))
         await asyncio.to_thread(store.dead_letter, inbox_id, row.event_id, row.conversation_id,
                                 "*", _error_text(exc), type(exc).__name__, row.attempts)
         return await _finish(runtime, summary)
 
-    summary["plan"] = steps.deduplicate(store, event, [t.name for t in targets])
-    rule = steps.apply_filters(event, runtime.pipeline.filters)
+    summary["plan"] = await steps.deduplicate(store, event, [t.name for t in targets])
+    rule = await steps.apply_filters(event, runtime.pipeline.filters)
     if rule is not None:
         summary.update(outcome="filtered", filtered_by=rule)
         return await _finish(runtime, summary)

@@ -56,7 +56,7 @@ def idempotency_key(conversation_id: str, target: str) -> str:
 
 
 @task(name="verify", cache_policy=NO_CACHE, persist_result=False)
-def verify(row: InboxEvent) -> CanonicalEvent:
+async def verify(row: InboxEvent) -> CanonicalEvent:
     """Check that the stored event is intact (hash of the raw body) and normalise it again."""
     digest = hashlib.sha256(row.body).hexdigest()
     if digest != row.body_sha256:
@@ -69,16 +69,16 @@ def verify(row: InboxEvent) -> CanonicalEvent:
 
 
 @task(name="deduplicate", cache_policy=NO_CACHE, persist_result=False)
-def deduplicate(store: Store, event: CanonicalEvent, targets: list[str]) -> dict[str, str]:
+async def deduplicate(store: Store, event: CanonicalEvent, targets: list[str]) -> dict[str, str]:
     """What each target has already received for this conversation: `create` or `update <ref>`."""
-    delivered = {row.target: row for row in store.ledger(event.conversation_id)
-                 if row.payload_sha256}
+    rows = await asyncio.to_thread(store.ledger, event.conversation_id)
+    delivered = {row.target: row for row in rows if row.payload_sha256}
     return {name: (f"update {delivered[name].external_ref or ''}".strip()
                    if name in delivered else "create") for name in targets}
 
 
 @task(name="filter", cache_policy=NO_CACHE, persist_result=False)
-def apply_filters(event: CanonicalEvent, rules: list[FilterRule]) -> str | None:
+async def apply_filters(event: CanonicalEvent, rules: list[FilterRule]) -> str | None:
     """The name of the first rule the event fails (it is filtered), or None to keep it."""
     rule = first_failing_rule(rules, event.context())
     return rule.name if rule else None
@@ -96,7 +96,7 @@ async def enrich(client: GenesysClient, conversation_id: str) -> dict[str, Any]:
 
 
 @task(name="map", cache_policy=NO_CACHE, persist_result=False)
-def map_target(mapper: Mapper, target: Any, context: dict[str, Any],
+async def map_target(mapper: Mapper, target: Any, context: dict[str, Any],
                default_channel: str | None = None) -> dict[str, Any]:
     """Render one target's payload from the pipeline's mapping; warnings travel with it."""
     if isinstance(target, SalesforceTargetConfig):

@@ -1,0 +1,316 @@
+"""The `cxrelay` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from events.errors import ConfigError, CxrelayError
+
+app = typer.Typer(help="Genesys Cloud CX events to Salesforce, Slack and HTTP, exactly once, "
+                       "as Prefect flow runs.", no_args_is_help=True, add_completion=False)
+dead_letters_app = typer.Typer(help="Events or targets that failed after their retries.",
+                               no_args_is_help=True)
+quarantine_app = typer.Typer(help="Authenticated bodies that were not recognisable events.",
+                             no_args_is_help=True)
+config_app = typer.Typer(help="The pipeline file.", no_args_is_help=True)
+app.add_typer(dead_letters_app, name="dead-letters")
+app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(config_app, name="config")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays fast
+    from cxrelay.settings import Settings
+
+    return Settings()
+
+
+def _store():  # noqa: ANN202
+    from store.database import Store
+
+    settings = _settings()
+    return Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    dispatcher: bool = typer.Option(True, help="also run the dispatcher (a child process)"),
+) -> None:
+    """Run the webhook receiver (and, by default, the dispatcher that starts the flow runs)."""
+    import uvicorn
+
+    from receiver.app import create_app
+    from receiver.sources import build_sources
+    from store.database import Store
+
+    try:
+        settings = _settings()
+        sources = build_sources(settings.pipeline_config, os.environ)
+    except CxrelayError as exc:
+        _fail(str(exc), 2)
+    if not sources:
+        _fail("no webhook source is enabled: set CXRELAY_WEBHOOK_SECRET (or another source's "
+              "secret variable named in the pipeline file)", 2)
+    store = Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+    child = None
+    if dispatcher and settings.dispatcher != "off":
+        child = subprocess.Popen([sys.executable, "-m", "cxrelay", "dispatch",
+                                  "--parent-pid", str(os.getpid())])
+    err.print(f"cxrelay receiving on http://{host}:{port}/webhooks/{{{','.join(sorted(sources))}}}"
+              + (" with the dispatcher" if child else " (no dispatcher)"))
+    try:
+        uvicorn.run(create_app(store, sources, settings.max_body_bytes), host=host, port=port,
+                    log_level="warning", access_log=False)
+    finally:
+        if child is not None:
+            child.terminate()
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+@app.command()
+def dispatch(
+    parent_pid: Optional[int] = typer.Option(None, help="exit when this process is gone"),
+) -> None:
+    """Claim events from the inbox and start a `process-event` flow run for each."""
+    from flows.dispatcher import Dispatcher
+    from flows.runtime import Runtime, set_runtime
+    from events.mapping import Mapper
+    from store.database import Store
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    cxrelay_logger = logging.getLogger("cxrelay")
+    cxrelay_logger.addHandler(handler)
+    cxrelay_logger.setLevel(logging.INFO)
+    cxrelay_logger.propagate = False
+    settings = _settings()
+    try:
+        pipeline = settings.pipeline_config
+    except CxrelayError as exc:
+        _fail(str(exc), 2)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        runtime = Runtime(settings, Store(settings.database_url,
+                                          synchronous=settings.sqlite_synchronous),
+                          pipeline, Mapper(pipeline.lookups))
+        set_runtime(runtime)
+
+        async def watch_parent() -> None:
+            while not stop.is_set():
+                if parent_pid and os.getppid() != parent_pid:
+                    stop.set()
+                await asyncio.sleep(0.5)
+
+        watcher = asyncio.create_task(watch_parent())
+        await Dispatcher(runtime).run(stop)
+        watcher.cancel()
+
+    asyncio.run(main())
+
+
+@app.command()
+def sandbox(
+    genesys_port: int = typer.Option(8101), salesforce_port: int = typer.Option(8102),
+    slack_port: int = typer.Option(8103),
+) -> None:
+    """Run the Genesys, Salesforce and Slack emulators alone (Ctrl-C stops them)."""
+    from sandbox.server import Sandbox
+
+    box = Sandbox(genesys_port=genesys_port, salesforce_port=salesforce_port,
+                  slack_port=slack_port)
+    console.print("Sandbox emulators are up. Point cxrelay at them with:")
+    for key, value in box.environment().items():
+        console.print(f"  export {key}='{value}'", highlight=False, soft_wrap=True)
+    try:
+        asyncio.run(box.serve())
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def send(
+    url: str = typer.Argument("http://127.0.0.1:8000/webhooks/genesys"),
+    conversation_id: Optional[str] = typer.Option(None, help="default: a new UUID"),
+    state: str = typer.Option("COMPLETED", help="conversation.state of the sample"),
+    file: Optional[Path] = typer.Option(None, help="send this JSON body instead of a sample"),
+    secret: Optional[str] = typer.Option(None, envvar="CXRELAY_WEBHOOK_SECRET",
+                                         help="HMAC secret (default: CXRELAY_WEBHOOK_SECRET)"),
+) -> None:
+    """Send one signed generic webhook event to a receiver, and show its answer."""
+    import httpx
+
+    from cxrelay.sending import encode, generic_event, hmac_headers
+
+    if not secret:
+        _fail("give --secret or set CXRELAY_WEBHOOK_SECRET", 2)
+    assert secret
+    body = file.read_bytes() if file else encode(generic_event(conversation_id, state))
+    secret_value = secret.split(",")[0].strip()
+    try:
+        response = httpx.post(url, content=body, headers=hmac_headers(body, secret_value),
+                              timeout=10)
+    except httpx.HTTPError as exc:
+        _fail(f"{url}: {type(exc).__name__}: {exc}")
+    console.print(f"HTTP {response.status_code} {response.text}")
+    raise typer.Exit(0 if response.status_code == 202 else 1)
+
+
+@app.command()
+def demo(
+    keep_server: bool = typer.Option(False, help="leave the Prefect server running afterwards"),
+    events: int = typer.Option(12, help="distinct completed conversations to send"),
+) -> None:
+    """Run cxrelay end to end on embedded defaults against the sandbox, and check the result."""
+    from cxrelay.demo import run_demo
+
+    ok = run_demo(console, keep_server=keep_server, conversations=events)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def status() -> None:
+    """Counts of the inbox by status and of open dead letters and quarantined bodies."""
+    store = _store()
+    table = Table("what", "count")
+    for name, count in sorted(store.status_counts().items()):
+        table.add_row(f"inbox {name}", str(count))
+    table.add_row("dead letters (open)", str(len(store.dead_letters("open"))))
+    table.add_row("quarantined (open)", str(len(store.quarantined("open"))))
+    console.print(table)
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(all_: bool = typer.Option(False, "--all", help="include replayed")) -> None:
+    """List dead letters."""
+    rows = _store().dead_letters(None if all_ else "open")
+    table = Table("id", "inbox", "conversation", "target", "attempts", "status", "reason")
+    for row in rows:
+        table.add_row(str(row.id), str(row.inbox_id), row.conversation_id, row.target,
+                      str(row.attempts), row.status, row.reason[:80])
+    console.print(table)
+
+
+@dead_letters_app.command("show")
+def dead_letters_show(dead_letter_id: int) -> None:
+    """Show one dead letter in full, with its stored event."""
+    store = _store()
+    row = store.get_dead_letter(dead_letter_id)
+    if row is None:
+        _fail(f"no dead letter {dead_letter_id}")
+    assert row is not None
+    console.print_json(row.model_dump_json())
+    event = store.get_event(row.inbox_id)
+    if event is not None:
+        console.print(event.body.decode("utf-8", "replace"), highlight=False, soft_wrap=True)
+
+
+@dead_letters_app.command("replay")
+def dead_letters_replay(
+    ids: Optional[list[int]] = typer.Argument(None, help="dead letter ids (default: all open)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would be replayed"),
+) -> None:
+    """Queue the events of dead letters again; targets already delivered are not repeated."""
+    from flows.replay import requeue_dead_letters
+
+    result = requeue_dead_letters(_store(), ids or None, dry_run=dry_run)
+    verb = "would requeue" if dry_run else "requeued"
+    console.print(f"{verb} {len(result.inbox_ids)} event(s) for {len(result.dead_letter_ids)} "
+                  f"dead letter(s); the dispatcher (cxrelay serve) processes them")
+    if result.missing:
+        _fail(f"no open dead letter with id {', '.join(map(str, result.missing))}")
+
+
+@quarantine_app.command("list")
+def quarantine_list(all_: bool = typer.Option(False, "--all", help="include replayed")) -> None:
+    """List quarantined bodies."""
+    table = Table("id", "source", "received", "status", "reason")
+    for row in _store().quarantined(None if all_ else "open"):
+        table.add_row(str(row.id), row.source, str(row.received_at)[:19], row.status,
+                      json.loads(row.reason).get("message", "")[:80])
+    console.print(table)
+
+
+@quarantine_app.command("show")
+def quarantine_show(quarantine_id: int) -> None:
+    """Show one quarantined body and why it was not an event."""
+    row = _store().get_quarantined(quarantine_id)
+    if row is None:
+        _fail(f"no quarantined body {quarantine_id}")
+    assert row is not None
+    console.print_json(row.reason)
+    console.print(row.body.decode("utf-8", "replace"), highlight=False, soft_wrap=True)
+
+
+@quarantine_app.command("replay")
+def quarantine_replay(
+    quarantine_id: int,
+    dry_run: bool = typer.Option(False, "--dry-run", help="only check the body again"),
+) -> None:
+    """Normalise a quarantined body again (after a fix) and, if it is an event, queue it."""
+    from flows.replay import replay_quarantined
+
+    try:
+        outcome = replay_quarantined(_store(), quarantine_id, dry_run=dry_run)
+    except CxrelayError as exc:
+        _fail(str(exc))
+    console.print(outcome)
+
+
+@config_app.command("validate")
+def config_validate(path: Optional[Path] = typer.Argument(None, help="default: CXRELAY_PIPELINE "
+                                                          "or the shipped pipeline")) -> None:
+    """Validate a pipeline file; errors name the line and the key."""
+    from cxrelay.settings import DEFAULT_PIPELINE
+    from events.pipeline import PipelineError, parse_pipeline
+
+    target = path or _settings().pipeline or DEFAULT_PIPELINE
+    try:
+        pipeline = parse_pipeline(Path(target).read_text(), str(target))
+    except OSError as exc:
+        _fail(f"{target}: {exc.strerror}", 2)
+    except PipelineError as exc:
+        for line in exc.errors:
+            err.print(line, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"{target}: valid — {len(pipeline.sources)} sources, {len(pipeline.filters)} "
+                  f"filters, {len(pipeline.targets)} targets "
+                  f"({', '.join(t.name for t in pipeline.targets)})")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+
+
+if __name__ == "__main__":
+    main()

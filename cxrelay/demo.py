@@ -1,0 +1,251 @@
+"""`cxrelay demo`: the whole product on embedded defaults, against the sandbox, checked.
+
+It starts the emulators, a Prefect server (unless PREFECT_API_URL is set) and `cxrelay serve`
+as a real process, sends signed events over HTTP — new, duplicated, not yet completed, badly
+signed, not an event — waits for every acknowledged one to finish, and compares what Salesforce
+and Slack received with what should have happened.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from cxrelay.sending import encode, eventbridge_event, generic_event, hmac_headers
+from sandbox.genesys import sample_conversation
+from sandbox.server import Sandbox
+from store.database import Store
+
+DEMO_DIR = Path(".cxrelay") / "demo"
+PREFECT_PORT = 4200
+
+
+@dataclass
+class Sent:
+    label: str
+    conversation_id: str | None
+    expect_http: int
+    expect: str  # delivered | filtered | duplicate | rejected
+    http_status: int = 0
+    answer: dict[str, Any] = field(default_factory=dict)
+    event_id: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def start_prefect_server(console: Console, log: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
+    """Reuse PREFECT_API_URL or a server on :4200, else start `prefect server start`."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"].rstrip("/"), None
+    url = f"http://127.0.0.1:{PREFECT_PORT}/api"
+    if _healthy(url):
+        console.print(f"Using the Prefect server already running at {url}")
+        return url, None
+    console.print("Starting a Prefect server (prefect server start) …")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(PREFECT_PORT)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    if not _wait(lambda: _healthy(url) or process.poll() is not None, 120, 0.5) or \
+            process.poll() is not None:
+        process.kill()
+        raise RuntimeError(f"the Prefect server did not start; see {log}")
+    return url, process
+
+
+def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, str]]],
+                                             list[str]]:
+    """The requests the demo sends, each with what should happen to it."""
+    secret = os.environ["CXRELAY_WEBHOOK_SECRET"]
+    token = os.environ["CXRELAY_EVENTBRIDGE_TOKEN"]
+    plan: list[tuple[Sent, bytes, dict[str, str]]] = []
+    completed = [str(uuid.uuid4()) for _ in range(conversations)]
+    for index, conversation_id in enumerate(completed):
+        payload = generic_event(conversation_id, phone=f"+1555000{1000 + index}")
+        body = encode(payload)
+        sent = Sent("new", conversation_id, 202, "delivered", event_id=payload["id"])
+        plan.append((sent, body, hmac_headers(body, secret)))
+        if index < 3:  # Genesys retries: the identical delivery again
+            plan.append((Sent("retry", conversation_id, 202, "duplicate",
+                              event_id=payload["id"]), body, hmac_headers(body, secret)))
+    for conversation_id in completed[:2]:  # the same conversation through EventBridge
+        payload = eventbridge_event(conversation_id)
+        body = encode(payload)
+        plan.append((Sent("EventBridge", conversation_id, 202, "delivered",
+                          event_id=payload["id"]), body,
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}))
+    for _ in range(2):
+        payload = generic_event(state="CONNECTED")
+        body = encode(payload)
+        plan.append((Sent("connected", payload["conversation"]["id"], 202, "filtered",
+                          event_id=payload["id"]), body, hmac_headers(body, secret)))
+    body = encode(generic_event())
+    plan.append((Sent("bad sig", None, 401, "rejected"), body,
+                 hmac_headers(body, "not-the-secret")))
+    body = encode({"id": str(uuid.uuid4()), "eventType": "CONVERSATION_COMPLETED"})
+    plan.append((Sent("no conv id", None, 422, "rejected"), body,
+                 hmac_headers(body, secret)))
+    return plan, completed
+
+
+def run_demo(console: Console, keep_server: bool = False, conversations: int = 12) -> bool:
+    if DEMO_DIR.exists():
+        shutil.rmtree(DEMO_DIR)
+    DEMO_DIR.mkdir(parents=True)
+    box = Sandbox().start()
+    environment = {
+        **os.environ, **box.environment(),
+        "CXRELAY_DATABASE_URL": f"sqlite:///{DEMO_DIR / 'cxrelay.db'}",
+        "CXRELAY_WEBHOOK_SECRET": secrets.token_urlsafe(24),
+        "CXRELAY_EVENTBRIDGE_TOKEN": secrets.token_urlsafe(24),
+    }
+    os.environ.update({k: environment[k] for k in
+                       ("CXRELAY_WEBHOOK_SECRET", "CXRELAY_EVENTBRIDGE_TOKEN")})
+    server: subprocess.Popen[bytes] | None = None
+    receiver: subprocess.Popen[bytes] | None = None
+    try:
+        prefect_url, server = start_prefect_server(console, DEMO_DIR / "prefect-server.log")
+        environment["PREFECT_API_URL"] = prefect_url
+        port = free_port()
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "cxrelay", "serve", "--port", str(port)], env=environment,
+            stdout=(DEMO_DIR / "serve.log").open("wb"), stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        if not _wait(lambda: _answers(f"{base}/healthz") or receiver.poll() is not None, 60):
+            raise RuntimeError(f"cxrelay serve did not start; see {DEMO_DIR / 'serve.log'}")
+        if receiver.poll() is not None:
+            raise RuntimeError(f"cxrelay serve exited; see {DEMO_DIR / 'serve.log'}")
+        plan, completed = plan_events(conversations)
+        httpx.post(f"{box.genesys_url}/__sandbox/conversations",
+                   json=[sample_conversation(c) for c in completed]).raise_for_status()
+        console.print(f"Sending {len(plan)} requests to {base}/webhooks/… ")
+        started = time.monotonic()
+        with httpx.Client(timeout=10) as client:
+            for sent, body, headers in plan:
+                path = "eventbridge" if "Authorization" in headers else "genesys"
+                response = client.post(f"{base}/webhooks/{path}", content=body, headers=headers)
+                sent.http_status = response.status_code
+                sent.answer = response.json()
+        store = Store(environment["CXRELAY_DATABASE_URL"], create=False)
+        accepted = sum(1 for s, _, _ in plan if s.answer.get("status") == "accepted")
+        done = _wait(lambda: store.status_counts().get("done", 0)
+                     + store.status_counts().get("failed", 0) >= accepted, 180)
+        elapsed = time.monotonic() - started
+        return _report(console, plan, store, box, done, elapsed, prefect_url, server, keep_server)
+    finally:
+        if receiver is not None:
+            receiver.terminate()
+            try:
+                receiver.wait(20)
+            except subprocess.TimeoutExpired:
+                receiver.kill()
+        if server is not None and not keep_server:
+            server.terminate()
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        box.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], store: Store,
+            box: Sandbox, done: bool, elapsed: float, prefect_url: str,
+            server: subprocess.Popen[bytes] | None, keep_server: bool) -> bool:
+    records = httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"].get("Lead", [])
+    messages = httpx.get(f"{box.slack_url.removesuffix('/api/')}/__sandbox/state").json()["messages"]
+    by_conversation = {r["Genesys_Conversation_Id__c"]: r for r in records}
+    outcomes = {event.event_id: event.outcome for event in store.events(10_000)}
+    failures: list[str] = []
+    table = Table("#", "request", "conv.", "HTTP", "outcome", "Salesforce Lead", "Slack",
+                  title="What happened to each request")
+    for number, (sent, _, _) in enumerate(plan, 1):
+        conversation = sent.conversation_id or ""
+        outcome = outcomes.get(sent.event_id or "", "") if sent.http_status == 202 else "rejected"
+        if sent.answer.get("status") == "duplicate":
+            outcome = "duplicate"
+        record = by_conversation.get(conversation)
+        posted = [m for m in messages if conversation and conversation in m["text"]]
+        if sent.http_status != 202:
+            outcome = f"rejected: {sent.answer.get('error', '')}"
+        table.add_row(str(number), sent.label, conversation[:8], str(sent.http_status), outcome,
+                      record["Id"] if record else "—", f"{len(posted)} msg" if posted else "—")
+        if sent.http_status != sent.expect_http:
+            failures.append(f"#{number} {sent.label}: HTTP {sent.http_status}, expected "
+                            f"{sent.expect_http}")
+        if outcome.split(":")[0] != sent.expect:
+            failures.append(f"#{number} {sent.label}: {outcome or 'not processed'}, expected "
+                            f"{sent.expect}")
+        if sent.expect == "delivered" and (record is None or len(posted) != 1):
+            failures.append(f"#{number} {sent.label}: expected one Lead and one Slack message, "
+                            f"got {0 if record is None else 1} and {len(posted)}")
+        if sent.expect == "filtered" and (record is not None or posted):
+            failures.append(f"#{number} {sent.label}: a filtered event reached a target")
+    console.print(table)
+    delivered = {s.conversation_id for s, _, _ in plan if s.expect == "delivered"}
+    if len(records) != len(delivered) or len(messages) != len(delivered):
+        failures.append(f"{len(delivered)} conversations should give as many Leads and Slack "
+                        f"messages; got {len(records)} and {len(messages)}")
+    if not done:
+        failures.append("not every acknowledged event finished within 180 s")
+    dead = store.dead_letters("open")
+    if dead:
+        failures.append(f"{len(dead)} dead letter(s): {dead[0].reason}")
+    console.print(f"Salesforce received {len(records)} Lead upserts (one record per "
+                  f"conversation); Slack received {len(messages)} messages. "
+                  f"All processed {elapsed:.1f} s after the first request.")
+    if records:
+        sample = {k: v for k, v in records[0].items() if not k.startswith("_")}
+        console.print("A Lead as Salesforce stored it:", sample, highlight=False)
+    ui = prefect_url.removesuffix("/api")
+    if server is not None and not keep_server:
+        console.print(f"The flow runs are stored in Prefect's database: run `prefect server "
+                      f"start` and open {ui}/runs (or rerun with --keep-server).")
+    else:
+        console.print(f"See the flow runs in the Prefect UI: {ui}/runs")
+    if failures:
+        console.print("[red]Expectations failed:[/red]")
+        for failure in failures:
+            console.print(f"  - {failure}", highlight=False)
+        return False
+    console.print("[green]Every expectation held.[/green]")
+    return True

@@ -1,0 +1,80 @@
+"""Replay: dead letters and quarantined bodies go back into the inbox, exactly once still.
+
+A replayed event runs the whole `process-event` again; the ledger skips every target that
+already has the identical payload, so only what failed is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from prefect import flow, get_run_logger
+
+from events.envelope import normalise
+from events.errors import EnvelopeError, PermanentError
+from store.database import Store
+
+
+@dataclass
+class Requeued:
+    dead_letter_ids: list[int] = field(default_factory=list)
+    inbox_ids: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+
+
+def requeue_dead_letters(store: Store, ids: Sequence[int] | None = None,
+                         dry_run: bool = False) -> Requeued:
+    open_letters = {row.id: row for row in store.dead_letters("open")}
+    wanted = list(ids) if ids else list(open_letters)
+    result = Requeued(missing=[i for i in wanted if i not in open_letters])
+    for dead_letter_id in wanted:
+        row = open_letters.get(dead_letter_id)
+        if row is None:
+            continue
+        result.dead_letter_ids.append(dead_letter_id)
+        if row.inbox_id not in result.inbox_ids:
+            result.inbox_ids.append(row.inbox_id)
+    if not dry_run:
+        for inbox_id in result.inbox_ids:
+            store.requeue(inbox_id)
+        store.mark_dead_letters_replayed(result.dead_letter_ids)
+    return result
+
+
+def replay_quarantined(store: Store, quarantine_id: int, dry_run: bool = False) -> str:
+    row = store.get_quarantined(quarantine_id)
+    if row is None or row.status != "open":
+        raise PermanentError(f"no open quarantined body {quarantine_id}")
+    try:
+        event = normalise(json.loads(row.body), row.source, row.body)
+    except (EnvelopeError, ValueError) as exc:
+        raise PermanentError(f"quarantined body {quarantine_id} is still not an event: {exc}"
+                             ) from exc
+    if dry_run:
+        return f"would queue event {event.event_id} (conversation {event.conversation_id})"
+    ids = store.insert_events([{
+        "dedupe_key": event.dedupe_key, "event_id": event.event_id, "source": row.source,
+        "envelope": event.envelope, "event_type": event.event_type,
+        "conversation_id": event.conversation_id, "body": row.body,
+        "body_sha256": hashlib.sha256(row.body).hexdigest(),
+    }])
+    store.mark_quarantine_replayed(quarantine_id)
+    if ids[0] is None:
+        return f"event {event.event_id} was already in the inbox (duplicate); marked replayed"
+    return f"queued event {event.event_id} as inbox {ids[0]}"
+
+
+@flow(name="replay", persist_result=False)
+async def replay(dead_letter_ids: list[int] | None = None, dry_run: bool = False) -> dict:
+    """Requeue dead letters (all open ones by default) for the dispatcher to process again."""
+    from flows.runtime import get_runtime
+
+    result = requeue_dead_letters(get_runtime().store, dead_letter_ids, dry_run=dry_run)
+    get_run_logger().info("%s %d event(s) for %d dead letter(s)",
+                          "would requeue" if dry_run else "requeued",
+                          len(result.inbox_ids), len(result.dead_letter_ids))
+    return {"dead_letters": result.dead_letter_ids, "inbox_ids": result.inbox_ids,
+            "missing": result.missing, "dry_run": dry_run}
