@@ -37,7 +37,10 @@ class FilterRule(BaseModel):
         if len(given) != 1:
             raise ValueError(f"rule {self.name!r} needs exactly one of {', '.join(_TESTS)}")
         if self.matches is not None:
-            re.compile(self.matches)
+            try:
+                re.compile(self.matches)
+            except re.error as exc:
+                raise ValueError(f"rule {self.name!r}: invalid regex: {exc}") from exc
         return self
 
     def _given(self, test: str) -> bool:

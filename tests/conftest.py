@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sandbox.server import Sandbox
+from store.database import Store
+
+SAMPLES = Path(__file__).parent / "samples"
+POSTGRES_URL = os.environ.get("CXRELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def sample(name: str) -> dict[str, Any]:
+    return json.loads((SAMPLES / name).read_text())
+
+
+def sample_bytes(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    box = Sandbox().start()
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+def clean_sandbox(sandbox: Sandbox) -> Sandbox:
+    for url in (sandbox.genesys_url, sandbox.salesforce_url, sandbox.slack_url.removesuffix("/api/")):
+        httpx.post(f"{url}/__sandbox/reset").raise_for_status()
+    return sandbox
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    db = Store(f"sqlite:///{tmp_path / 'cxrelay.db'}")
+    yield db
+    db.close()
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_URL.replace("postgresql://", "postgresql://", 1),
+                             connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def pg_store() -> Iterator[Store]:
+    """A store in a fresh schema of the PostgreSQL test database (never skipped in CI)."""
+    if not postgres_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}; CI must run these tests")
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    db = Store(url)
+    yield db
+    db.close()
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One Prefect test server for the whole session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from events.envelope import normalise
+from events.errors import EnvelopeError
+from tests.conftest import sample, sample_bytes
+
+CONVERSATION = "5d2b8f0e-3c41-4e6a-8f7d-1a9b0c2d3e4f"
+
+
+def test_generic_webhook() -> None:
+    event = normalise(sample("generic-webhook.json"), "genesys")
+    assert event.envelope == "generic"
+    assert event.event_id == event.dedupe_key == "9f1c2a7e-5b1d-4a8e-9d43-2f0c6a1b7e55"
+    assert event.conversation_id == CONVERSATION
+    assert event.event_type == "CONVERSATION_COMPLETED"
+    assert event.ended is True
+    assert event.occurred_at is not None and event.occurred_at.isoformat() == "2026-11-28T14:30:00+00:00"
+
+
+def test_generic_not_completed_is_not_ended() -> None:
+    payload = sample("generic-webhook.json")
+    payload["conversation"]["state"] = "CONNECTED"
+    assert normalise(payload, "genesys").ended is False
+
+
+def test_unknown_extra_fields_are_kept() -> None:
+    payload = sample("generic-webhook.json")
+    payload["conversation"]["primaryContact"]["primaryPhoneNumber"] = "+1"
+    payload["brandNew"] = {"x": 1}
+    event = normalise(payload, "genesys")
+    assert event.payload["brandNew"] == {"x": 1}
+
+
+def test_eventbridge_uses_correlation_id_as_dedupe_key() -> None:
+    event = normalise(sample("eventbridge-customer-end.json"), "eventbridge")
+    assert event.envelope == "eventbridge"
+    assert event.event_id == "6a7e8f9a-1b2c-3d4e-5f60-718293a4b5c6"
+    assert event.dedupe_key == "3f4e5d6c-7b8a-4999-a1b2-c3d4e5f60718"
+    assert event.conversation_id == CONVERSATION
+    assert event.event_type == "v2.detail.events.conversation.{id}.customer.end"
+    assert event.ended is True
+
+
+def test_eventbridge_without_correlation_id_falls_back_to_id() -> None:
+    payload = sample("eventbridge-customer-end.json")
+    del payload["detail"]["metadata"]
+    assert normalise(payload, "eventbridge").dedupe_key == payload["id"]
+
+
+def test_eventbridge_conversation_id_from_topic_when_body_lacks_it() -> None:
+    payload = sample("eventbridge-customer-end.json")
+    del payload["detail"]["eventBody"]["conversationId"]
+    assert normalise(payload, "eventbridge").conversation_id == CONVERSATION
+
+
+def test_notification() -> None:
+    event = normalise(sample("notification-customer-end.json"), "standard",
+                      sample_bytes("notification-customer-end.json"))
+    assert event.envelope == "notification"
+    assert event.dedupe_key == "7a8b9c0d-1e2f-4a3b-8c4d-5e6f70819a2b"
+    assert event.conversation_id == CONVERSATION
+    assert event.ended is True
+
+
+def test_notification_without_correlation_id_dedupes_by_body() -> None:
+    payload = sample("notification-customer-end.json")
+    del payload["metadata"]
+    body = json.dumps(payload).encode()
+    first = normalise(payload, "standard", body)
+    assert first.dedupe_key.startswith("sha256:")
+    assert normalise(payload, "standard", body).dedupe_key == first.dedupe_key
+
+
+@pytest.mark.parametrize("topic,ended", [
+    ("v2.detail.events.conversation.abc.customer.end", True),
+    ("v2.detail.events.conversation.abc.acw", True),
+    ("v2.detail.events.conversation.abc.customer.start", False),
+    ("v2.detail.events.conversation.abc.user.start", False),
+])
+def test_ended_topics(topic: str, ended: bool) -> None:
+    payload = sample("notification-customer-end.json")
+    payload["topicName"] = topic
+    assert normalise(payload, "x").ended is ended
+
+
+@pytest.mark.parametrize("payload,loc", [
+    ({"eventType": "X", "conversation": {"state": "COMPLETED"}}, "id"),
+    ({"id": "e1", "eventType": "X"}, "conversation"),
+    ({"id": "e1", "conversation": {"id": ""}}, "conversation.id"),
+    ({"topicName": "v2.users.x.presence", "eventBody": {}}, "eventBody.conversationId"),
+])
+def test_missing_fields_are_named(payload: dict, loc: str) -> None:
+    with pytest.raises(EnvelopeError) as info:
+        normalise(payload, "genesys")
+    assert loc in [error["loc"] for error in info.value.errors]
+
+
+@pytest.mark.parametrize("payload", [[], "text", 42, None, {"hello": "world"}])
+def test_not_an_event(payload: object) -> None:
+    with pytest.raises(EnvelopeError):
+        normalise(payload, "genesys")

@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from events.signatures import HmacVerifier, StaticCredentialVerifier
+from receiver.app import create_app
+from receiver.sources import Source
+from store.database import Store
+from tests.conftest import sample_bytes
+from tests.servers import serve
+
+SECRET = "s3cret-for-tests"
+TOKEN = "eventbridge-token"
+
+
+@pytest.fixture
+def receiver(store: Store) -> Iterator[str]:
+    sources = {"genesys": Source("genesys", HmacVerifier([SECRET, "older"])),
+               "eventbridge": Source("eventbridge", StaticCredentialVerifier([TOKEN]))}
+    with serve(create_app(store, sources, max_body_bytes=4096)) as url:
+        yield url
+
+
+def signed(body: bytes, secret: str = SECRET) -> dict[str, str]:
+    return {"Content-Type": "application/json", **HmacVerifier([secret]).sign(body)}
+
+
+def post(url: str, body: bytes, headers: dict[str, str], path: str = "/webhooks/genesys"
+         ) -> httpx.Response:
+    return httpx.post(url + path, content=body, headers=headers, timeout=10)
+
+
+def test_accepts_and_stores_verbatim(receiver: str, store: Store) -> None:
+    body = sample_bytes("generic-webhook.json")
+    response = post(receiver, body, signed(body))
+    assert response.status_code == 202
+    assert response.json() == {"event_id": "9f1c2a7e-5b1d-4a8e-9d43-2f0c6a1b7e55",
+                               "status": "accepted"}
+    (event,) = store.events()
+    assert event.body == body and event.status == "pending"
+    assert event.conversation_id == "5d2b8f0e-3c41-4e6a-8f7d-1a9b0c2d3e4f"
+
+
+def test_same_event_again_is_a_duplicate(receiver: str, store: Store) -> None:
+    body = sample_bytes("generic-webhook.json")
+    post(receiver, body, signed(body))
+    again = post(receiver, body, signed(body, "older"))
+    assert again.status_code == 202 and again.json()["status"] == "duplicate"
+    assert len(store.events()) == 1
+
+
+def test_concurrent_duplicates_store_once(receiver: str, store: Store) -> None:
+    body = sample_bytes("generic-webhook.json")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*(client.post(receiver + "/webhooks/genesys",
+                                                      content=body, headers=signed(body))
+                                          for _ in range(20)))
+
+    statuses = [r.json()["status"] for r in asyncio.run(burst())]
+    assert statuses.count("accepted") == 1 and statuses.count("duplicate") == 19
+    assert len(store.events()) == 1
+
+
+def test_eventbridge_source_with_bearer_token(receiver: str, store: Store) -> None:
+    body = sample_bytes("eventbridge-customer-end.json")
+    response = post(receiver, body, {"Content-Type": "application/json",
+                                     "Authorization": f"Bearer {TOKEN}"}, "/webhooks/eventbridge")
+    assert response.status_code == 202
+    assert store.events()[0].dedupe_key == "3f4e5d6c-7b8a-4999-a1b2-c3d4e5f60718"
+
+
+@pytest.mark.parametrize("headers,detail", [
+    ({}, "missing X-Signature header"),
+    ({"X-Signature": "sha256=" + "0" * 64}, "X-Signature does not match the body"),
+    ({"X-Signature": "garbage!"}, "signature is neither hex nor base64"),
+])
+def test_unauthenticated_is_401_and_not_stored(receiver: str, store: Store, headers: dict,
+                                                detail: str) -> None:
+    response = post(receiver, sample_bytes("generic-webhook.json"),
+                    {"Content-Type": "application/json", **headers})
+    assert response.status_code == 401
+    assert response.json() == {"error": "unauthorized", "detail": detail}
+    assert store.events() == [] and store.quarantined() == []
+
+
+def test_error_bodies_never_echo_the_secret(receiver: str) -> None:
+    body = b'{"id": "x"}'
+    for response in (post(receiver, body, {"X-Signature": SECRET}),
+                     post(receiver, body, signed(body)),
+                     post(receiver, b"{", signed(b"{"))):
+        assert SECRET not in response.text
+
+
+def test_too_large_by_content_length(receiver: str, store: Store) -> None:
+    body = b'{"pad": "' + b"x" * 5000 + b'"}'
+    response = post(receiver, body, signed(body))
+    assert response.status_code == 413
+    assert response.json()["error"] == "payload_too_large"
+
+
+def test_too_large_chunked_without_content_length(receiver: str, store: Store) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    response = httpx.post(receiver + "/webhooks/genesys", content=chunks(),
+                          headers={"Content-Type": "application/json", "X-Signature": "00"})
+    assert response.status_code == 413
+    assert store.events() == []
+
+
+def test_malformed_json_is_400(receiver: str) -> None:
+    body = b'{"id": '
+    response = post(receiver, body, signed(body))
+    assert response.status_code == 400 and response.json()["error"] == "malformed_json"
+
+
+def test_not_json_media_type_is_415(receiver: str) -> None:
+    body = b"id=1"
+    response = post(receiver, body, {**signed(body), "Content-Type": "text/plain"})
+    assert response.status_code == 415
+
+
+def test_not_an_event_is_422_and_quarantined(receiver: str, store: Store) -> None:
+    body = json.dumps({"id": "e1", "eventType": "X", "conversation": {"state": "COMPLETED"}}).encode()
+    response = post(receiver, body, signed(body))
+    assert response.status_code == 422
+    answer = response.json()
+    assert answer["error"] == "not_an_event"
+    assert {"loc": "conversation.id", "msg": "field required (a non-empty string)"} in answer["detail"]
+    (kept,) = store.quarantined()
+    assert kept.id == answer["quarantine_id"] and kept.body == body
+    assert store.events() == []
+
+
+def test_unknown_source_wrong_method_and_path(receiver: str) -> None:
+    assert httpx.post(receiver + "/webhooks/nope", content=b"{}").json()["error"] == "unknown_source"
+    wrong_method = httpx.get(receiver + "/webhooks/genesys")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"] == "method_not_allowed"
+    assert httpx.get(receiver + "/nowhere").status_code == 404
+
+
+def test_health_readiness_and_metrics(receiver: str) -> None:
+    assert httpx.get(receiver + "/healthz").status_code == 200
+    ready = httpx.get(receiver + "/readyz")
+    assert ready.status_code == 200 and ready.json()["sources"] == ["eventbridge", "genesys"]
+    body = sample_bytes("generic-webhook.json")
+    post(receiver, body, signed(body))
+    post(receiver, body, signed(body))
+    post(receiver, body, {"X-Signature": "00" * 32})
+    metrics = httpx.get(receiver + "/metrics").text
+    assert 'cxrelay_webhooks_accepted_total{source="genesys"} 1.0' in metrics
+    assert 'cxrelay_webhooks_duplicate_total{source="genesys"} 1.0' in metrics
+    assert 'cxrelay_webhooks_rejected_total{reason="unauthorized",source="genesys"} 1.0' in metrics
+    assert "cxrelay_inbox_depth 1.0" in metrics
+
+
+def test_readyz_fails_when_the_database_is_unreachable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    broken = Store("postgresql://nobody@127.0.0.1:1/none", create=False)
+    with serve(create_app(broken, {})) as url:
+        response = httpx.get(url + "/readyz", timeout=30)
+    assert response.status_code == 503 and response.json()["error"] == "database_unavailable"
