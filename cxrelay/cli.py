@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -29,8 +28,8 @@ config_app = typer.Typer(help="The pipeline file.", no_args_is_help=True)
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(config_app, name="config")
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays fast
@@ -93,12 +92,12 @@ def serve(
 
 @app.command()
 def dispatch(
-    parent_pid: Optional[int] = typer.Option(None, help="exit when this process is gone"),
+    parent_pid: int | None = typer.Option(None, help="exit when this process is gone"),
 ) -> None:
     """Claim events from the inbox and start a `process-event` flow run for each."""
+    from events.mapping import Mapper
     from flows.dispatcher import Dispatcher
     from flows.runtime import Runtime, set_runtime
-    from events.mapping import Mapper
     from store.database import Store
 
     handler = logging.StreamHandler()
@@ -149,19 +148,17 @@ def sandbox(
     console.print("Sandbox emulators are up. Point cxrelay at them with:")
     for key, value in box.environment().items():
         console.print(f"  export {key}='{value}'", highlight=False, soft_wrap=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(box.serve())
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()
 def send(
     url: str = typer.Argument("http://127.0.0.1:8000/webhooks/genesys"),
-    conversation_id: Optional[str] = typer.Option(None, help="default: a new UUID"),
+    conversation_id: str | None = typer.Option(None, help="default: a new UUID"),
     state: str = typer.Option("COMPLETED", help="conversation.state of the sample"),
-    file: Optional[Path] = typer.Option(None, help="send this JSON body instead of a sample"),
-    secret: Optional[str] = typer.Option(None, envvar="CXRELAY_WEBHOOK_SECRET",
+    file: Path | None = typer.Option(None, help="send this JSON body instead of a sample"),
+    secret: str | None = typer.Option(None, envvar="CXRELAY_WEBHOOK_SECRET",
                                          help="HMAC secret (default: CXRELAY_WEBHOOK_SECRET)"),
 ) -> None:
     """Send one signed generic webhook event to a receiver, and show its answer."""
@@ -234,7 +231,7 @@ def dead_letters_show(dead_letter_id: int) -> None:
 
 @dead_letters_app.command("replay")
 def dead_letters_replay(
-    ids: Optional[list[int]] = typer.Argument(None, help="dead letter ids (default: all open)"),
+    ids: list[int] | None = typer.Argument(None, help="dead letter ids (default: all open)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would be replayed"),
 ) -> None:
     """Queue the events of dead letters again; targets already delivered are not repeated."""
@@ -285,7 +282,7 @@ def quarantine_replay(
 
 
 @config_app.command("validate")
-def config_validate(path: Optional[Path] = typer.Argument(None, help="default: CXRELAY_PIPELINE "
+def config_validate(path: Path | None = typer.Argument(None, help="default: CXRELAY_PIPELINE "
                                                           "or the shipped pipeline")) -> None:
     """Validate a pipeline file; errors name the line and the key."""
     from cxrelay.settings import DEFAULT_PIPELINE

@@ -1,10 +1,12 @@
 """Recognise the envelopes Genesys events arrive in and normalise them to one canonical event.
 
-| envelope | recognised by | event id | dedupe key | conversation id |
-|---|---|---|---|---|
-| generic webhook | `id` + `conversation.id` | `id` | `id` | `conversation.id` |
-| EventBridge | `detail-type` + `detail.topicName` | `id` | `detail.metadata.CorrelationId`, else `id` | `detail.eventBody.conversationId`, else the topic |
-| notification | `topicName` + `eventBody` | `metadata.CorrelationId` | `metadata.CorrelationId`, else a hash of the body | `eventBody.conversationId`, else the topic |
+- generic webhook (`id` + `conversation`): event id and dedupe key `id`; conversation
+  `conversation.id`; ended when `conversation.state` is COMPLETED.
+- EventBridge (`detail-type` + `detail`): event id `id`; dedupe key
+  `detail.metadata.CorrelationId`, else `id`; conversation `detail.eventBody.conversationId`,
+  else the topic; ended when the topic ends `.customer.end`, `.acw` and the like.
+- notification (`topicName` + `eventBody`): event id and dedupe key `metadata.CorrelationId`,
+  else a hash of the body; conversation and ending as for EventBridge.
 
 The CorrelationId identifies one Genesys notification whichever path carried it, so the same
 notification delivered through EventBridge and a notification channel is processed once.

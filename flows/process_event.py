@@ -111,7 +111,7 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
 
     results = await asyncio.gather(*(_deliver(runtime, inbox_id, event, target, context)
                                       for target in targets))
-    summary["targets"] = {target.name: result for target, result in zip(targets, results)}
+    summary["targets"] = {target.name: result for target, result in zip(targets, results, strict=True)}
     summary["outcome"] = outcome_of(summary["targets"])
     return await _finish(runtime, summary)
 

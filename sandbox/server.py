@@ -68,11 +68,11 @@ class Sandbox:
 
     async def serve(self) -> None:
         apps = [self.genesys.app, self.salesforce.app, self.slack.app]
-        for app, sock in zip(apps, self._sockets):
+        for app in apps:
             config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
             self._servers.append(uvicorn.Server(config))
         await asyncio.gather(*(server.serve(sockets=[sock])
-                               for server, sock in zip(self._servers, self._sockets)))
+                               for server, sock in zip(self._servers, self._sockets, strict=True)))
 
     def start(self) -> Sandbox:
         """Serve in a daemon thread; returns once every port answers."""

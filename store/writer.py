@@ -66,7 +66,7 @@ class GroupCommitWriter:
             return
         self.batches += 1
         self.rows += len(batch)
-        for (_, future, loop), result in zip(batch, results):
+        for (_, future, loop), result in zip(batch, results, strict=True):
             loop.call_soon_threadsafe(_set_result, future, result)
 
 

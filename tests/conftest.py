@@ -9,6 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Shared 2-core machines: generation speed is not what these tests are about.
+settings.register_profile("cxrelay", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("cxrelay")
 
 from sandbox.server import Sandbox
 from store.database import Store

@@ -1,0 +1,88 @@
+"""Helpers for running the dispatcher and flows against the sandbox inside a test."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cxrelay.sending import encode
+from cxrelay.settings import Settings
+from events.envelope import normalise
+from events.mapping import Mapper
+from flows.dispatcher import Dispatcher
+from flows.runtime import Runtime, set_runtime
+from sandbox.server import Sandbox
+from store.database import Store
+
+
+def make_settings(tmp_path: Path, box: Sandbox, **overrides: Any) -> Settings:
+    env = {key.removeprefix("CXRELAY_").lower(): value for key, value in box.environment().items()}
+    values: dict[str, Any] = {**env, "database_url": f"sqlite:///{tmp_path / 'cxrelay.db'}",
+                              "claim_lease_seconds": 5, "poll_interval_seconds": 0.02}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def make_runtime(settings: Settings) -> Runtime:
+    pipeline = settings.pipeline_config
+    return Runtime(settings, Store(settings.database_url), pipeline, Mapper(pipeline.lookups))
+
+
+def enqueue(store: Store, payload: dict[str, Any], source: str = "genesys") -> int | None:
+    body = encode(payload)
+    event = normalise(json.loads(body), source, body)
+    return store.insert_events([{
+        "dedupe_key": event.dedupe_key, "event_id": event.event_id, "source": source,
+        "envelope": event.envelope, "event_type": event.event_type,
+        "conversation_id": event.conversation_id, "body": body,
+        "body_sha256": hashlib.sha256(body).hexdigest()}])[0]
+
+
+def finished(store: Store) -> int:
+    counts = store.status_counts()
+    return counts.get("done", 0) + counts.get("failed", 0)
+
+
+async def dispatch_until(runtime: Runtime, done: int, timeout: float = 120,
+                         **options: Any) -> Dispatcher:
+    """Run a dispatcher on this loop until `done` events have finished."""
+    set_runtime(runtime)
+    stop = asyncio.Event()
+    dispatcher = Dispatcher(runtime, **options)
+    task = asyncio.create_task(dispatcher.run(stop))
+    deadline = time.monotonic() + timeout
+    try:
+        while finished(runtime.store) < done:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {finished(runtime.store)} of {done} events finished: "
+                                   f"{runtime.store.status_counts()}")
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+        for client in runtime._clients.values():
+            close = getattr(client, "aclose", None) or getattr(getattr(client, "http", None),
+                                                               "aclose", None)
+            if close is not None:
+                await close()
+        runtime._clients.clear()  # async clients belong to this loop
+    return dispatcher
+
+
+def sandbox_state(box: Sandbox) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    leads = httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"].get("Lead", [])
+    messages = httpx.get(f"{box.slack_url.removesuffix('/api/')}/__sandbox/state").json()["messages"]
+    return leads, messages
+
+
+def calls(url: str, method: str | None = None, path_part: str = "") -> list[dict[str, Any]]:
+    return [r for r in httpx.get(f"{url.removesuffix('/api/')}/__sandbox/requests").json()
+            if (method is None or r["method"] == method) and path_part in r["path"]]

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cxrelay.cli import app
+from cxrelay.sending import generic_event
+from store.database import Store
+from tests.flowkit import enqueue
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    monkeypatch.setenv("CXRELAY_DATABASE_URL", url)
+    return Store(url)
+
+
+def test_config_validate_default() -> None:
+    result = runner.invoke(app, ["config", "validate"])
+    assert result.exit_code == 0, result.output
+    assert "valid — 4 sources, 1 filters, 2 targets (salesforce, slack)" in result.output
+
+
+def test_config_validate_names_line_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("filters:\n  - name: x\n    path: ended\n    equal: true\n")
+    result = runner.invoke(app, ["config", "validate", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:4: filters[0].equal: Extra inputs are not permitted" in result.output
+
+
+def test_dead_letters_list_show_and_replay(db: Store) -> None:
+    inbox_id = enqueue(db, generic_event("conv-cli"))
+    assert inbox_id is not None
+    (claimed,) = db.claim("w", 1, 60)
+    db.finish(claimed.id, "partial", {})
+    dead = db.dead_letter(inbox_id, "e", "conv-cli", "slack", "channel_not_found", "PermanentError", 6)
+
+    listed = runner.invoke(app, ["dead-letters", "list"])
+    assert listed.exit_code == 0 and "conv-cli" in listed.output and "channel_not_found" in listed.output
+    shown = runner.invoke(app, ["dead-letters", "show", str(dead)])
+    assert shown.exit_code == 0 and '"conv-cli"' in shown.output
+
+    dry = runner.invoke(app, ["dead-letters", "replay", "--dry-run"])
+    assert dry.exit_code == 0 and "would requeue 1 event(s)" in dry.output
+    assert db.get_event(inbox_id).status == "done"  # type: ignore[union-attr]
+
+    done = runner.invoke(app, ["dead-letters", "replay", str(dead)])
+    assert done.exit_code == 0 and "requeued 1 event(s)" in done.output
+    assert db.get_event(inbox_id).status == "pending"  # type: ignore[union-attr]
+    assert db.dead_letters() == []
+
+    missing = runner.invoke(app, ["dead-letters", "replay", "999"])
+    assert missing.exit_code == 1 and "no open dead letter with id 999" in missing.output
+
+
+def test_quarantine_replay(db: Store) -> None:
+    bad = db.quarantine("genesys", json.dumps({"id": "e1"}).encode(), "application/json",
+                        {"message": "no conversation"})
+    fixed = db.quarantine("genesys", json.dumps(generic_event("conv-q")).encode(),
+                          "application/json", {"message": "was rejected by an older version"})
+    listed = runner.invoke(app, ["quarantine", "list"])
+    assert listed.exit_code == 0 and "no conversation" in listed.output
+
+    still_bad = runner.invoke(app, ["quarantine", "replay", str(bad)])
+    assert still_bad.exit_code == 1 and "still not an event" in still_bad.output
+    queued = runner.invoke(app, ["quarantine", "replay", str(fixed)])
+    assert queued.exit_code == 0 and "queued event" in queued.output
+    assert [e.conversation_id for e in db.events()] == ["conv-q"]
+    assert [q.id for q in db.quarantined()] == [bad]
+
+
+def test_send_needs_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CXRELAY_WEBHOOK_SECRET", raising=False)
+    result = runner.invoke(app, ["send", "http://127.0.0.1:9/webhooks/genesys"])
+    assert result.exit_code == 2 and "CXRELAY_WEBHOOK_SECRET" in result.output
+
+
+def test_serve_refuses_without_any_source(monkeypatch: pytest.MonkeyPatch, db: Store) -> None:
+    for name in ("CXRELAY_WEBHOOK_SECRET", "CXRELAY_STANDARD_WEBHOOKS_SECRET",
+                 "CXRELAY_OPEN_MESSAGING_SECRET", "CXRELAY_EVENTBRIDGE_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    result = runner.invoke(app, ["serve", "--no-dispatcher"])
+    assert result.exit_code == 2 and "no webhook source is enabled" in result.output

@@ -1,0 +1,322 @@
+"""Connectors against the sandbox emulators, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from connectors.genesys import GenesysClient, GenesysNotFound, region_urls
+from connectors.http import HttpTarget
+from connectors.salesforce import SalesforceClient, SalesforceDuplicates
+from connectors.slack import SlackClient, SlackMessageGone
+from events.errors import ConfigError, PermanentError, RetryableError
+from sandbox.genesys import sample_conversation
+from sandbox.server import Sandbox
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def control(url: str, path: str, payload: Any = None) -> None:
+    httpx.post(f"{url}/__sandbox/{path}", json=payload).raise_for_status()
+
+
+def requests(url: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{url}/__sandbox/requests").json()
+
+
+def genesys(box: Sandbox, secret: str | None = None) -> GenesysClient:
+    return GenesysClient(box.genesys_url, box.genesys_url, box.genesys.client_id,
+                         SecretStr(secret or box.genesys.client_secret))
+
+
+# --- Genesys --------------------------------------------------------------------------
+
+
+def test_region_urls() -> None:
+    assert region_urls("mypurecloud.ie") == ("https://api.mypurecloud.ie",
+                                             "https://login.mypurecloud.ie")
+    assert region_urls("eu-central-1") == ("https://api.mypurecloud.de",
+                                           "https://login.mypurecloud.de")
+    with pytest.raises(ConfigError):
+        region_urls("atlantis")
+
+
+def test_genesys_token_is_cached(clean_sandbox: Sandbox) -> None:
+    control(clean_sandbox.genesys_url, "conversations", [sample_conversation("c-1")])
+
+    async def scenario() -> GenesysClient:
+        client = genesys(clean_sandbox)
+        for _ in range(3):
+            assert (await client.get_conversation("c-1"))["id"] == "c-1"
+        await client.aclose()
+        return client
+
+    client = run(scenario())
+    assert client.token_requests == 1 and client.api_requests == 3
+    token_calls = [r for r in requests(clean_sandbox.genesys_url) if r["path"] == "/oauth/token"]
+    assert len(token_calls) == 1
+    assert "authorization" not in token_calls[0]["headers"]  # the emulator redacts it
+
+
+def test_genesys_expired_token_is_refreshed_once(clean_sandbox: Sandbox) -> None:
+    control(clean_sandbox.genesys_url, "conversations", [sample_conversation("c-1")])
+
+    async def scenario() -> GenesysClient:
+        client = genesys(clean_sandbox)
+        await client.get_conversation("c-1")
+        control(clean_sandbox.genesys_url, "expire-tokens")
+        await client.get_conversation("c-1")
+        await client.aclose()
+        return client
+
+    assert run(scenario()).token_requests == 2
+
+
+def test_genesys_429_carries_retry_after(clean_sandbox: Sandbox) -> None:
+    control(clean_sandbox.genesys_url, "faults",
+            {"status": 429, "headers": {"Retry-After": "7"}, "count": 1,
+             "path": "/api/v2/conversations"})
+
+    async def scenario() -> None:
+        client = genesys(clean_sandbox)
+        try:
+            await client.get_conversation("c-1")
+        finally:
+            await client.aclose()
+
+    with pytest.raises(RetryableError) as info:
+        run(scenario())
+    assert info.value.retry_after == 7.0
+    assert "too.many.requests.retry.after" in str(info.value)
+
+
+def test_genesys_rate_limit_emulation(clean_sandbox: Sandbox) -> None:
+    control(clean_sandbox.genesys_url, "conversations", [sample_conversation("c-1")])
+    control(clean_sandbox.genesys_url, "settings", {"rate_limit_per_minute": 2})
+
+    async def scenario() -> None:
+        client = genesys(clean_sandbox)
+        try:
+            for _ in range(3):
+                await client.get_conversation("c-1")
+        finally:
+            await client.aclose()
+
+    try:
+        with pytest.raises(RetryableError) as info:
+            run(scenario())
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+    finally:
+        control(clean_sandbox.genesys_url, "settings", {"rate_limit_per_minute": None})
+
+
+def test_genesys_not_found_and_bad_credentials(clean_sandbox: Sandbox) -> None:
+    async def missing() -> None:
+        client = genesys(clean_sandbox)
+        try:
+            await client.get_conversation("nope")
+        finally:
+            await client.aclose()
+
+    with pytest.raises(GenesysNotFound, match="not.found"):
+        run(missing())
+
+    async def bad_secret() -> None:
+        client = genesys(clean_sandbox, secret="wrong-secret-value")
+        try:
+            await client.get_conversation("c-1")
+        finally:
+            await client.aclose()
+
+    with pytest.raises(PermanentError) as info:
+        run(bad_secret())
+    assert "wrong-secret-value" not in str(info.value)
+
+
+def test_genesys_unreachable_is_retryable() -> None:
+    async def scenario() -> None:
+        client = GenesysClient("http://127.0.0.1:9", "http://127.0.0.1:9", "id", SecretStr("s"))
+        try:
+            await client.get_conversation("c")
+        finally:
+            await client.aclose()
+
+    with pytest.raises(RetryableError, match="unreachable"):
+        run(scenario())
+
+
+def test_analytics_query_pages_through_everything(clean_sandbox: Sandbox) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    control(clean_sandbox.genesys_url, "conversations",
+            [sample_conversation(f"c-{i}", ended=now - timedelta(minutes=i)) for i in range(7)])
+
+    async def scenario() -> list[str]:
+        client = genesys(clean_sandbox)
+        start = (now - timedelta(minutes=4, seconds=30)).isoformat().replace("+00:00", "Z")
+        end = (now + timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+        found = [c["conversationId"] async for c in client.ended_conversations(start, end, 2)]
+        await client.aclose()
+        return found
+
+    assert sorted(run(scenario())) == ["c-0", "c-1", "c-2", "c-3", "c-4"]
+
+
+# --- Salesforce -----------------------------------------------------------------------
+
+
+def salesforce(box: Sandbox, **kwargs: Any) -> SalesforceClient:
+    options: dict[str, Any] = {"access_token": SecretStr(box.salesforce.static_token)}
+    options.update(kwargs)
+    return SalesforceClient(box.salesforce_url, **options)
+
+
+LEAD = {"LastName": "Caller", "Company": "[not provided]", "Phone": "+15550001234"}
+
+
+def test_upsert_creates_then_updates_over_plain_http(clean_sandbox: Sandbox) -> None:
+    client = salesforce(clean_sandbox)
+    created = run(client.upsert("Lead", "Genesys_Conversation_Id__c", "conv-1", LEAD))
+    updated = run(client.upsert("Lead", "Genesys_Conversation_Id__c", "conv-1",
+                                {**LEAD, "Phone": "+15550009999"}))
+    assert created.created and created.status == 201 and created.record_id
+    assert not updated.created and updated.record_id == created.record_id
+    records = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()["records"]["Lead"]
+    assert len(records) == 1 and records[0]["Phone"] == "+15550009999"
+    (first, _) = [r for r in requests(clean_sandbox.salesforce_url) if r["method"] == "PATCH"]
+    assert first["path"] == "/services/data/v62.0/sobjects/Lead/Genesys_Conversation_Id__c/conv-1"
+
+
+def test_external_id_value_is_url_encoded(clean_sandbox: Sandbox) -> None:
+    value = "a/b c?d#e%f"
+    run(salesforce(clean_sandbox).upsert("Lead", "Genesys_Conversation_Id__c", value, LEAD))
+    (call,) = [r for r in requests(clean_sandbox.salesforce_url) if r["method"] == "PATCH"]
+    assert call["raw_path"].endswith("/Genesys_Conversation_Id__c/a%2Fb%20c%3Fd%23e%25f")
+    records = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()["records"]["Lead"]
+    assert records[0]["Genesys_Conversation_Id__c"] == value
+
+
+def test_several_matches_is_a_permanent_300(clean_sandbox: Sandbox) -> None:
+    control(clean_sandbox.salesforce_url, "records", [
+        {"attributes": {"type": "Lead"}, "Genesys_Conversation_Id__c": "dup", "LastName": "A"},
+        {"attributes": {"type": "Lead"}, "Genesys_Conversation_Id__c": "dup", "LastName": "B"}])
+    with pytest.raises(SalesforceDuplicates, match="300"):
+        run(salesforce(clean_sandbox).upsert("Lead", "Genesys_Conversation_Id__c", "dup", LEAD))
+
+
+@pytest.mark.parametrize("status", [503, 403, 400])
+def test_transient_salesforce_errors_are_retryable(clean_sandbox: Sandbox, status: int) -> None:
+    control(clean_sandbox.salesforce_url, "faults", {"status": status, "count": 1})
+    with pytest.raises(RetryableError):
+        run(salesforce(clean_sandbox).upsert("Lead", "Genesys_Conversation_Id__c", "c", LEAD))
+
+
+def test_missing_required_field_is_permanent(clean_sandbox: Sandbox) -> None:
+    with pytest.raises(PermanentError, match="REQUIRED_FIELD_MISSING") as info:
+        run(salesforce(clean_sandbox).upsert("Lead", "Genesys_Conversation_Id__c", "c",
+                                             {"Phone": "+1555"}))
+    assert not isinstance(info.value, RetryableError)
+
+
+def test_invalid_session_fetches_a_new_token_with_client_credentials(clean_sandbox: Sandbox) -> None:
+    box = clean_sandbox
+    client = SalesforceClient(box.salesforce_url, access_token=SecretStr("stale-token"),
+                              client_id=box.salesforce.client_id,
+                              client_secret=SecretStr(box.salesforce.client_secret))
+    result = run(client.upsert("Lead", "Genesys_Conversation_Id__c", "c", LEAD))
+    assert result.created and client.token_requests == 1
+
+
+def test_invalid_session_without_client_credentials_says_why(clean_sandbox: Sandbox) -> None:
+    client = salesforce(clean_sandbox, access_token=SecretStr("stale-token"))
+    with pytest.raises(PermanentError, match="no client credentials") as info:
+        run(client.upsert("Lead", "Genesys_Conversation_Id__c", "c", LEAD))
+    assert "stale-token" not in str(info.value) and "stale-token" not in repr(client)
+
+
+def test_salesforce_needs_some_credentials(clean_sandbox: Sandbox) -> None:
+    with pytest.raises(ConfigError, match="CXRELAY_SALESFORCE_ACCESS_TOKEN"):
+        SalesforceClient(clean_sandbox.salesforce_url)
+
+
+# --- Slack ----------------------------------------------------------------------------
+
+
+def slack(box: Sandbox, token: str | None = None) -> SlackClient:
+    return SlackClient(SecretStr(token or box.slack.bot_token), box.slack_url)
+
+
+def test_slack_post_then_update(clean_sandbox: Sandbox) -> None:
+    client = slack(clean_sandbox)
+    posted = run(client.post_message("#contact-center", "hello"))
+    updated = run(client.update_message(posted.channel, posted.ts, "hello again"))
+    assert updated.ts == posted.ts
+    (message,) = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}/__sandbox/state"
+                           ).json()["messages"]
+    assert message["text"] == "hello again" and message["updates"] == 1
+
+
+def test_slack_429_is_retryable_with_retry_after(clean_sandbox: Sandbox) -> None:
+    base = clean_sandbox.slack_url.removesuffix("/api/")
+    control(base, "faults", {"status": 429, "headers": {"Retry-After": "3"}, "count": 1})
+    with pytest.raises(RetryableError) as info:
+        run(slack(clean_sandbox).post_message("#c", "x"))
+    assert info.value.retry_after == 3.0
+
+
+def test_slack_errors_are_classified(clean_sandbox: Sandbox) -> None:
+    base = clean_sandbox.slack_url.removesuffix("/api/")
+    control(base, "settings", {"missing_channels": ["gone"]})
+    try:
+        with pytest.raises(PermanentError, match="channel_not_found"):
+            run(slack(clean_sandbox).post_message("#gone", "x"))
+        with pytest.raises(PermanentError, match="invalid_auth"):
+            run(slack(clean_sandbox, token="xoxb-wrong").post_message("#c", "x"))
+        with pytest.raises(SlackMessageGone):
+            run(slack(clean_sandbox).update_message("C123", "1.000", "x"))
+        control(base, "faults", {"status": 200, "count": 1})
+        with pytest.raises(RetryableError, match="internal_error"):
+            run(slack(clean_sandbox).post_message("#c", "x"))
+    finally:
+        control(base, "settings", {"missing_channels": []})
+
+
+# --- HTTP target ----------------------------------------------------------------------
+
+
+def test_http_target_sends_idempotency_key_and_classifies(clean_sandbox: Sandbox) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tests.servers import serve
+
+    seen: list[tuple[str, Any]] = []
+    answers = [503, 400, 200]
+
+    async def hook(request: Request) -> JSONResponse:
+        seen.append((request.headers["x-idempotency-key"], await request.json()))
+        return JSONResponse({}, status_code=answers.pop(0))
+
+    with serve(Starlette(routes=[Route("/hook", hook, methods=["POST"])])) as url:
+        async def scenario() -> list[Any]:
+            target = HttpTarget(url + "/hook")
+            outcomes: list[Any] = []
+            for _ in range(3):
+                try:
+                    outcomes.append(await target.post({"a": 1}, "key-1"))
+                except (RetryableError, PermanentError) as exc:
+                    outcomes.append(type(exc))
+            await target.http.aclose()
+            return outcomes
+
+        assert run(scenario()) == [RetryableError, PermanentError, 200]
+    assert [key for key, _ in seen] == ["key-1"] * 3

@@ -1,0 +1,184 @@
+"""`process-event` through the dispatcher, against the sandbox over real sockets, under one
+shared Prefect test server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cxrelay.sending import eventbridge_event, generic_event
+from flows.replay import requeue_dead_letters
+from sandbox.genesys import sample_conversation
+from sandbox.server import Sandbox
+from tests.flowkit import calls, dispatch_until, enqueue, make_runtime, make_settings, sandbox_state
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def seed(box: Sandbox, *conversation_ids: str) -> None:
+    httpx.post(f"{box.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(c) for c in conversation_ids]).raise_for_status()
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def test_completed_conversation_reaches_salesforce_and_slack(tmp_path: Path,
+                                                            clean_sandbox: Sandbox) -> None:
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, generic_event(conversation, phone="+15550007777"))
+    asyncio.run(dispatch_until(runtime, 1))
+
+    leads, messages = sandbox_state(clean_sandbox)
+    assert [lead["Genesys_Conversation_Id__c"] for lead in leads] == [conversation]
+    assert leads[0]["Phone"] == "+15550007777" and leads[0]["Status"] == "Closed - Converted"
+    assert len(messages) == 1 and conversation in messages[0]["text"]
+    (event,) = runtime.store.events()
+    assert event.outcome == "delivered"
+    assert len(calls(clean_sandbox.genesys_url, "GET", conversation)) == 1
+
+    async def flow_run() -> tuple[str, list[str]]:
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+        async with get_client() as client:
+            (run,) = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=[f"conversation-{conversation}"])))
+            return run.state.type.value, run.tags  # type: ignore[union-attr]
+
+    state, tags = asyncio.run(flow_run())
+    assert state == "COMPLETED"
+    assert "event:CONVERSATION_COMPLETED" in tags and "source:genesys" in tags
+
+
+def test_not_completed_conversation_is_filtered(tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, generic_event(new_id(), state="CONNECTED"))
+    asyncio.run(dispatch_until(runtime, 1))
+    (event,) = runtime.store.events()
+    assert event.outcome == "filtered" and '"filtered_by": "conversation-ended"' in (event.detail or "")
+    assert calls(clean_sandbox.genesys_url, "GET") == []
+    assert sandbox_state(clean_sandbox) == ([], [])
+
+
+def test_later_events_of_a_conversation_update_instead_of_duplicating(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, generic_event(conversation, phone="+15550001111"))
+    asyncio.run(dispatch_until(runtime, 1))
+    enqueue(runtime.store, generic_event(conversation, phone="+15550002222"))
+    enqueue(runtime.store, eventbridge_event(conversation), source="eventbridge")
+    asyncio.run(dispatch_until(runtime, 3))
+
+    leads, messages = sandbox_state(clean_sandbox)
+    assert len(leads) == 1 and len(messages) == 1
+    assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 1
+    assert len(calls(clean_sandbox.slack_url, "POST", "chat.update")) >= 1
+
+
+def test_concurrent_events_of_one_conversation_give_one_record_and_one_message(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    for _ in range(5):
+        enqueue(runtime.store, generic_event(conversation))
+    asyncio.run(dispatch_until(runtime, 5, concurrency=5))
+    leads, messages = sandbox_state(clean_sandbox)
+    assert len(leads) == 1 and len(messages) == 1
+    assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 1
+    assert {e.outcome for e in runtime.store.events()} == {"delivered"}
+
+
+def test_failing_slack_does_not_stop_salesforce_and_replay_sends_only_slack(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    slack_base = clean_sandbox.slack_url.removesuffix("/api/")
+    httpx.post(f"{slack_base}/__sandbox/settings", json={"missing_channels": ["contact-center"]})
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    try:
+        enqueue(runtime.store, generic_event(conversation))
+        asyncio.run(dispatch_until(runtime, 1))
+    finally:
+        httpx.post(f"{slack_base}/__sandbox/settings", json={"missing_channels": []})
+
+    leads, messages = sandbox_state(clean_sandbox)
+    assert len(leads) == 1 and messages == []
+    (event,) = runtime.store.events()
+    assert event.outcome == "partial"
+    (dead,) = runtime.store.dead_letters()
+    assert dead.target == "slack" and "channel_not_found" in dead.reason
+
+    replayed = requeue_dead_letters(runtime.store)
+    assert replayed.dead_letter_ids == [dead.id]
+    asyncio.run(dispatch_until(runtime, 1))
+    leads, messages = sandbox_state(clean_sandbox)
+    assert len(leads) == 1 and len(messages) == 1
+    assert len(calls(clean_sandbox.salesforce_url, "PATCH")) == 1  # not sent again
+    assert runtime.store.dead_letters() == []
+    assert runtime.store.events()[0].outcome == "delivered"
+
+
+def test_unknown_conversation_in_genesys_is_dead_lettered(tmp_path: Path,
+                                                         clean_sandbox: Sandbox) -> None:
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, generic_event(new_id()))
+    asyncio.run(dispatch_until(runtime, 1))
+    (dead,) = runtime.store.dead_letters()
+    assert dead.target == "genesys" and "not.found" in dead.reason
+    assert sandbox_state(clean_sandbox) == ([], [])
+
+
+def test_required_field_empty_dead_letters_that_target_only(tmp_path: Path,
+                                                            clean_sandbox: Sandbox) -> None:
+    conversation = new_id()
+    conv = sample_conversation(conversation)
+    conv["participants"][0].pop("ani")
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations", json=[conv])
+    payload = generic_event(conversation)
+    del payload["conversation"]["primaryContact"]
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, payload)
+    asyncio.run(dispatch_until(runtime, 1))
+    (dead,) = runtime.store.dead_letters()
+    assert dead.target == "salesforce"
+    assert "required field Phone is empty (source paths tried:" in dead.reason
+    leads, messages = sandbox_state(clean_sandbox)
+    assert leads == [] and len(messages) == 1
+
+
+def test_transient_salesforce_errors_are_retried_as_task_retries(tmp_path: Path,
+                                                                 clean_sandbox: Sandbox) -> None:
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    httpx.post(f"{clean_sandbox.salesforce_url}/__sandbox/faults",
+               json={"status": 503, "count": 2, "method": "PATCH"})
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, generic_event(conversation))
+    asyncio.run(dispatch_until(runtime, 1))
+    patches = calls(clean_sandbox.salesforce_url, "PATCH")
+    assert [p["status"] for p in patches] == [503, 503, 201]
+    assert runtime.store.events()[0].outcome == "delivered"
+
+
+def test_event_of_a_crashed_dispatcher_is_claimed_again(tmp_path: Path,
+                                                        clean_sandbox: Sandbox) -> None:
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, generic_event(conversation))
+    (claimed,) = runtime.store.claim("crashed-worker", 1, lease_seconds=0.5)
+    asyncio.run(dispatch_until(runtime, 1))
+    (event,) = runtime.store.events()
+    assert event.id == claimed.id and event.outcome == "delivered" and event.attempts == 2
+    assert len(sandbox_state(clean_sandbox)[0]) == 1
