@@ -11,12 +11,12 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
+from sandbox.server import Sandbox
+from store.database import Store
+
 # Shared 2-core machines: generation speed is not what these tests are about.
 settings.register_profile("cxrelay", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("cxrelay")
-
-from sandbox.server import Sandbox
-from store.database import Store
 
 SAMPLES = Path(__file__).parent / "samples"
 POSTGRES_URL = os.environ.get("CXRELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
