@@ -59,7 +59,9 @@ def start_prefect_server(home: Path, database_url: str | None = None) -> tuple[s
     import os
 
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    from cxrelay.prefect_server import server_environment
+
+    env = server_environment({**os.environ, "PREFECT_HOME": str(home)})
     env.pop("PREFECT_API_URL", None)
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url

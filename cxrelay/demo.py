@@ -24,6 +24,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from cxrelay.prefect_server import server_environment
 from cxrelay.sending import encode, eventbridge_event, generic_event, hmac_headers
 from sandbox.genesys import sample_conversation
 from sandbox.server import Sandbox
@@ -77,7 +78,7 @@ def start_prefect_server(console: Console, log: Path) -> tuple[str, subprocess.P
     console.print("Starting a Prefect server (prefect server start) …")
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(PREFECT_PORT)],
+         "--port", str(PREFECT_PORT)], env=server_environment(dict(os.environ)),
         stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     if not _wait(lambda: _healthy(url) or process.poll() is not None, 120, 0.5) or \
             process.poll() is not None:

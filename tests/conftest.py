@@ -88,5 +88,10 @@ def prefect_api() -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
+    from cxrelay.prefect_server import SQLITE_SERVER_SETTINGS
+
+    # The harness's server is a subprocess that inherits these.
+    for key, value in SQLITE_SERVER_SETTINGS.items():
+        os.environ.setdefault(key, value)
     with prefect_test_harness(server_startup_timeout=120):
         yield str(PREFECT_API_URL.value())
