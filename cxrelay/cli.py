@@ -14,12 +14,14 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from events.errors import ConfigError, CxrelayError
 
 app = typer.Typer(help="Genesys Cloud CX events to Salesforce, Slack and HTTP, exactly once, "
-                       "as Prefect flow runs.", no_args_is_help=True, add_completion=False)
+                       "as Prefect flow runs.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
 dead_letters_app = typer.Typer(help="Events or targets that failed after their retries.",
                                no_args_is_help=True)
 quarantine_app = typer.Typer(help="Authenticated bodies that were not recognisable events.",
@@ -46,7 +48,7 @@ def _store():  # noqa: ANN202
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -279,6 +281,66 @@ def quarantine_replay(
     except CxrelayError as exc:
         _fail(str(exc))
     console.print(outcome)
+
+
+@app.command()
+def drift() -> None:
+    """Fields that drifted from their envelope's contract: new, missing, or of another type."""
+    table = Table("envelope", "field", "kind", "events", "first seen", "example event", "detail")
+    rows = _store().drift()
+    for row in rows:
+        table.add_row(row.contract, row.field, row.kind, str(row.count),
+                      str(row.first_seen)[:19], row.example_event_id, row.detail)
+    console.print(table if rows else "No schema drift seen.")
+
+
+mapping_app = typer.Typer(help="Field mappings.", no_args_is_help=True)
+app.add_typer(mapping_app, name="mapping")
+
+
+@mapping_app.command("check")
+def mapping_check(
+    event_file: Path = typer.Argument(..., help="an event body (any envelope) as JSON"),
+    conversation: Path | None = typer.Option(None, help="a GET /conversations/{id} answer"),
+    pipeline: Path | None = typer.Option(None, help="default: CXRELAY_PIPELINE or the shipped one"),
+) -> None:
+    """Print the exact payloads an event would produce, with warnings; no network."""
+    from cxrelay.settings import DEFAULT_PIPELINE
+    from events.drift import detect_drift
+    from events.envelope import normalise
+    from events.mapping import Mapper
+    from events.pipeline import parse_pipeline
+    from events.render import render_target
+
+    path = pipeline or _settings().pipeline or DEFAULT_PIPELINE
+    try:
+        config = parse_pipeline(Path(path).read_text(), str(path))
+        body = event_file.read_bytes()
+        event = normalise(json.loads(body), "check", body)
+        fetched = json.loads(conversation.read_text()) if conversation else {}
+    except (OSError, ValueError, CxrelayError) as exc:
+        _fail(str(exc))
+    context = {**event.context(), "conversation": fetched}
+    console.print(f"event {event.event_id} ({event.envelope}, {event.event_type}), conversation "
+                  f"{event.conversation_id}, ended={event.ended}")
+    for finding in detect_drift(event.envelope, event.payload):
+        console.print(f"[yellow]drift:[/yellow] "
+                      f"{escape(f'{finding.kind} {finding.field} ({finding.detail})')}")
+    failed = False
+    mapper = Mapper(config.lookups)
+    for target in config.enabled_targets:
+        try:
+            payload = render_target(mapper, target, context, _settings().slack_channel or "#channel")
+        except CxrelayError as exc:
+            console.print(f"[red]{escape(f'{target.name}: {exc}')}[/red]")
+            failed = True
+            continue
+        warnings = payload.pop("warnings")
+        console.print(f"[bold]{target.name}[/bold] ({target.type})")
+        console.print_json(json.dumps(payload))
+        for warning in warnings:
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    raise typer.Exit(1 if failed else 0)
 
 
 @config_app.command("validate")

@@ -145,10 +145,11 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
             [sys.executable, "-m", "cxrelay", "serve", "--port", str(port)], env=environment,
             stdout=(DEMO_DIR / "serve.log").open("wb"), stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
-        if not _wait(lambda: _answers(f"{base}/healthz") or receiver.poll() is not None, 60):
-            raise RuntimeError(f"cxrelay serve did not start; see {DEMO_DIR / 'serve.log'}")
-        if receiver.poll() is not None:
-            raise RuntimeError(f"cxrelay serve exited; see {DEMO_DIR / 'serve.log'}")
+        if not _wait(lambda: _answers(f"{base}/healthz") or receiver.poll() is not None, 60) \
+                or receiver.poll() is not None:
+            log = (DEMO_DIR / "serve.log").read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError("cxrelay serve did not start; the end of its log:\n"
+                               + "\n".join(log))
         plan, completed = plan_events(conversations)
         httpx.post(f"{box.genesys_url}/__sandbox/conversations",
                    json=[sample_conversation(c) for c in completed]).raise_for_status()

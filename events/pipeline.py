@@ -109,6 +109,17 @@ class Pipeline(_Strict):
                 return target
         raise KeyError(name)
 
+    def required_sources(self) -> dict[str, str]:
+        """Each source path of a required field → `target.Field`, for drift warnings."""
+        sources: dict[str, str] = {}
+        for target in self.enabled_targets:
+            specs = target.body if isinstance(target, HttpTargetConfig) else target.fields
+            for name, spec in specs.items():
+                if spec.required:
+                    for path in spec.from_:
+                        sources.setdefault(path, f"{target.name}.{name}")
+        return sources
+
     @property
     def enabled_targets(self) -> list[SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig]:
         return [target for target in self.targets if target.enabled]

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 
 from connectors.genesys import GenesysNotFound
+from events.drift import detect_drift
 from events.envelope import CanonicalEvent
 from events.errors import CxrelayError, PermanentError
 from events.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
@@ -28,6 +29,26 @@ async def _dead_letter(runtime: Runtime, inbox_id: int, event: CanonicalEvent, t
                             event.conversation_id, target, reason, type(exc).__name__, attempts)
     get_run_logger().warning("dead letter for %s: %s", target, reason)
     return {"status": "dead_lettered", "error": reason}
+
+
+async def _record_drift(runtime: Runtime, event: CanonicalEvent) -> list[str]:
+    """Count how the event departs from its envelope's contract; warn, never stop."""
+    findings = detect_drift(event.envelope, event.payload)
+    if not findings:
+        return []
+    required = runtime.pipeline.required_sources()
+    texts = []
+    for finding in findings:
+        text = f"{finding.kind} {finding.field} ({finding.detail})"
+        affected = required.get(f"event.{finding.field}")
+        if affected:
+            text += f"; a source of required field {affected}"
+        texts.append(text)
+    await asyncio.to_thread(runtime.store.record_drift, event.envelope,
+                            [(f.field, f.kind, f.detail) for f in findings], event.event_id)
+    get_run_logger().warning("schema drift in %s event %s: %s", event.envelope, event.event_id,
+                             "; ".join(texts))
+    return texts
 
 
 async def _deliver(runtime: Runtime, inbox_id: int, event: CanonicalEvent, target: Any,
@@ -83,6 +104,7 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
                                 "*", _error_text(exc), type(exc).__name__, row.attempts)
         return await _finish(runtime, summary)
 
+    summary["drift"] = await _record_drift(runtime, event)
     summary["plan"] = await steps.deduplicate(store, event, [t.name for t in targets])
     rule = await steps.apply_filters(event, runtime.pipeline.filters)
     if rule is not None:

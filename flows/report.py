@@ -25,6 +25,10 @@ def render_report(summary: dict[str, Any]) -> str:
         lines.append(f"- filtered by rule `{summary['filtered_by']}`")
     if summary.get("reason"):
         lines.append(f"- reason: {summary['reason']}")
+    drift = summary.get("drift") or []
+    if drift:
+        lines += ["", "**Schema drift** (processing continued):"]
+        lines += [f"- {item}" for item in drift]
     targets = summary.get("targets") or {}
     if targets:
         lines += ["", "| target | result | reference | detail |", "|---|---|---|---|"]

@@ -20,10 +20,11 @@ from connectors.http import HttpTarget
 from connectors.salesforce import SalesforceClient
 from connectors.slack import SlackClient, SlackMessageGone
 from events.envelope import CanonicalEvent, normalise
-from events.errors import ConfigError, PermanentError, RetryableError
+from events.errors import PermanentError, RetryableError
 from events.filters import FilterRule, first_failing_rule
 from events.mapping import Mapper
 from events.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
+from events.render import render_target
 from store.database import Store
 from store.models import InboxEvent
 
@@ -97,26 +98,9 @@ async def enrich(client: GenesysClient, conversation_id: str) -> dict[str, Any]:
 
 @task(name="map", cache_policy=NO_CACHE, persist_result=False)
 async def map_target(mapper: Mapper, target: Any, context: dict[str, Any],
-               default_channel: str | None = None) -> dict[str, Any]:
+                     default_channel: str | None = None) -> dict[str, Any]:
     """Render one target's payload from the pipeline's mapping; warnings travel with it."""
-    if isinstance(target, SalesforceTargetConfig):
-        mapped = mapper.map_fields(target.fields, context)
-        external_id = mapper.render(target.external_id, context)
-        if not external_id:
-            raise PermanentError(f"{target.name}: the external id rendered empty")
-        return {"external_id": external_id, "fields": mapped.fields, "warnings": mapped.warnings}
-    if isinstance(target, SlackTargetConfig):
-        mapped = mapper.map_fields(target.fields, context)
-        channel = target.channel or default_channel
-        if not channel:
-            raise ConfigError("CXRELAY_SLACK_CHANNEL is not set; it is needed to post to Slack")
-        text = mapper.render(target.text, {**context, "fields": mapped.fields})
-        if not text:
-            raise PermanentError(f"{target.name}: the message text rendered empty")
-        return {"channel": channel, "text": text, "warnings": mapped.warnings}
-    assert isinstance(target, HttpTargetConfig)
-    mapped = mapper.map_fields(target.body, context)
-    return {"body": mapped.fields, "warnings": mapped.warnings}
+    return render_target(mapper, target, context, default_channel)
 
 
 class InFlight(RetryableError):

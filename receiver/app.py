@@ -123,6 +123,9 @@ class Receiver:
         # On a database error the gauge keeps its last value; /readyz reports the database.
         with contextlib.suppress(Exception):
             self.metrics.inbox_depth.set(await anyio.to_thread.run_sync(self.store.backlog))
+            for record in await anyio.to_thread.run_sync(self.store.drift):
+                self.metrics.drift.labels(record.contract, record.field, record.kind).set(
+                    record.count)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @asynccontextmanager

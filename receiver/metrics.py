@@ -19,5 +19,7 @@ class ReceiverMetrics:
             "cxrelay_webhook_ack_seconds", "Time from request to acknowledgement",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry)
+        self.drift = Gauge("cxrelay_schema_drift_events", "Events that drifted from the contract, "
+                           "by field", ["contract", "field", "kind"], registry=self.registry)
         self.inbox_depth = Gauge("cxrelay_inbox_depth", "Events waiting or in progress",
                                  registry=self.registry)

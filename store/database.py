@@ -19,12 +19,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlmodel import SQLModel
 
-from store.models import DeadLetter, Delivery, InboxEvent, QuarantinedEvent, utcnow
+from store.models import DeadLetter, Delivery, DriftRecord, InboxEvent, QuarantinedEvent, utcnow
 
 INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
 LEDGER = Delivery.__table__  # type: ignore[attr-defined]
 DEAD = DeadLetter.__table__  # type: ignore[attr-defined]
 QUARANTINE = QuarantinedEvent.__table__  # type: ignore[attr-defined]
+DRIFT = DriftRecord.__table__  # type: ignore[attr-defined]
 
 
 def normalise_url(url: str) -> str:
@@ -338,3 +339,27 @@ class Store:
         with self.transaction() as conn:
             conn.execute(update(QUARANTINE).where(QUARANTINE.c.id == quarantine_id)
                          .values(status="replayed", replayed_at=utcnow()))
+
+    # --- schema drift -------------------------------------------------------------------
+
+    def record_drift(self, contract: str, findings: Sequence[tuple[str, str, str]],
+                     event_id: str) -> None:
+        """Count (field, kind, detail) findings; the first sighting keeps its example event."""
+        if not findings:
+            return
+        now = utcnow()
+        stmt = self._insert(DRIFT)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["contract", "field", "kind"],
+            set_={"count": DRIFT.c.count + 1, "last_seen": now, "detail": stmt.excluded.detail})
+        with self.transaction() as conn:
+            for field, kind, detail in findings:
+                conn.execute(stmt, {"contract": contract, "field": field, "kind": kind,
+                                    "detail": detail[:512], "count": 1, "first_seen": now,
+                                    "last_seen": now, "example_event_id": event_id})
+
+    def drift(self) -> list[DriftRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(DRIFT).order_by(DRIFT.c.contract, DRIFT.c.field)
+                                ).mappings().all()
+        return [DriftRecord(**row) for row in rows]

@@ -87,3 +87,20 @@ class QuarantinedEvent(SQLModel, table=True):
     status: str = Field(default="open", max_length=16)  # open | replayed
     received_at: datetime = Field(default_factory=utcnow)
     replayed_at: datetime | None = None
+
+
+class DriftRecord(SQLModel, table=True):
+    """How often a field drifted from its envelope's contract, and since when."""
+
+    __tablename__ = "schema_drift"
+    __table_args__ = (UniqueConstraint("contract", "field", "kind"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    contract: str = Field(max_length=64)
+    field: str = Field(max_length=512)
+    kind: str = Field(max_length=16)
+    detail: str = Field(default="", max_length=512)
+    count: int = 0
+    first_seen: datetime = Field(default_factory=utcnow)
+    last_seen: datetime = Field(default_factory=utcnow)
+    example_event_id: str = Field(max_length=255)

@@ -11,7 +11,7 @@ from cxrelay.sending import generic_event
 from store.database import Store
 from tests.flowkit import enqueue
 
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "200"})
 
 
 @pytest.fixture
@@ -88,3 +88,37 @@ def test_serve_refuses_without_any_source(monkeypatch: pytest.MonkeyPatch, db: S
         monkeypatch.delenv(name, raising=False)
     result = runner.invoke(app, ["serve", "--no-dispatcher"])
     assert result.exit_code == 2 and "no webhook source is enabled" in result.output
+
+
+def test_mapping_check_prints_payloads_and_warnings(tmp_path: Path) -> None:
+    from tests.conftest import SAMPLES
+
+    event = json.loads((SAMPLES / "generic-webhook.json").read_text())
+    event["conversation"]["primaryContact"] = {"primaryPhoneNumber": "(555) 000-4444"}
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event))
+    result = runner.invoke(app, ["mapping", "check", str(path), "--conversation",
+                                 str(SAMPLES / "conversation.json")])
+    assert result.exit_code == 0, result.output
+    assert '"Phone": "+15550004444"' in result.output
+    assert "Phone taken from alias event.conversation.primaryContact.primaryPhoneNumber" in result.output
+    assert "drift: new conversation.primaryContact.primaryPhoneNumber" in result.output
+    assert "Conversation `5d2b8f0e-3c41-4e6a-8f7d-1a9b0c2d3e4f` ended" in result.output
+
+
+def test_mapping_check_fails_on_an_empty_required_field() -> None:
+    from tests.conftest import SAMPLES
+
+    result = runner.invoke(app, ["mapping", "check", str(SAMPLES / "eventbridge-customer-end.json")])
+    assert result.exit_code == 1
+    assert ("required field Phone is empty (source paths tried: event.conversation.primaryContact"
+            ".phoneNumber, event.conversation.primaryContact.primaryPhoneNumber, "
+            "conversation.participants[purpose=customer].ani)") in result.output
+
+
+def test_drift_lists_counts(db: Store) -> None:
+    db.record_drift("generic", [("conversation.x", "new", "type string")], "e1")
+    db.record_drift("generic", [("conversation.x", "new", "type string")], "e2")
+    result = runner.invoke(app, ["drift"])
+    assert result.exit_code == 0
+    assert "conversation.x" in result.output and " 2 " in result.output and "e1" in result.output

@@ -182,3 +182,22 @@ def test_event_of_a_crashed_dispatcher_is_claimed_again(tmp_path: Path,
     (event,) = runtime.store.events()
     assert event.id == claimed.id and event.outcome == "delivered" and event.attempts == 2
     assert len(sandbox_state(clean_sandbox)[0]) == 1
+
+
+def test_schema_drift_is_counted_and_processing_continues(tmp_path: Path,
+                                                          clean_sandbox: Sandbox) -> None:
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    payload = generic_event(conversation)
+    payload["conversation"]["primaryContact"] = {"primaryPhoneNumber": "+15550003333"}
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, payload)
+    asyncio.run(dispatch_until(runtime, 1))
+    drift = {(d.field, d.kind): d for d in runtime.store.drift()}
+    assert drift[("conversation.primaryContact.primaryPhoneNumber", "new")].count == 1
+    missing = drift[("conversation.primaryContact.phoneNumber", "missing")]
+    assert missing.example_event_id == payload["id"]
+    (event,) = runtime.store.events()
+    assert event.outcome == "delivered"
+    assert "a source of required field salesforce.Phone" in (event.detail or "")
+    assert sandbox_state(clean_sandbox)[0][0]["Phone"] == "+15550003333"
