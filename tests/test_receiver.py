@@ -167,3 +167,11 @@ def test_readyz_fails_when_the_database_is_unreachable(tmp_path) -> None:  # typ
     with serve(create_app(broken, {})) as url:
         response = httpx.get(url + "/readyz", timeout=30)
     assert response.status_code == 503 and response.json()["error"] == "database_unavailable"
+
+
+def test_metrics_expose_schema_drift(receiver: str, store: Store) -> None:
+    store.record_drift("generic", [("conversation.primaryContact.primaryPhoneNumber", "new",
+                                    "type string")], "e1")
+    metrics = httpx.get(receiver + "/metrics").text
+    assert ('cxrelay_schema_drift_events{contract="generic",'
+            'field="conversation.primaryContact.primaryPhoneNumber",kind="new"} 1.0') in metrics
