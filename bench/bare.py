@@ -19,5 +19,6 @@ async def accept(request: Request) -> JSONResponse:
 app = Starlette(routes=[Route("/webhooks/{source}", accept, methods=["POST"])])
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
-                access_log=False)
+    workers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    uvicorn.run("bench.bare:app", host="127.0.0.1", port=int(sys.argv[1]), workers=workers,
+                log_level="warning", access_log=False)

@@ -1,9 +1,13 @@
 """Ingest benchmark: acknowledged events/s and ack latency of `cxrelay serve`, beside a bare
 Starlette endpoint answering 202, measured in the same run with wrk and distinct signed events.
 
-    .venv/bin/python bench/ingest.py [--seconds 10] [--connections 16] [--dispatcher]
+    .venv/bin/python bench/ingest.py [--seconds 10] [--connections 16] [--workers 1]
+                                     [--rate 1000] [--no-dispatcher]
 
-Every acknowledged event must be in the inbox afterwards: the script counts them.
+Without --rate each connection sends as fast as it is answered (the sustained rate); with
+--rate each connection is paced so that about that many events/s are offered (ack latency at
+a given load). `cxrelay serve` runs as shipped, its dispatcher included, unless
+--no-dispatcher. Every acknowledged event must be in the inbox afterwards: the script counts.
 """
 
 from __future__ import annotations
@@ -35,8 +39,11 @@ def write_requests(path: Path, count: int) -> None:
             out.write(f"{signer.sign(body)['X-Signature']}\t{body.decode()}\n")
 
 
-def wrk(url: str, requests_file: Path, seconds: int, connections: int, threads: int = 2) -> dict:
-    env = {**os.environ, "REQUESTS_FILE": str(requests_file), "WRK_THREADS": str(threads)}
+def wrk(url: str, requests_file: Path, seconds: int, connections: int, rate: float | None,
+        threads: int = 2) -> dict:
+    delay = int(connections * 1000 / rate) if rate else 0
+    env = {**os.environ, "REQUESTS_FILE": str(requests_file), "WRK_THREADS": str(threads),
+           "WRK_DELAY_MS": str(delay)}
     result = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
          "-s", str(ROOT / "bench" / "replay.lua"), url],
@@ -59,25 +66,42 @@ def wrk(url: str, requests_file: Path, seconds: int, connections: int, threads: 
             "socket_errors": socket_errors.group(1) if socket_errors else "none"}
 
 
+def receiver_rss_mb(pid: int) -> float:
+    """RSS of the receiver: the serve process, or its largest uvicorn worker (not the
+    dispatcher child, which is `cxrelay dispatch`)."""
+    def rss(p: int) -> float:
+        return int(Path(f"/proc/{p}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    workers = [int(c) for c in children
+               if b"dispatch" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return max([rss(pid), *(rss(w) for w in workers)])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--dispatcher", action="store_true",
-                        help="run cxrelay serve with its dispatcher (needs a Prefect API; the "
-                             "events are not deliverable, so runs dead-letter after enrichment)")
+    parser.add_argument("--no-dispatcher", dest="dispatcher", action="store_false",
+                        help="run the receiver alone (by default the dispatcher runs too, on "
+                             "PREFECT_API_URL or Prefect's ephemeral server; the bench events "
+                             "reach no Genesys, so their runs end in the dead letters)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=None, help="offered events/s (paced)")
     parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cxrelay-bench-"))
     requests_file = work / "requests.tsv"
-    write_requests(requests_file, 12_000 * args.seconds)
+    write_requests(requests_file, int(min(12_000, args.rate or 12_000) * 1.2 * args.seconds))
 
     port = free_port()
-    bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare.py"), str(port)])
+    bare = subprocess.Popen([sys.executable, "-m", "bench.bare", str(port),
+                             str(args.workers)], cwd=ROOT)
     try:
         wait_http(f"http://127.0.0.1:{port}/", 30, bare)
-        baseline = wrk(f"http://127.0.0.1:{port}", requests_file, args.seconds, args.connections)
+        baseline = wrk(f"http://127.0.0.1:{port}", requests_file, args.seconds, args.connections,
+                       args.rate)
     finally:
         stop(bare)
 
@@ -85,28 +109,31 @@ def main() -> int:
     env = {**os.environ, "CXRELAY_WEBHOOK_SECRET": SECRET, "CXRELAY_DATABASE_URL": database,
            "CXRELAY_SQLITE_SYNCHRONOUS": args.synchronous}
     port = free_port()
-    command = [str(BIN / "cxrelay"), "serve", "--port", str(port)]
+    command = [str(BIN / "cxrelay"), "serve", "--port", str(port), "--workers", str(args.workers)]
     if not args.dispatcher:
         command.append("--no-dispatcher")
     serve = subprocess.Popen(command, env=env, stderr=(work / "serve.log").open("wb"))
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 60, serve)
-        measured = wrk(f"http://127.0.0.1:{port}", requests_file, args.seconds, args.connections)
-        rss_kb = int(Path(f"/proc/{serve.pid}/status").read_text().split("VmRSS:")[1].split()[0])
+        measured = wrk(f"http://127.0.0.1:{port}", requests_file, args.seconds, args.connections,
+                       args.rate)
+        rss_mb = receiver_rss_mb(serve.pid)
     finally:
         stop(serve)
     stored = len(Store(database, create=False).events(limit=10_000_000))
     acknowledged = measured["requests"] - measured["non_2xx"]
 
-    print(f"wrk, {args.connections} connections, {args.seconds} s, distinct signed events, "
-          f"SQLite synchronous={args.synchronous}, dispatcher {'on' if args.dispatcher else 'off'}")
+    offered = f"{args.rate:g}/s offered" if args.rate else "unpaced"
+    print(f"wrk, {args.connections} connections, {args.seconds} s, {offered}, distinct signed "
+          f"events, SQLite synchronous={args.synchronous}, {args.workers} worker(s), "
+          f"dispatcher {'on' if args.dispatcher else 'off'}")
     print(f"{'':28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}")
     for name, figures in (("bare Starlette 202", baseline), ("cxrelay serve", measured)):
         print(f"{name:28}{figures['rps']:>10.0f}{figures['p50']:>10.2f}{figures['p99']:>10.2f}"
               f"{figures['non_2xx']:>10}")
     print(f"ratio cxrelay / bare: {measured['rps'] / baseline['rps']:.2f}")
     print(f"acknowledged {acknowledged}, stored in the inbox {stored}, "
-          f"lost {max(0, acknowledged - stored)}; receiver RSS {rss_kb / 1024:.0f} MB; "
+          f"lost {max(0, acknowledged - stored)}; receiver RSS {rss_mb:.0f} MB; "
           f"socket errors: {measured['socket_errors']}")
     return 0 if stored >= acknowledged else 1
 

@@ -24,6 +24,13 @@ function init(args)
   index = 0
 end
 
+-- WRK_DELAY_MS paces each connection (connections * 1000 / delay = the offered rate).
+local pace = tonumber(os.getenv("WRK_DELAY_MS") or "0")
+
+function delay()
+  return pace
+end
+
 function request()
   index = index + 1
   if index > #requests then index = 1 end

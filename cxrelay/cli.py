@@ -57,11 +57,11 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
     port: int = typer.Option(8000, help="port to listen on"),
     dispatcher: bool = typer.Option(True, help="also run the dispatcher (a child process)"),
+    workers: int = typer.Option(1, min=1, help="receiver worker processes"),
 ) -> None:
     """Run the webhook receiver (and, by default, the dispatcher that starts the flow runs)."""
     import uvicorn
 
-    from receiver.app import create_app
     from receiver.sources import build_sources
     from store.database import Store
 
@@ -73,7 +73,7 @@ def serve(
     if not sources:
         _fail("no webhook source is enabled: set CXRELAY_WEBHOOK_SECRET (or another source's "
               "secret variable named in the pipeline file)", 2)
-    store = Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+    Store(settings.database_url, synchronous=settings.sqlite_synchronous).close()  # create tables
     child = None
     if dispatcher and settings.dispatcher != "off":
         child = subprocess.Popen([sys.executable, "-m", "cxrelay", "dispatch",
@@ -81,8 +81,8 @@ def serve(
     err.print(f"cxrelay receiving on http://{host}:{port}/webhooks/{{{','.join(sorted(sources))}}}"
               + (" with the dispatcher" if child else " (no dispatcher)"))
     try:
-        uvicorn.run(create_app(store, sources, settings.max_body_bytes), host=host, port=port,
-                    log_level="warning", access_log=False)
+        uvicorn.run("receiver.main:app_from_environment", factory=True, host=host, port=port,
+                    workers=workers, log_level="warning", access_log=False)
     finally:
         if child is not None:
             child.terminate()
@@ -113,6 +113,9 @@ def dispatch(
         pipeline = settings.pipeline_config
     except CxrelayError as exc:
         _fail(str(exc), 2)
+    if parent_pid:
+        # Started by `cxrelay serve`: acknowledging webhooks comes first, flow runs can wait.
+        os.nice(10)
 
     async def main() -> None:
         stop = asyncio.Event()

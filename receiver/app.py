@@ -92,9 +92,9 @@ class Receiver:
             return error(503, "database_unavailable",
                          f"the event was not stored ({type(exc).__name__}); retry later")
         status = "accepted" if inbox_id is not None else "duplicate"
-        (self.metrics.accepted if inbox_id is not None else self.metrics.duplicates).labels(name).inc()
-        self.metrics.ack_latency.observe(time.perf_counter() - started)
-        return JSONResponse({"event_id": event.event_id, "status": status}, status_code=202)
+        self.metrics.acknowledged(name, inbox_id is not None, time.perf_counter() - started)
+        return Response(json.dumps({"event_id": event.event_id, "status": status}),
+                        status_code=202, media_type="application/json")
 
     @staticmethod
     def _row(source: str, event: CanonicalEvent, body: bytes) -> dict[str, Any]:

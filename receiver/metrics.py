@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -23,3 +25,13 @@ class ReceiverMetrics:
                            "by field", ["contract", "field", "kind"], registry=self.registry)
         self.inbox_depth = Gauge("cxrelay_inbox_depth", "Events waiting or in progress",
                                  registry=self.registry)
+        self._children: dict[tuple[str, bool], Any] = {}
+
+    def acknowledged(self, source: str, new: bool, seconds: float) -> None:
+        """Count one 202 (children cached: a labelled lookup per request is measurable)."""
+        child = self._children.get((source, new))
+        if child is None:
+            child = (self.accepted if new else self.duplicates).labels(source)
+            self._children[(source, new)] = child
+        child.inc()
+        self.ack_latency.observe(seconds)

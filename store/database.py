@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,11 @@ def normalise_url(url: str) -> str:
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return url
+
+
+def _sqlite_datetime(moment: datetime) -> str:
+    """The text SQLAlchemy's SQLite DateTime type stores, so raw inserts compare alike."""
+    return moment.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 def make_engine(url: str, synchronous: str = "NORMAL") -> Engine:
@@ -105,8 +110,17 @@ class Store:
 
     # --- ingest -------------------------------------------------------------------------
 
+    _SQLITE_INSERT = (
+        "INSERT INTO inbox (dedupe_key, event_id, source, envelope, event_type, conversation_id,"
+        " body, body_sha256, received_at, status, available_at, attempts)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, 0)"
+        " ON CONFLICT (dedupe_key) DO NOTHING RETURNING id"
+    )
+
     def insert_events(self, rows: Sequence[dict[str, Any]]) -> list[int | None]:
         """Insert in one transaction; each result is the new inbox id, or None for a duplicate."""
+        if self.dialect == "sqlite":
+            return self._insert_events_sqlite(rows)
         stmt = (
             self._insert(INBOX)
             .on_conflict_do_nothing(index_elements=["dedupe_key"])
@@ -119,6 +133,23 @@ class Store:
                 values = {"received_at": now, "available_at": now, "status": "pending",
                           "attempts": 0, **row}
                 results.append(conn.execute(stmt, values).scalar())
+        return results
+
+    def _insert_events_sqlite(self, rows: Sequence[dict[str, Any]]) -> list[int | None]:
+        # The receiver's hot path: the driver's cached statement instead of a compiled
+        # SQLAlchemy insert per row (measured: a third of the writer's time went there).
+        now = _sqlite_datetime(utcnow())
+        results: list[int | None] = []
+        with self.transaction() as conn:
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            for row in rows:
+                cursor.execute(self._SQLITE_INSERT, (
+                    row["dedupe_key"], row["event_id"], row["source"], row["envelope"],
+                    row["event_type"], row["conversation_id"], row["body"], row["body_sha256"],
+                    now, now))
+                found = cursor.fetchone()
+                results.append(found[0] if found else None)
+            cursor.close()
         return results
 
     def quarantine(self, source: str, body: bytes, content_type: str | None, reason: Any) -> int:

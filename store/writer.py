@@ -66,13 +66,19 @@ class GroupCommitWriter:
             return
         self.batches += 1
         self.rows += len(batch)
+        # One wake-up per event loop and batch, not per request: the self-pipe write that
+        # call_soon_threadsafe costs showed up at ~6% of the receiver's CPU.
+        by_loop: dict[Any, list[tuple[asyncio.Future[Any], Any]]] = {}
         for (_, future, loop), result in zip(batch, results, strict=True):
-            loop.call_soon_threadsafe(_set_result, future, result)
+            by_loop.setdefault(loop, []).append((future, result))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_set_results, settled)
 
 
-def _set_result(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
+def _set_results(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, result in settled:
+        if not future.done():
+            future.set_result(result)
 
 
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
