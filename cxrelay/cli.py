@@ -286,6 +286,52 @@ def quarantine_replay(
     console.print(outcome)
 
 
+def parse_duration(text: str) -> int:
+    """`90m`, `2h`, `1d` (or plain minutes) → minutes."""
+    units = {"m": 1, "h": 60, "d": 1440}
+    text = text.strip().lower()
+    try:
+        if text[-1:] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90m, 2h or 1d") from None
+
+
+@app.command()
+def reconcile(
+    since: str = typer.Option("2h", help="how far back: 90m, 2h, 1d"),
+    until: str | None = typer.Option(None, help="end of the interval (ISO 8601; default now)"),
+) -> None:
+    """Find conversations that ended without reaching cxrelay and queue them (Prefect flow)."""
+    from datetime import datetime
+
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+    from flows.reconcile import progress_hook, reconcile as reconcile_flow
+
+    minutes = parse_duration(since)
+    end = datetime.fromisoformat(until.replace("Z", "+00:00")) if until else None
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task("querying Genesys analytics …", total=None)
+
+        def hook(found: int, queued: int) -> None:
+            progress.update(task, description=f"{found} ended conversations found, "
+                                              f"{queued} queued")
+
+        token = progress_hook.set(hook)
+        try:
+            summary = asyncio.run(reconcile_flow(lookback_minutes=minutes, until=end))
+        except CxrelayError as exc:
+            _fail(str(exc))
+        finally:
+            progress_hook.reset(token)
+    console.print(f"{summary['interval']}: {summary['ended']} conversations ended, "
+                  f"{summary['already_handled']} already handled, {summary['queued']} queued "
+                  "for processing")
+
+
 @app.command()
 def drift() -> None:
     """Fields that drifted from their envelope's contract: new, missing, or of another type."""

@@ -248,6 +248,24 @@ class Store:
             rows = conn.execute(select(INBOX).order_by(INBOX.c.id).limit(limit)).mappings().all()
         return [InboxEvent(**row) for row in rows]
 
+    def conversations_handled(self, conversation_ids: Sequence[str]) -> set[str]:
+        """Of these conversations, those with an event in progress or one that reached its
+        targets (delivered, partly delivered or dead-lettered). Filtered-only ones are not."""
+        handled: set[str] = set()
+        ids = list(conversation_ids)
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                rows = conn.execute(
+                    select(INBOX.c.conversation_id).where(
+                        INBOX.c.conversation_id.in_(chunk),
+                        or_(INBOX.c.status.in_(["pending", "claimed"]),
+                            INBOX.c.outcome.in_(["delivered", "partial", "dead_lettered",
+                                                 "failed"])))
+                ).scalars().all()
+                handled.update(rows)
+        return handled
+
     def status_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(

@@ -201,3 +201,43 @@ def test_schema_drift_is_counted_and_processing_continues(tmp_path: Path,
     assert event.outcome == "delivered"
     assert "a source of required field salesforce.Phone" in (event.detail or "")
     assert sandbox_state(clean_sandbox)[0][0]["Phone"] == "+15550003333"
+
+
+def test_reconcile_fills_the_gap_of_lost_webhooks(tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from flows.reconcile import reconcile
+
+    now = datetime.now(timezone.utc)
+    ids = [new_id() for _ in range(7)]
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(c, phone=f"+1555000{2000 + i}",
+                                         ended=now - timedelta(minutes=i + 1))
+                     for i, c in enumerate(ids)]).raise_for_status()
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    for conversation in ids[:3]:  # only three webhooks arrived
+        enqueue(runtime.store, generic_event(conversation))
+    enqueue(runtime.store, generic_event(ids[3], state="CONNECTED"))  # filtered: still a gap
+    asyncio.run(dispatch_until(runtime, 4))
+
+    async def run_reconcile() -> dict:
+        from flows.runtime import set_runtime
+
+        set_runtime(runtime)
+        try:
+            return await reconcile(lookback_minutes=30, until=now + timedelta(seconds=1))
+        finally:
+            for client in runtime._clients.values():
+                if hasattr(client, "aclose"):
+                    await client.aclose()
+            runtime._clients.clear()
+
+    summary = asyncio.run(run_reconcile())
+    assert summary["ended"] == 7 and summary["queued"] == 4
+    assert sorted(summary["conversations"]) == sorted(ids[3:])
+    asyncio.run(dispatch_until(runtime, 8))
+    leads, messages = sandbox_state(clean_sandbox)
+    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    assert len(messages) == 7
+    again = asyncio.run(run_reconcile())
+    assert again["queued"] == 0 and again["already_handled"] == 7
