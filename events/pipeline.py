@@ -56,7 +56,8 @@ Fields = dict[str, Annotated[FieldSpec, BeforeValidator(_template_shorthand)]]
 class _TargetBase(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     enabled: bool = True
-    retries: int = Field(default=5, ge=0, le=50)
+    # 1, 2, 4 … 60 s with jitter: at least ~90 s of outage is ridden out before a dead letter.
+    retries: int = Field(default=8, ge=0, le=50)
     retry_max_delay_seconds: float = Field(default=60, gt=0)
 
 

@@ -125,7 +125,7 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
             context["conversation"] = {}
         except Exception as exc:
             summary["targets"]["genesys"] = await _dead_letter(
-                runtime, inbox_id, event, "genesys", exc, attempts=6)
+                runtime, inbox_id, event, "genesys", exc, attempts=9)
             summary.update(outcome="dead_lettered", reason=_error_text(exc))
             return await _finish(runtime, summary)
     else:

@@ -85,8 +85,8 @@ async def apply_filters(event: CanonicalEvent, rules: list[FilterRule]) -> str |
     return rule.name if rule else None
 
 
-@task(name="enrich", cache_policy=NO_CACHE, persist_result=False, retries=5,
-      retry_delay_seconds=backoff(5, cap=30), retry_condition_fn=only_retryable)
+@task(name="enrich", cache_policy=NO_CACHE, persist_result=False, retries=8,
+      retry_delay_seconds=backoff(8, cap=30), retry_condition_fn=only_retryable)
 async def enrich(client: GenesysClient, conversation_id: str) -> dict[str, Any]:
     """GET /api/v2/conversations/{id} from Genesys Cloud."""
     try:
