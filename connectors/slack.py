@@ -39,9 +39,16 @@ class SlackClient:
     def __repr__(self) -> str:
         return f"SlackClient(api_url={self.api_url!r})"
 
-    def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
+    def _call(self, method: str, read: bool = False, **kwargs: Any) -> dict[str, Any]:
+        # Slack takes JSON bodies for write methods only; reads go form-encoded, as
+        # slack-sdk's own conversations_history() sends them.
         try:
-            response = self._client.api_call(method, json=kwargs)
+            if read:
+                params = {k: str(v).lower() if isinstance(v, bool) else v
+                          for k, v in kwargs.items()}
+                response = self._client.api_call(method, params=params)
+            else:
+                response = self._client.api_call(method, json=kwargs)
         except SlackApiError as exc:
             error = str(exc.response.get("error", "")) if exc.response is not None else ""
             status = exc.response.status_code if exc.response is not None else 0
@@ -56,10 +63,29 @@ class SlackClient:
             raise RetryableError(f"Slack {method}: {type(exc).__name__}") from exc
         return dict(response.data) if isinstance(response.data, dict) else {}
 
-    async def post_message(self, channel: str, text: str) -> SlackMessage:
-        data = await anyio.to_thread.run_sync(
-            lambda: self._call("chat.postMessage", channel=channel, text=text))
+    async def post_message(self, channel: str, text: str,
+                           metadata: dict[str, Any] | None = None) -> SlackMessage:
+        options: dict[str, Any] = {"channel": channel, "text": text}
+        if metadata:
+            options["metadata"] = metadata
+        data = await anyio.to_thread.run_sync(lambda: self._call("chat.postMessage", **options))
         return SlackMessage(channel=data["channel"], ts=data["ts"])
+
+    async def find_message(self, channel: str, conversation_id: str, target: str,
+                           limit: int = 200) -> SlackMessage | None:
+        """Our message for this conversation among the channel's recent ones, recognised by
+        its `cxrelay_delivery` metadata (`conversations.history`, scope channels:history)."""
+        data = await anyio.to_thread.run_sync(lambda: self._call(
+            "conversations.history", read=True, channel=channel, limit=limit,
+            include_all_metadata=True))
+        for message in data.get("messages") or []:
+            metadata = message.get("metadata") or {}
+            payload = metadata.get("event_payload") or {}
+            if (metadata.get("event_type") == "cxrelay_delivery"
+                    and payload.get("conversation_id") == conversation_id
+                    and payload.get("target") == target):
+                return SlackMessage(channel=data.get("channel") or channel, ts=message["ts"])
+        return None
 
     async def update_message(self, channel: str, ts: str, text: str) -> SlackMessage:
         data = await anyio.to_thread.run_sync(

@@ -25,7 +25,7 @@ from events.filters import FilterRule, first_failing_rule
 from events.mapping import Mapper
 from events.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from events.render import render_target
-from store.database import Store
+from store.database import Reservation, Store
 from store.models import InboxEvent
 
 MAX_RETRY_AFTER_SECONDS = 300.0
@@ -49,6 +49,12 @@ async def honour_retry_after(exc: BaseException) -> None:
 
 def payload_digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def delivery_metadata(event: CanonicalEvent, target: str) -> dict[str, Any]:
+    """Slack message metadata that lets a later attempt recognise a message as ours."""
+    return {"event_type": "cxrelay_delivery",
+            "event_payload": {"conversation_id": event.conversation_id, "target": target}}
 
 
 def idempotency_key(conversation_id: str, target: str) -> str:
@@ -107,17 +113,22 @@ class InFlight(RetryableError):
     """Another event of the same conversation is delivering to this target right now."""
 
 
-async def _reserved(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
-                    digest: str) -> tuple[bool, str | None]:
-    """(proceed, previous external ref). Raises InFlight while another attempt holds it."""
+async def _reserve(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
+                   digest: str) -> Reservation:
+    """The reservation to deliver; raises InFlight while another attempt holds it."""
     reservation = await asyncio.to_thread(
         store.reserve, event.conversation_id, target, action, owner, digest)
-    if reservation.already_done:
-        return False, reservation.external_ref
-    if not reservation.granted:
+    if not reservation.granted and not reservation.already_done:
         raise InFlight(f"{target}: another event of conversation {event.conversation_id} "
                        "is being delivered", retry_after=1.0)
-    return True, reservation.external_ref
+    return reservation
+
+
+async def _reserved(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
+                    digest: str) -> tuple[bool, str | None]:
+    """(proceed, previous external ref) for targets whose repeats are harmless."""
+    reservation = await _reserve(store, event, target, action, owner, digest)
+    return not reservation.already_done, reservation.external_ref
 
 
 async def _complete(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
@@ -158,10 +169,16 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
     """Post once per conversation; a later event of it updates that message (Slack has no
     idempotency key, so the ledger keeps the message's channel and ts)."""
     digest = payload_digest([payload["channel"], payload["text"]])
-    proceed, ref = await _reserved(store, event, target.name, "message", owner, digest)
-    if not proceed:
+    reservation = await _reserve(store, event, target.name, "message", owner, digest)
+    ref = reservation.external_ref
+    if reservation.already_done:
         return {"status": "unchanged", "ref": ref}
     try:
+        if ref is None and reservation.uncertain:
+            # A crashed attempt may have posted: find its message by our metadata first.
+            found = await client.find_message(payload["channel"], event.conversation_id,
+                                              target.name)
+            ref = f"{found.channel}|{found.ts}" if found else None
         message = None
         if ref:
             channel, _, ts = ref.partition("|")
@@ -171,7 +188,8 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
             except SlackMessageGone:
                 message = None  # deleted in Slack: post it again
         if message is None:
-            message = await client.post_message(payload["channel"], payload["text"])
+            message = await client.post_message(payload["channel"], payload["text"],
+                                                metadata=delivery_metadata(event, target.name))
             status = "posted"
     except BaseException as exc:
         await asyncio.to_thread(store.unreserve, event.conversation_id, target.name, "message",

@@ -41,6 +41,7 @@ class SlackEmulator(Emulator):
             self.route("/api/auth.test", self.auth_test, ["POST", "GET"]),
             self.route("/api/chat.postMessage", self.post_message, ["POST"]),
             self.route("/api/chat.update", self.update, ["POST"]),
+            self.route("/api/conversations.history", self.history, ["POST", "GET"]),
             Route("/__sandbox/settings", self._settings, methods=["POST"]),
         ]
 
@@ -106,7 +107,8 @@ class SlackEmulator(Emulator):
                 self._last_post[cid] = now
             ts = self._next_ts()
             message = {"channel": cid, "ts": ts, "text": payload.get("text", ""),
-                       "blocks": payload.get("blocks"), "updates": 0}
+                       "blocks": payload.get("blocks"), "metadata": payload.get("metadata"),
+                       "updates": 0}
             self.messages[(cid, ts)] = message
         return JSONResponse({"ok": True, "channel": cid, "ts": ts,
                              "message": {"type": "message", "text": message["text"], "ts": ts,
@@ -127,6 +129,23 @@ class SlackEmulator(Emulator):
             message["blocks"] = payload.get("blocks", message["blocks"])
             message["updates"] += 1
         return JSONResponse({"ok": True, "channel": cid, "ts": ts, "text": message["text"]})
+
+    async def history(self, request: Request, payload: Any) -> Response:
+        payload = payload if isinstance(payload, dict) else dict(request.query_params)
+        problem = self._auth(request, payload)
+        if problem:
+            return JSONResponse({"ok": False, "error": problem})
+        cid = channel_id(str(payload.get("channel") or ""))
+        limit = int(payload.get("limit") or 100)
+        with_metadata = str(payload.get("include_all_metadata", "")).lower() in {"true", "1"}
+        with self.lock:
+            found = sorted((m for m in self.messages.values() if m["channel"] == cid),
+                           key=lambda m: m["ts"], reverse=True)[:limit]
+        messages = [{"type": "message", "ts": m["ts"], "text": m["text"],
+                     **({"metadata": m["metadata"]} if with_metadata and m["metadata"] else {})}
+                    for m in found]
+        return JSONResponse({"ok": True, "channel": cid, "messages": messages,
+                             "has_more": False})
 
     async def _settings(self, request: Request) -> Response:
         spec = await request.json()

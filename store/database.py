@@ -78,6 +78,9 @@ class Reservation:
     granted: bool
     external_ref: str | None
     already_done: bool  # an identical payload was delivered already: nothing to do
+    # An earlier attempt took the reservation and never completed nor released it (its
+    # process died): it may have reached the target. Targets without idempotency look first.
+    uncertain: bool = False
 
 
 class Store:
@@ -304,7 +307,8 @@ class Store:
             conn.execute(update(LEDGER).where(key).values(
                 status="reserved", owner=owner,
                 reserved_until=now + timedelta(seconds=ttl_seconds), updated_at=now))
-            return Reservation(True, row["external_ref"], already_done=False)
+            return Reservation(True, row["external_ref"], already_done=False,
+                               uncertain=row["status"] == "reserved")
 
     def complete(
         self, conversation_id: str, target: str, action: str, owner: str,

@@ -241,3 +241,27 @@ def test_reconcile_fills_the_gap_of_lost_webhooks(tmp_path: Path, clean_sandbox:
     assert len(messages) == 7
     again = asyncio.run(run_reconcile())
     assert again["queued"] == 0 and again["already_handled"] == 7
+
+
+def test_slack_message_of_a_crashed_attempt_is_found_not_posted_again(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """The process died after Slack answered but before the ledger recorded the ts."""
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    inbox_id = enqueue(runtime.store, generic_event(conversation))
+    runtime.store.claim("crashed-worker", 1, lease_seconds=0.3)
+    assert runtime.store.reserve(conversation, "slack", "message", f"inbox:{inbox_id}", "x").granted
+    httpx.post(f"{clean_sandbox.slack_url}chat.postMessage",
+               headers={"Authorization": f"Bearer {clean_sandbox.slack.bot_token}"},
+               json={"channel": "#contact-center", "text": f"earlier post for {conversation}",
+                     "metadata": {"event_type": "cxrelay_delivery",
+                                  "event_payload": {"conversation_id": conversation,
+                                                    "target": "slack"}}}).raise_for_status()
+    asyncio.run(dispatch_until(runtime, 1))
+    _, messages = sandbox_state(clean_sandbox)
+    assert len(messages) == 1 and messages[0]["updates"] == 1
+    assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 1
+    history = calls(clean_sandbox.slack_url, None, "conversations.history")
+    assert [(r["method"], r["body"]["include_all_metadata"]) for r in history] == [("POST", "true")]
+    assert runtime.store.events()[0].outcome == "delivered"
