@@ -1,0 +1,178 @@
+"""The process running receiver and dispatcher is SIGKILLed mid-burst and restarted.
+
+Every acknowledged event must then be delivered exactly once. CXRELAY_CRASH_EVENTS sets the
+burst (default 120 to keep the suite fast; the issue's 2,000 runs the same code, ~10 min here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cxrelay.sending import encode, generic_event, hmac_headers
+from sandbox.genesys import sample_conversation
+from sandbox.server import Sandbox
+from tests.flowkit import calls, sandbox_state
+
+SECRET = "crash-secret"
+EVENTS = int(os.environ.get("CXRELAY_CRASH_EVENTS", "120"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([sys.executable, "-m", "cxrelay", "serve", "--port", str(port)],
+                               env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(log.read_text()[-2000:])
+
+
+@pytest.mark.e2e
+def test_sigkill_mid_burst_loses_nothing_and_duplicates_nothing(
+        tmp_path: Path, clean_sandbox: Sandbox, prefect_api: str) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(EVENTS)]
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(c) for c in ids]).raise_for_status()
+    env = {**os.environ, **clean_sandbox.environment(), "PREFECT_API_URL": prefect_api,
+           "CXRELAY_WEBHOOK_SECRET": SECRET, "CXRELAY_CLAIM_LEASE_SECONDS": "3",
+           "CXRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cxrelay.db'}"}
+    port = free_port()
+    log = tmp_path / "serve.log"
+    process = start(env, port, log)
+    acknowledged: list[str] = []
+    refused = 0
+
+    def sender() -> None:
+        nonlocal refused
+        with httpx.Client(timeout=5) as client:
+            for conversation in ids:  # like Genesys: retry until acknowledged
+                body = encode(generic_event(conversation))
+                while True:
+                    try:
+                        response = client.post(f"http://127.0.0.1:{port}/webhooks/genesys",
+                                               content=body, headers=hmac_headers(body, SECRET))
+                        if response.status_code == 202:
+                            acknowledged.append(conversation)
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    refused += 1
+                    time.sleep(0.05)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    try:
+        while len(acknowledged) < EVENTS * 0.4:
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)  # receiver, dispatcher, everything in between
+        process.wait()
+        killed_at = len(acknowledged)
+        time.sleep(1)
+        process = start(env, port, log)
+        thread.join(timeout=300)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            leads, _ = sandbox_state(clean_sandbox)
+            if len({lead["Genesys_Conversation_Id__c"] for lead in leads}) >= len(acknowledged):
+                break
+            time.sleep(1)
+        time.sleep(3)  # let any straggling duplicate show itself
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+    leads, messages = sandbox_state(clean_sandbox)
+    per_lead = Counter(lead["Genesys_Conversation_Id__c"] for lead in leads)
+    posts = Counter(c for r in calls(clean_sandbox.slack_url, "POST", "chat.postMessage")
+                    if r.get("status") == 200 for c in [str(r["body"]).split("`")[1]
+                                                         if "`" in str(r["body"]) else ""])
+    delivered = sum(1 for c in acknowledged if per_lead[c] == 1 and posts[c] == 1)
+    duplicated = sum(n - 1 for n in per_lead.values() if n > 1) + \
+        sum(n - 1 for n in posts.values() if n > 1)
+    lost = len(set(acknowledged)) - delivered
+    print(f"\n[SIGKILL mid-burst] sent {EVENTS}, acknowledged {len(set(acknowledged))} "
+          f"({killed_at} before the kill, {refused} refused while down), delivered {delivered}, "
+          f"duplicated effects {duplicated}, lost {lost}, messages {len(messages)}")
+    assert len(set(acknowledged)) == EVENTS
+    assert duplicated == 0 and lost == 0
+
+
+@pytest.mark.e2e
+def test_prefect_api_unreachable_for_30_seconds(tmp_path: Path, clean_sandbox: Sandbox,
+                                                prefect_api: str) -> None:
+    from urllib.parse import urlsplit
+
+    from tests.proxy import CuttableProxy
+
+    api = urlsplit(prefect_api)
+    proxy = CuttableProxy(api.hostname or "127.0.0.1", api.port or 80)
+    count = 40
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(c) for c in ids]).raise_for_status()
+    env = {**os.environ, **clean_sandbox.environment(),
+           "PREFECT_API_URL": f"{proxy.url}{api.path}", "CXRELAY_WEBHOOK_SECRET": SECRET,
+           "CXRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cxrelay.db'}"}
+    port = free_port()
+    process = start(env, port, tmp_path / "serve.log")
+    statuses: list[int] = []
+    during_outage: list[int] = []
+    cut = threading.Event()
+    try:
+        with httpx.Client(timeout=5) as client:
+            for index, conversation in enumerate(ids):
+                if index == 10:
+                    proxy.cut()
+                    cut.set()
+                    cut_at = time.monotonic()
+                body = encode(generic_event(conversation))
+                response = client.post(f"http://127.0.0.1:{port}/webhooks/genesys", content=body,
+                                       headers=hmac_headers(body, SECRET))
+                statuses.append(response.status_code)
+                if cut.is_set():
+                    during_outage.append(response.status_code)
+                time.sleep(0.6)  # 30 events over the 30 s outage
+        time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
+        proxy.restore()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            leads, _ = sandbox_state(clean_sandbox)
+            if len(leads) >= count:
+                break
+            time.sleep(1)
+        time.sleep(2)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+        proxy.close()
+    leads, messages = sandbox_state(clean_sandbox)
+    per_lead = Counter(lead["Genesys_Conversation_Id__c"] for lead in leads)
+    delivered = sum(1 for c in ids if per_lead[c] == 1)
+    duplicated = sum(n - 1 for n in per_lead.values() if n > 1) + max(0, len(messages) - count)
+    print(f"\n[Prefect API unreachable 30 s] sent {count}, acknowledged "
+          f"{statuses.count(202)} ({len(during_outage)} during the outage), delivered {delivered}, "
+          f"duplicated effects {duplicated}, lost {count - delivered}")
+    assert statuses == [202] * count and len(during_outage) == 30
+    assert delivered == count and duplicated == 0 and len(messages) == count
