@@ -308,7 +308,8 @@ def reconcile(
 
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
-    from flows.reconcile import progress_hook, reconcile as reconcile_flow
+    from flows.reconcile import progress_hook
+    from flows.reconcile import reconcile as reconcile_flow
 
     minutes = parse_duration(since)
     end = datetime.fromisoformat(until.replace("Z", "+00:00")) if until else None
