@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     slack_channel: str | None = None
     slack_block: str | None = Field(default=None, description="SlackTarget block name")
 
+    prefect_limits: bool = Field(default=True, description="use Prefect global concurrency "
+                                 "and rate limits for Genesys, Salesforce and Slack")
     dispatcher: Literal["inprocess", "off"] = "inprocess"
     dispatch_concurrency: int = Field(default=8, ge=1, le=256)
     claim_lease_seconds: float = Field(default=60, gt=0)

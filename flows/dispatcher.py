@@ -47,6 +47,7 @@ class Dispatcher:
         self.max_attempts = max_attempts or settings.max_event_attempts
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[int, asyncio.Task[None]] = {}
+        self.target_tags = [f"target:{t.name}" for t in runtime.pipeline.enabled_targets]
         self.started_runs = 0
         self.failed_runs = 0
 
@@ -101,7 +102,7 @@ class Dispatcher:
     async def _run_one(self, event: ClaimedEvent) -> None:
         self.started_runs += 1
         try:
-            with tags(f"source:{event.source}", f"event:{event.event_type}"):
+            with tags(f"source:{event.source}", f"event:{event.event_type}", *self.target_tags):
                 await process_event(inbox_id=event.id, conversation_id=event.conversation_id)
         except asyncio.CancelledError:
             raise

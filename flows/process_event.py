@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from connectors.genesys import GenesysNotFound
 from events.drift import detect_drift
@@ -51,6 +53,13 @@ async def _record_drift(runtime: Runtime, event: CanonicalEvent) -> list[str]:
     return texts
 
 
+async def _enrich(runtime: Runtime, conversation_id: str) -> dict[str, Any]:
+    seconds = runtime.pipeline.enrich.cache_seconds
+    enrich = (steps.enrich.with_options(cache_expiration=timedelta(seconds=seconds)) if seconds
+              else steps.enrich.with_options(cache_policy=NO_CACHE, persist_result=False))
+    return await enrich(await runtime.genesys(), runtime.limits, conversation_id)
+
+
 async def _deliver(runtime: Runtime, inbox_id: int, event: CanonicalEvent, target: Any,
                    context: dict[str, Any]) -> dict[str, Any]:
     """Map and deliver one target; any failure ends in the dead letters, never in the others."""
@@ -72,7 +81,7 @@ async def _deliver(runtime: Runtime, inbox_id: int, event: CanonicalEvent, targe
         result = await deliver.with_options(
             name=f"deliver-{target.name}", retries=target.retries,
             retry_delay_seconds=steps.backoff(target.retries, cap=target.retry_max_delay_seconds),
-        )(runtime.store, client, target, event, owner, payload)
+        )(runtime.store, client, target, event, owner, payload, runtime.limits)
         return {**result, "warnings": payload.get("warnings", [])}
     except Exception as exc:
         return await _dead_letter(runtime, inbox_id, event, target.name, exc,
@@ -114,8 +123,7 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
     context = event.context()
     if runtime.pipeline.enrich.genesys_conversation:
         try:
-            context["conversation"] = await steps.enrich(await runtime.genesys(),
-                                                         event.conversation_id)
+            context["conversation"] = await _enrich(runtime, event.conversation_id)
         except GenesysNotFound as exc:
             if runtime.pipeline.enrich.on_not_found == "dead_letter":
                 summary["targets"]["genesys"] = await _dead_letter(

@@ -17,6 +17,7 @@ from connectors.slack import SlackClient
 from cxrelay.settings import Settings, require
 from events.mapping import Mapper
 from events.pipeline import Pipeline
+from flows.limits import Limits
 from store.database import Store
 
 
@@ -26,7 +27,11 @@ class Runtime:
     store: Store
     pipeline: Pipeline
     mapper: Mapper
+    limits: Limits = field(default_factory=Limits)
     _clients: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.limits.enabled = self.settings.prefect_limits
 
     async def genesys(self) -> GenesysClient:
         if "genesys" not in self._clients:

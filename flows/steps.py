@@ -10,10 +10,11 @@ import asyncio
 import hashlib
 import json
 import random
+from datetime import timedelta
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE
 
 from connectors.genesys import GenesysClient
 from connectors.http import HttpTarget
@@ -25,6 +26,7 @@ from events.filters import FilterRule, first_failing_rule
 from events.mapping import Mapper
 from events.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from events.render import render_target
+from flows.limits import Limits
 from store.database import Reservation, Store
 from store.models import InboxEvent
 
@@ -91,11 +93,17 @@ async def apply_filters(event: CanonicalEvent, rules: list[FilterRule]) -> str |
     return rule.name if rule else None
 
 
-@task(name="enrich", cache_policy=NO_CACHE, persist_result=False, retries=8,
+@task(name="enrich", cache_policy=INPUTS - "client" - "limits", persist_result=True,
+      result_serializer="json", cache_expiration=timedelta(minutes=5), retries=8,
       retry_delay_seconds=backoff(8, cap=30), retry_condition_fn=only_retryable)
-async def enrich(client: GenesysClient, conversation_id: str) -> dict[str, Any]:
-    """GET /api/v2/conversations/{id} from Genesys Cloud."""
+async def enrich(client: GenesysClient, limits: Limits, conversation_id: str) -> dict[str, Any]:
+    """GET /api/v2/conversations/{id} from Genesys Cloud.
+
+    Cached by conversation id (the pipeline's `enrich.cache_seconds`): a second event of the
+    same conversation inside the window shows as a Cached task run and costs Genesys nothing.
+    """
     try:
+        await limits.genesys()
         return await client.get_conversation(conversation_id)
     except RetryableError as exc:
         await honour_retry_after(exc)
@@ -141,7 +149,7 @@ async def _complete(store: Store, event: CanonicalEvent, target: str, action: st
       retry_condition_fn=only_retryable)
 async def deliver_salesforce(store: Store, client: SalesforceClient,
                              target: SalesforceTargetConfig, event: CanonicalEvent, owner: str,
-                             payload: dict[str, Any]) -> dict[str, Any]:
+                             payload: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """Upsert the record by its external id: one record per conversation, however often."""
     digest = payload_digest([target.object, target.external_id_field, payload["external_id"],
                              payload["fields"]])
@@ -149,8 +157,9 @@ async def deliver_salesforce(store: Store, client: SalesforceClient,
     if not proceed:
         return {"status": "unchanged", "ref": ref}
     try:
-        result = await client.upsert(target.object, target.external_id_field,
-                                     payload["external_id"], payload["fields"])
+        async with limits.salesforce():
+            result = await client.upsert(target.object, target.external_id_field,
+                                         payload["external_id"], payload["fields"])
     except BaseException as exc:
         await asyncio.to_thread(store.unreserve, event.conversation_id, target.name, "upsert", owner)
         await honour_retry_after(exc)
@@ -165,7 +174,7 @@ async def deliver_salesforce(store: Store, client: SalesforceClient,
       retry_condition_fn=only_retryable)
 async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetConfig,
                         event: CanonicalEvent, owner: str,
-                        payload: dict[str, Any]) -> dict[str, Any]:
+                        payload: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """Post once per conversation; a later event of it updates that message (Slack has no
     idempotency key, so the ledger keeps the message's channel and ts)."""
     digest = payload_digest([payload["channel"], payload["text"]])
@@ -180,6 +189,7 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
                                               target.name)
             ref = f"{found.channel}|{found.ts}" if found else None
         message = None
+        await limits.slack(payload["channel"])
         if ref:
             channel, _, ts = ref.partition("|")
             try:
@@ -205,7 +215,7 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
       retry_condition_fn=only_retryable)
 async def deliver_http(store: Store, client: HttpTarget, target: HttpTargetConfig,
                        event: CanonicalEvent, owner: str,
-                       payload: dict[str, Any]) -> dict[str, Any]:
+                       payload: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """POST the mapped body with X-Idempotency-Key = a stable key of conversation and target."""
     digest = payload_digest([target.url, payload["body"]])
     proceed, ref = await _reserved(store, event, target.name, "post", owner, digest)

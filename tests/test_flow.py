@@ -83,6 +83,9 @@ def test_later_events_of_a_conversation_update_instead_of_duplicating(
     assert len(leads) == 1 and len(messages) == 1
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 1
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.update")) >= 1
+    # Enrichment is cached by conversation id: three events, one Genesys GET, one token.
+    assert len(calls(clean_sandbox.genesys_url, "GET", conversation)) == 1
+    assert len(calls(clean_sandbox.genesys_url, "POST", "/oauth/token")) == 1
 
 
 def test_concurrent_events_of_one_conversation_give_one_record_and_one_message(
@@ -265,3 +268,23 @@ def test_slack_message_of_a_crashed_attempt_is_found_not_posted_again(
     history = calls(clean_sandbox.slack_url, None, "conversations.history")
     assert [(r["method"], r["body"]["include_all_metadata"]) for r in history] == [("POST", "true")]
     assert runtime.store.events()[0].outcome == "delivered"
+
+
+def test_global_limits_are_created_with_defaults(tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, generic_event(conversation))
+    asyncio.run(dispatch_until(runtime, 1))
+
+    async def limits() -> dict[str, tuple[int, float | None]]:
+        from prefect import get_client
+
+        async with get_client() as client:
+            found = await client.read_global_concurrency_limits(limit=100)
+        return {limit.name: (limit.limit, limit.slot_decay_per_second) for limit in found}
+
+    found = asyncio.run(limits())
+    assert found["cxrelay-genesys-api"] == (5, 5.0)
+    assert found["cxrelay-salesforce"][0] == 10
+    assert found["cxrelay-slack-contact-center"] == (1, 1.0)
