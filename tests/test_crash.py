@@ -117,6 +117,10 @@ def test_sigkill_mid_burst_loses_nothing_and_duplicates_nothing(
           f"duplicated effects {duplicated}, lost {lost}, messages {len(messages)}")
     assert len(set(acknowledged)) == EVENTS
     assert duplicated == 0 and lost == 0
+    text = log.read_text(errors="replace")
+    for secret in (SECRET, clean_sandbox.genesys.client_secret, clean_sandbox.slack.bot_token,
+                   clean_sandbox.salesforce.static_token):
+        assert secret not in text, "a secret reached the logs"
 
 
 @pytest.mark.e2e
