@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 
 import uvicorn
@@ -19,6 +21,22 @@ async def accept(request: Request) -> JSONResponse:
 app = Starlette(routes=[Route("/webhooks/{source}", accept, methods=["POST"])])
 
 if __name__ == "__main__":
-    workers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    uvicorn.run("bench.bare:app", host="127.0.0.1", port=int(sys.argv[1]), workers=workers,
-                log_level="warning", access_log=False)
+    # The same listening arrangement as `cxrelay serve`: one process per worker on an
+    # SO_REUSEPORT socket, so both sides of the comparison differ only in the app.
+    from cxrelay.cli import listen
+
+    port, workers = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    if workers > 1:
+        children = [subprocess.Popen([sys.executable, "-m", "bench.bare", str(port), "1",
+                                      "--reuse-port"]) for _ in range(workers)]
+        signal.signal(signal.SIGTERM, lambda *_: [child.terminate() for child in children])
+        try:
+            for child in children:
+                child.wait()
+        finally:
+            for child in children:
+                child.terminate()
+    else:
+        sock = listen("127.0.0.1", port, "--reuse-port" in sys.argv)
+        config = uvicorn.Config(app, log_level="warning", access_log=False)
+        uvicorn.Server(config).run(sockets=[sock])

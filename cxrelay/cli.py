@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -52,12 +54,39 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def listen(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A listening TCP socket. SO_REUSEPORT lets several receiver processes share the port
+    (the kernel spreads connections); IPPROTO_TCP makes asyncio set TCP_NODELAY on accepted
+    connections — uvicorn's own multi-worker socket lacks it, which cost 40 ms per response
+    (Nagle against delayed ACKs) in bench/ingest.py."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
     port: int = typer.Option(8000, help="port to listen on"),
     dispatcher: bool = typer.Option(True, help="also run the dispatcher (a child process)"),
-    workers: int = typer.Option(1, min=1, help="receiver worker processes"),
+    workers: int = typer.Option(1, min=1, help="receiver processes sharing the port"),
+    reuse_port: bool = typer.Option(False, hidden=True, help="one of several workers"),
 ) -> None:
     """Run the webhook receiver (and, by default, the dispatcher that starts the flow runs)."""
     import uvicorn
@@ -73,23 +102,31 @@ def serve(
     if not sources:
         _fail("no webhook source is enabled: set CXRELAY_WEBHOOK_SECRET (or another source's "
               "secret variable named in the pipeline file)", 2)
+    if workers == 1 or reuse_port:
+        sock = listen(host, port, reuse_port or workers > 1)
     Store(settings.database_url, synchronous=settings.sqlite_synchronous).close()  # create tables
-    child = None
+    children: list[subprocess.Popen[bytes]] = []
     if dispatcher and settings.dispatcher != "off":
-        child = subprocess.Popen([sys.executable, "-m", "cxrelay", "dispatch",
-                                  "--parent-pid", str(os.getpid())])
-    err.print(f"cxrelay receiving on http://{host}:{port}/webhooks/{{{','.join(sorted(sources))}}}"
-              + (" with the dispatcher" if child else " (no dispatcher)"))
+        children.append(subprocess.Popen([sys.executable, "-m", "cxrelay", "dispatch",
+                                          "--parent-pid", str(os.getpid())]))
+    if not reuse_port:
+        err.print(f"cxrelay receiving on http://{host}:{port}/webhooks/"
+                  f"{{{','.join(sorted(sources))}}} with {workers} worker(s)"
+                  + (" and the dispatcher" if children else " (no dispatcher)"))
     try:
-        uvicorn.run("receiver.main:app_from_environment", factory=True, host=host, port=port,
-                    workers=workers, log_level="warning", access_log=False)
+        if workers > 1 and not reuse_port:
+            children += [subprocess.Popen([sys.executable, "-m", "cxrelay", "serve", "--host",
+                                           host, "--port", str(port), "--no-dispatcher",
+                                           "--reuse-port"]) for _ in range(workers)]
+            signal.signal(signal.SIGTERM, lambda *_: _stop(children))
+            while all(child.poll() is None for child in children):
+                time.sleep(0.5)
+        else:
+            config = uvicorn.Config("receiver.main:app_from_environment", factory=True,
+                                    log_level="warning", access_log=False)
+            uvicorn.Server(config).run(sockets=[sock])
     finally:
-        if child is not None:
-            child.terminate()
-            try:
-                child.wait(20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop(children)
 
 
 @app.command()
