@@ -61,7 +61,9 @@ def start_prefect_server(home: Path, database_url: str | None = None) -> tuple[s
     port = free_port()
     from cxrelay.prefect_server import server_environment
 
-    env = server_environment({**os.environ, "PREFECT_HOME": str(home)})
+    env = server_environment({**os.environ, "PREFECT_HOME": str(home),
+                              # the UI otherwise points its API calls at the default :4200
+                              "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"})
     env.pop("PREFECT_API_URL", None)
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
