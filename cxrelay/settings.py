@@ -50,7 +50,14 @@ class Settings(BaseSettings):
 
     prefect_limits: bool = Field(default=True, description="use Prefect global concurrency "
                                  "and rate limits for Genesys, Salesforce and Slack")
-    dispatcher: Literal["inprocess", "off"] = "inprocess"
+    dispatcher: Literal["inprocess", "deployment", "off"] = Field(
+        default="inprocess", description="inprocess: flow runs in the dispatcher; deployment: "
+        "submitted to the process-event deployment for Prefect workers; off: no dispatcher")
+    deployment: str = Field(default="process-event/process-event",
+                            description="the deployment the `deployment` dispatcher submits to")
+    submitted_lease_seconds: float = Field(
+        default=900, gt=0, description="deployment mode: how long a submitted event waits for "
+        "a worker to finish it before it is submitted again")
     dispatch_concurrency: int = Field(default=8, ge=1, le=256)
     claim_lease_seconds: float = Field(default=60, gt=0)
     poll_interval_seconds: float = Field(default=0.05, gt=0)

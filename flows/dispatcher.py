@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from typing import Any
 
 import httpx
 from prefect import tags
@@ -49,6 +50,7 @@ class Dispatcher:
         self.running: dict[int, asyncio.Task[None]] = {}
         self.target_tags = [f"target:{t.name}" for t in runtime.pipeline.enabled_targets]
         self.started_runs = 0
+        self.submitted = 0
         self.failed_runs = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -103,12 +105,38 @@ class Dispatcher:
         self.started_runs += 1
         try:
             with tags(f"source:{event.source}", f"event:{event.event_type}", *self.target_tags):
-                await process_event(inbox_id=event.id, conversation_id=event.conversation_id)
+                if self.runtime.settings.dispatcher == "deployment":
+                    await self.submit(event)
+                else:
+                    await process_event(inbox_id=event.id,
+                                        conversation_id=event.conversation_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.failed_runs += 1
             await self._after_failure(event, exc)
+
+    async def submit(self, event: ClaimedEvent) -> Any:
+        """Deployment mode: hand the event to a Prefect worker through the deployment.
+
+        The idempotency key is the event's dedupe key (suffixed by the attempt after the first),
+        so submitting the same claim twice yields the same flow run, never a second one. The
+        worker's run finishes the inbox row; until then the claim's lease is long.
+        """
+        from prefect.deployments import run_deployment
+
+        row = await asyncio.to_thread(self.store.get_event, event.id)
+        if row is None:
+            return None
+        key = row.dedupe_key if event.attempts <= 1 else f"{row.dedupe_key}:attempt-{event.attempts}"
+        flow_run = await run_deployment(
+            self.runtime.settings.deployment, timeout=0, idempotency_key=key, as_subflow=False,
+            flow_run_name=f"conversation-{event.conversation_id}",
+            parameters={"inbox_id": event.id, "conversation_id": event.conversation_id})
+        await asyncio.to_thread(self.store.renew, self.worker_id, [event.id],
+                                self.runtime.settings.submitted_lease_seconds)
+        self.submitted += 1
+        return flow_run
 
     async def _after_failure(self, event: ClaimedEvent, exc: Exception) -> None:
         infrastructure = _infrastructure_failure(exc)
