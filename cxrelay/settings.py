@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         default=900, gt=0, description="deployment mode: how long a submitted event waits for "
         "a worker to finish it before it is submitted again")
     dispatch_concurrency: int = Field(default=8, ge=1, le=256)
+    batch_threshold: int = Field(default=100, ge=1, description="backlog above which the "
+                                 "dispatcher starts batch runs instead of one run per event")
+    batch_size: int = Field(default=200, ge=1, le=5000)
+    batch_parallelism: int = Field(default=16, ge=1, description="events in flight per batch run")
+    batch_runs: int = Field(default=2, ge=1, description="batch runs in flight per dispatcher")
     claim_lease_seconds: float = Field(default=60, gt=0)
     poll_interval_seconds: float = Field(default=0.05, gt=0)
     max_event_attempts: int = Field(default=5, ge=1)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from prefect import tags
 
-from flows.process_event import process_event
+from flows.process_event import process_batch, process_event
 from flows.runtime import Runtime
 from store.database import ClaimedEvent
 
@@ -48,6 +48,9 @@ class Dispatcher:
         self.max_attempts = max_attempts or settings.max_event_attempts
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[int, asyncio.Task[None]] = {}
+        self.batch_tasks: set[asyncio.Task[None]] = set()
+        self.batches_started = 0
+        self.largest_backlog = 0
         self.target_tags = [f"target:{t.name}" for t in runtime.pipeline.enabled_targets]
         self.started_runs = 0
         self.submitted = 0
@@ -56,11 +59,43 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
         last_renew = time.monotonic()
+        last_backlog = 0.0
+        backlog = 0
         wake = asyncio.Event()
+        settings = self.runtime.settings
+        batching = settings.dispatcher == "inprocess"
         try:
             while not stop.is_set():
                 claimed: list[ClaimedEvent] = []
-                free = self.concurrency - len(self.running)
+                if batching and time.monotonic() - last_backlog > 1.0:
+                    last_backlog = time.monotonic()
+                    try:
+                        backlog = (await asyncio.to_thread(self.store.status_counts)
+                                   ).get("pending", 0)
+                    except Exception:
+                        backlog = 0
+                    self.largest_backlog = max(self.largest_backlog, backlog)
+                if (batching and backlog > settings.batch_threshold
+                        and len(self.batch_tasks) < settings.batch_runs):
+                    # Behind: one flow run carries many events (Prefect's per-run cost is the
+                    # ceiling of one run per event); back to per-event runs when drained.
+                    try:
+                        batch = await asyncio.to_thread(
+                            self.store.claim, self.worker_id, settings.batch_size, self.lease)
+                    except Exception:
+                        logger.exception("claiming from the inbox failed")
+                        batch = []
+                    if batch:
+                        backlog -= len(batch)
+                        task = asyncio.create_task(self._run_batch(batch))
+                        self.batch_tasks.add(task)
+                        for event in batch:
+                            self.running[event.id] = task
+                        task.add_done_callback(lambda t, ids=[e.id for e in batch]: (
+                            self.batch_tasks.discard(t),
+                            [self.running.pop(i, None) for i in ids], wake.set()))
+                        continue
+                free = self.concurrency - (len(self.running) - self._batched())
                 if free > 0:
                     try:
                         claimed = await asyncio.to_thread(
@@ -80,7 +115,7 @@ class Dispatcher:
                                                 list(self.running), self.lease)
                     except Exception:
                         logger.exception("renewing claims failed")
-                if not claimed or len(self.running) >= self.concurrency:
+                if not claimed or len(self.running) - self._batched() >= self.concurrency:
                     wake.clear()
                     stopper = asyncio.create_task(stop.wait())
                     waker = asyncio.create_task(wake.wait())
@@ -91,11 +126,31 @@ class Dispatcher:
         finally:
             await self._drain()
 
+    def _batched(self) -> int:
+        return sum(1 for task in self.running.values() if task in self.batch_tasks)
+
+    async def _run_batch(self, events: list[ClaimedEvent]) -> None:
+        self.batches_started += 1
+        try:
+            with tags("batch", *self.target_tags):
+                results = await process_batch(inbox_ids=[e.id for e in events], size=len(events))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failed_runs += 1
+            for event in events:
+                await self._after_failure(event, exc)
+            return
+        for event in events:
+            outcome = results.get(event.id, "error: no outcome")
+            if outcome.startswith("error"):
+                await self._after_failure(event, RuntimeError(outcome))
+
     async def _drain(self, grace_seconds: float = 10.0) -> None:
         if not self.running:
             return
         pending = list(self.running.items())
-        _, still = await asyncio.wait([task for _, task in pending], timeout=grace_seconds)
+        _, still = await asyncio.wait({task for _, task in pending}, timeout=grace_seconds)
         for inbox_id, task in pending:
             if task in still:
                 task.cancel()
@@ -139,14 +194,16 @@ class Dispatcher:
         return flow_run
 
     async def _after_failure(self, event: ClaimedEvent, exc: Exception) -> None:
+        current = await asyncio.to_thread(self.store.get_event, event.id)
+        if current is None or current.status != "claimed":
+            return  # it finished after all (e.g. the rest of its batch failed)
         infrastructure = _infrastructure_failure(exc)
         if not infrastructure and event.attempts >= self.max_attempts:
             logger.error("event %s failed %d times, dead-lettered: %s", event.id,
                          event.attempts, exc)
             reason = f"the process-event run failed {event.attempts} times; last: {exc!r}"
-            row = await asyncio.to_thread(self.store.get_event, event.id)
             await asyncio.to_thread(
-                self.store.dead_letter, event.id, row.event_id if row else "",
+                self.store.dead_letter, event.id, current.event_id,
                 event.conversation_id, "*", reason, type(exc).__name__, event.attempts)
             await asyncio.to_thread(self.store.finish, event.id, "failed", {"reason": reason})
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
 
@@ -57,7 +58,7 @@ async def _enrich(runtime: Runtime, conversation_id: str) -> dict[str, Any]:
     seconds = runtime.pipeline.enrich.cache_seconds
     enrich = (steps.enrich.with_options(cache_expiration=timedelta(seconds=seconds)) if seconds
               else steps.enrich.with_options(cache_policy=NO_CACHE, persist_result=False))
-    return await enrich(await runtime.genesys(), runtime.limits, conversation_id)
+    return await _named(enrich)(await runtime.genesys(), runtime.limits, conversation_id)
 
 
 async def _deliver(runtime: Runtime, inbox_id: int, event: CanonicalEvent, target: Any,
@@ -76,10 +77,10 @@ async def _deliver(runtime: Runtime, inbox_id: int, event: CanonicalEvent, targe
             assert isinstance(target, HttpTargetConfig)
             client = runtime.http(target.name, target.url, target.headers)
             deliver = steps.deliver_http
-        payload = await steps.map_target.with_options(name=f"map-{target.name}")(
+        payload = await _named(steps.map_target, f"map-{target.name}")(
             runtime.mapper, target, context, default_channel)
-        result = await deliver.with_options(
-            name=f"deliver-{target.name}", retries=target.retries,
+        result = await _named(deliver, f"deliver-{target.name}").with_options(
+            retries=target.retries,
             retry_delay_seconds=steps.backoff(target.retries, cap=target.retry_max_delay_seconds),
         )(runtime.store, client, target, event, owner, payload, runtime.limits)
         return {**result, "warnings": payload.get("warnings", [])}
@@ -96,7 +97,24 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
     Each target is delivered independently and exactly once per conversation; whatever fails
     after its retries is recorded as a dead letter that `cxrelay dead-letters replay` resends.
     """
-    runtime = get_runtime()
+    return await handle(get_runtime(), inbox_id)
+
+
+# In a batch run, the conversation each task run belongs to: its task runs are named by it.
+batch_label: ContextVar[str | None] = ContextVar("batch_label", default=None)
+
+
+def _named(task: Any, name: str | None = None) -> Any:
+    """The task as it should appear in the UI: `verify`, or `verify-conversation-<id>`."""
+    label = batch_label.get()
+    base = name or task.name
+    if label is None:
+        return task.with_options(name=base) if name else task
+    return task.with_options(name=base, task_run_name=f"{base}-{label}")
+
+
+async def handle(runtime: Runtime, inbox_id: int) -> dict[str, Any]:
+    """The steps of one event, in whichever flow run carries it (per event, or a batch)."""
     store = runtime.store
     row = await asyncio.to_thread(store.get_event, inbox_id)
     if row is None:
@@ -106,7 +124,7 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
                                "source": row.source, "targets": {}}
     targets = runtime.pipeline.enabled_targets
     try:
-        event = await steps.verify(row)
+        event = await _named(steps.verify)(row)
     except Exception as exc:
         summary.update(outcome="dead_lettered", reason=_error_text(exc))
         await asyncio.to_thread(store.dead_letter, inbox_id, row.event_id, row.conversation_id,
@@ -114,8 +132,8 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
         return await _finish(runtime, summary)
 
     summary["drift"] = await _record_drift(runtime, event)
-    summary["plan"] = await steps.deduplicate(store, event, [t.name for t in targets])
-    rule = await steps.apply_filters(event, runtime.pipeline.filters)
+    summary["plan"] = await _named(steps.deduplicate)(store, event, [t.name for t in targets])
+    rule = await _named(steps.apply_filters)(event, runtime.pipeline.filters)
     if rule is not None:
         summary.update(outcome="filtered", filtered_by=rule)
         return await _finish(runtime, summary)
@@ -148,6 +166,37 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
 
 async def _finish(runtime: Runtime, summary: dict[str, Any]) -> dict[str, Any]:
     await asyncio.to_thread(runtime.store.finish, summary["inbox_id"], summary["outcome"], summary)
-    await acreate_markdown_artifact(markdown=render_report(summary),
-                                    description=f"cxrelay: {summary['outcome']}")
+    if batch_label.get() is None:  # a batch run leaves one artifact for all its events
+        await acreate_markdown_artifact(markdown=render_report(summary),
+                                        description=f"cxrelay: {summary['outcome']}")
     return summary
+
+
+@flow(name="process-batch", flow_run_name="batch-of-{size}", persist_result=False,
+      log_prints=False)
+async def process_batch(inbox_ids: list[int], size: int = 0) -> dict[int, str]:
+    """Backlog mode: several events in one flow run, each with the same steps and guarantees
+    as `process-event`; every task run is named by its event's conversation. Returns each
+    event's outcome, or `error: …` for one whose handling failed (the dispatcher retries it).
+    """
+    runtime = get_runtime()
+    gate = asyncio.Semaphore(runtime.settings.batch_parallelism)
+
+    async def one(inbox_id: int) -> str:
+        async with gate:
+            row = await asyncio.to_thread(runtime.store.get_event, inbox_id)
+            batch_label.set(f"conversation-{row.conversation_id if row else inbox_id}")
+            try:
+                return str((await handle(runtime, inbox_id))["outcome"])
+            except Exception as exc:
+                return f"error: {_error_text(exc)}"
+
+    outcomes = await asyncio.gather(*(asyncio.create_task(one(i)) for i in inbox_ids))
+    results = dict(zip(inbox_ids, outcomes, strict=True))
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.split(":")[0]] = counts.get(outcome.split(":")[0], 0) + 1
+    await acreate_markdown_artifact(
+        markdown="### Batch\n\n" + "\n".join(f"- {k}: {v}" for k, v in sorted(counts.items())),
+        description=f"cxrelay batch of {len(inbox_ids)}")
+    return results

@@ -288,3 +288,42 @@ def test_global_limits_are_created_with_defaults(tmp_path: Path, clean_sandbox: 
     assert found["cxrelay-genesys-api"] == (5, 5.0)
     assert found["cxrelay-salesforce"][0] == 10
     assert found["cxrelay-slack-contact-center"] == (1, 1.0)
+
+
+def test_backlog_is_processed_in_batch_runs_with_the_same_guarantees(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    ids = [new_id() for _ in range(24)]
+    seed(clean_sandbox, *ids)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, batch_threshold=5,
+                                         batch_size=10))
+    for conversation in ids:
+        enqueue(runtime.store, generic_event(conversation))
+    enqueue(runtime.store, generic_event(ids[0]))  # a second event of one conversation
+    enqueue(runtime.store, generic_event(new_id(), state="CONNECTED"))
+    dispatcher = asyncio.run(dispatch_until(runtime, 26))
+    assert dispatcher.batches_started >= 1 and dispatcher.largest_backlog >= 20
+    leads, messages = sandbox_state(clean_sandbox)
+    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    assert len(messages) == 24
+    assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 24
+    outcomes = [e.outcome for e in runtime.store.events()]
+    assert outcomes.count("delivered") == 25 and outcomes.count("filtered") == 1
+
+    async def task_run_names() -> list[str]:
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+        async with get_client() as client:
+            batches = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(like_="batch-of-")))
+            assert batches
+            from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+            runs = await client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[b.id for b in batches])), limit=200)
+            return [run.name for run in runs]
+
+    names = asyncio.run(task_run_names())
+    batched = {name.removeprefix("verify-conversation-") for name in names
+               if name.startswith("verify-conversation-")}
+    assert batched and batched <= set(ids)
