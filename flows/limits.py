@@ -4,7 +4,7 @@
 |---|---|---|
 | `cxrelay-genesys-api` | 5 slots, decaying 5/s | Genesys allows ~300 requests/minute per OAuth client |
 | `cxrelay-salesforce` | 10 concurrent upserts | stay clear of UNABLE_TO_LOCK_ROW and org API limits |
-| `cxrelay-slack-<channel>` | 1 slot, decaying 1/s | Slack posts ~1 message/s per channel |
+| `cxrelay-slack-<channel>` | 3 slots, decaying 1/s | ~1 message/s per channel, short bursts |
 
 They are created only if missing, so a limit tuned in the Prefect UI keeps its value.
 """
@@ -25,7 +25,7 @@ from events.errors import RetryableError
 GENESYS = "cxrelay-genesys-api"
 SALESFORCE = "cxrelay-salesforce"
 DEFAULTS: dict[str, tuple[int, float | None]] = {GENESYS: (5, 5.0), SALESFORCE: (10, None)}
-SLACK_DEFAULT = (1, 1.0)
+SLACK_DEFAULT = (3, 1.0)
 
 
 def slack_limit_name(channel: str) -> str:

@@ -273,7 +273,7 @@ def test_slack_message_of_a_crashed_attempt_is_found_not_posted_again(
 def test_global_limits_are_created_with_defaults(tmp_path: Path, clean_sandbox: Sandbox) -> None:
     conversation = new_id()
     seed(clean_sandbox, conversation)
-    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, prefect_limits=True))
     enqueue(runtime.store, generic_event(conversation))
     asyncio.run(dispatch_until(runtime, 1))
 
@@ -287,7 +287,7 @@ def test_global_limits_are_created_with_defaults(tmp_path: Path, clean_sandbox: 
     found = asyncio.run(limits())
     assert found["cxrelay-genesys-api"] == (5, 5.0)
     assert found["cxrelay-salesforce"][0] == 10
-    assert found["cxrelay-slack-contact-center"] == (1, 1.0)
+    assert found["cxrelay-slack-contact-center"] == (3, 1.0)
 
 
 def test_backlog_is_processed_in_batch_runs_with_the_same_guarantees(
