@@ -122,3 +122,22 @@ def test_drift_lists_counts(db: Store) -> None:
     result = runner.invoke(app, ["drift"])
     assert result.exit_code == 0
     assert "conversation.x" in result.output and " 2 " in result.output and "e1" in result.output
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_reconcile_command_queues_the_gap(db: Store, clean_sandbox, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    from sandbox.genesys import sample_conversation
+
+    for key, value in clean_sandbox.environment().items():
+        monkeypatch.setenv(key, value)
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation("lost-1"), sample_conversation("lost-2")])
+    result = runner.invoke(app, ["reconcile", "--since", "30m"])
+    assert result.exit_code == 0, result.output
+    assert "2 conversations ended, 0 already handled, 2 queued" in result.output
+    assert sorted(e.conversation_id for e in db.events()) == ["lost-1", "lost-2"]
+    assert {e.source for e in db.events()} == {"reconcile"}
+    bad = runner.invoke(app, ["reconcile", "--since", "soon"])
+    assert bad.exit_code == 2 and "not a duration" in bad.output
