@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from flows.dispatcher import Dispatcher  # noqa: E402
 from flows.runtime import Runtime, set_runtime  # noqa: E402
 from sandbox.genesys import sample_conversation  # noqa: E402
 from sandbox.server import Sandbox  # noqa: E402
-from store.database import Store  # noqa: E402
+from store.database import Store, inbox_row  # noqa: E402
 
 API_CALLS = 0
 
@@ -65,10 +64,7 @@ async def drain(box: Sandbox, work: Path, events: int, batching: bool) -> tuple[
     for conversation in ids:
         body = encode(generic_event(conversation))
         event = normalise(json.loads(body), "genesys", body)
-        rows.append({"dedupe_key": event.dedupe_key, "event_id": event.event_id,
-                     "source": "genesys", "envelope": "generic", "event_type": event.event_type,
-                     "conversation_id": conversation, "body": body,
-                     "body_sha256": hashlib.sha256(body).hexdigest()})
+        rows.append(inbox_row(event, "genesys", body))
     runtime.store.insert_events(rows)
     set_runtime(runtime)
     API_CALLS = 0

@@ -151,7 +151,8 @@ async def handle(runtime: Runtime, inbox_id: int) -> dict[str, Any]:
             context["conversation"] = {}
         except Exception as exc:
             summary["targets"]["genesys"] = await _dead_letter(
-                runtime, inbox_id, event, "genesys", exc, attempts=9)
+                runtime, inbox_id, event, "genesys", exc,
+                attempts=(steps.enrich.retries or 0) + 1)
             summary.update(outcome="dead_lettered", reason=_error_text(exc))
             return await _finish(runtime, summary)
     else:

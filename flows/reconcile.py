@@ -8,7 +8,6 @@ analytics details query is the source of truth; every gap is queued in the inbox
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -19,7 +18,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 
 from events.backfill import backfill_event
+from events.envelope import normalise
 from flows.runtime import get_runtime
+from store.database import inbox_row
 
 # The CLI sets this to drive its progress bar: (found so far, queued so far).
 progress_hook: ContextVar[Callable[[int, int], None] | None] = ContextVar("progress_hook",
@@ -49,13 +50,9 @@ async def reconcile(lookback_minutes: int = 60, until: datetime | None = None) -
     missing = [c for c in found if c["conversationId"] not in handled]
     rows = []
     for conversation in missing:
-        body = json.dumps(backfill_event(conversation), separators=(",", ":")).encode()
-        rows.append({"dedupe_key": f"reconcile:{conversation['conversationId']}",
-                     "event_id": f"reconcile:{conversation['conversationId']}",
-                     "source": "reconcile", "envelope": "generic",
-                     "event_type": "CONVERSATION_RECONCILED",
-                     "conversation_id": conversation["conversationId"], "body": body,
-                     "body_sha256": hashlib.sha256(body).hexdigest()})
+        payload = backfill_event(conversation)
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        rows.append(inbox_row(normalise(payload, "reconcile", body), "reconcile", body))
     inserted = await asyncio.to_thread(runtime.store.insert_events, rows) if rows else []
     queued = [row["conversation_id"] for row, new in zip(rows, inserted, strict=True)
               if new is not None]

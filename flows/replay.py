@@ -6,7 +6,6 @@ already has the identical payload, so only what failed is sent.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from prefect import flow, get_run_logger
 
 from events.envelope import normalise
 from events.errors import EnvelopeError, PermanentError
-from store.database import Store
+from store.database import Store, inbox_row
 
 
 @dataclass
@@ -55,12 +54,7 @@ def replay_quarantined(store: Store, quarantine_id: int, dry_run: bool = False) 
                              ) from exc
     if dry_run:
         return f"would queue event {event.event_id} (conversation {event.conversation_id})"
-    ids = store.insert_events([{
-        "dedupe_key": event.dedupe_key, "event_id": event.event_id, "source": row.source,
-        "envelope": event.envelope, "event_type": event.event_type,
-        "conversation_id": event.conversation_id, "body": row.body,
-        "body_sha256": hashlib.sha256(row.body).hexdigest(),
-    }])
+    ids = store.insert_events([inbox_row(event, row.source, row.body)])
     store.mark_quarantine_replayed(quarantine_id)
     if ids[0] is None:
         return f"event {event.event_id} was already in the inbox (duplicate); marked replayed"

@@ -7,7 +7,6 @@ never echoes a secret; an authenticated body that is not an event is quarantined
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -22,12 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from events.envelope import CanonicalEvent, normalise
+from events.envelope import normalise
 from events.errors import EnvelopeError, SignatureError
 from receiver.limits import BodySizeLimit
 from receiver.metrics import ReceiverMetrics
 from receiver.sources import Source
-from store.database import Store
+from store.database import Store, inbox_row
 from store.writer import GroupCommitWriter
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024
@@ -86,7 +85,7 @@ class Receiver:
                 status_code=422)
         assert self.writer is not None, "the receiver's lifespan has not started"
         try:
-            inbox_id = await self.writer.insert(self._row(name, event, body))
+            inbox_id = await self.writer.insert(inbox_row(event, name, body))
         except Exception as exc:  # not acknowledged, so the sender's retry loses nothing
             self.metrics.rejected.labels(name, "database_unavailable").inc()
             return error(503, "database_unavailable",
@@ -95,19 +94,6 @@ class Receiver:
         self.metrics.acknowledged(name, inbox_id is not None, time.perf_counter() - started)
         return Response(json.dumps({"event_id": event.event_id, "status": status}),
                         status_code=202, media_type="application/json")
-
-    @staticmethod
-    def _row(source: str, event: CanonicalEvent, body: bytes) -> dict[str, Any]:
-        return {
-            "dedupe_key": event.dedupe_key,
-            "event_id": event.event_id,
-            "source": source,
-            "envelope": event.envelope,
-            "event_type": event.event_type,
-            "conversation_id": event.conversation_id,
-            "body": body,
-            "body_sha256": hashlib.sha256(body).hexdigest(),
-        }
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -6,6 +6,7 @@ a row and then race to update it; on PostgreSQL claims use FOR UPDATE SKIP LOCKE
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlmodel import SQLModel
 
+from events.envelope import CanonicalEvent
 from store.models import DeadLetter, Delivery, DriftRecord, InboxEvent, QuarantinedEvent, utcnow
 
 INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
@@ -60,6 +62,20 @@ def make_engine(url: str, synchronous: str = "NORMAL") -> Engine:
         cursor.close()
 
     return engine
+
+
+def inbox_row(event: CanonicalEvent, source: str, body: bytes) -> dict[str, Any]:
+    """The inbox columns of a normalised event, its raw body kept verbatim."""
+    return {
+        "dedupe_key": event.dedupe_key,
+        "event_id": event.event_id,
+        "source": source,
+        "envelope": event.envelope,
+        "event_type": event.event_type,
+        "conversation_id": event.conversation_id,
+        "body": body,
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from events.mapping import Mapper
 from flows.dispatcher import Dispatcher
 from flows.runtime import Runtime, set_runtime
 from sandbox.server import Sandbox
-from store.database import Store
+from store.database import Store, inbox_row
 
 
 def make_settings(tmp_path: Path, box: Sandbox, **overrides: Any) -> Settings:
@@ -40,11 +39,7 @@ def make_runtime(settings: Settings) -> Runtime:
 def enqueue(store: Store, payload: dict[str, Any], source: str = "genesys") -> int | None:
     body = encode(payload)
     event = normalise(json.loads(body), source, body)
-    return store.insert_events([{
-        "dedupe_key": event.dedupe_key, "event_id": event.event_id, "source": source,
-        "envelope": event.envelope, "event_type": event.event_type,
-        "conversation_id": event.conversation_id, "body": body,
-        "body_sha256": hashlib.sha256(body).hexdigest()}])[0]
+    return store.insert_events([inbox_row(event, source, body)])[0]
 
 
 def finished(store: Store) -> int:
