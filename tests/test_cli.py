@@ -132,8 +132,12 @@ def test_reconcile_command_queues_the_gap(db: Store, clean_sandbox, monkeypatch)
 
     for key, value in clean_sandbox.environment().items():
         monkeypatch.setenv(key, value)
+    from datetime import datetime, timedelta, timezone
+
+    ended = datetime.now(timezone.utc) - timedelta(minutes=1)
     httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
-               json=[sample_conversation("lost-1"), sample_conversation("lost-2")])
+               json=[sample_conversation("lost-1", ended=ended),
+                     sample_conversation("lost-2", ended=ended)])
     result = runner.invoke(app, ["reconcile", "--since", "30m"])
     assert result.exit_code == 0, result.output
     assert "2 conversations ended, 0 already handled, 2 queued" in result.output
