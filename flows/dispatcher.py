@@ -26,6 +26,10 @@ from store.database import ClaimedEvent
 logger = logging.getLogger("cxrelay.dispatcher")
 
 
+class Deferred(Exception):
+    """A batch handed the event back: a `process-event` run of its own retries it."""
+
+
 def _infrastructure_failure(exc: BaseException) -> bool:
     """The run never got going: the Prefect API (or the network to it) was unavailable."""
     from prefect.exceptions import PrefectHTTPStatusError
@@ -81,7 +85,8 @@ class Dispatcher:
                     # ceiling of one run per event); back to per-event runs when drained.
                     try:
                         batch = await asyncio.to_thread(
-                            self.store.claim, self.worker_id, settings.batch_size, self.lease)
+                            self.store.claim, self.worker_id, settings.batch_size, self.lease,
+                            "first")
                     except Exception:
                         logger.exception("claiming from the inbox failed")
                         batch = []
@@ -97,9 +102,12 @@ class Dispatcher:
                         continue
                 free = self.concurrency - (len(self.running) - self._batched())
                 if free > 0:
+                    # While batching, per-event runs are for events a batch handed back (their
+                    # retries are visible per step); fresh events wait for the next batch.
+                    which = "retried" if batching and backlog > settings.batch_threshold else "any"
                     try:
                         claimed = await asyncio.to_thread(
-                            self.store.claim, self.worker_id, free, self.lease)
+                            self.store.claim, self.worker_id, free, self.lease, which)
                     except Exception:  # the database is unavailable: keep trying
                         logger.exception("claiming from the inbox failed")
                         await asyncio.sleep(1)
@@ -142,9 +150,9 @@ class Dispatcher:
                 await self._after_failure(event, exc)
             return
         for event in events:
-            outcome = results.get(event.id, "error: no outcome")
-            if outcome.startswith("error"):
-                await self._after_failure(event, RuntimeError(outcome))
+            outcome = results.get(event.id, "deferred: no outcome")
+            if outcome.startswith("deferred"):
+                await self._after_failure(event, Deferred(outcome), delay=0.0)
 
     async def _drain(self, grace_seconds: float = 10.0) -> None:
         if not self.running:
@@ -193,7 +201,8 @@ class Dispatcher:
         self.submitted += 1
         return flow_run
 
-    async def _after_failure(self, event: ClaimedEvent, exc: Exception) -> None:
+    async def _after_failure(self, event: ClaimedEvent, exc: Exception,
+                             delay: float | None = None) -> None:
         current = await asyncio.to_thread(self.store.get_event, event.id)
         if current is None or current.status != "claimed":
             return  # it finished after all (e.g. the rest of its batch failed)
@@ -207,9 +216,14 @@ class Dispatcher:
                 event.conversation_id, "*", reason, type(exc).__name__, event.attempts)
             await asyncio.to_thread(self.store.finish, event.id, "failed", {"reason": reason})
             return
-        delay = min(60.0, 2.0 ** min(event.attempts, 6))
-        logger.warning("event %s: run failed (%s), retrying in %.0f s", event.id,
-                       type(exc).__name__, delay)
+        if delay is None:
+            delay = min(60.0, 2.0 ** min(event.attempts, 6))
+        if isinstance(exc, Deferred):
+            logger.info("event %s handed back by its batch (%s): a run of its own takes it",
+                        event.id, exc)
+        else:
+            logger.warning("event %s: run failed (%s), retrying in %.0f s", event.id,
+                           type(exc).__name__, delay)
         await asyncio.to_thread(self.store.release, event.id, self.worker_id, delay,
                                 not infrastructure)
 

@@ -37,3 +37,16 @@ def render_report(summary: dict[str, Any]) -> str:
             lines.append(f"| {name} | {result.get('status', '?')} | {result.get('ref') or ''} | "
                          f"{detail.replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def render_batch_report(outcomes: list[tuple[str, str]]) -> str:
+    """Counts by outcome, then each conversation with its outcome (deferred ones first)."""
+    counts: dict[str, int] = {}
+    for _, outcome in outcomes:
+        kind = outcome.split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    lines = ["### Batch", "", *(f"- {kind}: {n}" for kind, n in sorted(counts.items())), "",
+             "| conversation | outcome |", "|---|---|"]
+    ordered = sorted(outcomes, key=lambda item: not item[1].startswith("deferred"))
+    lines += [f"| {conversation} | {outcome.replace('|', '/')} |" for conversation, outcome in ordered]
+    return "\n".join(lines)

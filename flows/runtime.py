@@ -7,6 +7,8 @@ variables. A missing setting raises `ConfigError` naming the variable, when the 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +31,27 @@ class Runtime:
     mapper: Mapper
     limits: Limits = field(default_factory=Limits)
     _clients: dict[str, Any] = field(default_factory=dict)
+    _conversations: dict[str, tuple[float, asyncio.Future[Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.limits.enabled = self.settings.prefect_limits
+
+    async def cached_conversation(self, conversation_id: str, seconds: float,
+                                  fetch: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """The conversation from a fetch of the last `seconds`, else a new fetch; events of one
+        conversation that arrive together share one fetch. (Batch runs; a `process-event` run
+        uses the `enrich` task's Prefect cache instead.)"""
+        if seconds <= 0:
+            return await fetch()
+        now = time.monotonic()
+        entry = self._conversations.get(conversation_id)
+        if entry is None or entry[0] <= now or (entry[1].done() and (
+                entry[1].cancelled() or entry[1].exception() is not None)):
+            if len(self._conversations) > 10_000:
+                self._conversations = {k: v for k, v in self._conversations.items() if v[0] > now}
+            entry = (now + seconds, asyncio.ensure_future(fetch()))
+            self._conversations[conversation_id] = entry
+        return await asyncio.shield(entry[1])
 
     async def genesys(self) -> GenesysClient:
         if "genesys" not in self._clients:

@@ -1,7 +1,8 @@
-"""The task runs of `process-event`: verify, deduplicate, filter, enrich, map, deliver.
+"""The steps of an event: verify (and deduplicate, filter), enrich, deliver (map and send).
 
-Tasks are thin: the decisions live in `events` (pure) and the I/O in `connectors` and `store`.
-Retries are Prefect task retries (visible in the UI) taken only for `RetryableError`.
+Each step is a plain function; `process-event` runs each as a task run, a batch run runs them
+inside one task run per event. The decisions live in `events` (pure), the I/O in `connectors`
+and `store`. Retries are Prefect task retries (visible in the UI), only for `RetryableError`.
 """
 
 from __future__ import annotations
@@ -9,24 +10,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.exceptions import MissingContextError
 
-from connectors.genesys import GenesysClient
 from connectors.http import HttpTarget
 from connectors.salesforce import SalesforceClient
 from connectors.slack import SlackClient, SlackMessageGone
+from events.drift import detect_drift
 from events.envelope import CanonicalEvent, normalise
 from events.errors import PermanentError, RetryableError
-from events.filters import FilterRule, first_failing_rule
-from events.mapping import Mapper
+from events.filters import first_failing_rule
 from events.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
-from events.render import render_target
+from events.render import Target, render_target
 from flows.limits import Limits
+from flows.runtime import Runtime, get_runtime
 from store.database import Reservation, Store
 from store.models import InboxEvent
 
@@ -64,8 +68,18 @@ def idempotency_key(conversation_id: str, target: str) -> str:
     return hashlib.sha256(f"cxrelay:{conversation_id}:{target}".encode()).hexdigest()
 
 
-@task(name="verify", cache_policy=NO_CACHE, persist_result=False)
-async def verify(row: InboxEvent) -> CanonicalEvent:
+@dataclass
+class Checked:
+    """What the `verify` step decided: the event re-read from the inbox, how it drifted from
+    its envelope's contract, what each target already has, and the filter that drops it."""
+
+    event: CanonicalEvent
+    drift: list[str]
+    plan: dict[str, str]
+    filtered_by: str | None
+
+
+def read_event(row: InboxEvent) -> CanonicalEvent:
     """Check that the stored event is intact (hash of the raw body) and normalise it again."""
     digest = hashlib.sha256(row.body).hexdigest()
     if digest != row.body_sha256:
@@ -77,44 +91,120 @@ async def verify(row: InboxEvent) -> CanonicalEvent:
     return event
 
 
-@task(name="deduplicate", cache_policy=NO_CACHE, persist_result=False)
-async def deduplicate(store: Store, event: CanonicalEvent, targets: list[str]) -> dict[str, str]:
-    """What each target has already received for this conversation: `create` or `update <ref>`."""
-    rows = await asyncio.to_thread(store.ledger, event.conversation_id)
-    delivered = {row.target: row for row in rows if row.payload_sha256}
-    return {name: (f"update {delivered[name].external_ref or ''}".strip()
-                   if name in delivered else "create") for name in targets}
+async def check(runtime: Runtime, row: InboxEvent) -> Checked:
+    """Verify, record drift, plan each target (`create` or `update <ref>`) and filter."""
+    event = read_event(row)
+    drift = await _record_drift(runtime, event)
+    rows = await asyncio.to_thread(runtime.store.ledger, event.conversation_id)
+    delivered = {r.target: r for r in rows if r.payload_sha256}
+    plan = {t.name: (f"update {delivered[t.name].external_ref or ''}".strip()
+                     if t.name in delivered else "create")
+            for t in runtime.pipeline.enabled_targets}
+    rule = first_failing_rule(runtime.pipeline.filters, event.context())
+    return Checked(event, drift, plan, rule.name if rule else None)
 
 
-@task(name="filter", cache_policy=NO_CACHE, persist_result=False)
-async def apply_filters(event: CanonicalEvent, rules: list[FilterRule]) -> str | None:
-    """The name of the first rule the event fails (it is filtered), or None to keep it."""
-    rule = first_failing_rule(rules, event.context())
-    return rule.name if rule else None
+async def _record_drift(runtime: Runtime, event: CanonicalEvent) -> list[str]:
+    """Count how the event departs from its envelope's contract; warn, never stop."""
+    findings = detect_drift(event.envelope, event.payload)
+    if not findings:
+        return []
+    required = runtime.pipeline.required_sources()
+    texts = []
+    for finding in findings:
+        text = f"{finding.kind} {finding.field} ({finding.detail})"
+        affected = required.get(f"event.{finding.field}")
+        if affected:
+            text += f"; a source of required field {affected}"
+        texts.append(text)
+    await asyncio.to_thread(runtime.store.record_drift, event.envelope,
+                            [(f.field, f.kind, f.detail) for f in findings], event.event_id)
+    logger().warning("schema drift in %s event %s: %s", event.envelope, event.event_id,
+                     "; ".join(texts))
+    return texts
 
 
-@task(name="enrich", cache_policy=INPUTS - "client" - "limits", persist_result=True,
-      result_serializer="json", cache_expiration=timedelta(minutes=5), retries=8,
-      retry_delay_seconds=backoff(8, cap=30), retry_condition_fn=only_retryable)
-async def enrich(client: GenesysClient, limits: Limits, conversation_id: str) -> dict[str, Any]:
-    """GET /api/v2/conversations/{id} from Genesys Cloud.
-
-    Cached by conversation id (the pipeline's `enrich.cache_seconds`): a second event of the
-    same conversation inside the window shows as a Cached task run and costs Genesys nothing.
-    """
+def logger() -> Any:
+    """The run's logger inside a flow or task run, the module's outside one."""
     try:
-        await limits.genesys()
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("cxrelay.flows")
+
+
+async def fetch_conversation(runtime: Runtime, conversation_id: str) -> dict[str, Any]:
+    """GET /api/v2/conversations/{id} from Genesys Cloud, inside the Genesys API limit."""
+    client = await runtime.genesys()
+    try:
+        await runtime.limits.genesys()
         return await client.get_conversation(conversation_id)
     except RetryableError as exc:
         await honour_retry_after(exc)
         raise
 
 
-@task(name="map", cache_policy=NO_CACHE, persist_result=False)
-async def map_target(mapper: Mapper, target: Any, context: dict[str, Any],
-                     default_channel: str | None = None) -> dict[str, Any]:
-    """Render one target's payload from the pipeline's mapping; warnings travel with it."""
-    return render_target(mapper, target, context, default_channel)
+async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner: str,
+                  context: dict[str, Any]) -> dict[str, Any]:
+    """Map the target's payload from the context and deliver it exactly once."""
+    store = runtime.store
+    if isinstance(target, SalesforceTargetConfig):
+        client: Any = await runtime.salesforce()
+        payload = render_target(runtime.mapper, target, context)
+        result = await deliver_salesforce(store, client, target, event, owner, payload,
+                                          runtime.limits)
+    elif isinstance(target, SlackTargetConfig):
+        client, default_channel = await runtime.slack()
+        payload = render_target(runtime.mapper, target, context, default_channel)
+        result = await deliver_slack(store, client, target, event, owner, payload, runtime.limits)
+    else:
+        client = runtime.http(target.name, target.url, target.headers)
+        payload = render_target(runtime.mapper, target, context)
+        result = await deliver_http(store, client, target, event, owner, payload)
+    return {**result, "warnings": payload.get("warnings", [])}
+
+
+# The task runs of a `process-event` run. Their parameters are quoted: Prefect would
+# otherwise walk every event body and context (it looks for futures in parameters).
+
+@task(name="verify", cache_policy=NO_CACHE, persist_result=False)
+async def verify_task(row: InboxEvent) -> Checked:
+    """Verify the stored event, record drift, plan each target, apply the filters."""
+    return await check(get_runtime(), row)
+
+
+@task(name="enrich", cache_policy=INPUTS, persist_result=True,
+      result_serializer="json", cache_expiration=timedelta(minutes=5), retries=8,
+      retry_delay_seconds=backoff(8, cap=30), retry_condition_fn=only_retryable)
+async def enrich_task(conversation_id: str) -> dict[str, Any]:
+    """GET /api/v2/conversations/{id} from Genesys Cloud.
+
+    Cached by conversation id (the pipeline's `enrich.cache_seconds`): a second event of the
+    same conversation inside the window shows as a Cached task run and costs Genesys nothing.
+    """
+    return await fetch_conversation(get_runtime(), conversation_id)
+
+
+@task(name="deliver", cache_policy=NO_CACHE, persist_result=False,
+      retry_condition_fn=only_retryable)
+async def deliver_task(target_name: str, event: CanonicalEvent, owner: str,
+                       context: dict[str, Any]) -> dict[str, Any]:
+    """Map one target's payload and deliver it exactly once (retried when transient)."""
+    runtime = get_runtime()
+    return await deliver(runtime, runtime.pipeline.target(target_name), event, owner, context)
+
+
+_deliver_tasks: dict[tuple[str, int, float], Any] = {}
+
+
+def deliver_task_for(target: Target) -> Any:
+    """`deliver-<target>` with the target's retries; built once per target (building a task
+    is not free: Prefect reads its source)."""
+    key = (target.name, target.retries, target.retry_max_delay_seconds)
+    if key not in _deliver_tasks:
+        _deliver_tasks[key] = deliver_task.with_options(
+            name=f"deliver-{target.name}", retries=target.retries,
+            retry_delay_seconds=backoff(target.retries, cap=target.retry_max_delay_seconds))
+    return _deliver_tasks[key]
 
 
 class InFlight(RetryableError):
@@ -145,8 +235,6 @@ async def _complete(store: Store, event: CanonicalEvent, target: str, action: st
                             digest, event.event_id)
 
 
-@task(name="deliver-salesforce", cache_policy=NO_CACHE, persist_result=False,
-      retry_condition_fn=only_retryable)
 async def deliver_salesforce(store: Store, client: SalesforceClient,
                              target: SalesforceTargetConfig, event: CanonicalEvent, owner: str,
                              payload: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -170,8 +258,6 @@ async def deliver_salesforce(store: Store, client: SalesforceClient,
             "http_status": result.status}
 
 
-@task(name="deliver-slack", cache_policy=NO_CACHE, persist_result=False,
-      retry_condition_fn=only_retryable)
 async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetConfig,
                         event: CanonicalEvent, owner: str,
                         payload: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -211,11 +297,8 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
     return {"status": status, "ref": ref}
 
 
-@task(name="deliver-http", cache_policy=NO_CACHE, persist_result=False,
-      retry_condition_fn=only_retryable)
 async def deliver_http(store: Store, client: HttpTarget, target: HttpTargetConfig,
-                       event: CanonicalEvent, owner: str,
-                       payload: dict[str, Any], limits: Limits) -> dict[str, Any]:
+                       event: CanonicalEvent, owner: str, payload: dict[str, Any]) -> dict[str, Any]:
     """POST the mapped body with X-Idempotency-Key = a stable key of conversation and target."""
     digest = payload_digest([target.url, payload["body"]])
     proceed, ref = await _reserved(store, event, target.name, "post", owner, digest)

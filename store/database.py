@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, case, create_engine, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -181,13 +181,18 @@ class Store:
 
     # --- dispatch -----------------------------------------------------------------------
 
-    def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedEvent]:
-        """Claim up to `limit` runnable events: pending ones, and claimed ones whose lease ran out."""
+    def claim(self, worker: str, limit: int, lease_seconds: float,
+              attempts: Literal["any", "first", "retried"] = "any") -> list[ClaimedEvent]:
+        """Claim up to `limit` runnable events: pending ones, and claimed ones whose lease ran
+        out; only those never attempted (`first`), or only those attempted before (`retried`)."""
         now = utcnow()
         runnable = or_(
             and_(INBOX.c.status == "pending", INBOX.c.available_at <= now),
             and_(INBOX.c.status == "claimed", INBOX.c.lease_until < now),
         )
+        if attempts != "any":
+            runnable = and_(runnable, INBOX.c.attempts == 0 if attempts == "first"
+                            else INBOX.c.attempts > 0)
         ids = (
             select(INBOX.c.id).where(runnable).order_by(INBOX.c.id).limit(limit)
             .with_for_update(skip_locked=True)
@@ -254,6 +259,11 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(select(INBOX).where(INBOX.c.id == inbox_id)).mappings().first()
         return InboxEvent(**row) if row else None
+
+    def get_events(self, inbox_ids: Sequence[int]) -> dict[int, InboxEvent]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(INBOX).where(INBOX.c.id.in_(list(inbox_ids)))).mappings()
+            return {row["id"]: InboxEvent(**row) for row in rows}
 
     def find_event(self, dedupe_key: str) -> InboxEvent | None:
         with self.engine.connect() as conn:

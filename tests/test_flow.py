@@ -299,7 +299,8 @@ def test_backlog_is_processed_in_batch_runs_with_the_same_guarantees(
     for conversation in ids:
         enqueue(runtime.store, generic_event(conversation))
     enqueue(runtime.store, generic_event(ids[0]))  # a second event of one conversation
-    enqueue(runtime.store, generic_event(new_id(), state="CONNECTED"))
+    connected = new_id()
+    enqueue(runtime.store, generic_event(connected, state="CONNECTED"))
     dispatcher = asyncio.run(dispatch_until(runtime, 26))
     assert dispatcher.batches_started >= 1 and dispatcher.largest_backlog >= 20
     leads, messages = sandbox_state(clean_sandbox)
@@ -324,6 +325,40 @@ def test_backlog_is_processed_in_batch_runs_with_the_same_guarantees(
             return [run.name for run in runs]
 
     names = asyncio.run(task_run_names())
-    batched = {name.removeprefix("verify-conversation-") for name in names
-               if name.startswith("verify-conversation-")}
-    assert batched and batched <= set(ids)
+    batched = {name.removeprefix("conversation-") for name in names
+               if name.startswith("conversation-")}
+    assert batched and batched <= {*ids, connected}
+
+
+def test_failures_in_a_batch_are_handed_to_runs_of_their_own(tmp_path: Path,
+                                                              clean_sandbox: Sandbox) -> None:
+    """Salesforce answers 503 to the batch's first upserts and one event cannot be mapped: those
+    events leave the batch for `process-event` runs, whose task retries deliver the first and
+    dead-letter the second's Salesforce target only; nothing is sent twice."""
+    ids = [new_id() for _ in range(12)]
+    seed(clean_sandbox, *ids)
+    broken = sample_conversation(unmappable := new_id())
+    broken["participants"][0].pop("ani")
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations", json=[broken])
+    httpx.post(f"{clean_sandbox.salesforce_url}/__sandbox/faults",
+               json={"status": 503, "count": 3, "method": "PATCH"})
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, batch_threshold=5,
+                                         batch_size=20))
+    for conversation in ids:
+        enqueue(runtime.store, generic_event(conversation))
+    payload = generic_event(unmappable)
+    del payload["conversation"]["primaryContact"]
+    enqueue(runtime.store, payload)
+    dispatcher = asyncio.run(dispatch_until(runtime, 13))
+
+    assert dispatcher.batches_started == 1
+    assert dispatcher.started_runs >= 4  # 3 × 503 and the unmappable one, each a run of its own
+    leads, messages = sandbox_state(clean_sandbox)
+    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    assert len(messages) == 13 == len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage"))
+    assert sorted(p["status"] for p in calls(clean_sandbox.salesforce_url, "PATCH")) == (
+        [201] * 12 + [503] * 3)
+    (dead,) = runtime.store.dead_letters()
+    assert dead.target == "salesforce" and dead.conversation_id == unmappable
+    outcomes = sorted(e.outcome or "" for e in runtime.store.events())
+    assert outcomes == ["delivered"] * 12 + ["partial"]
