@@ -1,112 +1,166 @@
-"""Backlog drain: N events already in the inbox, how long until every one reached Salesforce,
-with one flow run per event and with adaptive batching, in the same run.
+"""Backlog drain: N events already in the inbox; how long until every one is finished.
 
-    .venv/bin/python bench/drain.py [--events 2000] [--prefect-db sqlite|postgres]
+    .venv/bin/python bench/drain.py [--events 10000] [--per-event 150] [--prefect-db sqlite|postgres]
+    .venv/bin/python bench/drain.py --inbox postgres --dispatchers 1,2 [--events 3000]
 
-Counts Prefect API requests per event from the dispatcher's side (httpx requests to the API).
+Each dispatcher is a `cxrelay dispatch` process of its own (as `cxrelay serve` starts it), with
+the sandbox targets and a Prefect server of the bench's own; Prefect global limits off (the
+Slack channel limit would be all it measured). Modes: one flow run per event (batching off),
+and adaptive batching (as shipped). With `--inbox postgres` the inbox is a PostgreSQL database
+at 127.0.0.1:5432 shared by 1, 2 … dispatcher processes, and the bench checks that no event was
+claimed twice and no conversation got two Salesforce records or Slack messages.
+
+"API req/event" counts the dispatcher's HTTP requests to the Prefect API (task-run states travel
+on the events websocket, not counted).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import start_prefect_server, stop  # noqa: E402
+from bench.common import BIN, ROOT, start_prefect_server, stop  # noqa: E402
 from bench.e2e import postgres_database  # noqa: E402
 from cxrelay.sending import encode, generic_event  # noqa: E402
-from cxrelay.settings import Settings  # noqa: E402
 from events.envelope import normalise  # noqa: E402
-from events.mapping import Mapper  # noqa: E402
-from flows.dispatcher import Dispatcher  # noqa: E402
-from flows.runtime import Runtime, set_runtime  # noqa: E402
 from sandbox.genesys import sample_conversation  # noqa: E402
 from sandbox.server import Sandbox  # noqa: E402
 from store.database import Store, inbox_row  # noqa: E402
 
-API_CALLS = 0
+# `cxrelay dispatch`, counting its HTTP requests to the Prefect API into a file at exit.
+COUNTING_DISPATCHER = '''
+import atexit, os, sys, httpx
+api, out = os.environ["PREFECT_API_URL"], sys.argv[1]
+calls = [0]
+original = httpx.AsyncClient.send
+async def send(self, request, *args, **kwargs):
+    if str(request.url).startswith(api):
+        calls[0] += 1
+    return await original(self, request, *args, **kwargs)
+httpx.AsyncClient.send = send
+atexit.register(lambda: open(out, "w").write(str(calls[0])))
+from cxrelay.cli import dispatch
+dispatch(parent_pid=None)
+'''
 
 
-def count_api_calls(api_url: str) -> None:
-    original = httpx.AsyncClient.send
+def fill_inbox(store: Store, box: Sandbox, events: int) -> list[str]:
+    conversations = [str(uuid.uuid4()) for _ in range(events)]
+    for start in range(0, events, 1000):
+        chunk = conversations[start:start + 1000]
+        httpx.post(f"{box.genesys_url}/__sandbox/conversations", timeout=60,
+                   json=[sample_conversation(c) for c in chunk]).raise_for_status()
+        rows = []
+        for conversation in chunk:
+            body = encode(generic_event(conversation))
+            rows.append(inbox_row(normalise(json.loads(body), "genesys", body), "genesys", body))
+        store.insert_events(rows)
+    return conversations
 
-    async def send(self, request, *args, **kwargs):  # type: ignore[no-untyped-def]
-        global API_CALLS
-        if str(request.url).startswith(api_url):
-            API_CALLS += 1
-        return await original(self, request, *args, **kwargs)
 
-    httpx.AsyncClient.send = send  # type: ignore[method-assign]
-
-
-async def drain(box: Sandbox, work: Path, events: int, batching: bool) -> tuple[float, int, int]:
-    global API_CALLS
-    ids = [str(uuid.uuid4()) for _ in range(events)]
-    httpx.post(f"{box.genesys_url}/__sandbox/conversations",
-               json=[sample_conversation(c) for c in ids]).raise_for_status()
-    env = {k.removeprefix("CXRELAY_").lower(): v for k, v in box.environment().items()}
-    settings = Settings(**env, database_url=f"sqlite:///{work / f'drain-{batching}.db'}",
-                        batch_threshold=100 if batching else 10**9, poll_interval_seconds=0.02,
-                        # the Slack channel limit (1 message/s) would be all this measures
-                        prefect_limits=False)
-    pipeline = settings.pipeline_config
-    runtime = Runtime(settings, Store(settings.database_url), pipeline, Mapper(pipeline.lookups))
-    rows = []
-    for conversation in ids:
-        body = encode(generic_event(conversation))
-        event = normalise(json.loads(body), "genesys", body)
-        rows.append(inbox_row(event, "genesys", body))
-    runtime.store.insert_events(rows)
-    set_runtime(runtime)
-    API_CALLS = 0
-    stop_event = asyncio.Event()
-    dispatcher = Dispatcher(runtime)
+def drain(box: Sandbox, prefect_url: str, database_url: str, work: Path, events: int,
+          batching: bool, dispatchers: int = 1) -> dict[str, Any]:
+    store = Store(database_url)
+    conversations = fill_inbox(store, box, events)
+    env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
+           "CXRELAY_DATABASE_URL": database_url, "CXRELAY_PREFECT_LIMITS": "false",
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    if not batching:
+        env["CXRELAY_BATCH_THRESHOLD"] = str(10**9)
+    salesforce_before = len(box.salesforce.requests)
+    slack_before = len(box.slack.requests)
+    counts = [work / f"calls-{uuid.uuid4().hex[:8]}" for _ in range(dispatchers)]
     started = time.monotonic()
-    task = asyncio.create_task(dispatcher.run(stop_event))
-    while runtime.store.status_counts().get("done", 0) < events:
-        await asyncio.sleep(0.5)
-    elapsed = time.monotonic() - started
-    stop_event.set()
-    await task
-    return elapsed, API_CALLS, dispatcher.batches_started
+    processes = [subprocess.Popen([str(BIN / "python"), "-c", COUNTING_DISPATCHER, str(out)],
+                                  env=env, cwd=ROOT, stdout=(work / f"{out.name}.log").open("wb"),
+                                  stderr=subprocess.STDOUT) for out in counts]
+    try:
+        while store.status_counts().get("done", 0) < events:
+            if any(p.poll() is not None for p in processes):
+                raise RuntimeError(f"a dispatcher exited; see {work}")
+            time.sleep(0.25)
+        elapsed = time.monotonic() - started
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    wanted = set(conversations)
+    upserts = Counter(r["path"].rsplit("/", 1)[-1] for r in box.salesforce.requests[salesforce_before:]
+                      if r["method"] == "PATCH" and r.get("status") == 201)
+    posts = sum(1 for r in box.slack.requests[slack_before:]
+                if "chat.postMessage" in r["path"] and r.get("status") == 200)
+    claimed_twice = sum(1 for e in store.events(limit=events + 10) if e.attempts > 1)
+    api_calls = sum(int(c.read_text()) for c in counts if c.exists())
+    store.close()
+    return {"events": events, "seconds": elapsed, "per_second": events / elapsed,
+            "api_per_event": api_calls / events,
+            "records": sum(1 for c in upserts if c in wanted),
+            "duplicate_records": sum(n - 1 for c, n in upserts.items() if c in wanted and n > 1),
+            "messages": posts, "claimed_twice": claimed_twice}
+
+
+def fresh_postgres(name: str) -> str:
+    return postgres_database(name).replace("postgresql+asyncpg://", "postgresql://")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=10000)
+    parser.add_argument("--per-event", type=int, default=150,
+                        help="events for the one-run-per-event mode (0: skip it)")
     parser.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--inbox", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--dispatchers", default="1")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cxrelay-drain-"))
     (work / "prefect").mkdir()
     db = postgres_database("cxrelay_drain_prefect") if args.prefect_db == "postgres" else None
-    api_url, server = start_prefect_server(work / "prefect", db)
+    prefect_url, server = start_prefect_server(work / "prefect", db)
     box = Sandbox().start()
+    rows: list[tuple[str, dict[str, Any]]] = []
     try:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        def inbox(tag: str) -> str:
+            if args.inbox == "postgres":
+                return fresh_postgres(f"cxrelay_drain_{tag}")
+            return f"sqlite:///{work / f'inbox-{tag}.db'}"
 
-        count_api_calls(api_url)
-        with temporary_settings({PREFECT_API_URL: api_url}):
-            batched = asyncio.run(drain(box, work, args.events, batching=True))
-            per_event_count = min(args.events, 150)
-            single = asyncio.run(drain(box, work, per_event_count, batching=False))
-        print(f"Prefect server on {args.prefect_db}; sandbox targets; dispatch concurrency 8")
-        print(f"{'mode':24}{'events':>8}{'seconds':>10}{'events/s':>10}{'API req/event':>15}")
-        for name, (elapsed, calls, _), count in (
-                ("one run per event", single, per_event_count),
-                (f"adaptive ({batched[2]} batches)", batched, args.events)):
-            print(f"{name:24}{count:>8}{elapsed:>10.1f}{count / elapsed:>10.1f}"
-                  f"{calls / count:>15.2f}")
-        print(f"ratio batched / per-event: {(args.events / batched[0]) / (per_event_count / single[0]):.1f}x")
-        return 0
+        if args.per_event:
+            rows.append(("one run per event", drain(box, prefect_url, inbox("single"), work,
+                                                    args.per_event, batching=False)))
+            print(rows[-1], flush=True)
+        for count in (int(n) for n in args.dispatchers.split(",")):
+            rows.append((f"adaptive, {count} dispatcher(s)",
+                         drain(box, prefect_url, inbox(f"adaptive{count}"), work, args.events,
+                               batching=True, dispatchers=count)))
+            print(rows[-1], flush=True)
+        print(f"\nPrefect server on {args.prefect_db}, inbox on {args.inbox}; sandbox targets")
+        print(f"{'mode':28}{'events':>8}{'seconds':>9}{'events/s':>10}{'API req/ev':>11}"
+              f"{'records':>9}{'dup':>5}{'messages':>10}{'claimed 2x':>11}")
+        for name, r in rows:
+            print(f"{name:28}{r['events']:>8}{r['seconds']:>9.1f}{r['per_second']:>10.1f}"
+                  f"{r['api_per_event']:>11.2f}{r['records']:>9}{r['duplicate_records']:>5}"
+                  f"{r['messages']:>10}{r['claimed_twice']:>11}")
+        clean = all(r["records"] == r["events"] and r["duplicate_records"] == 0
+                    and r["messages"] == r["events"] for _, r in rows)
+        return 0 if clean else 1
     finally:
         box.stop()
         stop(server)

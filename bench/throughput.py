@@ -1,0 +1,267 @@
+"""Steady load: signed events for a while at several rates, through `cxrelay serve` as shipped.
+
+    .venv/bin/python bench/throughput.py [--rates 5,50,200] [--seconds 60] [--prefect-db sqlite|postgres]
+
+For each rate: a fresh `cxrelay serve` (receiver + dispatcher, SQLite inbox) against the sandbox
+targets and one Prefect server of the bench's own; events are offered open-loop at the rate for
+`--seconds`, then the bench waits until each reached Salesforce. It prints events processed per
+second, POST → Salesforce-received latency p50/p99, the largest backlog (acknowledged, not yet
+finished), Genesys API calls per event and the flow runs started per mode.
+
+The baseline, measured in the same run against the same Prefect server and sandbox: a bare
+Prefect flow that makes the same calls as cxrelay in a loop — per event, one task run that GETs
+the conversation from Genesys, upserts to Salesforce and posts to Slack with cxrelay's own
+connectors, 16 at a time — and nothing else (no inbox, no ledger, no receiver). Its rate is the
+ceiling Prefect allows on this machine for this work.
+
+Prefect global limits are off (`CXRELAY_PREFECT_LIMITS=false`): the Slack limit (one message a
+second per channel, as real Slack) would be all this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import BIN, free_port, percentile, start_prefect_server, stop, wait_http  # noqa: E402
+from bench.e2e import postgres_database  # noqa: E402
+from cxrelay.sending import encode, generic_event, hmac_headers  # noqa: E402
+from sandbox.genesys import sample_conversation  # noqa: E402
+from sandbox.server import Sandbox  # noqa: E402
+
+SECRET = "bench-secret"
+PARALLELISM = 16
+
+
+def seed(box: Sandbox, conversations: list[str]) -> None:
+    for start in range(0, len(conversations), 1000):
+        httpx.post(f"{box.genesys_url}/__sandbox/conversations", timeout=60,
+                   json=[sample_conversation(c) for c in conversations[start:start + 1000]]
+                   ).raise_for_status()
+
+
+def salesforce_received(box: Sandbox, wanted: dict[str, float]) -> dict[str, float]:
+    """Conversation → when the Salesforce emulator accepted its upsert."""
+    received: dict[str, float] = {}
+    for record in list(box.salesforce.requests):
+        if record["method"] == "PATCH" and record.get("status") in (200, 201):
+            conversation = record["path"].rsplit("/", 1)[-1]
+            if conversation in wanted:
+                received.setdefault(conversation, record["at"])
+    return received
+
+
+async def offer(url: str, conversations: list[str], rate: float) -> dict[str, float]:
+    """POST one signed event per conversation at a steady rate, open loop (a slow answer does
+    not delay the next event). Returns when each was sent; raises if one was not accepted."""
+    sent_at: dict[str, float] = {}
+    failures: list[str] = []
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+
+        async def post(conversation: str) -> None:
+            body = encode(generic_event(conversation))
+            sent_at[conversation] = time.time()
+            response = await client.post(url, content=body, headers=hmac_headers(body, SECRET))
+            if response.status_code != 202:
+                failures.append(f"{response.status_code} {response.text[:200]}")
+
+        start = time.monotonic()
+        pending = set()
+        for index, conversation in enumerate(conversations):
+            delay = start + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pending.add(asyncio.create_task(post(conversation)))
+            pending = {t for t in pending if not t.done()}
+        await asyncio.gather(*pending)
+    if failures:
+        raise RuntimeError(f"{len(failures)} events not accepted, e.g. {failures[0]}")
+    return sent_at
+
+
+def watch_backlog(db: Path, stop_flag: threading.Event, samples: list[tuple[float, int]]) -> None:
+    """Every 0.5 s: events acknowledged but not finished (pending + claimed)."""
+    import sqlite3
+
+    while not stop_flag.is_set():
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+                (count,) = conn.execute(
+                    "SELECT count(*) FROM inbox WHERE status IN ('pending', 'claimed')").fetchone()
+            samples.append((time.monotonic(), int(count)))
+        except sqlite3.Error:
+            pass
+        stop_flag.wait(0.5)
+
+
+def count_flow_runs(prefect_url: str, name_like: str) -> int:
+    response = httpx.post(f"{prefect_url}/flow_runs/count", timeout=30,
+                          json={"flow_runs": {"name": {"like_": name_like}}})
+    response.raise_for_status()
+    return int(response.json())
+
+
+def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: float) -> dict[str, Any]:
+    conversations = [str(uuid.uuid4()) for _ in range(int(rate * seconds))]
+    warm = str(uuid.uuid4())
+    seed(box, [warm, *conversations])
+    db = work / f"cxrelay-{rate:g}.db"
+    port = free_port()
+    env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
+           "CXRELAY_WEBHOOK_SECRET": SECRET, "CXRELAY_DATABASE_URL": f"sqlite:///{db}",
+           "CXRELAY_PREFECT_LIMITS": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    serve = subprocess.Popen([str(BIN / "cxrelay"), "serve", "--port", str(port)], env=env,
+                             stdout=(work / f"serve-{rate:g}.log").open("wb"),
+                             stderr=subprocess.STDOUT)
+    samples: list[tuple[float, int]] = []
+    stop_flag = threading.Event()
+    try:
+        url = f"http://127.0.0.1:{port}/webhooks/genesys"
+        wait_http(f"http://127.0.0.1:{port}/healthz", 60, serve)
+        body = encode(generic_event(warm))
+        httpx.post(url, content=body, headers=hmac_headers(body, SECRET)).raise_for_status()
+        deadline = time.monotonic() + 120
+        while not salesforce_received(box, {warm: 0.0}):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the warm-up event never reached Salesforce")
+            time.sleep(0.1)
+        genesys_before = len(box.genesys.requests)
+        batches_before = count_flow_runs(prefect_url, "batch-of-")
+        singles_before = count_flow_runs(prefect_url, "conversation-")
+
+        watcher = threading.Thread(target=watch_backlog, args=(db, stop_flag, samples), daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        sent_at = asyncio.run(offer(url, conversations, rate))
+        offered_seconds = time.monotonic() - started
+        backlog_at_end_of_offer = samples[-1][1] if samples else 0
+
+        received: dict[str, float] = {}
+        deadline = time.monotonic() + max(300.0, seconds * 3)
+        while len(received) < len(conversations) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            received = salesforce_received(box, sent_at)
+        stop_flag.set()
+        watcher.join()
+        latencies = [(received[c] - sent_at[c]) * 1000 for c in received]
+        first_sent = min(sent_at.values())
+        last_received = max(received.values()) if received else first_sent
+        return {
+            "rate": rate, "events": len(conversations), "offered_seconds": offered_seconds,
+            "reached": len(received),
+            "processed_per_second": len(received) / max(1e-9, last_received - first_sent),
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "largest_backlog": max((count for _, count in samples), default=0),
+            "backlog_at_end_of_offer": backlog_at_end_of_offer,
+            "genesys_calls_per_event": (len(box.genesys.requests) - genesys_before)
+            / max(1, len(conversations)),
+            "batch_runs": count_flow_runs(prefect_url, "batch-of-") - batches_before,
+            "event_runs": count_flow_runs(prefect_url, "conversation-") - singles_before,
+        }
+    finally:
+        stop_flag.set()
+        stop(serve)
+
+
+BASELINE = '''
+import asyncio, json, sys, time
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from cxrelay.settings import Settings
+from flows.runtime import get_runtime
+
+@task(name="same-calls", task_run_name="conversation-{conversation_id}", cache_policy=NO_CACHE,
+      persist_result=False)
+async def same_calls(conversation_id: str) -> None:
+    runtime = get_runtime()
+    await (await runtime.genesys()).get_conversation(conversation_id)
+    await (await runtime.salesforce()).upsert("Lead", "Genesys_Conversation_Id__c",
+                                              conversation_id, {"LastName": "Baseline"})
+    slack, channel = await runtime.slack()
+    await slack.post_message(channel or "contact-center", f"baseline {conversation_id}")
+
+@flow(name="baseline", persist_result=False)
+async def baseline(conversations: list[str], parallelism: int) -> None:
+    gate = asyncio.Semaphore(parallelism)
+    async def one(conversation_id: str) -> None:
+        async with gate:
+            await same_calls(conversation_id)
+    await asyncio.gather(*(one(c) for c in conversations))
+
+conversations = json.loads(sys.argv[1])
+started = time.monotonic()
+asyncio.run(baseline(conversations, int(sys.argv[2])))
+print(json.dumps({"events": len(conversations), "seconds": time.monotonic() - started}))
+'''
+
+
+def run_baseline(box: Sandbox, prefect_url: str, events: int) -> dict[str, Any]:
+    """The bare flow, in a process of its own as cxrelay's dispatcher is."""
+    conversations = [str(uuid.uuid4()) for _ in range(events)]
+    seed(box, conversations)
+    env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
+           "CXRELAY_PREFECT_LIMITS": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    result = subprocess.run([str(BIN / "python"), "-c", BASELINE, json.dumps(conversations),
+                             str(PARALLELISM)], env=env, capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parent.parent)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**figures, "per_second": figures["events"] / figures["seconds"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="5,50,200")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--baseline-events", type=int, default=2000)
+    parser.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite")
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+
+    work = Path(tempfile.mkdtemp(prefix="cxrelay-throughput-"))
+    (work / "prefect").mkdir()
+    db = postgres_database("cxrelay_throughput_prefect") if args.prefect_db == "postgres" else None
+    prefect_url, server = start_prefect_server(work / "prefect", db)
+    box = Sandbox().start()
+    try:
+        base = run_baseline(box, prefect_url, args.baseline_events)
+        print(f"baseline (bare flow, same calls, {PARALLELISM} at a time): {base['events']} events "
+              f"in {base['seconds']:.1f} s = {base['per_second']:.1f} events/s", flush=True)
+        results = []
+        for rate in rates:
+            result = run_rate(box, prefect_url, work, rate, args.seconds)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+        print(f"\nPrefect server on {args.prefect_db}; {args.seconds:g} s per rate; work in {work}")
+        print(f"{'offered/s':>9} {'events':>7} {'reached':>8} {'processed/s':>12} {'vs base':>8} "
+              f"{'p50 ms':>8} {'p99 ms':>8} {'max backlog':>12} {'backlog@end':>12} "
+              f"{'Genesys/ev':>11} {'runs (batch/event)':>19}")
+        for r in results:
+            print(f"{r['rate']:>9g} {r['events']:>7} {r['reached']:>8} "
+                  f"{r['processed_per_second']:>12.1f} "
+                  f"{r['processed_per_second'] / base['per_second']:>8.2f} {r['p50_ms']:>8.0f} "
+                  f"{r['p99_ms']:>8.0f} {r['largest_backlog']:>12} "
+                  f"{r['backlog_at_end_of_offer']:>12} {r['genesys_calls_per_event']:>11.2f} "
+                  f"{r['batch_runs']:>9}/{r['event_runs']:<9}")
+        print(f"baseline: {base['per_second']:.1f} events/s")
+        return 0 if all(r["reached"] == r["events"] for r in results) else 1
+    finally:
+        box.stop()
+        stop(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
