@@ -146,7 +146,7 @@ def main() -> int:
             rows.append(("one run per event", drain(box, prefect_url, inbox("single"), work,
                                                     args.per_event, batching=False)))
             print(rows[-1], flush=True)
-        for count in (int(n) for n in args.dispatchers.split(",")):
+        for count in (int(n) for n in args.dispatchers.split(",") if args.events):
             rows.append((f"adaptive, {count} dispatcher(s)",
                          drain(box, prefect_url, inbox(f"adaptive{count}"), work, args.events,
                                batching=True, dispatchers=count)))

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     dispatch_concurrency: int = Field(default=8, ge=1, le=256)
     batch_threshold: int = Field(default=100, ge=1, description="backlog above which the "
                                  "dispatcher starts batch runs instead of one run per event")
+    batch_after_seconds: float = Field(default=1.0, gt=0, description="an event that waited "
+                                       "this long for a per-event run starts a batch run, "
+                                       "whatever the backlog")
     batch_size: int = Field(default=200, ge=1, le=5000)
     batch_parallelism: int = Field(default=16, ge=1, description="events in flight per batch run")
     batch_runs: int = Field(default=2, ge=1, description="batch runs in flight per dispatcher")

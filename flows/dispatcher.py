@@ -65,24 +65,26 @@ class Dispatcher:
         last_renew = time.monotonic()
         last_backlog = 0.0
         backlog = 0
+        behind = False
         wake = asyncio.Event()
         settings = self.runtime.settings
         batching = settings.dispatcher == "inprocess"
         try:
             while not stop.is_set():
                 claimed: list[ClaimedEvent] = []
-                if batching and time.monotonic() - last_backlog > 1.0:
+                if batching and time.monotonic() - last_backlog > 0.5:
                     last_backlog = time.monotonic()
                     try:
-                        backlog = (await asyncio.to_thread(self.store.status_counts)
-                                   ).get("pending", 0)
+                        backlog, waited = await asyncio.to_thread(self.store.waiting)
                     except Exception:
-                        backlog = 0
+                        backlog, waited = 0, 0.0
                     self.largest_backlog = max(self.largest_backlog, backlog)
-                if (batching and backlog > settings.batch_threshold
-                        and len(self.batch_tasks) < settings.batch_runs):
-                    # Behind: one flow run carries many events (Prefect's per-run cost is the
-                    # ceiling of one run per event); back to per-event runs when drained.
+                    # Behind: more waiting than the threshold, or an event has waited too long
+                    # for a per-event run (Prefect's cost per run is the ceiling of that mode).
+                    behind = backlog > settings.batch_threshold or (
+                        backlog > 0 and waited > settings.batch_after_seconds)
+                if batching and behind and len(self.batch_tasks) < settings.batch_runs:
+                    # One flow run carries many events; back to per-event runs when drained.
                     try:
                         batch = await asyncio.to_thread(
                             self.store.claim, self.worker_id, settings.batch_size, self.lease,
@@ -92,6 +94,7 @@ class Dispatcher:
                         batch = []
                     if batch:
                         backlog -= len(batch)
+                        behind = backlog > settings.batch_threshold
                         task = asyncio.create_task(self._run_batch(batch))
                         self.batch_tasks.add(task)
                         for event in batch:
@@ -104,7 +107,7 @@ class Dispatcher:
                 if free > 0:
                     # While batching, per-event runs are for events a batch handed back (their
                     # retries are visible per step); fresh events wait for the next batch.
-                    which = "retried" if batching and backlog > settings.batch_threshold else "any"
+                    which = "retried" if batching and behind else "any"
                     try:
                         claimed = await asyncio.to_thread(
                             self.store.claim, self.worker_id, free, self.lease, which)

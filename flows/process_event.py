@@ -99,7 +99,8 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
                                "source": row.source, "targets": {}}
     targets = runtime.pipeline.enabled_targets
     try:
-        checked = await (steps.check(runtime, row) if inline else steps.verify_task(quote(row)))
+        checked = await (steps.check(runtime, row, plan=False) if inline
+                         else steps.verify_task(quote(row)))
     except Exception as exc:
         if inline:
             raise

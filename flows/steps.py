@@ -91,17 +91,20 @@ def read_event(row: InboxEvent) -> CanonicalEvent:
     return event
 
 
-async def check(runtime: Runtime, row: InboxEvent) -> Checked:
-    """Verify, record drift, plan each target (`create` or `update <ref>`) and filter."""
+async def check(runtime: Runtime, row: InboxEvent, plan: bool = True) -> Checked:
+    """Verify, record drift, plan each target (`create` or `update <ref>`; for the report
+    only, the ledger decides at delivery) and filter."""
     event = read_event(row)
     drift = await _record_drift(runtime, event)
-    rows = await asyncio.to_thread(runtime.store.ledger, event.conversation_id)
-    delivered = {r.target: r for r in rows if r.payload_sha256}
-    plan = {t.name: (f"update {delivered[t.name].external_ref or ''}".strip()
-                     if t.name in delivered else "create")
-            for t in runtime.pipeline.enabled_targets}
+    targets: dict[str, str] = {}
+    if plan:
+        rows = await asyncio.to_thread(runtime.store.ledger, event.conversation_id)
+        delivered = {r.target: r for r in rows if r.payload_sha256}
+        targets = {t.name: (f"update {delivered[t.name].external_ref or ''}".strip()
+                            if t.name in delivered else "create")
+                   for t in runtime.pipeline.enabled_targets}
     rule = first_failing_rule(runtime.pipeline.filters, event.context())
-    return Checked(event, drift, plan, rule.name if rule else None)
+    return Checked(event, drift, targets, rule.name if rule else None)
 
 
 async def _record_drift(runtime: Runtime, event: CanonicalEvent) -> list[str]:

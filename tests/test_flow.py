@@ -362,3 +362,20 @@ def test_failures_in_a_batch_are_handed_to_runs_of_their_own(tmp_path: Path,
     assert dead.target == "salesforce" and dead.conversation_id == unmappable
     outcomes = sorted(e.outcome or "" for e in runtime.store.events())
     assert outcomes == ["delivered"] * 12 + ["partial"]
+
+
+def test_events_waiting_too_long_for_a_run_of_their_own_go_to_a_batch(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """A small backlog that per-event runs cannot keep up with: one run at a time, and events
+    that waited longer than `batch_after_seconds` are taken by a batch run."""
+    ids = [new_id() for _ in range(8)]
+    seed(clean_sandbox, *ids)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, batch_threshold=1000,
+                                         batch_after_seconds=0.3, dispatch_concurrency=1))
+    for conversation in ids:
+        enqueue(runtime.store, generic_event(conversation))
+    dispatcher = asyncio.run(dispatch_until(runtime, 8))
+    assert dispatcher.started_runs >= 1 and dispatcher.batches_started >= 1
+    leads, messages = sandbox_state(clean_sandbox)
+    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    assert len(messages) == 8 == len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage"))

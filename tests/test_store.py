@@ -29,6 +29,30 @@ def test_insert_dedupes_within_and_across_batches(any_store: Store) -> None:
     assert any_store.get_event(first[0]).body == b'{"id":"a"}'  # type: ignore[union-attr]
 
 
+def test_claims_of_first_attempts_and_of_retries_are_apart(any_store: Store) -> None:
+    """Batches take events never attempted; per-event runs take the ones handed back."""
+    ids = any_store.insert_events([row(f"r{i}") for i in range(3)])
+    (handed_back,) = any_store.claim("w1", 1, lease_seconds=60)
+    any_store.release(handed_back.id, "w1", delay_seconds=0)
+    assert any_store.claim("w2", 10, lease_seconds=60, attempts="retried") == [
+        type(handed_back)(handed_back.id, handed_back.conversation_id, handed_back.event_type,
+                          handed_back.source, 2)]
+    fresh = any_store.claim("w3", 10, lease_seconds=60, attempts="first")
+    assert sorted(e.id for e in fresh) == sorted(i for i in ids if i != handed_back.id)
+    assert all(e.attempts == 1 for e in fresh)
+
+
+def test_waiting_counts_runnable_unclaimed_events_and_the_oldest_wait(any_store: Store) -> None:
+    assert any_store.waiting() == (0, 0.0)
+    any_store.insert_events([row(f"w{i}") for i in range(4)])
+    time.sleep(0.3)
+    (claimed,) = any_store.claim("w1", 1, lease_seconds=60)
+    (later,) = any_store.claim("w1", 1, lease_seconds=60)
+    any_store.release(later.id, "w1", delay_seconds=60)  # not runnable for a minute
+    count, oldest = any_store.waiting()
+    assert count == 2 and 0.25 < oldest < 30
+
+
 def test_claim_is_exclusive_and_ordered(any_store: Store) -> None:
     any_store.insert_events([row(f"e{i}") for i in range(5)])
     first = any_store.claim("w1", 3, lease_seconds=60)
