@@ -65,17 +65,19 @@ def salesforce_received(box: Sandbox, wanted: dict[str, float]) -> dict[str, flo
     return received
 
 
-async def offer(url: str, conversations: list[str], rate: float) -> dict[str, float]:
+async def offer(url: str, conversations: list[str], rate: float,
+                acks: list[float]) -> dict[str, float]:
     """POST one signed event per conversation at a steady rate, open loop (a slow answer does
     not delay the next event). Returns when each was sent; raises if one was not accepted."""
     sent_at: dict[str, float] = {}
     failures: list[str] = []
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
 
         async def post(conversation: str) -> None:
             body = encode(generic_event(conversation))
             sent_at[conversation] = time.time()
             response = await client.post(url, content=body, headers=hmac_headers(body, SECRET))
+            acks.append((time.time() - sent_at[conversation]) * 1000)
             if response.status_code != 202:
                 failures.append(f"{response.status_code} {response.text[:200]}")
 
@@ -93,6 +95,18 @@ async def offer(url: str, conversations: list[str], rate: float) -> dict[str, fl
     return sent_at
 
 
+def offer_from_another_process(url: str, conversations: list[str], rate: float,
+                               work: Path) -> tuple[dict[str, float], list[float]]:
+    """`offer` in a process of its own: beside the sandbox it was CPU-bound at 200/s, and its
+    own delays showed as acknowledgement latency."""
+    listing, out = work / "offer-in.json", work / "offer-out.json"
+    listing.write_text(json.dumps(conversations))
+    subprocess.run([str(BIN / "python"), __file__, "--offer", url, str(listing), str(rate),
+                    str(out)], check=True, cwd=Path(__file__).resolve().parent.parent)
+    result = json.loads(out.read_text())
+    return result["sent_at"], result["acks"]
+
+
 def watch_backlog(db: Path, stop_flag: threading.Event, samples: list[tuple[float, int]]) -> None:
     """Every 0.5 s: events acknowledged but not finished (pending + claimed)."""
     import sqlite3
@@ -106,6 +120,19 @@ def watch_backlog(db: Path, stop_flag: threading.Event, samples: list[tuple[floa
         except sqlite3.Error:
             pass
         stop_flag.wait(0.5)
+
+
+def receiver_ack_buckets(metrics_url: str) -> dict[str, float]:
+    """The receiver's own ack latency histogram: the share of acknowledgements within each
+    bound (the client's figure also holds the load generator's own delays)."""
+    buckets: dict[str, float] = {}
+    for line in httpx.get(metrics_url, timeout=30).text.splitlines():
+        if line.startswith("cxrelay_webhook_ack_seconds_bucket"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[bound] = float(line.rsplit(" ", 1)[1])
+    total = buckets.get("+Inf", 0.0) or 1.0
+    return {f"{bound}s": round(count / total, 4) for bound, count in buckets.items()
+            if bound in ("0.025", "0.1", "1.0", "+Inf")}
 
 
 def count_flow_runs(prefect_url: str, name_like: str) -> int:
@@ -146,8 +173,9 @@ def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: f
         watcher = threading.Thread(target=watch_backlog, args=(db, stop_flag, samples), daemon=True)
         watcher.start()
         started = time.monotonic()
-        sent_at = asyncio.run(offer(url, conversations, rate))
+        sent_at, acks = offer_from_another_process(url, conversations, rate, work)
         offered_seconds = time.monotonic() - started
+        server_acks = receiver_ack_buckets(f"http://127.0.0.1:{port}/metrics")
         backlog_at_end_of_offer = samples[-1][1] if samples else 0
 
         received: dict[str, float] = {}
@@ -165,6 +193,8 @@ def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: f
             "reached": len(received),
             "processed_per_second": len(received) / max(1e-9, last_received - first_sent),
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "ack_p50_ms": percentile(acks, 50), "ack_p99_ms": percentile(acks, 99),
+            "receiver_acks_within": server_acks,
             "largest_backlog": max((count for _, count in samples), default=0),
             "backlog_at_end_of_offer": backlog_at_end_of_offer,
             "genesys_calls_per_event": (len(box.genesys.requests) - genesys_before)
@@ -245,6 +275,12 @@ def run_baseline(box: Sandbox, prefect_url: str, events: int, mode: str = "loop"
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--offer"]:
+        url, listing, rate, out = sys.argv[2:6]
+        acks: list[float] = []
+        sent_at = asyncio.run(offer(url, json.loads(Path(listing).read_text()), float(rate), acks))
+        Path(out).write_text(json.dumps({"sent_at": sent_at, "acks": acks}))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="5,50,200")
     parser.add_argument("--seconds", type=float, default=60.0)
