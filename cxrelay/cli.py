@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,6 +176,11 @@ def dispatch(
         watcher.cancel()
 
     asyncio.run(main())
+    # At exit Prefect flushes its run events and waits for as long as its server is gone (seen:
+    # a dispatcher outliving its `serve` by 40 minutes). The inbox is the record; 30 s it is.
+    watchdog = threading.Timer(30, os._exit, args=(0,))
+    watchdog.daemon = True
+    watchdog.start()
 
 
 @app.command()
