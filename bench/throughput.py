@@ -225,29 +225,25 @@ async def same_calls(conversation_id: str) -> None:
     slack, channel = await runtime.slack()
     await slack.post_message(channel or "contact-center", f"baseline {conversation_id}")
 
-@flow(name="baseline", persist_result=False)
-async def baseline(conversations: list[str], parallelism: int) -> None:
+async def each(conversations: list[str], parallelism: int, call) -> None:
     gate = asyncio.Semaphore(parallelism)
     async def one(conversation_id: str) -> None:
         async with gate:
-            await same_calls(conversation_id)
+            await call(conversation_id)
     await asyncio.gather(*(one(c) for c in conversations))
+
+@flow(name="baseline", persist_result=False)
+async def baseline(conversations: list[str], parallelism: int) -> None:
+    await each(conversations, parallelism, same_calls)
 
 @flow(name="baseline-run", persist_result=False)
 async def baseline_run(conversation_id: str) -> None:
     await same_calls(conversation_id)
 
-async def runs(conversations: list[str], parallelism: int) -> None:
-    gate = asyncio.Semaphore(parallelism)
-    async def one(conversation_id: str) -> None:
-        async with gate:
-            await baseline_run(conversation_id)
-    await asyncio.gather(*(one(c) for c in conversations))
-
 conversations = json.loads(open(sys.argv[1]).read())
 started = time.monotonic()
 if sys.argv[3] == "runs":
-    asyncio.run(runs(conversations, int(sys.argv[2])))
+    asyncio.run(each(conversations, int(sys.argv[2]), baseline_run))
 else:
     asyncio.run(baseline(conversations, int(sys.argv[2])))
 print(json.dumps({"events": len(conversations), "seconds": time.monotonic() - started}))

@@ -155,7 +155,7 @@ class Dispatcher:
         for event in events:
             outcome = results.get(event.id, "deferred: no outcome")
             if outcome.startswith("deferred"):
-                await self._after_failure(event, Deferred(outcome), delay=0.0)
+                await self._after_failure(event, Deferred(outcome))
 
     async def _drain(self, grace_seconds: float = 10.0) -> None:
         if not self.running:
@@ -204,8 +204,7 @@ class Dispatcher:
         self.submitted += 1
         return flow_run
 
-    async def _after_failure(self, event: ClaimedEvent, exc: Exception,
-                             delay: float | None = None) -> None:
+    async def _after_failure(self, event: ClaimedEvent, exc: Exception) -> None:
         current = await asyncio.to_thread(self.store.get_event, event.id)
         if current is None or current.status != "claimed":
             return  # it finished after all (e.g. the rest of its batch failed)
@@ -219,8 +218,8 @@ class Dispatcher:
                 event.conversation_id, "*", reason, type(exc).__name__, event.attempts)
             await asyncio.to_thread(self.store.finish, event.id, "failed", {"reason": reason})
             return
-        if delay is None:
-            delay = min(60.0, 2.0 ** min(event.attempts, 6))
+        # A handed-back event goes straight to a run of its own, whose task retries back off.
+        delay = 0.0 if isinstance(exc, Deferred) else min(60.0, 2.0 ** min(event.attempts, 6))
         if isinstance(exc, Deferred):
             logger.info("event %s handed back by its batch (%s): a run of its own takes it",
                         event.id, exc)

@@ -29,13 +29,13 @@ from flows.runtime import Runtime, get_runtime
 from store.models import InboxEvent
 
 
-def error_text(exc: BaseException) -> str:
+def _error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, CxrelayError) else f"{type(exc).__name__}: {exc}"
 
 
 async def _dead_letter(runtime: Runtime, row: InboxEvent, target: str, exc: BaseException,
                        attempts: int) -> dict[str, Any]:
-    reason = error_text(exc)
+    reason = _error_text(exc)
     await asyncio.to_thread(runtime.store.dead_letter, row.id, row.event_id, row.conversation_id,
                             target, reason, type(exc).__name__, attempts)
     get_run_logger().warning("dead letter for %s: %s", target, reason)
@@ -104,7 +104,7 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
     except Exception as exc:
         if inline:
             raise
-        summary.update(outcome="dead_lettered", reason=error_text(exc))
+        summary.update(outcome="dead_lettered", reason=_error_text(exc))
         await _dead_letter(runtime, row, "*", exc, row.attempts)
         return await _finish(runtime, summary, inline)
 
@@ -120,20 +120,18 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
     if enrich.genesys_conversation:
         try:
             context["conversation"] = await _enrich(runtime, event.conversation_id, inline)
-        except GenesysNotFound as exc:
-            if enrich.on_not_found == "dead_letter":
-                if inline:
-                    raise
-                summary["targets"]["genesys"] = await _dead_letter(runtime, row, "genesys", exc, 1)
-                summary.update(outcome="dead_lettered", reason=error_text(exc))
-                return await _finish(runtime, summary, inline)
         except Exception as exc:
-            if inline:
+            not_found = isinstance(exc, GenesysNotFound)
+            if not_found and enrich.on_not_found != "dead_letter":
+                pass  # deliver without the conversation
+            elif inline:
                 raise
-            summary["targets"]["genesys"] = await _dead_letter(
-                runtime, row, "genesys", exc, attempts=(steps.enrich_task.retries or 0) + 1)
-            summary.update(outcome="dead_lettered", reason=error_text(exc))
-            return await _finish(runtime, summary, inline)
+            else:
+                summary["targets"]["genesys"] = await _dead_letter(
+                    runtime, row, "genesys", exc,
+                    attempts=1 if not_found else (steps.enrich_task.retries or 0) + 1)
+                summary.update(outcome="dead_lettered", reason=_error_text(exc))
+                return await _finish(runtime, summary, inline)
 
     # Every target runs to its end before a failure is raised: nothing is left half-sent
     # behind an event that a per-event run is about to take over.
@@ -184,7 +182,7 @@ async def process_batch(inbox_ids: list[int], size: int = 0) -> dict[int, str]:
                 summary = await conversation_task(row.conversation_id, quote(row))
                 return row.conversation_id, str(summary["outcome"])
             except Exception as exc:
-                return row.conversation_id, f"deferred: {error_text(exc)}"
+                return row.conversation_id, f"deferred: {_error_text(exc)}"
 
     outcomes = await asyncio.gather(*(one(i) for i in inbox_ids))
     await acreate_markdown_artifact(markdown=render_batch_report(outcomes),

@@ -96,15 +96,15 @@ async def check(runtime: Runtime, row: InboxEvent, plan: bool = True) -> Checked
     only, the ledger decides at delivery) and filter."""
     event = read_event(row)
     drift = await _record_drift(runtime, event)
-    targets: dict[str, str] = {}
+    planned: dict[str, str] = {}
     if plan:
         rows = await asyncio.to_thread(runtime.store.ledger, event.conversation_id)
         delivered = {r.target: r for r in rows if r.payload_sha256}
-        targets = {t.name: (f"update {delivered[t.name].external_ref or ''}".strip()
+        planned = {t.name: (f"update {delivered[t.name].external_ref or ''}".strip()
                             if t.name in delivered else "create")
                    for t in runtime.pipeline.enabled_targets}
     rule = first_failing_rule(runtime.pipeline.filters, event.context())
-    return Checked(event, drift, targets, rule.name if rule else None)
+    return Checked(event, drift, planned, rule.name if rule else None)
 
 
 async def _record_drift(runtime: Runtime, event: CanonicalEvent) -> list[str]:
