@@ -18,12 +18,13 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BIN, ROOT, free_port, stop, wait_http  # noqa: E402
+from bench.common import BIN, ROOT, cpu_seconds, free_port, process_tree, stop, wait_http  # noqa: E402
 from cxrelay.sending import encode, generic_event  # noqa: E402
 from events.signatures import HmacVerifier  # noqa: E402
 from store.database import Store  # noqa: E402
@@ -74,8 +75,34 @@ def receiver_rss_mb(pid: int) -> float:
 
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     workers = [int(c) for c in children
-               if b"dispatch" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+               if b"dispatch" not in Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")]
     return max([rss(pid), *(rss(w) for w in workers)])
+
+
+def split_tree(pid: int) -> tuple[list[int], list[int]]:
+    """The receiver's processes (serve and its uvicorn workers) and the dispatcher's (the
+    `cxrelay dispatch` child and whatever it started)."""
+    receiver, dispatcher = [], []
+    for child in process_tree(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        (dispatcher if b"dispatch" in command.split(b"\0") else receiver).append(child)
+    for child in list(dispatcher):
+        dispatcher += [p for p in process_tree(child) if p not in dispatcher]
+    return [p for p in receiver if p not in dispatcher], dispatcher
+
+
+def measure(url: str, pid: int, requests_file: Path, args: argparse.Namespace) -> dict:
+    """wrk's figures, plus the CPU seconds the receiver (and dispatcher) used meanwhile."""
+    receiver, dispatcher = split_tree(pid)
+    before = cpu_seconds(receiver), cpu_seconds(dispatcher)
+    figures = wrk(url, requests_file, args.seconds, args.connections, args.rate)
+    receiver, dispatcher = split_tree(pid)
+    figures["receiver_cpu"] = cpu_seconds(receiver) - before[0]
+    figures["dispatcher_cpu"] = cpu_seconds(dispatcher) - before[1]
+    return figures
 
 
 def main() -> int:
@@ -100,8 +127,7 @@ def main() -> int:
                              str(args.workers)], cwd=ROOT)
     try:
         wait_http(f"http://127.0.0.1:{port}/", 30, bare)
-        baseline = wrk(f"http://127.0.0.1:{port}", requests_file, args.seconds, args.connections,
-                       args.rate)
+        baseline = measure(f"http://127.0.0.1:{port}", bare.pid, requests_file, args)
     finally:
         stop(bare)
 
@@ -115,8 +141,8 @@ def main() -> int:
     serve = subprocess.Popen(command, env=env, stderr=(work / "serve.log").open("wb"))
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 60, serve)
-        measured = wrk(f"http://127.0.0.1:{port}", requests_file, args.seconds, args.connections,
-                       args.rate)
+        time.sleep(2)  # the dispatcher's start-up is not part of the measurement
+        measured = measure(f"http://127.0.0.1:{port}", serve.pid, requests_file, args)
         rss_mb = receiver_rss_mb(serve.pid)
     finally:
         stop(serve)
@@ -127,10 +153,12 @@ def main() -> int:
     print(f"wrk, {args.connections} connections, {args.seconds} s, {offered}, distinct signed "
           f"events, SQLite synchronous={args.synchronous}, {args.workers} worker(s), "
           f"dispatcher {'on' if args.dispatcher else 'off'}")
-    print(f"{'':28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}")
+    print(f"{'':22}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'non-2xx':>8}"
+          f"{'CPU µs/req':>12}{'dispatcher CPU s':>18}")
     for name, figures in (("bare Starlette 202", baseline), ("cxrelay serve", measured)):
-        print(f"{name:28}{figures['rps']:>10.0f}{figures['p50']:>10.2f}{figures['p99']:>10.2f}"
-              f"{figures['non_2xx']:>10}")
+        per_request = figures["receiver_cpu"] / max(1, figures["requests"]) * 1e6
+        print(f"{name:22}{figures['rps']:>8.0f}{figures['p50']:>8.2f}{figures['p99']:>8.2f}"
+              f"{figures['non_2xx']:>8}{per_request:>12.0f}{figures['dispatcher_cpu']:>18.1f}")
     print(f"ratio cxrelay / bare: {measured['rps'] / baseline['rps']:.2f}")
     print(f"acknowledged {acknowledged}, stored in the inbox {stored}, "
           f"lost {max(0, acknowledged - stored)}; receiver RSS {rss_mb:.0f} MB; "

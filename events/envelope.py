@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict
 
 from events.errors import EnvelopeError
 
@@ -31,14 +30,13 @@ ENDED_STATES = {"COMPLETED", "ENDED", "DISCONNECTED", "TERMINATED"}
 _CONVERSATION_TOPIC = re.compile(r"^v2\.(?:detail\.events\.)?conversations?\.([^.]+)\.(.+)$")
 
 
-class CanonicalEvent(BaseModel):
+@dataclass(frozen=True, slots=True)
+class CanonicalEvent:
     """One event, whatever envelope carried it.
 
-    The normalisers below check every field themselves and build it with `model_construct`:
-    the receiver's hot path does not pay for a second validation.
+    The normalisers below check every field themselves, so this is a plain dataclass: the
+    receiver's hot path paid ~15 µs per event for building it as a pydantic model.
     """
-
-    model_config = ConfigDict(frozen=True)
 
     event_id: str
     dedupe_key: str
@@ -154,7 +152,7 @@ def _generic(payload: dict[str, Any], source: str) -> CanonicalEvent:
     if errors:
         raise EnvelopeError("generic webhook is missing required fields", errors)
     state = _text(conversation.get("state")) or ""
-    return CanonicalEvent.model_construct(
+    return CanonicalEvent(
         event_id=event_id,
         dedupe_key=event_id,
         event_type=_text(payload.get("eventType")) or "UNKNOWN",
@@ -194,7 +192,7 @@ def _from_topic_event(
     occurred = _parse_time(body.get("eventTime")) or _parse_time(
         detail.get("timestamp") or payload.get("time")
     )
-    return CanonicalEvent.model_construct(
+    return CanonicalEvent(
         event_id=event_id or correlation_id or fallback_key,
         dedupe_key=correlation_id or event_id or fallback_key,
         event_type=event_type,

@@ -7,13 +7,13 @@ never echoes a secret; an authenticated body that is not an event is quarantined
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio.to_thread
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -68,8 +68,8 @@ class Receiver:
             self.metrics.rejected.labels(name, "unsupported_media_type").inc()
             return error(415, "unsupported_media_type", "send the event as application/json")
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            payload = orjson.loads(body)  # a third of json.loads's time; stricter (no NaN)
+        except orjson.JSONDecodeError as exc:
             self.metrics.rejected.labels(name, "malformed_json").inc()
             return error(400, "malformed_json", f"the body is not valid JSON: {exc}")
         try:
@@ -92,7 +92,7 @@ class Receiver:
                          f"the event was not stored ({type(exc).__name__}); retry later")
         status = "accepted" if inbox_id is not None else "duplicate"
         self.metrics.acknowledged(name, inbox_id is not None, time.perf_counter() - started)
-        return Response(json.dumps({"event_id": event.event_id, "status": status}),
+        return Response(orjson.dumps({"event_id": event.event_id, "status": status}),
                         status_code=202, media_type="application/json")
 
     async def healthz(self, request: Request) -> Response:
