@@ -53,6 +53,26 @@ def test_waiting_counts_runnable_unclaimed_events_and_the_oldest_wait(any_store:
     assert count == 2 and 0.25 < oldest < 30
 
 
+def test_conversations_handled_are_in_progress_or_reached_a_target(any_store: Store) -> None:
+    """What reconcile skips: events waiting or running, and finished ones that delivered,
+    partly delivered, dead-lettered or failed; not a conversation only ever filtered out."""
+    ids = dict(zip("abcdef", any_store.insert_events(
+        [row(f"h{c}", conversation=f"conv-{c}") for c in "abcdef"]), strict=True))
+    claimed = {e.conversation_id: e.id for e in any_store.claim("w1", 10, lease_seconds=60)}
+    assert len(claimed) == 6
+    any_store.finish(ids["b"], "delivered", {})
+    any_store.finish(ids["c"], "filtered", {})
+    any_store.finish(ids["d"], "dead_lettered", {})
+    any_store.finish(ids["e"], "failed", {})
+    any_store.release(ids["f"], "w1", delay_seconds=0)  # waiting again
+    asked = [f"conv-{c}" for c in "abcdefg"]
+    assert any_store.conversations_handled(asked) == {
+        "conv-a", "conv-b", "conv-d", "conv-e", "conv-f"}
+    # Many conversations at once (the query is chunked).
+    assert any_store.conversations_handled([f"other-{i}" for i in range(1200)] + ["conv-b"]) == {
+        "conv-b"}
+
+
 def test_claim_is_exclusive_and_ordered(any_store: Store) -> None:
     any_store.insert_events([row(f"e{i}") for i in range(5)])
     first = any_store.claim("w1", 3, lease_seconds=60)
