@@ -165,15 +165,19 @@ def dispatch(
                           pipeline, Mapper(pipeline.lookups))
         set_runtime(runtime)
 
-        async def watch_parent() -> None:
-            while not stop.is_set():
-                if parent_pid and os.getppid() != parent_pid:
-                    stop.set()
-                await asyncio.sleep(0.5)
+        def watch_parent() -> None:
+            # A thread, not a task: an orphan must exit even when its event loop is wedged
+            # (seen once: blocked on a lock inside Prefect's concurrency-slot service, its
+            # `serve` killed, the dispatcher left behind holding its claims).
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            loop.call_soon_threadsafe(stop.set)
+            time.sleep(60)  # the loop drains its runs and returns well before this
+            os._exit(1)
 
-        watcher = asyncio.create_task(watch_parent())
+        if parent_pid:
+            threading.Thread(target=watch_parent, name="cxrelay-parent-watch", daemon=True).start()
         await Dispatcher(runtime).run(stop)
-        watcher.cancel()
 
     asyncio.run(main())
     # At exit Prefect flushes its run events and waits for as long as its server is gone (seen:

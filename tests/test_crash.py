@@ -183,3 +183,32 @@ def test_prefect_api_unreachable_for_30_seconds(tmp_path: Path, clean_sandbox: S
           f"duplicated effects {duplicated}, lost {count - delivered}")
     assert statuses == [202] * count and len(during_outage) == 30
     assert delivered == count and duplicated == 0 and len(messages) == count
+
+
+def test_a_dispatcher_whose_serve_is_killed_exits(tmp_path: Path, prefect_api: str) -> None:
+    """`serve` SIGKILLed (nothing forwards a signal): its dispatcher child notices the new
+    parent and exits instead of holding its claims as an orphan."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "CXRELAY_WEBHOOK_SECRET": SECRET,
+           "CXRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cxrelay.db'}"}
+    log = tmp_path / "serve.log"
+    serve = start(env, free_port(), log)
+    deadline = time.monotonic() + 30
+    children: list[int] = []
+    while not children and time.monotonic() < deadline:
+        children = [int(pid) for pid in Path(f"/proc/{serve.pid}/task/{serve.pid}/children")
+                    .read_text().split()
+                    if b"dispatch" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        time.sleep(0.2)
+    (dispatcher,) = children
+    time.sleep(2)  # the dispatcher is past its start-up
+    serve.kill()
+    serve.wait()
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline and Path(f"/proc/{dispatcher}").exists() and \
+            Path(f"/proc/{dispatcher}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.2)
+    alive = Path(f"/proc/{dispatcher}").exists() and \
+        Path(f"/proc/{dispatcher}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    if alive:
+        os.kill(dispatcher, signal.SIGKILL)
+    assert not alive, log.read_text()[-2000:]
