@@ -2,11 +2,12 @@
 Starlette endpoint answering 202, measured in the same run with wrk and distinct signed events.
 
     .venv/bin/python bench/ingest.py [--seconds 10] [--connections 16] [--workers 1]
-                                     [--rate 1000] [--no-dispatcher]
+                                     [--rate 1000] [--rounds 3] [--no-dispatcher]
 
-Without --rate each connection sends as fast as it is answered (the sustained rate); with
---rate each connection is paced so that about that many events/s are offered (ack latency at
-a given load). `cxrelay serve` runs as shipped, its dispatcher included, unless
+Bare and cxrelay are measured in turn, --rounds times (a new inbox each round), and compared
+by their medians. Without --rate each connection sends as fast as it is answered (the
+sustained rate); with --rate each connection is paced so that about that many events/s are
+offered (ack latency at a given load). `cxrelay serve` runs as shipped, its dispatcher included, unless
 --no-dispatcher. Every acknowledged event must be in the inbox afterwards: the script counts.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,32 +130,19 @@ def measure(url: str, pid: int, requests_file: Path, args: argparse.Namespace) -
     return figures
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--no-dispatcher", dest="dispatcher", action="store_false",
-                        help="run the receiver alone (by default the dispatcher runs too, on "
-                             "PREFECT_API_URL or Prefect's ephemeral server; the bench events "
-                             "reach no Genesys, so their runs end in the dead letters)")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=None, help="offered events/s (paced)")
-    parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
-    args = parser.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="cxrelay-bench-"))
-    requests_file = work / "requests.tsv"
-    write_requests(requests_file, int(min(12_000, args.rate or 12_000) * 1.2 * args.seconds))
-
+def run_bare(requests_file: Path, args: argparse.Namespace) -> dict:
     port = free_port()
     bare = subprocess.Popen([sys.executable, "-m", "bench.bare", str(port),
                              str(args.workers)], cwd=ROOT)
     try:
         wait_http(f"http://127.0.0.1:{port}/", 30, bare)
-        baseline = measure(f"http://127.0.0.1:{port}", bare.pid, requests_file, args)
+        return measure(f"http://127.0.0.1:{port}", bare.pid, requests_file, args)
     finally:
         stop(bare)
 
+
+def run_cxrelay(requests_file: Path, work: Path, args: argparse.Namespace) -> dict:
+    """One `cxrelay serve` on a new inbox; its figures, RSS, and how many events were lost."""
     database = f"sqlite:///{work / 'inbox.db'}"
     env = {**os.environ, "CXRELAY_WEBHOOK_SECRET": SECRET, "CXRELAY_DATABASE_URL": database,
            "CXRELAY_SQLITE_SYNCHRONOUS": args.synchronous}
@@ -164,30 +153,73 @@ def main() -> int:
     serve = subprocess.Popen(command, env=env, stderr=(work / "serve.log").open("wb"))
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 60, serve)
+        warmed = 0
         if args.dispatcher:
             warm_up(f"http://127.0.0.1:{port}", database)
-        measured = measure(f"http://127.0.0.1:{port}", serve.pid, requests_file, args)
-        rss_mb = receiver_rss_mb(serve.pid)
+            warmed = 1
+        figures = measure(f"http://127.0.0.1:{port}", serve.pid, requests_file, args)
+        figures["rss_mb"] = receiver_rss_mb(serve.pid)
     finally:
         stop(serve)
-    stored = len(Store(database, create=False).events(limit=10_000_000))
-    acknowledged = measured["requests"] - measured["non_2xx"]
+    store = Store(database, create=False)
+    figures["stored"] = len(store.events(limit=10_000_000)) - warmed
+    store.close()
+    figures["acknowledged"] = figures["requests"] - figures["non_2xx"]
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--no-dispatcher", dest="dispatcher", action="store_false",
+                        help="run the receiver alone (by default the dispatcher runs too, on "
+                             "PREFECT_API_URL or Prefect's ephemeral server; the bench events "
+                             "reach no Genesys, so their runs end in the dead letters)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=None, help="offered events/s (paced)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="bare and cxrelay measured in turn this many times; the ratio "
+                             "is of the medians (this machine is shared: one pair varies by "
+                             "±10 %%)")
+    parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cxrelay-bench-"))
+    requests_file = work / "requests.tsv"
+    write_requests(requests_file, int(min(12_000, args.rate or 12_000) * 1.2 * args.seconds))
 
     offered = f"{args.rate:g}/s offered" if args.rate else "unpaced"
     print(f"wrk, {args.connections} connections, {args.seconds} s, {offered}, distinct signed "
           f"events, SQLite synchronous={args.synchronous}, {args.workers} worker(s), "
-          f"dispatcher {'on' if args.dispatcher else 'off'}")
-    print(f"{'':22}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'non-2xx':>8}"
-          f"{'CPU µs/req':>12}{'dispatcher CPU s':>18}")
-    for name, figures in (("bare Starlette 202", baseline), ("cxrelay serve", measured)):
-        per_request = figures["receiver_cpu"] / max(1, figures["requests"]) * 1e6
-        print(f"{name:22}{figures['rps']:>8.0f}{figures['p50']:>8.2f}{figures['p99']:>8.2f}"
-              f"{figures['non_2xx']:>8}{per_request:>12.0f}{figures['dispatcher_cpu']:>18.1f}")
-    print(f"ratio cxrelay / bare: {measured['rps'] / baseline['rps']:.2f}")
-    print(f"acknowledged {acknowledged}, stored in the inbox {stored}, "
-          f"lost {max(0, acknowledged - stored)}; receiver RSS {rss_mb:.0f} MB; "
-          f"socket errors: {measured['socket_errors']}")
-    return 0 if stored >= acknowledged else 1
+          f"dispatcher {'on' if args.dispatcher else 'off'}, {args.rounds} round(s)")
+    print(f"{'':24}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'non-2xx':>8}"
+          f"{'CPU µs/req':>12}{'dispatcher CPU s':>18}", flush=True)
+    bare_runs, cxrelay_runs = [], []
+    for number in range(1, args.rounds + 1):
+        round_dir = work / f"round-{number}"
+        round_dir.mkdir()
+        bare_runs.append(run_bare(requests_file, args))
+        cxrelay_runs.append(run_cxrelay(requests_file, round_dir, args))
+        for name, figures in ((f"{number}: bare Starlette 202", bare_runs[-1]),
+                              (f"{number}: cxrelay serve", cxrelay_runs[-1])):
+            per_request = figures["receiver_cpu"] / max(1, figures["requests"]) * 1e6
+            print(f"{name:24}{figures['rps']:>8.0f}{figures['p50']:>8.2f}{figures['p99']:>8.2f}"
+                  f"{figures['non_2xx']:>8}{per_request:>12.0f}"
+                  f"{figures['dispatcher_cpu']:>18.1f}", flush=True)
+
+    bare_rps = statistics.median(r["rps"] for r in bare_runs)
+    cxrelay_rps = statistics.median(r["rps"] for r in cxrelay_runs)
+    pairs = ", ".join(f"{c['rps'] / b['rps']:.2f}" for b, c in zip(bare_runs, cxrelay_runs,
+                                                                   strict=True))
+    print(f"median req/s: bare {bare_rps:.0f}, cxrelay {cxrelay_rps:.0f}; "
+          f"ratio cxrelay / bare: {cxrelay_rps / bare_rps:.2f} (rounds: {pairs})")
+    lost = sum(max(0, r["acknowledged"] - r["stored"]) for r in cxrelay_runs)
+    print(f"acknowledged {sum(r['acknowledged'] for r in cxrelay_runs)}, stored in the inboxes "
+          f"{sum(r['stored'] for r in cxrelay_runs)}, lost {lost}; receiver RSS "
+          f"{max(r['rss_mb'] for r in cxrelay_runs):.0f} MB at most; socket errors: "
+          f"{', '.join(sorted({r['socket_errors'] for r in cxrelay_runs}))}")
+    return 0 if lost == 0 else 1
 
 
 if __name__ == "__main__":

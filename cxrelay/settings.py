@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=200, ge=1, le=5000)
     batch_parallelism: int = Field(default=16, ge=1, description="events in flight per batch run")
     batch_runs: int = Field(default=2, ge=1, description="batch runs in flight per dispatcher")
+    yield_above_events_per_second: float = Field(
+        default=1000, ge=0, description="while the inbox receives more than this, the "
+        "dispatcher starts nothing and its batch runs pause between events, so the receiver "
+        "has the CPU (0: never yield)")
+    yield_max_seconds: float = Field(
+        default=30, gt=0, description="the longest such pause; then the dispatcher works as "
+        "long before it yields again")
     claim_lease_seconds: float = Field(default=60, gt=0)
     poll_interval_seconds: float = Field(default=0.05, gt=0)
     max_event_attempts: int = Field(default=5, ge=1)

@@ -178,6 +178,7 @@ async def process_batch(inbox_ids: list[int], size: int = 0) -> dict[int, str]:
         if row is None:
             return "?", f"deferred: inbox event {inbox_id} does not exist"
         async with gate:
+            await runtime.ingest_calm.wait()
             try:
                 summary = await conversation_task(row.conversation_id, quote(row))
                 return row.conversation_id, str(summary["outcome"])

@@ -32,9 +32,13 @@ class Runtime:
     limits: Limits = field(default_factory=Limits)
     _clients: dict[str, Any] = field(default_factory=dict)
     _conversations: dict[str, tuple[float, asyncio.Future[Any]]] = field(default_factory=dict)
+    # Cleared by the dispatcher while the receiver is flooded (see `Dispatcher._yield_check`);
+    # batch runs in this process wait on it between events.
+    ingest_calm: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.limits.enabled = self.settings.prefect_limits
+        self.ingest_calm.set()
 
     async def cached_conversation(self, conversation_id: str, seconds: float,
                                   fetch: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:

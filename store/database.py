@@ -372,6 +372,11 @@ class Store:
             ).all()
         return {status: count for status, count in rows}
 
+    def last_inbox_id(self) -> int:
+        """The newest inbox id (0 when empty): its growth is the rate of accepted events."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(INBOX.c.id))).scalar() or 0)
+
     def waiting(self) -> tuple[int, float]:
         """Runnable events that no one has claimed, and how long the oldest of them has
         waited, in seconds (an index range, not a scan of the whole inbox)."""

@@ -390,3 +390,38 @@ def test_events_waiting_too_long_for_a_run_of_their_own_go_to_a_batch(
     leads, messages = sandbox_state(clean_sandbox)
     assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
     assert len(messages) == 8 == len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage"))
+
+
+def test_a_flooded_inbox_pauses_flow_runs_and_loses_nothing(tmp_path: Path,
+                                                            clean_sandbox: Sandbox) -> None:
+    """Events arrive faster than `yield_above_events_per_second` while the dispatcher works:
+    it steps aside (batches wait between events), works again after `yield_max_seconds` or
+    when the flood ends, and every event is still delivered exactly once."""
+    import threading
+    import time
+
+    ids = [new_id() for _ in range(40)]
+    seed(clean_sandbox, *ids)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, batch_after_seconds=0.2,
+                                         yield_above_events_per_second=5,
+                                         yield_max_seconds=1.5))
+    enqueue(runtime.store, generic_event(ids[0]))
+
+    def flood() -> None:
+        for conversation in ids[1:]:
+            enqueue(runtime.store, generic_event(conversation))
+            time.sleep(0.05)  # ~20 events/s for 2 s
+
+    sender = threading.Thread(target=flood)
+
+    async def run() -> object:
+        asyncio.get_running_loop().call_later(0.5, sender.start)
+        return await dispatch_until(runtime, 40, timeout=180)
+
+    dispatcher = asyncio.run(run())
+    sender.join()
+    assert dispatcher.yields >= 1  # type: ignore[attr-defined]
+    assert runtime.ingest_calm.is_set()
+    leads, messages = sandbox_state(clean_sandbox)
+    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    assert len(messages) == 40 == len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage"))
