@@ -84,6 +84,7 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
     after its retries is recorded as a dead letter that `cxrelay dead-letters replay` resends.
     """
     runtime = get_runtime()
+    await runtime.ingest_calm.wait()  # the receiver is flooded: its steps wait (see IngestYield)
     row = await asyncio.to_thread(runtime.store.get_event, inbox_id)
     if row is None:
         raise PermanentError(f"inbox event {inbox_id} does not exist")
