@@ -116,6 +116,31 @@ def test_too_large_chunked_without_content_length(receiver: str, store: Store) -
     assert store.events() == []
 
 
+def test_content_length_that_lies_stores_nothing_and_the_receiver_stays_up(
+        receiver: str, store: Store) -> None:
+    """A Content-Length under the limit with a longer body: the server reads exactly the
+    declared bytes as this request's body (so no more than the limit is ever read), the rest
+    is a malformed next request. Nothing is stored, nothing answers 202 or 500."""
+    import socket
+    from urllib.parse import urlsplit
+
+    body = b'{"pad": "' + b"x" * 10_000 + b'"}'
+    head = (f"POST /webhooks/genesys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"X-Signature: {signed(body)['X-Signature']}\r\nContent-Length: 100\r\n\r\n")
+    address = urlsplit(receiver)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    statuses = [int(line.split()[1]) for line in answer.split(b"\r\n")
+                if line.startswith(b"HTTP/1.1 ")]
+    assert statuses and 202 not in statuses and all(code < 500 for code in statuses)
+    assert statuses[0] == 401  # the first 100 bytes do not carry the body's signature
+    assert store.events() == []
+    assert post(receiver, b"{}", signed(b"{}")).status_code == 422  # still answering
+
+
 def test_malformed_json_is_400(receiver: str) -> None:
     body = b'{"id": '
     response = post(receiver, body, signed(body))
