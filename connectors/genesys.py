@@ -118,7 +118,12 @@ class GenesysClient:
             self._expires_at = time.monotonic() + max(1.0, lifetime - 60)
             return self._token
 
-    def invalidate_token(self) -> None:
+    def invalidate_token(self, rejected: str | None = None) -> None:
+        """Forget the token, or only `rejected` if it is still the current one: a request that
+        was sent with the old token and answered 401 after another one refreshed it must not
+        throw the fresh token away (seen: a third token request in a burst of 16)."""
+        if rejected is not None and rejected != self._token:
+            return
         self._token = None
         self._expires_at = 0.0
 
@@ -133,7 +138,7 @@ class GenesysClient:
                 raise RetryableError(f"Genesys API unreachable: {type(exc).__name__}") from exc
             self.api_requests += 1
             if response.status_code == 401 and attempt == 1:
-                self.invalidate_token()  # expired or revoked: one fresh token, then retry
+                self.invalidate_token(token)  # expired or revoked: one fresh token, then retry
                 continue
             if response.is_success:
                 return response.json()

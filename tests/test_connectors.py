@@ -78,6 +78,25 @@ def test_genesys_expired_token_is_refreshed_once(clean_sandbox: Sandbox) -> None
     assert run(scenario()).token_requests == 2
 
 
+def test_genesys_concurrent_401s_refresh_the_token_once(clean_sandbox: Sandbox) -> None:
+    """Requests in flight with a token Genesys has just revoked, one of them answered (401)
+    only after the others refreshed it: one new token, not one more per late 401."""
+    ids = [f"c-{i}" for i in range(10)] + ["slow"]
+    control(clean_sandbox.genesys_url, "conversations", [sample_conversation(c) for c in ids])
+
+    async def scenario() -> GenesysClient:
+        client = genesys(clean_sandbox)
+        await client.get_conversation("c-0")
+        control(clean_sandbox.genesys_url, "expire-tokens")
+        control(clean_sandbox.genesys_url, "faults",
+                {"path": "/api/v2/conversations/slow", "latency_ms": 500, "count": 1})
+        await asyncio.gather(*(client.get_conversation(c) for c in ids))
+        await client.aclose()
+        return client
+
+    assert run(scenario()).token_requests == 2
+
+
 def test_genesys_429_carries_retry_after(clean_sandbox: Sandbox) -> None:
     control(clean_sandbox.genesys_url, "faults",
             {"status": 429, "headers": {"Retry-After": "7"}, "count": 1,
