@@ -71,14 +71,11 @@ def wrk(url: str, requests_file: Path, seconds: int, connections: int, rate: flo
 
 def receiver_rss_mb(pid: int) -> float:
     """RSS of the receiver: the serve process, or its largest uvicorn worker (not the
-    dispatcher child, which is `cxrelay dispatch`)."""
+    dispatcher's processes)."""
     def rss(p: int) -> float:
         return int(Path(f"/proc/{p}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
 
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    workers = [int(c) for c in children
-               if b"dispatch" not in Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")]
-    return max([rss(pid), *(rss(w) for w in workers)])
+    return max(rss(p) for p in split_tree(pid)[0])
 
 
 def split_tree(pid: int) -> tuple[list[int], list[int]]:

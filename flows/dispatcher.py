@@ -9,6 +9,7 @@ with backoff, and after `max_attempts` ends in the dead letters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -54,6 +55,7 @@ class IngestYield:
         self.every = every
         self.rate = 0.0
         self.yielding = False
+        self.episodes = 0  # how many times flow runs began to wait
         self._seen: tuple[float, int] | None = None
         self._since = 0.0
         self._not_before = 0.0
@@ -69,6 +71,7 @@ class IngestYield:
         flooded = bool(self.above) and self.rate > self.above
         if flooded and not self.yielding and now >= self._not_before:
             self.yielding, self._since = True, now
+            self.episodes += 1
         elif self.yielding and (not flooded or now - self._since > self.max_seconds):
             self.yielding = False
             if flooded:
@@ -94,7 +97,6 @@ class Dispatcher:
         self.largest_backlog = 0
         self.target_tags = [f"target:{t.name}" for t in runtime.pipeline.enabled_targets]
         self.started_runs = 0
-        self.yields = 0
         self.ingest_yield = IngestYield(runtime.settings.yield_above_events_per_second,
                                         runtime.settings.yield_max_seconds)
         self._last_renew = time.monotonic()
@@ -103,7 +105,6 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
-        last_renew = time.monotonic()
         last_backlog = 0.0
         backlog = 0
         behind = False
@@ -115,7 +116,8 @@ class Dispatcher:
                 claimed: list[ClaimedEvent] = []
                 if await self._yield_check():
                     await self._renew_claims()
-                    await asyncio.wait({asyncio.create_task(stop.wait())}, timeout=0.5)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=0.5)
                     continue
                 if batching and time.monotonic() - last_backlog > 0.5:
                     last_backlog = time.monotonic()
@@ -164,13 +166,7 @@ class Dispatcher:
                     self.running[event.id] = task
                     task.add_done_callback(lambda _t, i=event.id: (self.running.pop(i, None),
                                                                     wake.set()))
-                if time.monotonic() - last_renew > self.lease / 3 and self.running:
-                    last_renew = time.monotonic()
-                    try:
-                        await asyncio.to_thread(self.store.renew, self.worker_id,
-                                                list(self.running), self.lease)
-                    except Exception:
-                        logger.exception("renewing claims failed")
+                await self._renew_claims()
                 if not claimed or len(self.running) - self._batched() >= self.concurrency:
                     wake.clear()
                     stopper = asyncio.create_task(stop.wait())
@@ -195,9 +191,9 @@ class Dispatcher:
                 last = await asyncio.to_thread(self.store.last_inbox_id)
             except Exception:  # the database is unavailable: the claims will say so
                 return gate.yielding
-            was = gate.yielding
-            if gate.update(now, last) and not was:
-                self.yields += 1
+            episodes = gate.episodes
+            gate.update(now, last)
+            if gate.episodes > episodes:
                 logger.info("the inbox receives %.0f events/s: flow runs wait (at most %g s)",
                             gate.rate, gate.max_seconds)
             if gate.yielding:
@@ -207,7 +203,7 @@ class Dispatcher:
         return gate.yielding
 
     async def _renew_claims(self) -> None:
-        if not self.running or time.monotonic() - self._last_renew < self.lease / 3:
+        if not self.running or time.monotonic() - self._last_renew <= self.lease / 3:
             return
         self._last_renew = time.monotonic()
         try:
@@ -215,6 +211,10 @@ class Dispatcher:
                                     self.lease)
         except Exception:
             logger.exception("renewing claims failed")
+
+    @property
+    def yields(self) -> int:
+        return self.ingest_yield.episodes
 
     def _batched(self) -> int:
         return sum(1 for task in self.running.values() if task in self.batch_tasks)

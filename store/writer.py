@@ -29,7 +29,6 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._run, name="cxrelay-group-commit", daemon=True)
         self.batches = 0
         self.rows = 0
-        self.checkpoints = 0
         self._closed = threading.Event()
         self._thread.start()
         self._checkpointer: threading.Thread | None = None
@@ -57,8 +56,7 @@ class GroupCommitWriter:
         while not self._closed.wait(every):
             # A failed checkpoint loses nothing (the pages stay in the WAL): try again later.
             with contextlib.suppress(Exception):
-                if self.store.checkpoint() is not None:
-                    self.checkpoints += 1
+                self.store.checkpoint()
 
     def _run(self) -> None:
         while True:
