@@ -200,7 +200,8 @@ def test_a_dispatcher_whose_serve_is_killed_exits(tmp_path: Path, prefect_api: s
                     if b"dispatch" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
         time.sleep(0.2)
     (dispatcher,) = children
-    time.sleep(2)  # the dispatcher is past its start-up
+    while "started (concurrency" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the dispatcher is past its start-up
     serve.kill()
     serve.wait()
     deadline = time.monotonic() + 45

@@ -313,7 +313,7 @@ def test_backlog_is_processed_in_batch_runs_with_the_same_guarantees(
     assert outcomes.count("delivered") == 25 and outcomes.count("filtered") == 1
 
     async def task_run_names() -> list[str]:
-        """Task runs of this test's batch runs (the server records them within a second)."""
+        """Task runs of this test's batch runs, once the server has recorded them finished."""
         from prefect import get_client
         from prefect.client.schemas.filters import (
             FlowRunFilter,
@@ -331,7 +331,10 @@ def test_backlog_is_processed_in_batch_runs_with_the_same_guarantees(
             for _ in range(20):
                 runs = await client.read_task_runs(task_run_filter=TaskRunFilter(
                     flow_run_id=TaskRunFilterFlowRunId(any_=[b.id for b in batches])), limit=200)
-                if runs:
+                # A run is named `conversation-<id>` once it starts; until the server has
+                # recorded that (it has once the run's final state is in) it reads
+                # `conversation-<3 hex>`.
+                if runs and all(run.state is not None and run.state.is_final() for run in runs):
                     break
                 await asyncio.sleep(0.5)
             return [run.name for run in runs]

@@ -34,6 +34,7 @@ def test_a_flood_longer_than_the_limit_alternates_waiting_and_working() -> None:
     answers, _ = feed(gate, 500, 0.0, 8, 0)
     # From 0.5 s it waits; past 2 s of waiting it works 2 s, then waits again, and so on.
     assert answers == [True] * 5 + [False] * 4 + [True] * 5 + [False] * 2
+    assert gate.episodes == 2
 
 
 def test_zero_never_yields() -> None:
