@@ -23,7 +23,7 @@ app = Starlette(routes=[Route("/webhooks/{source}", accept, methods=["POST"])])
 if __name__ == "__main__":
     # The same listening arrangement as `cxrelay serve`: one process per worker on an
     # SO_REUSEPORT socket, so both sides of the comparison differ only in the app.
-    from cxrelay.cli import listen
+    from cxrelay.app.supervise import listen
 
     port, workers = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
     if workers > 1:

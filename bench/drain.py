@@ -33,13 +33,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BIN, ROOT, start_prefect_server, stop  # noqa: E402
+from bench.common import BIN, ROOT  # noqa: E402
 from bench.e2e import postgres_database  # noqa: E402
-from cxrelay.sending import encode, generic_event  # noqa: E402
-from events.envelope import normalise  # noqa: E402
-from sandbox.genesys import sample_conversation  # noqa: E402
-from sandbox.server import Sandbox  # noqa: E402
-from store.database import Store, inbox_row  # noqa: E402
+from cxrelay.app.sending import encode, generic_event  # noqa: E402
+from cxrelay.app.supervise import start_prefect_server, stop  # noqa: E402
+from cxrelay.core.envelope import normalise  # noqa: E402
+from cxrelay.sandbox.genesys import sample_conversation  # noqa: E402
+from cxrelay.sandbox.server import Sandbox  # noqa: E402
+from cxrelay.store.database import Store, inbox_row  # noqa: E402
 
 # `cxrelay dispatch`, counting its HTTP requests to the Prefect API into a file at exit.
 COUNTING_DISPATCHER = '''
@@ -53,7 +54,7 @@ async def send(self, request, *args, **kwargs):
     return await original(self, request, *args, **kwargs)
 httpx.AsyncClient.send = send
 atexit.register(lambda: open(out, "w").write(str(calls[0])))
-from cxrelay.cli import dispatch
+from cxrelay.app.cli import dispatch
 dispatch(parent_pid=None)
 '''
 
@@ -133,7 +134,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cxrelay-drain-"))
     (work / "prefect").mkdir()
     db = postgres_database("cxrelay_drain_prefect") if args.prefect_db == "postgres" else None
-    prefect_url, server = start_prefect_server(work / "prefect", db)
+    prefect_url, server = start_prefect_server(work / "prefect" / "server.log",
+                                               home=work / "prefect", database_url=db)
     box = Sandbox().start()
     rows: list[tuple[str, dict[str, Any]]] = []
     try:

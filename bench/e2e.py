@@ -23,10 +23,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BIN, free_port, percentile, start_prefect_server, stop, wait_http  # noqa: E402
-from cxrelay.sending import encode, generic_event, hmac_headers  # noqa: E402
-from sandbox.genesys import sample_conversation  # noqa: E402
-from sandbox.server import Sandbox  # noqa: E402
+from bench.common import BIN, percentile  # noqa: E402
+from cxrelay.app.sending import encode, generic_event, hmac_headers  # noqa: E402
+from cxrelay.app.supervise import free_port, start_prefect_server, stop, wait_http  # noqa: E402
+from cxrelay.sandbox.genesys import sample_conversation  # noqa: E402
+from cxrelay.sandbox.server import Sandbox  # noqa: E402
 
 SECRET = "bench-secret"
 
@@ -55,7 +56,8 @@ def main() -> int:
         if not prefect_url:
             db = postgres_database("cxrelay_bench_prefect") if args.prefect_db == "postgres" else None
             (work / "prefect").mkdir()
-            prefect_url, server = start_prefect_server(work / "prefect", db)
+            prefect_url, server = start_prefect_server(work / "prefect" / "server.log",
+                                                       home=work / "prefect", database_url=db)
         port = free_port()
         env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
                "CXRELAY_WEBHOOK_SECRET": SECRET,

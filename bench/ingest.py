@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BIN, ROOT, cpu_seconds, free_port, process_tree, stop, wait_http  # noqa: E402
-from cxrelay.sending import encode, generic_event  # noqa: E402
-from events.signatures import HmacVerifier  # noqa: E402
-from store.database import Store  # noqa: E402
+from bench.common import BIN, ROOT, cpu_seconds, process_tree  # noqa: E402
+from cxrelay.app.sending import encode, generic_event  # noqa: E402
+from cxrelay.app.supervise import free_port, stop, wait_http  # noqa: E402
+from cxrelay.core.signatures import HmacVerifier  # noqa: E402
+from cxrelay.store.database import Store  # noqa: E402
 
 SECRET = "bench-secret"
 

@@ -37,11 +37,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BIN, free_port, percentile, start_prefect_server, stop, wait_http  # noqa: E402
+from bench.common import BIN, percentile  # noqa: E402
 from bench.e2e import postgres_database  # noqa: E402
-from cxrelay.sending import encode, generic_event, hmac_headers  # noqa: E402
-from sandbox.genesys import sample_conversation  # noqa: E402
-from sandbox.server import Sandbox  # noqa: E402
+from cxrelay.app.sending import encode, generic_event, hmac_headers  # noqa: E402
+from cxrelay.app.supervise import free_port, start_prefect_server, stop, wait_http  # noqa: E402
+from cxrelay.sandbox.genesys import sample_conversation  # noqa: E402
+from cxrelay.sandbox.server import Sandbox  # noqa: E402
 
 SECRET = "bench-secret"
 PARALLELISM = 16
@@ -212,7 +213,7 @@ import asyncio, json, sys, time
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from cxrelay.settings import Settings
-from flows.runtime import get_runtime
+from cxrelay.flows.runtime import get_runtime
 
 @task(name="same-calls", task_run_name="conversation-{conversation_id}", cache_policy=NO_CACHE,
       persist_result=False)
@@ -288,7 +289,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cxrelay-throughput-"))
     (work / "prefect").mkdir()
     db = postgres_database("cxrelay_throughput_prefect") if args.prefect_db == "postgres" else None
-    prefect_url, server = start_prefect_server(work / "prefect", db)
+    prefect_url, server = start_prefect_server(work / "prefect" / "server.log",
+                                               home=work / "prefect", database_url=db)
     box = Sandbox().start()
     try:
         base = run_baseline(box, prefect_url, args.baseline_events)

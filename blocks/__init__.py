@@ -1,8 +1,7 @@
-"""cxrelay's Prefect blocks: `prefect block register -m blocks` registers them all."""
+"""cxrelay's Prefect blocks: `prefect block register -m cxrelay.blocks` registers them all."""
 
-from blocks.genesys import GenesysCredentials
-from blocks.salesforce import SalesforceTarget
-from blocks.slack import SlackTarget
-from blocks.webhook import WebhookSource
+from cxrelay.blocks.genesys import GenesysCredentials
+from cxrelay.blocks.salesforce import SalesforceTarget
+from cxrelay.blocks.slack import SlackTarget
 
-__all__ = ["GenesysCredentials", "SalesforceTarget", "SlackTarget", "WebhookSource"]
+__all__ = ["GenesysCredentials", "SalesforceTarget", "SlackTarget"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from cxrelay.connectors.genesys import GenesysClient
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from connectors.genesys import GenesysClient, region_urls
+from cxrelay.settings import genesys_urls
 
 
 class GenesysCredentials(Block):
@@ -26,12 +27,7 @@ class GenesysCredentials(Block):
     client_secret: SecretStr = Field(description="OAuth client secret")
 
     def urls(self) -> tuple[str, str]:
-        if self.api_url and self.login_url:
-            return self.api_url, self.login_url
-        if not self.region:
-            raise ValueError("set region, or api_url and login_url")
-        api, login = region_urls(self.region)
-        return self.api_url or api, self.login_url or login
+        return genesys_urls(self.region, self.api_url, self.login_url)
 
     def get_client(self) -> GenesysClient:
         api_url, login_url = self.urls()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from cxrelay.connectors.salesforce import SalesforceClient
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-
-from connectors.salesforce import SalesforceClient
 
 
 class SalesforceTarget(Block):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from cxrelay.connectors.slack import DEFAULT_API_URL, SlackClient
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-
-from connectors.slack import DEFAULT_API_URL, SlackClient
 
 
 class SlackTarget(Block):

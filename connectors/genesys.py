@@ -10,40 +10,10 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from pydantic import SecretStr
 
-from connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
-from events.errors import ConfigError, PermanentError, RetryableError
-
-# Genesys Cloud regions: AWS region name → the domain behind login.* and api.*.
-REGION_DOMAINS = {
-    "us-east-1": "mypurecloud.com",
-    "us-east-2": "use2.us-gov-pure.cloud",
-    "us-west-2": "usw2.pure.cloud",
-    "ca-central-1": "cac1.pure.cloud",
-    "sa-east-1": "sae1.pure.cloud",
-    "eu-west-1": "mypurecloud.ie",
-    "eu-west-2": "euw2.pure.cloud",
-    "eu-central-1": "mypurecloud.de",
-    "eu-central-2": "euc2.pure.cloud",
-    "me-central-1": "mec1.pure.cloud",
-    "ap-south-1": "aps1.pure.cloud",
-    "ap-northeast-1": "mypurecloud.jp",
-    "ap-northeast-2": "apne2.pure.cloud",
-    "ap-northeast-3": "apne3.pure.cloud",
-    "ap-southeast-2": "mypurecloud.com.au",
-}
-
-
-def region_urls(region: str) -> tuple[str, str]:
-    """(api_url, login_url) for a region given as `eu-west-1` or as its domain `mypurecloud.ie`."""
-    domain = REGION_DOMAINS.get(region.strip().lower(), region.strip().lower())
-    if domain.startswith(("api.", "login.")):
-        domain = domain.split(".", 1)[1]
-    if "." not in domain:
-        raise ConfigError(f"unknown Genesys Cloud region {region!r}; use e.g. mypurecloud.com "
-                          f"or one of {', '.join(sorted(REGION_DOMAINS))}")
-    return f"https://api.{domain}", f"https://login.{domain}"
+from cxrelay.core.errors import PermanentError, RetryableError
 
 
 class GenesysNotFound(PermanentError):

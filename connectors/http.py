@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 
-from connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
-from events.errors import PermanentError, RetryableError
+from cxrelay.core.errors import PermanentError, RetryableError
 
 
 class HttpTarget:

@@ -14,13 +14,13 @@ from urllib.parse import quote, urlsplit
 
 import anyio.to_thread
 import requests
+from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from pydantic import SecretStr
 from requests.adapters import HTTPAdapter
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError
 
-from connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
-from events.errors import ConfigError, PermanentError, RetryableError
+from cxrelay.core.errors import ConfigError, PermanentError, RetryableError
 
 TRANSIENT_ERROR_CODES = {"UNABLE_TO_LOCK_ROW", "REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"}
 
@@ -33,13 +33,13 @@ class _Adapter(HTTPAdapter):
         self.timeout = timeout
         self.downgrade_host = downgrade_host
 
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = self.timeout
+    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
+             verify: bool | str = True, cert: Any = None, proxies: Any = None) -> requests.Response:
         if self.downgrade_host and request.url and request.url.startswith(
                 f"https://{self.downgrade_host}/"):
             request.url = "http://" + request.url[len("https://"):]
-        return super().send(request, **kwargs)
+        return super().send(request, stream=stream, timeout=timeout or self.timeout,
+                            verify=verify, cert=cert, proxies=proxies)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class SalesforceClient:
                     continue
                 if exc.status == 300:
                     raise SalesforceDuplicates(
-                        f"{where}: several records match (HTTP 300): {exc.content}") from exc
+                        f"{where}: several records match (HTTP 300): {exc.content!r}") from exc
                 detail = f"{where}: HTTP {exc.status} {code} {message}".strip()
                 if exc.status in RETRYABLE_STATUSES or code in TRANSIENT_ERROR_CODES:
                     headers = getattr(getattr(exc, "response", None), "headers", {}) or {}

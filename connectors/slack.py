@@ -7,12 +7,12 @@ from typing import Any
 from urllib.error import URLError
 
 import anyio.to_thread
+from cxrelay.connectors.retry import retry_after_seconds
 from pydantic import SecretStr
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 
-from connectors.retry import retry_after_seconds
-from events.errors import PermanentError, RetryableError
+from cxrelay.core.errors import PermanentError, RetryableError
 
 TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable",
                     "request_timeout", "team_added_to_org"}

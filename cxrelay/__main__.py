@@ -1,3 +1,3 @@
-from cxrelay.cli import main
+from cxrelay.app.cli import main
 
 main()

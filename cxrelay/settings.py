@@ -9,10 +9,53 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from events.errors import ConfigError
-from events.pipeline import Pipeline, parse_pipeline
+from cxrelay.core.errors import ConfigError
+from cxrelay.core.pipeline import Pipeline, parse_pipeline
 
 DEFAULT_PIPELINE = Path(__file__).with_name("default_pipeline.yaml")
+
+# Genesys Cloud regions: AWS region name → the domain behind login.* and api.*.
+REGION_DOMAINS = {
+    "us-east-1": "mypurecloud.com",
+    "us-east-2": "use2.us-gov-pure.cloud",
+    "us-west-2": "usw2.pure.cloud",
+    "ca-central-1": "cac1.pure.cloud",
+    "sa-east-1": "sae1.pure.cloud",
+    "eu-west-1": "mypurecloud.ie",
+    "eu-west-2": "euw2.pure.cloud",
+    "eu-central-1": "mypurecloud.de",
+    "eu-central-2": "euc2.pure.cloud",
+    "me-central-1": "mec1.pure.cloud",
+    "ap-south-1": "aps1.pure.cloud",
+    "ap-northeast-1": "mypurecloud.jp",
+    "ap-northeast-2": "apne2.pure.cloud",
+    "ap-northeast-3": "apne3.pure.cloud",
+    "ap-southeast-2": "mypurecloud.com.au",
+}
+
+
+def region_urls(region: str) -> tuple[str, str]:
+    """(api_url, login_url) for a region given as `eu-west-1` or as its domain `mypurecloud.ie`."""
+    domain = REGION_DOMAINS.get(region.strip().lower(), region.strip().lower())
+    if domain.startswith(("api.", "login.")):
+        domain = domain.split(".", 1)[1]
+    if "." not in domain:
+        raise ConfigError(f"unknown Genesys Cloud region {region!r}; use e.g. mypurecloud.com "
+                          f"or one of {', '.join(sorted(REGION_DOMAINS))}")
+    return f"https://api.{domain}", f"https://login.{domain}"
+
+
+def genesys_urls(region: str | None, api_url: str | None = None,
+                 login_url: str | None = None) -> tuple[str, str]:
+    """(api_url, login_url): explicit URLs win, the region fills in what is missing."""
+    if api_url and login_url:
+        return api_url, login_url
+    if region:
+        api, login = region_urls(region)
+        return api_url or api, login_url or login
+    raise ConfigError("set GENESYS_CLOUD_REGION (e.g. mypurecloud.com), or "
+                      "CXRELAY_GENESYS_API_URL and CXRELAY_GENESYS_LOGIN_URL (in a Genesys "
+                      "credentials block: region, or api_url and login_url)")
 
 
 class Settings(BaseSettings):
@@ -23,8 +66,6 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
     pipeline: Path | None = Field(default=None, description="pipeline YAML; a default ships")
     max_body_bytes: int = Field(default=32 * 1024, ge=1024)
-
-    webhook_secret: SecretStr | None = None
 
     genesys_cloud_region: str | None = Field(
         default=None, validation_alias=AliasChoices("GENESYS_CLOUD_REGION",
@@ -88,15 +129,8 @@ class Settings(BaseSettings):
         return parse_pipeline(text, str(path))
 
     def genesys_urls(self) -> tuple[str, str]:
-        from connectors.genesys import region_urls
-
-        if self.genesys_api_url and self.genesys_login_url:
-            return self.genesys_api_url, self.genesys_login_url
-        if self.genesys_cloud_region:
-            api, login = region_urls(self.genesys_cloud_region)
-            return self.genesys_api_url or api, self.genesys_login_url or login
-        raise ConfigError("set GENESYS_CLOUD_REGION (e.g. mypurecloud.com), or "
-                          "CXRELAY_GENESYS_API_URL and CXRELAY_GENESYS_LOGIN_URL")
+        return genesys_urls(self.genesys_cloud_region, self.genesys_api_url,
+                            self.genesys_login_url)
 
 
 def require(value: object, variable: str, purpose: str) -> None:

@@ -15,14 +15,15 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import httpx
+from cxrelay.flows.process_event import process_batch, process_event
+from cxrelay.flows.runtime import Runtime
 from prefect import tags
 
-from flows.process_event import process_batch, process_event
-from flows.runtime import Runtime
-from store.database import ClaimedEvent
+from cxrelay.store.database import ClaimedEvent
 
 logger = logging.getLogger("cxrelay.dispatcher")
 
@@ -146,15 +147,13 @@ class Dispatcher:
                         self.batch_tasks.add(task)
                         for event in batch:
                             self.running[event.id] = task
-                        task.add_done_callback(lambda t, ids=[e.id for e in batch]: (
-                            self.batch_tasks.discard(t),
-                            [self.running.pop(i, None) for i in ids], wake.set()))
+                        task.add_done_callback(self._forget(batch, wake))
                         continue
                 free = self.concurrency - (len(self.running) - self._batched())
                 if free > 0:
                     # While batching, per-event runs are for events a batch handed back (their
                     # retries are visible per step); fresh events wait for the next batch.
-                    which = "retried" if batching and behind else "any"
+                    which: Literal["any", "retried"] = "retried" if batching and behind else "any"
                     try:
                         claimed = await asyncio.to_thread(
                             self.store.claim, self.worker_id, free, self.lease, which)
@@ -164,8 +163,7 @@ class Dispatcher:
                 for event in claimed:
                     task = asyncio.create_task(self._run_one(event))
                     self.running[event.id] = task
-                    task.add_done_callback(lambda _t, i=event.id: (self.running.pop(i, None),
-                                                                    wake.set()))
+                    task.add_done_callback(self._forget([event], wake))
                 await self._renew_claims()
                 if not claimed or len(self.running) - self._batched() >= self.concurrency:
                     wake.clear()
@@ -211,6 +209,16 @@ class Dispatcher:
                                     self.lease)
         except Exception:
             logger.exception("renewing claims failed")
+
+    def _forget(self, events: list[ClaimedEvent],
+                wake: asyncio.Event) -> Callable[[asyncio.Task[None]], None]:
+        """A done-callback: the events' run ended, the loop may claim more."""
+        def done(task: asyncio.Task[None]) -> None:
+            self.batch_tasks.discard(task)
+            for event in events:
+                self.running.pop(event.id, None)
+            wake.set()
+        return done
 
     @property
     def yields(self) -> int:
@@ -268,13 +276,13 @@ class Dispatcher:
         so submitting the same claim twice yields the same flow run, never a second one. The
         worker's run finishes the inbox row; until then the claim's lease is long.
         """
-        from prefect.deployments import run_deployment
+        from prefect.deployments.flow_runs import arun_deployment
 
         row = await asyncio.to_thread(self.store.get_event, event.id)
         if row is None:
             return None
         key = row.dedupe_key if event.attempts <= 1 else f"{row.dedupe_key}:attempt-{event.attempts}"
-        flow_run = await run_deployment(
+        flow_run = await arun_deployment(
             self.runtime.settings.deployment, timeout=0, idempotency_key=key, as_subflow=False,
             flow_run_name=f"conversation-{event.conversation_id}",
             parameters={"inbox_id": event.id, "conversation_id": event.conversation_id})
@@ -310,7 +318,7 @@ class Dispatcher:
 
 
 async def run_dispatcher(runtime: Runtime, stop: asyncio.Event | None = None) -> Dispatcher:
-    from flows.runtime import set_runtime
+    from cxrelay.flows.runtime import set_runtime
 
     set_runtime(runtime)
     dispatcher = Dispatcher(runtime)

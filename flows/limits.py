@@ -20,7 +20,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.asyncio import concurrency, rate_limit
 from prefect.exceptions import ObjectNotFound
 
-from events.errors import RetryableError
+from cxrelay.core.errors import RetryableError
 
 GENESYS = "cxrelay-genesys-api"
 SALESFORCE = "cxrelay-salesforce"
@@ -50,11 +50,11 @@ class Limits:
                 except ObjectNotFound:
                     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-                    options = {"name": name, "limit": limit}
-                    if decay is not None:
-                        options["slot_decay_per_second"] = decay
                     await client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(**options))
+                        GlobalConcurrencyLimitCreate(name=name, limit=limit)
+                        if decay is None else
+                        GlobalConcurrencyLimitCreate(name=name, limit=limit,
+                                                     slot_decay_per_second=decay))
             self._ensured.add(name)
 
     async def _rate(self, name: str, limit: int, decay: float) -> None:

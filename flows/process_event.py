@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
+from cxrelay.connectors.genesys import GenesysNotFound
+from cxrelay.flows import steps
+from cxrelay.flows.report import outcome_of, render_batch_report, render_report
+from cxrelay.flows.runtime import Runtime, get_runtime
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from connectors.genesys import GenesysNotFound
-from events.envelope import CanonicalEvent
-from events.errors import CxrelayError, PermanentError
-from flows import steps
-from flows.report import outcome_of, render_batch_report, render_report
-from flows.runtime import Runtime, get_runtime
-from store.models import InboxEvent
+from cxrelay.core.envelope import CanonicalEvent
+from cxrelay.core.errors import CxrelayError, PermanentError
+from cxrelay.store.models import InboxEvent
 
 
 def _error_text(exc: BaseException) -> str:
@@ -36,6 +36,7 @@ def _error_text(exc: BaseException) -> str:
 async def _dead_letter(runtime: Runtime, row: InboxEvent, target: str, exc: BaseException,
                        attempts: int) -> dict[str, Any]:
     reason = _error_text(exc)
+    assert row.id is not None
     await asyncio.to_thread(runtime.store.dead_letter, row.id, row.event_id, row.conversation_id,
                             target, reason, type(exc).__name__, attempts)
     get_run_logger().warning("dead letter for %s: %s", target, reason)
@@ -101,7 +102,7 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
     targets = runtime.pipeline.enabled_targets
     try:
         checked = await (steps.check(runtime, row, plan=False) if inline
-                         else steps.verify_task(quote(row)))
+                         else steps.verify_task(cast(Any, quote(row))))
     except Exception as exc:
         if inline:
             raise
@@ -181,7 +182,7 @@ async def process_batch(inbox_ids: list[int], size: int = 0) -> dict[int, str]:
         async with gate:
             await runtime.ingest_calm.wait()
             try:
-                summary = await conversation_task(row.conversation_id, quote(row))
+                summary = await conversation_task(row.conversation_id, cast(Any, quote(row)))
                 return row.conversation_id, str(summary["outcome"])
             except Exception as exc:
                 return row.conversation_id, f"deferred: {_error_text(exc)}"

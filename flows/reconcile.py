@@ -14,13 +14,13 @@ from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from cxrelay.flows.runtime import get_runtime
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 
-from events.backfill import backfill_event
-from events.envelope import normalise
-from flows.runtime import get_runtime
-from store.database import inbox_row
+from cxrelay.core.backfill import backfill_event
+from cxrelay.core.envelope import normalise
+from cxrelay.store.database import inbox_row
 
 # The CLI sets this to drive its progress bar: (found so far, queued so far).
 progress_hook: ContextVar[Callable[[int, int], None] | None] = ContextVar("progress_hook",

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger
 
-from events.envelope import normalise
-from events.errors import EnvelopeError, PermanentError
-from store.database import Store, inbox_row
+from cxrelay.core.envelope import normalise
+from cxrelay.core.errors import EnvelopeError, PermanentError
+from cxrelay.store.database import Store, inbox_row
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Requeued:
 
 def requeue_dead_letters(store: Store, ids: Sequence[int] | None = None,
                          dry_run: bool = False) -> Requeued:
-    open_letters = {row.id: row for row in store.dead_letters("open")}
+    open_letters = {row.id: row for row in store.dead_letters("open") if row.id is not None}
     wanted = list(ids) if ids else list(open_letters)
     result = Requeued(missing=[i for i in wanted if i not in open_letters])
     for dead_letter_id in wanted:
@@ -64,7 +64,7 @@ def replay_quarantined(store: Store, quarantine_id: int, dry_run: bool = False) 
 @flow(name="replay", persist_result=False)
 async def replay(dead_letter_ids: list[int] | None = None, dry_run: bool = False) -> dict:
     """Requeue dead letters (all open ones by default) for the dispatcher to process again."""
-    from flows.runtime import get_runtime
+    from cxrelay.flows.runtime import get_runtime
 
     result = requeue_dead_letters(get_runtime().store, dead_letter_ids, dry_run=dry_run)
     get_run_logger().info("%s %d event(s) for %d dead letter(s)",

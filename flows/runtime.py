@@ -10,17 +10,18 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from connectors.genesys import GenesysClient
-from connectors.http import HttpTarget
-from connectors.salesforce import SalesforceClient
-from connectors.slack import SlackClient
+from cxrelay.connectors.genesys import GenesysClient
+from cxrelay.connectors.http import HttpTarget
+from cxrelay.connectors.salesforce import SalesforceClient
+from cxrelay.connectors.slack import SlackClient
+from cxrelay.flows.limits import Limits
+
+from cxrelay.core.mapping import Mapper
+from cxrelay.core.pipeline import Pipeline
 from cxrelay.settings import Settings, require
-from events.mapping import Mapper
-from events.pipeline import Pipeline
-from flows.limits import Limits
-from store.database import Store
+from cxrelay.store.database import Store
 
 
 @dataclass
@@ -61,9 +62,9 @@ class Runtime:
         if "genesys" not in self._clients:
             s = self.settings
             if s.genesys_block:
-                from blocks.genesys import GenesysCredentials
+                from cxrelay.blocks.genesys import GenesysCredentials
 
-                block = await GenesysCredentials.aload(s.genesys_block)
+                block = cast(GenesysCredentials, await GenesysCredentials.aload(s.genesys_block))
                 self._clients["genesys"] = block.get_client()
             else:
                 api_url, login_url = s.genesys_urls()
@@ -78,9 +79,9 @@ class Runtime:
         if "salesforce" not in self._clients:
             s = self.settings
             if s.salesforce_block:
-                from blocks.salesforce import SalesforceTarget
+                from cxrelay.blocks.salesforce import SalesforceTarget
 
-                block = await SalesforceTarget.aload(s.salesforce_block)
+                block = cast(SalesforceTarget, await SalesforceTarget.aload(s.salesforce_block))
                 self._clients["salesforce"] = block.get_client()
             else:
                 require(s.salesforce_instance_url, "CXRELAY_SALESFORCE_INSTANCE_URL",
@@ -96,9 +97,9 @@ class Runtime:
         if "slack" not in self._clients:
             s = self.settings
             if s.slack_block:
-                from blocks.slack import SlackTarget
+                from cxrelay.blocks.slack import SlackTarget
 
-                block = await SlackTarget.aload(s.slack_block)
+                block = cast(SlackTarget, await SlackTarget.aload(s.slack_block))
                 self._clients["slack"] = (block.get_client(), block.channel)
             else:
                 require(s.slack_bot_token, "CXRELAY_SLACK_BOT_TOKEN", "post to Slack")

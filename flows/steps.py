@@ -16,23 +16,23 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from cxrelay.connectors.http import HttpTarget
+from cxrelay.connectors.salesforce import SalesforceClient
+from cxrelay.connectors.slack import SlackClient, SlackMessageGone
+from cxrelay.flows.limits import Limits
+from cxrelay.flows.runtime import Runtime, get_runtime
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from connectors.http import HttpTarget
-from connectors.salesforce import SalesforceClient
-from connectors.slack import SlackClient, SlackMessageGone
-from events.drift import detect_drift
-from events.envelope import CanonicalEvent, normalise
-from events.errors import PermanentError, RetryableError
-from events.filters import first_failing_rule
-from events.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
-from events.render import Target, render_target
-from flows.limits import Limits
-from flows.runtime import Runtime, get_runtime
-from store.database import Reservation, Store
-from store.models import InboxEvent
+from cxrelay.core.drift import detect_drift
+from cxrelay.core.envelope import CanonicalEvent, normalise
+from cxrelay.core.errors import PermanentError, RetryableError
+from cxrelay.core.filters import first_failing_rule
+from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
+from cxrelay.core.render import Target, render_target
+from cxrelay.store.database import Reservation, Store
+from cxrelay.store.models import InboxEvent
 
 MAX_RETRY_AFTER_SECONDS = 300.0
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
-from sandbox.server import Sandbox
-from store.database import Store
+from cxrelay.sandbox.server import Sandbox
+from cxrelay.store.database import Store
 
 # Shared 2-core machines: generation speed is not what these tests are about.
 settings.register_profile("cxrelay", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -88,7 +88,7 @@ def prefect_api() -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from cxrelay.prefect_server import SQLITE_SERVER_SETTINGS
+    from cxrelay.app.supervise import SQLITE_SERVER_SETTINGS
 
     # The harness's server is a subprocess that inherits these.
     for key, value in SQLITE_SERVER_SETTINGS.items():

@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cxrelay.flows.dispatcher import Dispatcher
+from cxrelay.flows.runtime import Runtime, set_runtime
 
-from cxrelay.sending import encode
+from cxrelay.app.sending import encode
+from cxrelay.core.envelope import normalise
+from cxrelay.core.mapping import Mapper
+from cxrelay.sandbox.server import Sandbox
 from cxrelay.settings import Settings
-from events.envelope import normalise
-from events.mapping import Mapper
-from flows.dispatcher import Dispatcher
-from flows.runtime import Runtime, set_runtime
-from sandbox.server import Sandbox
-from store.database import Store, inbox_row
+from cxrelay.store.database import Store, inbox_row
 
 
 def make_settings(tmp_path: Path, box: Sandbox, **overrides: Any) -> Settings:

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cxrelay.cli import app
-from cxrelay.sending import generic_event
-from store.database import Store
+from cxrelay.app.cli import app
+from cxrelay.app.sending import generic_event
+from cxrelay.store.database import Store
 from tests.flowkit import enqueue
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -128,7 +128,7 @@ def test_drift_lists_counts(db: Store) -> None:
 def test_reconcile_command_queues_the_gap(db: Store, clean_sandbox, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from sandbox.genesys import sample_conversation
+    from cxrelay.sandbox.genesys import sample_conversation
 
     for key, value in clean_sandbox.environment().items():
         monkeypatch.setenv(key, value)

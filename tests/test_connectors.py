@@ -7,15 +7,16 @@ from typing import Any
 
 import httpx
 import pytest
+from cxrelay.connectors.genesys import GenesysClient, GenesysNotFound
+from cxrelay.connectors.http import HttpTarget
+from cxrelay.connectors.salesforce import SalesforceClient, SalesforceDuplicates
+from cxrelay.connectors.slack import SlackClient, SlackMessageGone
 from pydantic import SecretStr
 
-from connectors.genesys import GenesysClient, GenesysNotFound, region_urls
-from connectors.http import HttpTarget
-from connectors.salesforce import SalesforceClient, SalesforceDuplicates
-from connectors.slack import SlackClient, SlackMessageGone
-from events.errors import ConfigError, PermanentError, RetryableError
-from sandbox.genesys import sample_conversation
-from sandbox.server import Sandbox
+from cxrelay.core.errors import ConfigError, PermanentError, RetryableError
+from cxrelay.sandbox.genesys import sample_conversation
+from cxrelay.sandbox.server import Sandbox
+from cxrelay.settings import region_urls
 
 
 def run(coro: Any) -> Any:

@@ -19,21 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cxrelay.sending import encode, generic_event, hmac_headers
-from sandbox.genesys import sample_conversation
-from sandbox.server import Sandbox
+from cxrelay.app.sending import encode, generic_event, hmac_headers
+from cxrelay.app.supervise import free_port
+from cxrelay.sandbox.genesys import sample_conversation
+from cxrelay.sandbox.server import Sandbox
 from tests.flowkit import calls, sandbox_state
 
 SECRET = "crash-secret"
 EVENTS = int(os.environ.get("CXRELAY_CRASH_EVENTS", "100"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:

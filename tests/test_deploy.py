@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cxrelay.flows.dispatcher import Dispatcher
+from cxrelay.flows.runtime import set_runtime
 
-from cxrelay.sending import generic_event
-from flows.dispatcher import Dispatcher
-from flows.runtime import set_runtime
-from sandbox.genesys import sample_conversation
-from sandbox.server import Sandbox
+from cxrelay.app.sending import generic_event
+from cxrelay.sandbox.genesys import sample_conversation
+from cxrelay.sandbox.server import Sandbox
 from tests.flowkit import enqueue, make_runtime, make_settings, sandbox_state
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from events.drift import detect_drift, flatten
+from cxrelay.core.drift import detect_drift, flatten
 from tests.conftest import sample
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from events.envelope import normalise
-from events.errors import EnvelopeError
+from cxrelay.core.envelope import normalise
+from cxrelay.core.errors import EnvelopeError
 from tests.conftest import sample, sample_bytes
 
 CONVERSATION = "5d2b8f0e-3c41-4e6a-8f7d-1a9b0c2d3e4f"

@@ -18,14 +18,14 @@ from typing import Any
 
 import httpx
 import pytest
+from cxrelay.flows.runtime import Runtime
 
-from cxrelay.sending import encode, eventbridge_event, generic_event, hmac_headers
-from events.signatures import HmacVerifier, StaticCredentialVerifier
-from flows.runtime import Runtime
-from receiver.app import create_app
-from receiver.sources import Source
-from sandbox.genesys import sample_conversation
-from sandbox.server import Sandbox
+from cxrelay.app.sending import encode, eventbridge_event, generic_event, hmac_headers
+from cxrelay.core.signatures import HmacVerifier, StaticCredentialVerifier
+from cxrelay.receiver.app import create_app
+from cxrelay.receiver.sources import Source
+from cxrelay.sandbox.genesys import sample_conversation
+from cxrelay.sandbox.server import Sandbox
 from tests.flowkit import calls, dispatch_until, make_runtime, make_settings, sandbox_state
 from tests.servers import serve
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from events.envelope import normalise
-from events.filters import FilterRule, first_failing_rule
+from cxrelay.core.envelope import normalise
+from cxrelay.core.filters import FilterRule, first_failing_rule
 from tests.conftest import sample
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cxrelay.flows.replay import requeue_dead_letters
 
-from cxrelay.sending import eventbridge_event, generic_event
-from flows.replay import requeue_dead_letters
-from sandbox.genesys import sample_conversation
-from sandbox.server import Sandbox
+from cxrelay.app.sending import eventbridge_event, generic_event
+from cxrelay.sandbox.genesys import sample_conversation
+from cxrelay.sandbox.server import Sandbox
 from tests.flowkit import calls, dispatch_until, enqueue, make_runtime, make_settings, sandbox_state
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -210,7 +210,7 @@ def test_schema_drift_is_counted_and_processing_continues(tmp_path: Path,
 def test_reconcile_fills_the_gap_of_lost_webhooks(tmp_path: Path, clean_sandbox: Sandbox) -> None:
     from datetime import datetime, timedelta, timezone
 
-    from flows.reconcile import reconcile
+    from cxrelay.flows.reconcile import reconcile
 
     now = datetime.now(timezone.utc)
     ids = [new_id() for _ in range(7)]
@@ -225,7 +225,7 @@ def test_reconcile_fills_the_gap_of_lost_webhooks(tmp_path: Path, clean_sandbox:
     asyncio.run(dispatch_until(runtime, 4))
 
     async def run_reconcile() -> dict:
-        from flows.runtime import set_runtime
+        from cxrelay.flows.runtime import set_runtime
 
         set_runtime(runtime)
         try:

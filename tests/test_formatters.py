@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events import formatters
-from events.errors import MappingError
+from cxrelay.core import formatters
+from cxrelay.core.errors import MappingError
 
 
 @pytest.mark.parametrize("value,pattern,tz,expected", [

@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cxrelay.core.pipeline import parse_pipeline
+from cxrelay.core.signatures import HmacVerifier, OpenMessagingVerifier, StandardWebhooksVerifier
+from cxrelay.receiver.app import create_app
+from cxrelay.receiver.sources import build_sources
 from cxrelay.settings import DEFAULT_PIPELINE
-from events.pipeline import parse_pipeline
-from events.signatures import HmacVerifier, OpenMessagingVerifier, StandardWebhooksVerifier
-from receiver.app import create_app
-from receiver.sources import build_sources
-from store.database import Store
+from cxrelay.store.database import Store
 from tests.conftest import sample_bytes
 from tests.servers import serve
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.dispatcher import IngestYield
+from cxrelay.flows.dispatcher import IngestYield
 
 
 def feed(gate: IngestYield, rate: float, start: float, seconds: float,

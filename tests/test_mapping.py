@@ -4,11 +4,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cxrelay.core.envelope import normalise
+from cxrelay.core.errors import MappingError
+from cxrelay.core.mapping import FieldSpec, Mapper
+from cxrelay.core.pipeline import SalesforceTargetConfig, parse_pipeline
 from cxrelay.settings import DEFAULT_PIPELINE
-from events.envelope import normalise
-from events.errors import MappingError
-from events.mapping import FieldSpec, Mapper
-from events.pipeline import SalesforceTargetConfig, parse_pipeline
 from tests.conftest import sample
 
 PIPELINE = parse_pipeline(DEFAULT_PIPELINE.read_text())

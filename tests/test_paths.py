@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from events.paths import MISSING, PathError, is_empty, parse_path, resolve
+from cxrelay.core.paths import MISSING, PathError, is_empty, parse_path, resolve
 
 DATA = {"a": {"b": [{"k": "x", "v": 1}, {"k": "y", "v": 2}]}, "n": None}
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from cxrelay.core.pipeline import PipelineError, SalesforceTargetConfig, parse_pipeline
 from cxrelay.settings import DEFAULT_PIPELINE
-from events.pipeline import PipelineError, SalesforceTargetConfig, parse_pipeline
 
 
 def test_default_pipeline_is_valid() -> None:

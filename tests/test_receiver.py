@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from events.signatures import HmacVerifier, StaticCredentialVerifier
-from receiver.app import create_app
-from receiver.sources import Source
-from store.database import Store
+from cxrelay.core.signatures import HmacVerifier, StaticCredentialVerifier
+from cxrelay.receiver.app import create_app
+from cxrelay.receiver.sources import Source
+from cxrelay.store.database import Store
 from tests.conftest import sample_bytes
 from tests.servers import serve
 

@@ -7,8 +7,8 @@ import hmac
 import pytest
 import standardwebhooks
 
-from events.errors import SignatureError
-from events.signatures import (
+from cxrelay.core.errors import SignatureError
+from cxrelay.core.signatures import (
     HmacVerifier,
     OpenMessagingVerifier,
     StandardWebhooksVerifier,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from store.database import Store
+from cxrelay.store.database import Store
 
 
 def row(key: str, conversation: str = "c1") -> dict:

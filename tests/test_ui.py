@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.common import start_prefect_server, stop
-from cxrelay.sending import generic_event
-from sandbox.genesys import sample_conversation
-from sandbox.server import Sandbox
+from cxrelay.app.sending import generic_event
+from cxrelay.app.supervise import start_prefect_server, stop
+from cxrelay.sandbox.genesys import sample_conversation
+from cxrelay.sandbox.server import Sandbox
 from tests.flowkit import dispatch_until, enqueue, make_runtime, make_settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -43,7 +43,8 @@ def test_flow_run_is_visible_completed_in_the_prefect_ui(tmp_path: Path,
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     (tmp_path / "prefect").mkdir()
-    api_url, server = start_prefect_server(tmp_path / "prefect")
+    api_url, server = start_prefect_server(tmp_path / "prefect" / "server.log",
+                                           home=tmp_path / "prefect")
     try:
         conversation = str(uuid.uuid4())
         httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",

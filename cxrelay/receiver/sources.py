@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from events.pipeline import Pipeline, SourceConfig
-from events.signatures import (
+from cxrelay.core.pipeline import Pipeline, SourceConfig
+from cxrelay.core.signatures import (
     HmacVerifier,
     OpenMessagingVerifier,
     StandardWebhooksVerifier,

@@ -7,10 +7,10 @@ import os
 
 from starlette.applications import Starlette
 
+from cxrelay.receiver.app import create_app
+from cxrelay.receiver.sources import build_sources
 from cxrelay.settings import Settings
-from receiver.app import create_app
-from receiver.sources import build_sources
-from store.database import Store
+from cxrelay.store.database import Store
 
 
 def app_from_environment() -> Starlette:

@@ -15,7 +15,7 @@ import queue
 import threading
 from typing import Any
 
-from store.database import Store
+from cxrelay.store.database import Store
 
 _STOP = object()
 

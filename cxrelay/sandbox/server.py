@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
-from sandbox.genesys import GenesysEmulator
-from sandbox.salesforce import SalesforceEmulator
-from sandbox.slack import SlackEmulator
+from cxrelay.sandbox.genesys import GenesysEmulator
+from cxrelay.sandbox.salesforce import SalesforceEmulator
+from cxrelay.sandbox.slack import SlackEmulator
 
 
 @dataclass

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.base import Emulator, Fault, bearer_token
+from cxrelay.sandbox.base import Emulator, Fault, bearer_token
 
 DEFAULT_ACCESS_TOKEN = "sandbox-salesforce-token"
 DEFAULT_CLIENT_ID = "sandbox-salesforce-client"

@@ -11,9 +11,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from events.errors import CxrelayError
-from events.filters import FilterRule
-from events.mapping import FieldSpec
+from cxrelay.core.errors import CxrelayError
+from cxrelay.core.filters import FilterRule
+from cxrelay.core.mapping import FieldSpec
 
 Scheme = Literal["hmac", "standard-webhooks", "genesys-open-messaging", "static"]
 

@@ -21,13 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from events.envelope import normalise
-from events.errors import EnvelopeError, SignatureError
-from receiver.limits import BodySizeLimit
-from receiver.metrics import ReceiverMetrics
-from receiver.sources import Source
-from store.database import Store, inbox_row
-from store.writer import GroupCommitWriter
+from cxrelay.core.envelope import normalise
+from cxrelay.core.errors import EnvelopeError, SignatureError
+from cxrelay.receiver.limits import BodySizeLimit
+from cxrelay.receiver.metrics import ReceiverMetrics
+from cxrelay.receiver.sources import Source
+from cxrelay.store.database import Store, inbox_row
+from cxrelay.store.writer import GroupCommitWriter
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024
 

@@ -21,8 +21,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlmodel import SQLModel
 
-from events.envelope import CanonicalEvent
-from store.models import DeadLetter, Delivery, DriftRecord, InboxEvent, QuarantinedEvent, utcnow
+from cxrelay.core.envelope import CanonicalEvent
+from cxrelay.store.models import DeadLetter, Delivery, DriftRecord, InboxEvent, QuarantinedEvent, utcnow
 
 try:
     import fcntl

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
-from events.errors import MappingError
+from cxrelay.core.errors import MappingError
 
 # Zapier/moment-style tokens, longest first so that `MM` wins over `M`.
 _TOKENS = {

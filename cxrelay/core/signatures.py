@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from events.errors import SignatureError
+from cxrelay.core.errors import SignatureError
 
 Headers = Mapping[str, str]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from events.paths import MISSING, is_empty, parse_path, resolve
+from cxrelay.core.paths import MISSING, is_empty, parse_path, resolve
 
 _TESTS = ("equals", "not_equals", "in", "not_in", "exists", "matches", "contains")
 
@@ -58,9 +58,9 @@ class FilterRule(BaseModel):
             return (not is_empty(value)) == self.exists
         norm = self._norm(value)
         if self.equals is not MISSING:
-            return norm == self._norm(self.equals)
+            return bool(norm == self._norm(self.equals))
         if self.not_equals is not MISSING:
-            return norm != self._norm(self.not_equals)
+            return bool(norm != self._norm(self.not_equals))
         if self.in_ is not None:
             return norm in [self._norm(v) for v in self.in_]
         if self.not_in is not None:

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from events.errors import ConfigError, CxrelayError
+from cxrelay.core.errors import ConfigError, CxrelayError
 
 app = typer.Typer(help="Genesys Cloud CX events to Salesforce, Slack and HTTP, exactly once, "
                        "as Prefect flow runs.", no_args_is_help=True, add_completion=False,
@@ -44,7 +43,7 @@ def _settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays fas
 
 
 def _store():  # noqa: ANN202
-    from store.database import Store
+    from cxrelay.store.database import Store
 
     settings = _settings()
     return Store(settings.database_url, synchronous=settings.sqlite_synchronous)
@@ -53,32 +52,6 @@ def _store():  # noqa: ANN202
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
-
-
-def listen(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A listening TCP socket. SO_REUSEPORT lets several receiver processes share the port
-    (the kernel spreads connections); IPPROTO_TCP makes asyncio set TCP_NODELAY on accepted
-    connections — uvicorn's own multi-worker socket lacks it, which cost 40 ms per response
-    (Nagle against delayed ACKs) in bench/ingest.py."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    return sock
-
-
-def _stop(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    for child in children:
-        try:
-            child.wait(20)
-        except subprocess.TimeoutExpired:
-            child.kill()
 
 
 @app.command()
@@ -92,8 +65,9 @@ def serve(
     """Run the webhook receiver (and, by default, the dispatcher that starts the flow runs)."""
     import uvicorn
 
-    from receiver.sources import build_sources
-    from store.database import Store
+    from cxrelay.app.supervise import listen, stop
+    from cxrelay.receiver.sources import build_sources
+    from cxrelay.store.database import Store
 
     try:
         settings = _settings()
@@ -119,15 +93,15 @@ def serve(
             children += [subprocess.Popen([sys.executable, "-m", "cxrelay", "serve", "--host",
                                            host, "--port", str(port), "--no-dispatcher",
                                            "--reuse-port"]) for _ in range(workers)]
-            signal.signal(signal.SIGTERM, lambda *_: _stop(children))
+            signal.signal(signal.SIGTERM, lambda *_: stop(children))
             while all(child.poll() is None for child in children):
                 time.sleep(0.5)
         else:
-            config = uvicorn.Config("receiver.main:app_from_environment", factory=True,
+            config = uvicorn.Config("cxrelay.receiver.main:app_from_environment", factory=True,
                                     log_level="warning", access_log=False)
             uvicorn.Server(config).run(sockets=[sock])
     finally:
-        _stop(children)
+        stop(children)
 
 
 @app.command()
@@ -135,10 +109,10 @@ def dispatch(
     parent_pid: int | None = typer.Option(None, help="exit when this process is gone"),
 ) -> None:
     """Claim events from the inbox and start a `process-event` flow run for each."""
-    from events.mapping import Mapper
-    from flows.dispatcher import Dispatcher
-    from flows.runtime import Runtime, set_runtime
-    from store.database import Store
+    from cxrelay.core.mapping import Mapper
+    from cxrelay.flows.dispatcher import Dispatcher
+    from cxrelay.flows.runtime import Runtime, set_runtime
+    from cxrelay.store.database import Store
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
@@ -193,7 +167,7 @@ def sandbox(
     slack_port: int = typer.Option(8103),
 ) -> None:
     """Run the Genesys, Salesforce and Slack emulators alone (Ctrl-C stops them)."""
-    from sandbox.server import Sandbox
+    from cxrelay.sandbox.server import Sandbox
 
     box = Sandbox(genesys_port=genesys_port, salesforce_port=salesforce_port,
                   slack_port=slack_port)
@@ -216,7 +190,7 @@ def send(
     """Send one signed generic webhook event to a receiver, and show its answer."""
     import httpx
 
-    from cxrelay.sending import encode, generic_event, hmac_headers
+    from cxrelay.app.sending import encode, generic_event, hmac_headers
 
     if not secret:
         _fail("give --secret or set CXRELAY_WEBHOOK_SECRET", 2)
@@ -238,7 +212,7 @@ def demo(
     events: int = typer.Option(12, help="distinct completed conversations to send"),
 ) -> None:
     """Run cxrelay end to end on embedded defaults against the sandbox, and check the result."""
-    from cxrelay.demo import run_demo
+    from cxrelay.app.demo import run_demo
 
     ok = run_demo(console, keep_server=keep_server, conversations=events)
     raise typer.Exit(0 if ok else 1)
@@ -287,7 +261,7 @@ def dead_letters_replay(
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would be replayed"),
 ) -> None:
     """Queue the events of dead letters again; targets already delivered are not repeated."""
-    from flows.replay import requeue_dead_letters
+    from cxrelay.flows.replay import requeue_dead_letters
 
     result = requeue_dead_letters(_store(), ids or None, dry_run=dry_run)
     verb = "would requeue" if dry_run else "requeued"
@@ -324,7 +298,7 @@ def quarantine_replay(
     dry_run: bool = typer.Option(False, "--dry-run", help="only check the body again"),
 ) -> None:
     """Normalise a quarantined body again (after a fix) and, if it is an event, queue it."""
-    from flows.replay import replay_quarantined
+    from cxrelay.flows.replay import replay_quarantined
 
     try:
         outcome = replay_quarantined(_store(), quarantine_id, dry_run=dry_run)
@@ -355,8 +329,8 @@ def reconcile(
 
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
-    from flows.reconcile import progress_hook
-    from flows.reconcile import reconcile as reconcile_flow
+    from cxrelay.flows.reconcile import progress_hook
+    from cxrelay.flows.reconcile import reconcile as reconcile_flow
 
     minutes = parse_duration(since)
     end = datetime.fromisoformat(until.replace("Z", "+00:00")) if until else None
@@ -402,12 +376,12 @@ def mapping_check(
     pipeline: Path | None = typer.Option(None, help="default: CXRELAY_PIPELINE or the shipped one"),
 ) -> None:
     """Print the exact payloads an event would produce, with warnings; no network."""
+    from cxrelay.core.drift import detect_drift
+    from cxrelay.core.envelope import normalise
+    from cxrelay.core.mapping import Mapper
+    from cxrelay.core.pipeline import parse_pipeline
+    from cxrelay.core.render import render_target
     from cxrelay.settings import DEFAULT_PIPELINE
-    from events.drift import detect_drift
-    from events.envelope import normalise
-    from events.mapping import Mapper
-    from events.pipeline import parse_pipeline
-    from events.render import render_target
 
     path = pipeline or _settings().pipeline or DEFAULT_PIPELINE
     try:
@@ -444,8 +418,8 @@ def mapping_check(
 def config_validate(path: Path | None = typer.Argument(None, help="default: CXRELAY_PIPELINE "
                                                           "or the shipped pipeline")) -> None:
     """Validate a pipeline file; errors name the line and the key."""
+    from cxrelay.core.pipeline import PipelineError, parse_pipeline
     from cxrelay.settings import DEFAULT_PIPELINE
-    from events.pipeline import PipelineError, parse_pipeline
 
     target = path or _settings().pipeline or DEFAULT_PIPELINE
     try:

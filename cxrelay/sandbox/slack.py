@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.base import Emulator, Fault, bearer_token
+from cxrelay.sandbox.base import Emulator, Fault, bearer_token
 
 DEFAULT_BOT_TOKEN = "xoxb-sandbox-token"
 

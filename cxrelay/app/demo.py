@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,11 +23,11 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from cxrelay.prefect_server import server_environment
-from cxrelay.sending import encode, eventbridge_event, generic_event, hmac_headers
-from sandbox.genesys import sample_conversation
-from sandbox.server import Sandbox
-from store.database import Store
+from cxrelay.app.sending import encode, eventbridge_event, generic_event, hmac_headers
+from cxrelay.app.supervise import answers, free_port, start_prefect_server, stop, wait_until
+from cxrelay.sandbox.genesys import sample_conversation
+from cxrelay.sandbox.server import Sandbox
+from cxrelay.store.database import Store
 
 DEMO_DIR = Path(".cxrelay") / "demo"
 PREFECT_PORT = 4200
@@ -45,46 +44,16 @@ class Sent:
     event_id: str | None = None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _wait(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def start_prefect_server(console: Console, log: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
-    """Reuse PREFECT_API_URL or a server on :4200, else start `prefect server start`."""
+def prefect_server(console: Console, log: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
+    """Reuse PREFECT_API_URL or a server on :4200, else start one: (API URL, process or None)."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"].rstrip("/"), None
     url = f"http://127.0.0.1:{PREFECT_PORT}/api"
-    if _healthy(url):
+    if answers(f"{url}/health"):
         console.print(f"Using the Prefect server already running at {url}")
         return url, None
     console.print("Starting a Prefect server (prefect server start) …")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(PREFECT_PORT)], env=server_environment(dict(os.environ)),
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    if not _wait(lambda: _healthy(url) or process.poll() is not None, 120, 0.5) or \
-            process.poll() is not None:
-        process.kill()
-        raise RuntimeError(f"the Prefect server did not start; see {log}")
-    return url, process
+    return start_prefect_server(log, port=PREFECT_PORT)
 
 
 def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, str]]],
@@ -138,14 +107,14 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
     server: subprocess.Popen[bytes] | None = None
     receiver: subprocess.Popen[bytes] | None = None
     try:
-        prefect_url, server = start_prefect_server(console, DEMO_DIR / "prefect-server.log")
+        prefect_url, server = prefect_server(console, DEMO_DIR / "prefect-server.log")
         environment["PREFECT_API_URL"] = prefect_url
         port = free_port()
         receiver = subprocess.Popen(
             [sys.executable, "-m", "cxrelay", "serve", "--port", str(port)], env=environment,
             stdout=(DEMO_DIR / "serve.log").open("wb"), stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
-        if not _wait(lambda: _answers(f"{base}/healthz") or receiver.poll() is not None, 60) \
+        if not wait_until(lambda: answers(f"{base}/healthz") or receiver.poll() is not None, 60) \
                 or receiver.poll() is not None:
             log = (DEMO_DIR / "serve.log").read_text(errors="replace").splitlines()[-15:]
             raise RuntimeError("cxrelay serve did not start; the end of its log:\n"
@@ -163,31 +132,15 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
                 sent.answer = response.json()
         store = Store(environment["CXRELAY_DATABASE_URL"], create=False)
         accepted = sum(1 for s, _, _ in plan if s.answer.get("status") == "accepted")
-        done = _wait(lambda: store.status_counts().get("done", 0)
+        done = wait_until(lambda: store.status_counts().get("done", 0)
                      + store.status_counts().get("failed", 0) >= accepted, 180)
         elapsed = time.monotonic() - started
         return _report(console, plan, store, box, done, elapsed, prefect_url, server, keep_server)
     finally:
-        if receiver is not None:
-            receiver.terminate()
-            try:
-                receiver.wait(20)
-            except subprocess.TimeoutExpired:
-                receiver.kill()
-        if server is not None and not keep_server:
-            server.terminate()
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop(receiver)
+        if not keep_server:
+            stop(server)
         box.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], store: Store,
@@ -214,7 +167,7 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
         if sent.http_status != sent.expect_http:
             failures.append(f"#{number} {sent.label}: HTTP {sent.http_status}, expected "
                             f"{sent.expect_http}")
-        if outcome.split(":")[0] != sent.expect:
+        if (outcome or "").split(":")[0] != sent.expect:
             failures.append(f"#{number} {sent.label}: {outcome or 'not processed'}, expected "
                             f"{sent.expect}")
         if sent.expect == "delivered" and (record is None or len(posted) != 1):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from events.errors import ConfigError, MappingError
-from events.mapping import Mapper
-from events.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
+from cxrelay.core.errors import ConfigError, MappingError
+from cxrelay.core.mapping import Mapper
+from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 
 Target = SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from events.errors import EnvelopeError
+from cxrelay.core.errors import EnvelopeError
 
 Envelope = Literal["generic", "eventbridge", "notification"]
 
@@ -183,7 +183,9 @@ def _from_topic_event(
     topic_conversation, event_type = _topic_parts(topic)
     conversation_id = _text(body.get("conversationId")) or topic_conversation
     _require(errors, f"{prefix}eventBody.conversationId", conversation_id)
-    metadata = detail.get("metadata") if isinstance(detail.get("metadata"), dict) else {}
+    metadata = detail.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
     correlation_id = _text(metadata.get("CorrelationId"))
     if envelope == "eventbridge":
         _require(errors, "id", event_id)

@@ -25,9 +25,9 @@ from jinja2 import ChainableUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from events import formatters
-from events.errors import CxrelayError, MappingError
-from events.paths import MISSING, is_empty, parse_path, resolve
+from cxrelay.core import formatters
+from cxrelay.core.errors import CxrelayError, MappingError
+from cxrelay.core.paths import MISSING, is_empty, parse_path, resolve
 
 
 class FieldSpec(BaseModel):

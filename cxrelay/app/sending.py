@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from events.signatures import HmacVerifier
+from cxrelay.core.signatures import HmacVerifier
 
 
 def generic_event(conversation_id: str | None = None, state: str = "COMPLETED",
