@@ -40,7 +40,8 @@ from cxrelay.app.supervise import start_prefect_server, stop  # noqa: E402
 from cxrelay.core.envelope import normalise  # noqa: E402
 from cxrelay.sandbox.genesys import sample_conversation  # noqa: E402
 from cxrelay.sandbox.server import Sandbox  # noqa: E402
-from cxrelay.store.database import Store, inbox_row  # noqa: E402
+from cxrelay.store.database import Store  # noqa: E402
+from cxrelay.store.inbox import inbox_row  # noqa: E402
 
 # `cxrelay dispatch`, counting its HTTP requests to the Prefect API into a file at exit.
 COUNTING_DISPATCHER = '''

@@ -23,7 +23,8 @@ from cxrelay.flows.process_event import process_batch, process_event
 from cxrelay.flows.runtime import Runtime
 from prefect import tags
 
-from cxrelay.store.database import ClaimedEvent
+from cxrelay.store.dead_letters import WHOLE_EVENT
+from cxrelay.store.inbox import ClaimedEvent
 
 logger = logging.getLogger("cxrelay.dispatcher")
 
@@ -135,8 +136,8 @@ class Dispatcher:
                     # One flow run carries many events; back to per-event runs when drained.
                     try:
                         batch = await asyncio.to_thread(
-                            self.store.claim, self.worker_id, settings.batch_size, self.lease,
-                            "first")
+                            self.store.claim, worker=self.worker_id, limit=settings.batch_size,
+                            lease_seconds=self.lease, attempts="first")
                     except Exception:
                         logger.exception("claiming from the inbox failed")
                         batch = []
@@ -156,7 +157,8 @@ class Dispatcher:
                     which: Literal["any", "retried"] = "retried" if batching and behind else "any"
                     try:
                         claimed = await asyncio.to_thread(
-                            self.store.claim, self.worker_id, free, self.lease, which)
+                            self.store.claim, worker=self.worker_id, limit=free,
+                            lease_seconds=self.lease, attempts=which)
                     except Exception:  # the database is unavailable: keep trying
                         logger.exception("claiming from the inbox failed")
                         await asyncio.sleep(1)
@@ -205,8 +207,8 @@ class Dispatcher:
             return
         self._last_renew = time.monotonic()
         try:
-            await asyncio.to_thread(self.store.renew, self.worker_id, list(self.running),
-                                    self.lease)
+            await asyncio.to_thread(self.store.renew, worker=self.worker_id,
+                                    ids=list(self.running), lease_seconds=self.lease)
         except Exception:
             logger.exception("renewing claims failed")
 
@@ -252,7 +254,8 @@ class Dispatcher:
         for inbox_id, task in pending:
             if task in still:
                 task.cancel()
-                await asyncio.to_thread(self.store.release, inbox_id, self.worker_id, 0, False)
+                await asyncio.to_thread(self.store.release, inbox_id, worker=self.worker_id,
+                                        delay_seconds=0, count_attempt=False)
 
     async def _run_one(self, event: ClaimedEvent) -> None:
         self.started_runs += 1
@@ -286,8 +289,8 @@ class Dispatcher:
             self.runtime.settings.deployment, timeout=0, idempotency_key=key, as_subflow=False,
             flow_run_name=f"conversation-{event.conversation_id}",
             parameters={"inbox_id": event.id, "conversation_id": event.conversation_id})
-        await asyncio.to_thread(self.store.renew, self.worker_id, [event.id],
-                                self.runtime.settings.submitted_lease_seconds)
+        await asyncio.to_thread(self.store.renew, worker=self.worker_id, ids=[event.id],
+                                lease_seconds=self.runtime.settings.submitted_lease_seconds)
         self.submitted += 1
         return flow_run
 
@@ -301,9 +304,11 @@ class Dispatcher:
                          event.attempts, exc)
             reason = f"the process-event run failed {event.attempts} times; last: {exc!r}"
             await asyncio.to_thread(
-                self.store.dead_letter, event.id, current.event_id,
-                event.conversation_id, "*", reason, type(exc).__name__, event.attempts)
-            await asyncio.to_thread(self.store.finish, event.id, "failed", {"reason": reason})
+                self.store.dead_letter, inbox_id=event.id, event_id=current.event_id,
+                conversation_id=event.conversation_id, target=WHOLE_EVENT, reason=reason,
+                error_type=type(exc).__name__, attempts=event.attempts)
+            await asyncio.to_thread(self.store.finish, event.id, outcome="failed",
+                                    detail={"reason": reason})
             return
         # A handed-back event goes straight to a run of its own, whose task retries back off.
         delay = 0.0 if isinstance(exc, Deferred) else min(60.0, 2.0 ** min(event.attempts, 6))
@@ -313,8 +318,8 @@ class Dispatcher:
         else:
             logger.warning("event %s: run failed (%s), retrying in %.0f s", event.id,
                            type(exc).__name__, delay)
-        await asyncio.to_thread(self.store.release, event.id, self.worker_id, delay,
-                                not infrastructure)
+        await asyncio.to_thread(self.store.release, event.id, worker=self.worker_id,
+                                delay_seconds=delay, count_attempt=not infrastructure)
 
 
 async def run_dispatcher(runtime: Runtime, stop: asyncio.Event | None = None) -> Dispatcher:

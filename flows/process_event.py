@@ -26,6 +26,7 @@ from prefect.utilities.annotations import quote
 
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError
+from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.models import InboxEvent
 
 
@@ -37,8 +38,9 @@ async def _dead_letter(runtime: Runtime, row: InboxEvent, target: str, exc: Base
                        attempts: int) -> dict[str, Any]:
     reason = _error_text(exc)
     assert row.id is not None
-    await asyncio.to_thread(runtime.store.dead_letter, row.id, row.event_id, row.conversation_id,
-                            target, reason, type(exc).__name__, attempts)
+    await asyncio.to_thread(runtime.store.dead_letter, inbox_id=row.id, event_id=row.event_id,
+                            conversation_id=row.conversation_id, target=target, reason=reason,
+                            error_type=type(exc).__name__, attempts=attempts)
     get_run_logger().warning("dead letter for %s: %s", target, reason)
     return {"status": "dead_lettered", "error": reason}
 
@@ -107,7 +109,7 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
         if inline:
             raise
         summary.update(outcome="dead_lettered", reason=_error_text(exc))
-        await _dead_letter(runtime, row, "*", exc, row.attempts)
+        await _dead_letter(runtime, row, WHOLE_EVENT, exc, row.attempts)
         return await _finish(runtime, summary, inline)
 
     event = checked.event
@@ -149,7 +151,8 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
 
 
 async def _finish(runtime: Runtime, summary: dict[str, Any], inline: bool) -> dict[str, Any]:
-    await asyncio.to_thread(runtime.store.finish, summary["inbox_id"], summary["outcome"], summary)
+    await asyncio.to_thread(runtime.store.finish, summary["inbox_id"],
+                            outcome=summary["outcome"], detail=summary)
     if not inline:  # a batch run leaves one artifact for all its events
         await acreate_markdown_artifact(markdown=render_report(summary),
                                         description=f"cxrelay: {summary['outcome']}")

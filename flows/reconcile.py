@@ -20,7 +20,7 @@ from prefect.artifacts import acreate_table_artifact
 
 from cxrelay.core.backfill import backfill_event
 from cxrelay.core.envelope import normalise
-from cxrelay.store.database import inbox_row
+from cxrelay.store.inbox import inbox_row
 
 # The CLI sets this to drive its progress bar: (found so far, queued so far).
 progress_hook: ContextVar[Callable[[int, int], None] | None] = ContextVar("progress_hook",

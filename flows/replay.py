@@ -14,7 +14,8 @@ from prefect import flow, get_run_logger
 
 from cxrelay.core.envelope import normalise
 from cxrelay.core.errors import EnvelopeError, PermanentError
-from cxrelay.store.database import Store, inbox_row
+from cxrelay.store.database import Store
+from cxrelay.store.inbox import inbox_row
 
 
 @dataclass

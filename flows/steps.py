@@ -31,7 +31,8 @@ from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target, render_target
-from cxrelay.store.database import Reservation, Store
+from cxrelay.store.database import Store
+from cxrelay.store.ledger import Reservation
 from cxrelay.store.models import InboxEvent
 
 MAX_RETRY_AFTER_SECONDS = 300.0
@@ -218,7 +219,8 @@ async def _reserve(store: Store, event: CanonicalEvent, target: str, action: str
                    digest: str) -> Reservation:
     """The reservation to deliver; raises InFlight while another attempt holds it."""
     reservation = await asyncio.to_thread(
-        store.reserve, event.conversation_id, target, action, owner, digest)
+        store.reserve, conversation_id=event.conversation_id, target=target, action=action,
+        owner=owner, payload_sha256=digest)
     if not reservation.granted and not reservation.already_done:
         raise InFlight(f"{target}: another event of conversation {event.conversation_id} "
                        "is being delivered", retry_after=1.0)
@@ -234,8 +236,9 @@ async def _reserved(store: Store, event: CanonicalEvent, target: str, action: st
 
 async def _complete(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
                     ref: str | None, digest: str) -> None:
-    await asyncio.to_thread(store.complete, event.conversation_id, target, action, owner, ref,
-                            digest, event.event_id)
+    await asyncio.to_thread(store.complete, conversation_id=event.conversation_id, target=target,
+                            action=action, owner=owner, external_ref=ref, payload_sha256=digest,
+                            event_id=event.event_id)
 
 
 async def deliver_salesforce(store: Store, client: SalesforceClient,
@@ -252,7 +255,8 @@ async def deliver_salesforce(store: Store, client: SalesforceClient,
             result = await client.upsert(target.object, target.external_id_field,
                                          payload["external_id"], payload["fields"])
     except BaseException as exc:
-        await asyncio.to_thread(store.unreserve, event.conversation_id, target.name, "upsert", owner)
+        await asyncio.to_thread(store.unreserve, conversation_id=event.conversation_id,
+                                target=target.name, action="upsert", owner=owner)
         await honour_retry_after(exc)
         raise
     ref = result.record_id or ref
@@ -291,8 +295,8 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
                                                 metadata=delivery_metadata(event, target.name))
             status = "posted"
     except BaseException as exc:
-        await asyncio.to_thread(store.unreserve, event.conversation_id, target.name, "message",
-                                owner)
+        await asyncio.to_thread(store.unreserve, conversation_id=event.conversation_id,
+                                target=target.name, action="message", owner=owner)
         await honour_retry_after(exc)
         raise
     ref = f"{message.channel}|{message.ts}"
@@ -311,7 +315,8 @@ async def deliver_http(store: Store, client: HttpTarget, target: HttpTargetConfi
     try:
         status = await client.post(payload["body"], key)
     except BaseException as exc:
-        await asyncio.to_thread(store.unreserve, event.conversation_id, target.name, "post", owner)
+        await asyncio.to_thread(store.unreserve, conversation_id=event.conversation_id,
+                                target=target.name, action="post", owner=owner)
         await honour_retry_after(exc)
         raise
     await _complete(store, event, target.name, "post", owner, key, digest)

@@ -17,7 +17,8 @@ from cxrelay.core.envelope import normalise
 from cxrelay.core.mapping import Mapper
 from cxrelay.sandbox.server import Sandbox
 from cxrelay.settings import Settings
-from cxrelay.store.database import Store, inbox_row
+from cxrelay.store.database import Store
+from cxrelay.store.inbox import inbox_row
 
 
 def make_settings(tmp_path: Path, box: Sandbox, **overrides: Any) -> Settings:

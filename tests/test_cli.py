@@ -38,9 +38,10 @@ def test_config_validate_names_line_and_key(tmp_path: Path) -> None:
 def test_dead_letters_list_show_and_replay(db: Store) -> None:
     inbox_id = enqueue(db, generic_event("conv-cli"))
     assert inbox_id is not None
-    (claimed,) = db.claim("w", 1, 60)
-    db.finish(claimed.id, "partial", {})
-    dead = db.dead_letter(inbox_id, "e", "conv-cli", "slack", "channel_not_found", "PermanentError", 6)
+    (claimed,) = db.claim(worker="w", limit=1, lease_seconds=60)
+    db.finish(claimed.id, outcome="partial", detail={})
+    dead = db.dead_letter(inbox_id=inbox_id, event_id="e", conversation_id="conv-cli", target="slack",
+                         reason="channel_not_found", error_type="PermanentError", attempts=6)
 
     listed = runner.invoke(app, ["dead-letters", "list"])
     assert listed.exit_code == 0 and "conv-cli" in listed.output and "channel_not_found" in listed.output
@@ -61,10 +62,11 @@ def test_dead_letters_list_show_and_replay(db: Store) -> None:
 
 
 def test_quarantine_replay(db: Store) -> None:
-    bad = db.quarantine("genesys", json.dumps({"id": "e1"}).encode(), "application/json",
-                        {"message": "no conversation"})
-    fixed = db.quarantine("genesys", json.dumps(generic_event("conv-q")).encode(),
-                          "application/json", {"message": "was rejected by an older version"})
+    bad = db.quarantine(source="genesys", body=json.dumps({"id": "e1"}).encode(),
+                        content_type="application/json", reason={"message": "no conversation"})
+    fixed = db.quarantine(source="genesys", body=json.dumps(generic_event("conv-q")).encode(),
+                          content_type="application/json",
+                          reason={"message": "was rejected by an older version"})
     listed = runner.invoke(app, ["quarantine", "list"])
     assert listed.exit_code == 0 and "no conversation" in listed.output
 

@@ -71,7 +71,8 @@ def test_deployment_mode_submits_once_and_a_worker_delivers(
     async def submit_twice() -> tuple[str, str, int]:
         set_runtime(runtime)
         dispatcher = Dispatcher(runtime)
-        (claimed,) = await asyncio.to_thread(runtime.store.claim, dispatcher.worker_id, 1, 60)
+        (claimed,) = await asyncio.to_thread(runtime.store.claim, worker=dispatcher.worker_id,
+                                              limit=1, lease_seconds=60)
         first = await dispatcher.submit(claimed)
         again = await dispatcher.submit(claimed)  # e.g. a dispatcher retrying after a timeout
 

@@ -181,7 +181,7 @@ def test_event_of_a_crashed_dispatcher_is_claimed_again(tmp_path: Path,
     seed(clean_sandbox, conversation)
     runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
     enqueue(runtime.store, generic_event(conversation))
-    (claimed,) = runtime.store.claim("crashed-worker", 1, lease_seconds=0.5)
+    (claimed,) = runtime.store.claim(worker="crashed-worker", limit=1, lease_seconds=0.5)
     asyncio.run(dispatch_until(runtime, 1))
     (event,) = runtime.store.events()
     assert event.id == claimed.id and event.outcome == "delivered" and event.attempts == 2
@@ -254,8 +254,9 @@ def test_slack_message_of_a_crashed_attempt_is_found_not_posted_again(
     seed(clean_sandbox, conversation)
     runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
     inbox_id = enqueue(runtime.store, generic_event(conversation))
-    runtime.store.claim("crashed-worker", 1, lease_seconds=0.3)
-    assert runtime.store.reserve(conversation, "slack", "message", f"inbox:{inbox_id}", "x").granted
+    runtime.store.claim(worker="crashed-worker", limit=1, lease_seconds=0.3)
+    assert runtime.store.reserve(conversation_id=conversation, target="slack", action="message",
+                                 owner=f"inbox:{inbox_id}", payload_sha256="x").granted
     httpx.post(f"{clean_sandbox.slack_url}chat.postMessage",
                headers={"Authorization": f"Bearer {clean_sandbox.slack.bot_token}"},
                json={"channel": "#contact-center", "text": f"earlier post for {conversation}",

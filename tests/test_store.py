@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,12 +33,12 @@ def test_insert_dedupes_within_and_across_batches(any_store: Store) -> None:
 def test_claims_of_first_attempts_and_of_retries_are_apart(any_store: Store) -> None:
     """Batches take events never attempted; per-event runs take the ones handed back."""
     ids = any_store.insert_events([row(f"r{i}") for i in range(3)])
-    (handed_back,) = any_store.claim("w1", 1, lease_seconds=60)
-    any_store.release(handed_back.id, "w1", delay_seconds=0)
-    assert any_store.claim("w2", 10, lease_seconds=60, attempts="retried") == [
+    (handed_back,) = any_store.claim(worker="w1", limit=1, lease_seconds=60)
+    any_store.release(handed_back.id, worker="w1", delay_seconds=0)
+    assert any_store.claim(worker="w2", limit=10, lease_seconds=60, attempts="retried") == [
         type(handed_back)(handed_back.id, handed_back.conversation_id, handed_back.event_type,
                           handed_back.source, 2)]
-    fresh = any_store.claim("w3", 10, lease_seconds=60, attempts="first")
+    fresh = any_store.claim(worker="w3", limit=10, lease_seconds=60, attempts="first")
     assert sorted(e.id for e in fresh) == sorted(i for i in ids if i != handed_back.id)
     assert all(e.attempts == 1 for e in fresh)
 
@@ -46,9 +47,9 @@ def test_waiting_counts_runnable_unclaimed_events_and_the_oldest_wait(any_store:
     assert any_store.waiting() == (0, 0.0)
     any_store.insert_events([row(f"w{i}") for i in range(4)])
     time.sleep(0.3)
-    (claimed,) = any_store.claim("w1", 1, lease_seconds=60)
-    (later,) = any_store.claim("w1", 1, lease_seconds=60)
-    any_store.release(later.id, "w1", delay_seconds=60)  # not runnable for a minute
+    (claimed,) = any_store.claim(worker="w1", limit=1, lease_seconds=60)
+    (later,) = any_store.claim(worker="w1", limit=1, lease_seconds=60)
+    any_store.release(later.id, worker="w1", delay_seconds=60)  # not runnable for a minute
     count, oldest = any_store.waiting()
     assert count == 2 and 0.25 < oldest < 30
 
@@ -58,13 +59,13 @@ def test_conversations_handled_are_in_progress_or_reached_a_target(any_store: St
     partly delivered, dead-lettered or failed; not a conversation only ever filtered out."""
     ids = dict(zip("abcdef", any_store.insert_events(
         [row(f"h{c}", conversation=f"conv-{c}") for c in "abcdef"]), strict=True))
-    claimed = {e.conversation_id: e.id for e in any_store.claim("w1", 10, lease_seconds=60)}
+    claimed = {e.conversation_id: e.id for e in any_store.claim(worker="w1", limit=10, lease_seconds=60)}
     assert len(claimed) == 6
-    any_store.finish(ids["b"], "delivered", {})
-    any_store.finish(ids["c"], "filtered", {})
-    any_store.finish(ids["d"], "dead_lettered", {})
-    any_store.finish(ids["e"], "failed", {})
-    any_store.release(ids["f"], "w1", delay_seconds=0)  # waiting again
+    any_store.finish(ids["b"], outcome="delivered", detail={})
+    any_store.finish(ids["c"], outcome="filtered", detail={})
+    any_store.finish(ids["d"], outcome="dead_lettered", detail={})
+    any_store.finish(ids["e"], outcome="failed", detail={})
+    any_store.release(ids["f"], worker="w1", delay_seconds=0)  # waiting again
     asked = [f"conv-{c}" for c in "abcdefg"]
     assert any_store.conversations_handled(asked) == {
         "conv-a", "conv-b", "conv-d", "conv-e", "conv-f"}
@@ -75,66 +76,73 @@ def test_conversations_handled_are_in_progress_or_reached_a_target(any_store: St
 
 def test_claim_is_exclusive_and_ordered(any_store: Store) -> None:
     any_store.insert_events([row(f"e{i}") for i in range(5)])
-    first = any_store.claim("w1", 3, lease_seconds=60)
-    second = any_store.claim("w2", 10, lease_seconds=60)
+    first = any_store.claim(worker="w1", limit=3, lease_seconds=60)
+    second = any_store.claim(worker="w2", limit=10, lease_seconds=60)
     assert [e.id for e in first] == sorted(e.id for e in first)
     assert len(first) == 3 and len(second) == 2
     assert not {e.id for e in first} & {e.id for e in second}
-    assert any_store.claim("w3", 10, lease_seconds=60) == []
+    assert any_store.claim(worker="w3", limit=10, lease_seconds=60) == []
 
 
 def test_expired_lease_is_claimed_again(any_store: Store) -> None:
     any_store.insert_events([row("e")])
-    (claimed,) = any_store.claim("dead-worker", 1, lease_seconds=0.2)
-    assert any_store.claim("w2", 1, lease_seconds=60) == []
+    (claimed,) = any_store.claim(worker="dead-worker", limit=1, lease_seconds=0.2)
+    assert any_store.claim(worker="w2", limit=1, lease_seconds=60) == []
     time.sleep(0.3)  # the lease is wall-clock time kept in the database; nothing to observe
-    (again,) = any_store.claim("w2", 1, lease_seconds=60)
+    (again,) = any_store.claim(worker="w2", limit=1, lease_seconds=60)
     assert again.id == claimed.id and again.attempts == 2
 
 
 def test_renew_keeps_the_claim(any_store: Store) -> None:
     any_store.insert_events([row("e")])
-    (claimed,) = any_store.claim("w1", 1, lease_seconds=0.3)
-    any_store.renew("w1", [claimed.id], lease_seconds=60)
+    (claimed,) = any_store.claim(worker="w1", limit=1, lease_seconds=0.3)
+    any_store.renew(worker="w1", ids=[claimed.id], lease_seconds=60)
     time.sleep(0.4)
-    assert any_store.claim("w2", 1, lease_seconds=60) == []
+    assert any_store.claim(worker="w2", limit=1, lease_seconds=60) == []
 
 
 def test_release_without_counting_the_attempt(any_store: Store) -> None:
     any_store.insert_events([row("e")])
-    (claimed,) = any_store.claim("w1", 1, lease_seconds=60)
-    any_store.release(claimed.id, "w1", delay_seconds=0, count_attempt=False)
-    (again,) = any_store.claim("w1", 1, lease_seconds=60)
+    (claimed,) = any_store.claim(worker="w1", limit=1, lease_seconds=60)
+    any_store.release(claimed.id, worker="w1", delay_seconds=0, count_attempt=False)
+    (again,) = any_store.claim(worker="w1", limit=1, lease_seconds=60)
     assert again.attempts == 1
 
 
 def test_release_with_delay(any_store: Store) -> None:
     any_store.insert_events([row("e")])
-    (claimed,) = any_store.claim("w1", 1, lease_seconds=60)
-    any_store.release(claimed.id, "w1", delay_seconds=60)
-    assert any_store.claim("w1", 1, lease_seconds=60) == []
+    (claimed,) = any_store.claim(worker="w1", limit=1, lease_seconds=60)
+    any_store.release(claimed.id, worker="w1", delay_seconds=60)
+    assert any_store.claim(worker="w1", limit=1, lease_seconds=60) == []
 
 
 def test_ledger_reservation(any_store: Store) -> None:
-    first = any_store.reserve("c1", "slack", "message", "inbox:1", "h1")
+    first = any_store.reserve(conversation_id="c1", target="slack", action="message",
+                              owner="inbox:1", payload_sha256="h1")
     assert first.granted and first.external_ref is None
-    busy = any_store.reserve("c1", "slack", "message", "inbox:2", "h1")
+    busy = any_store.reserve(conversation_id="c1", target="slack", action="message",
+                              owner="inbox:2", payload_sha256="h1")
     assert not busy.granted and not busy.already_done
-    any_store.complete("c1", "slack", "message", "inbox:1", "C1|1.0", "h1", "e1")
-    same = any_store.reserve("c1", "slack", "message", "inbox:2", "h1")
+    any_store.complete(conversation_id="c1", target="slack", action="message", owner="inbox:1",
+                       external_ref="C1|1.0", payload_sha256="h1", event_id="e1")
+    same = any_store.reserve(conversation_id="c1", target="slack", action="message",
+                              owner="inbox:2", payload_sha256="h1")
     assert same.already_done and same.external_ref == "C1|1.0"
-    changed = any_store.reserve("c1", "slack", "message", "inbox:2", "h2")
+    changed = any_store.reserve(conversation_id="c1", target="slack", action="message",
+                              owner="inbox:2", payload_sha256="h2")
     assert changed.granted and changed.external_ref == "C1|1.0"
-    any_store.unreserve("c1", "slack", "message", "inbox:2")
+    any_store.unreserve(conversation_id="c1", target="slack", action="message", owner="inbox:2")
     (entry,) = any_store.ledger("c1")
     assert entry.status == "done" and entry.deliveries == 1
 
 
 def test_unreserve_before_any_delivery_reopens(any_store: Store) -> None:
-    assert any_store.reserve("c1", "sf", "upsert", "inbox:1", "h").granted
-    any_store.unreserve("c1", "sf", "upsert", "inbox:1")
+    assert any_store.reserve(conversation_id="c1", target="sf", action="upsert",
+                              owner="inbox:1", payload_sha256="h").granted
+    any_store.unreserve(conversation_id="c1", target="sf", action="upsert", owner="inbox:1")
     assert any_store.ledger("c1")[0].status == "open"
-    assert any_store.reserve("c1", "sf", "upsert", "inbox:2", "h").granted
+    assert any_store.reserve(conversation_id="c1", target="sf", action="upsert",
+                              owner="inbox:2", payload_sha256="h").granted
 
 
 def test_concurrent_reservations_grant_one(any_store: Store) -> None:
@@ -143,7 +151,8 @@ def test_concurrent_reservations_grant_one(any_store: Store) -> None:
 
     def attempt(owner: int) -> None:
         barrier.wait()
-        results.append(any_store.reserve("c9", "slack", "message", f"inbox:{owner}", "h").granted)
+        results.append(any_store.reserve(conversation_id="c9", target="slack", action="message",
+                              owner=f"inbox:{owner}", payload_sha256="h").granted)
 
     threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
     for thread in threads:
@@ -156,11 +165,13 @@ def test_concurrent_reservations_grant_one(any_store: Store) -> None:
 def test_dead_letters_and_quarantine(any_store: Store) -> None:
     (inbox_id,) = any_store.insert_events([row("e")])
     assert inbox_id is not None
-    dl = any_store.dead_letter(inbox_id, "e", "c1", "slack", "channel_not_found", "PermanentError", 1)
+    dl = any_store.dead_letter(inbox_id=inbox_id, event_id="e", conversation_id="c1", target="slack",
+                              reason="channel_not_found", error_type="PermanentError", attempts=1)
     assert [d.id for d in any_store.dead_letters()] == [dl]
     any_store.mark_dead_letters_replayed([dl])
     assert any_store.dead_letters() == [] and any_store.dead_letters(None)[0].status == "replayed"
-    q = any_store.quarantine("genesys", b"{}", "application/json", {"message": "no id"})
+    q = any_store.quarantine(source="genesys", body=b"{}", content_type="application/json",
+                             reason={"message": "no id"})
     assert any_store.get_quarantined(q).body == b"{}"  # type: ignore[union-attr]
 
 
@@ -169,7 +180,7 @@ def test_two_claimers_never_share_an_event(any_store: Store) -> None:
     seen: dict[str, list[int]] = {"a": [], "b": []}
 
     def claimer(name: str) -> None:
-        while batch := any_store.claim(name, 7, lease_seconds=60):
+        while batch := any_store.claim(worker=name, limit=7, lease_seconds=60):
             seen[name].extend(e.id for e in batch)
 
     threads = [threading.Thread(target=claimer, args=(n,)) for n in seen]
@@ -179,3 +190,29 @@ def test_two_claimers_never_share_an_event(any_store: Store) -> None:
         thread.join()
     assert len(seen["a"]) + len(seen["b"]) == 200
     assert not set(seen["a"]) & set(seen["b"])
+
+
+def test_migrations_run_once_and_drop_the_old_full_index(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, inspect, text
+
+    from cxrelay.store.migrations import LATEST, migrate
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    Store(url).close()
+    with create_engine(url).begin() as conn:  # an inbox from before the partial index
+        conn.execute(text("DROP TABLE cxrelay_schema"))
+        conn.execute(text("CREATE INDEX ix_inbox_conversation_id ON inbox (conversation_id)"))
+    store = Store(url)
+    indexes = {index["name"] for index in inspect(store.engine).get_indexes("inbox")}
+    assert "ix_inbox_conversation_id" not in indexes
+    assert "ix_inbox_conversation_finished" in indexes
+    assert migrate(store.engine) == []  # recorded: the next store pays one SELECT
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT MAX(version) FROM cxrelay_schema")).scalar() == LATEST
+    store.close()
+
+
+def test_migrations_on_postgresql(pg_store: Store) -> None:
+    from cxrelay.store.migrations import migrate
+
+    assert migrate(pg_store.engine) == []

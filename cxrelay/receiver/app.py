@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -26,7 +27,8 @@ from cxrelay.core.errors import EnvelopeError, SignatureError
 from cxrelay.receiver.limits import BodySizeLimit
 from cxrelay.receiver.metrics import ReceiverMetrics
 from cxrelay.receiver.sources import Source
-from cxrelay.store.database import Store, inbox_row
+from cxrelay.store.database import Store
+from cxrelay.store.inbox import inbox_row
 from cxrelay.store.writer import GroupCommitWriter
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024
@@ -76,9 +78,9 @@ class Receiver:
             event = normalise(payload, name, body)
         except EnvelopeError as exc:
             self.metrics.rejected.labels(name, "not_an_event").inc()
-            quarantine_id = await anyio.to_thread.run_sync(
-                self.store.quarantine, name, body, content_type,
-                {"message": str(exc), "errors": exc.errors})
+            quarantine_id = await anyio.to_thread.run_sync(partial(
+                self.store.quarantine, source=name, body=body, content_type=content_type,
+                reason={"message": str(exc), "errors": exc.errors}))
             return JSONResponse(
                 {"error": "not_an_event", "detail": exc.errors, "message": str(exc),
                  "quarantine_id": quarantine_id},

@@ -1,0 +1,77 @@
+"""Dead letters (events or targets that failed after their retries) and quarantine
+(authenticated bodies that were not events): both kept until replayed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+
+from cxrelay.store.engine import Database
+from cxrelay.store.models import DeadLetter, QuarantinedEvent, utcnow
+
+DEAD = DeadLetter.__table__  # type: ignore[attr-defined]
+QUARANTINE = QuarantinedEvent.__table__  # type: ignore[attr-defined]
+WHOLE_EVENT = "*"  # the target of a dead letter for the event itself, not one of its targets
+
+
+class DeadLetterQueries(Database):
+    def dead_letter(
+        self, *, inbox_id: int, event_id: str, conversation_id: str, target: str,
+        reason: str, error_type: str, attempts: int,
+    ) -> int:
+        """Record that `target` (or the whole event, `WHOLE_EVENT`) failed for this event."""
+        with self.transaction() as conn:
+            return int(conn.execute(
+                DEAD.insert().returning(DEAD.c.id),
+                {"inbox_id": inbox_id, "event_id": event_id, "conversation_id": conversation_id,
+                 "target": target, "reason": reason, "error_type": error_type,
+                 "attempts": attempts, "status": "open", "created_at": utcnow()},
+            ).scalar_one())
+
+    def dead_letters(self, status: str | None = "open") -> list[DeadLetter]:
+        stmt = select(DEAD).order_by(DEAD.c.id)
+        if status:
+            stmt = stmt.where(DEAD.c.status == status)
+        with self.engine.connect() as conn:
+            return [DeadLetter(**row) for row in conn.execute(stmt).mappings().all()]
+
+    def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(DEAD).where(DEAD.c.id == dead_letter_id)).mappings().first()
+        return DeadLetter(**row) if row else None
+
+    def mark_dead_letters_replayed(self, ids: Sequence[int]) -> None:
+        with self.transaction() as conn:
+            conn.execute(update(DEAD).where(DEAD.c.id.in_(list(ids)))
+                         .values(status="replayed", replayed_at=utcnow()))
+
+    def quarantined(self, status: str | None = "open") -> list[QuarantinedEvent]:
+        stmt = select(QUARANTINE).order_by(QUARANTINE.c.id)
+        if status:
+            stmt = stmt.where(QUARANTINE.c.status == status)
+        with self.engine.connect() as conn:
+            return [QuarantinedEvent(**row) for row in conn.execute(stmt).mappings().all()]
+
+    def get_quarantined(self, quarantine_id: int) -> QuarantinedEvent | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(QUARANTINE).where(QUARANTINE.c.id == quarantine_id)
+            ).mappings().first()
+        return QuarantinedEvent(**row) if row else None
+
+    def mark_quarantine_replayed(self, quarantine_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(update(QUARANTINE).where(QUARANTINE.c.id == quarantine_id)
+                         .values(status="replayed", replayed_at=utcnow()))
+
+    def quarantine(self, *, source: str, body: bytes, content_type: str | None, reason: Any) -> int:
+        """Keep an authenticated body that is not an event, for a replay after a fix."""
+        with self.transaction() as conn:
+            return int(conn.execute(
+                QUARANTINE.insert().returning(QUARANTINE.c.id),
+                {"source": source, "body": body, "content_type": content_type,
+                 "reason": json.dumps(reason), "status": "open", "received_at": utcnow()},
+            ).scalar_one())

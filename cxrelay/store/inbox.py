@@ -1,0 +1,230 @@
+"""The inbox: every acknowledged event, claimed by dispatchers with a lease, finished with an
+outcome."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta, timezone
+from typing import Any, Literal
+
+from sqlalchemy import and_, bindparam, func, or_, select, update
+
+from cxrelay.core.envelope import CanonicalEvent
+from cxrelay.store.engine import Database, sqlite_datetime
+from cxrelay.store.models import InboxEvent, utcnow
+
+INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
+
+# The statements of the per-event path, built once: building and hashing a statement per call
+# was a quarter of a batch run's CPU per event (measured with py-spy).
+_FINISH = update(INBOX).where(INBOX.c.id == bindparam("p_id")).values(
+    status=bindparam("p_status"), outcome=bindparam("p_outcome"), detail=bindparam("p_detail"),
+    finished_at=bindparam("p_now"), lease_until=None)
+_GET_EVENT = select(INBOX).where(INBOX.c.id == bindparam("p_id"))
+
+
+def inbox_row(event: CanonicalEvent, source: str, body: bytes) -> dict[str, Any]:
+    """The inbox columns of a normalised event, its raw body kept verbatim."""
+    return {
+        "dedupe_key": event.dedupe_key,
+        "event_id": event.event_id,
+        "source": source,
+        "envelope": event.envelope,
+        "event_type": event.event_type,
+        "conversation_id": event.conversation_id,
+        "body": body,
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+
+
+@dataclass(frozen=True)
+class ClaimedEvent:
+    id: int
+    conversation_id: str
+    event_type: str
+    source: str
+    attempts: int
+
+
+class InboxQueries(Database):
+    _SQLITE_INSERT = (
+        "INSERT INTO inbox (dedupe_key, event_id, source, envelope, event_type, conversation_id,"
+        " body, body_sha256, received_at, status, available_at, attempts)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, 0)"
+        " ON CONFLICT (dedupe_key) DO NOTHING RETURNING id"
+    )
+
+    def insert_events(self, rows: Sequence[dict[str, Any]]) -> list[int | None]:
+        """Insert in one transaction; each result is the new inbox id, or None for a duplicate."""
+        if self.dialect == "sqlite":
+            return self._insert_events_sqlite(rows)
+        stmt = (
+            self._insert(INBOX)
+            .on_conflict_do_nothing(index_elements=["dedupe_key"])
+            .returning(INBOX.c.id)
+        )
+        results: list[int | None] = []
+        now = utcnow()
+        with self.transaction() as conn:
+            for row in rows:
+                values = {"received_at": now, "available_at": now, "status": "pending",
+                          "attempts": 0, **row}
+                results.append(conn.execute(stmt, values).scalar())
+        return results
+
+    def _insert_events_sqlite(self, rows: Sequence[dict[str, Any]]) -> list[int | None]:
+        # The receiver's hot path: the driver's cached statement instead of a compiled
+        # SQLAlchemy insert per row (measured: a third of the writer's time went there).
+        now = sqlite_datetime(utcnow())
+        results: list[int | None] = []
+        with self.transaction() as conn:
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            for row in rows:
+                cursor.execute(self._SQLITE_INSERT, (
+                    row["dedupe_key"], row["event_id"], row["source"], row["envelope"],
+                    row["event_type"], row["conversation_id"], row["body"], row["body_sha256"],
+                    now, now))
+                found = cursor.fetchone()
+                results.append(found[0] if found else None)
+            cursor.close()
+        return results
+
+    # --- dispatch -----------------------------------------------------------------------
+
+    def claim(self, *, worker: str, limit: int, lease_seconds: float,
+              attempts: Literal["any", "first", "retried"] = "any") -> list[ClaimedEvent]:
+        """Claim up to `limit` runnable events: pending ones, and claimed ones whose lease ran
+        out; only those never attempted (`first`), or only those attempted before (`retried`)."""
+        now = utcnow()
+        runnable = or_(
+            and_(INBOX.c.status == "pending", INBOX.c.available_at <= now),
+            and_(INBOX.c.status == "claimed", INBOX.c.lease_until < now),
+        )
+        if attempts != "any":
+            runnable = and_(runnable, INBOX.c.attempts == 0 if attempts == "first"
+                            else INBOX.c.attempts > 0)
+        ids = (
+            select(INBOX.c.id).where(runnable).order_by(INBOX.c.id).limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            update(INBOX)
+            .where(INBOX.c.id.in_(ids.scalar_subquery()))
+            .values(status="claimed", claimed_by=worker,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    attempts=INBOX.c.attempts + 1)
+            .returning(INBOX.c.id, INBOX.c.conversation_id, INBOX.c.event_type,
+                       INBOX.c.source, INBOX.c.attempts)
+        )
+        with self.transaction() as conn:
+            rows = conn.execute(stmt).all()
+        return sorted((ClaimedEvent(*row) for row in rows), key=lambda event: event.id)
+
+    def renew(self, *, worker: str, ids: Sequence[int], lease_seconds: float) -> None:
+        if not ids:
+            return
+        with self.transaction() as conn:
+            conn.execute(
+                update(INBOX)
+                .where(INBOX.c.id.in_(list(ids)), INBOX.c.claimed_by == worker,
+                       INBOX.c.status == "claimed")
+                .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+            )
+
+    def release(self, inbox_id: int, *, worker: str, delay_seconds: float,
+                count_attempt: bool = True) -> None:
+        """Give a claimed event back for a later attempt. An attempt that never ran (the
+        Prefect API was unreachable, the dispatcher stopped) does not count."""
+        with self.transaction() as conn:
+            conn.execute(
+                update(INBOX)
+                .where(INBOX.c.id == inbox_id, INBOX.c.claimed_by == worker,
+                       INBOX.c.status == "claimed")
+                .values(status="pending", claimed_by=None, lease_until=None,
+                        available_at=utcnow() + timedelta(seconds=delay_seconds),
+                        attempts=INBOX.c.attempts - (0 if count_attempt else 1))
+            )
+
+    def finish(self, inbox_id: int, *, outcome: str, detail: dict[str, Any]) -> None:
+        status = "failed" if outcome == "failed" else "done"
+        with self.transaction() as conn:
+            conn.execute(_FINISH, {"p_id": inbox_id, "p_status": status, "p_outcome": outcome,
+                                   "p_detail": json.dumps(detail, default=str), "p_now": utcnow()})
+
+    def requeue(self, inbox_id: int) -> None:
+        """Make a finished event runnable again (replay)."""
+        with self.transaction() as conn:
+            conn.execute(
+                update(INBOX).where(INBOX.c.id == inbox_id).values(
+                    status="pending", available_at=utcnow(), claimed_by=None, lease_until=None,
+                    outcome=None, finished_at=None,
+                )
+            )
+
+    def get_event(self, inbox_id: int) -> InboxEvent | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(_GET_EVENT, {"p_id": inbox_id}).mappings().first()
+        return InboxEvent(**row) if row else None
+
+    def get_events(self, inbox_ids: Sequence[int]) -> dict[int, InboxEvent]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(INBOX).where(INBOX.c.id.in_(list(inbox_ids)))).mappings()
+            return {row["id"]: InboxEvent(**row) for row in rows}
+
+    def events(self, limit: int = 1000) -> list[InboxEvent]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(INBOX).order_by(INBOX.c.id).limit(limit)).mappings().all()
+        return [InboxEvent(**row) for row in rows]
+
+    def conversations_handled(self, conversation_ids: Sequence[str]) -> set[str]:
+        """Of these conversations, those with an event in progress or one that reached its
+        targets (delivered, partly delivered or dead-lettered). Filtered-only ones are not."""
+        ids = set(conversation_ids)
+        with self.engine.connect() as conn:
+            # Events in progress: a range of the status index (the backlog), not the inbox.
+            handled = {conversation for conversation in conn.execute(
+                select(INBOX.c.conversation_id).where(INBOX.c.status.in_(["pending", "claimed"]))
+            ).scalars() if conversation in ids}
+            ordered = sorted(ids - handled)
+            for start in range(0, len(ordered), 500):
+                handled.update(conn.execute(
+                    select(INBOX.c.conversation_id).where(
+                        INBOX.c.conversation_id.in_(ordered[start:start + 500]),
+                        INBOX.c.outcome.in_(["delivered", "partial", "dead_lettered", "failed"]))
+                ).scalars())
+        return handled
+
+    def status_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(INBOX.c.status, func.count()).group_by(INBOX.c.status)
+            ).all()
+        return {status: count for status, count in rows}
+
+    def last_inbox_id(self) -> int:
+        """The newest inbox id (0 when empty): its growth is the rate of accepted events."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(INBOX.c.id))).scalar() or 0)
+
+    def waiting(self) -> tuple[int, float]:
+        """Runnable events that no one has claimed, and how long the oldest of them has
+        waited, in seconds (an index range, not a scan of the whole inbox)."""
+        now = utcnow()
+        with self.engine.connect() as conn:
+            count, oldest = conn.execute(
+                select(func.count(), func.min(INBOX.c.available_at))
+                .where(INBOX.c.status == "pending", INBOX.c.available_at <= now)).one()
+        if oldest is None:
+            return int(count), 0.0
+        if oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=timezone.utc)
+        return int(count), max(0.0, (now - oldest).total_seconds())
+
+    def backlog(self) -> int:
+        counts = self.status_counts()
+        return counts.get("pending", 0) + counts.get("claimed", 0)
+
+    # --- ledger -------------------------------------------------------------------------

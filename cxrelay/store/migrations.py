@@ -1,0 +1,54 @@
+"""Versioned schema migrations, applied once each and recorded in `cxrelay_schema`.
+
+New tables and indexes come from the models (`create_all`); a migration changes what an older
+database already has. Each runs in the transaction that records its version, so a database is
+never left between two versions, and a store that is up to date pays one SELECT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import Connection
+
+
+def _drop_full_conversation_index(conn: Connection) -> None:
+    # Inboxes made before the partial `ix_inbox_conversation_finished` had a full index on
+    # conversation_id, paid for on every insert.
+    conn.execute(text("DROP INDEX IF EXISTS ix_inbox_conversation_id"))
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "drop the full inbox conversation index", _drop_full_conversation_index),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def schema_version(conn: Connection) -> int:
+    conn.execute(text("CREATE TABLE IF NOT EXISTS cxrelay_schema (version INTEGER NOT NULL)"))
+    return int(conn.execute(text("SELECT MAX(version) FROM cxrelay_schema")).scalar() or 0)
+
+
+def migrate(engine: Engine) -> list[int]:
+    """Apply the migrations this database has not had yet; the versions applied."""
+    with engine.connect() as conn:
+        current = schema_version(conn)
+        conn.commit()
+    if current >= LATEST:
+        return []
+    applied = []
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # one process migrates, the others wait
+        else:
+            conn.execute(text("LOCK TABLE cxrelay_schema IN EXCLUSIVE MODE"))
+        current = schema_version(conn)
+        for version, _, step in MIGRATIONS:
+            if version > current:
+                step(conn)
+                conn.execute(text("INSERT INTO cxrelay_schema (version) VALUES (:v)"),
+                             {"v": version})
+                applied.append(version)
+        conn.commit()
+    return applied
