@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from cxrelay.connectors.genesys import GenesysClient
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.settings import genesys_urls
 
 

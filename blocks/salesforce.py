@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from cxrelay.connectors.salesforce import SalesforceClient
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
+
+from cxrelay.connectors.salesforce import SalesforceClient
 
 
 class SalesforceTarget(Block):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from cxrelay.connectors.slack import DEFAULT_API_URL, SlackClient
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
+
+from cxrelay.connectors.slack import DEFAULT_API_URL, SlackClient
 
 
 class SlackTarget(Block):

@@ -10,9 +10,9 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from pydantic import SecretStr
 
+from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from cxrelay.core.errors import PermanentError, RetryableError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 
+from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from cxrelay.core.errors import PermanentError, RetryableError
 
 
@@ -19,6 +19,9 @@ class HttpTarget:
 
     def __repr__(self) -> str:
         return f"HttpTarget(url={self.url!r})"
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
     async def post(self, body: dict[str, Any], idempotency_key: str) -> int:
         try:

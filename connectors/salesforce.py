@@ -14,12 +14,12 @@ from urllib.parse import quote, urlsplit
 
 import anyio.to_thread
 import requests
-from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from pydantic import SecretStr
 from requests.adapters import HTTPAdapter
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError
 
+from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from cxrelay.core.errors import ConfigError, PermanentError, RetryableError
 
 TRANSIENT_ERROR_CODES = {"UNABLE_TO_LOCK_ROW", "REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"}

@@ -7,11 +7,11 @@ from typing import Any
 from urllib.error import URLError
 
 import anyio.to_thread
-from cxrelay.connectors.retry import retry_after_seconds
 from pydantic import SecretStr
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 
+from cxrelay.connectors.retry import retry_after_seconds
 from cxrelay.core.errors import PermanentError, RetryableError
 
 TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable",

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import httpx
-from cxrelay.flows.process_event import process_batch, process_event
-from cxrelay.flows.runtime import Runtime
 from prefect import tags
 
+from cxrelay.flows.process_event import process_batch, process_event
+from cxrelay.flows.runtime import Runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.inbox import ClaimedEvent
 
@@ -102,8 +102,6 @@ class Dispatcher:
         self.ingest_yield = IngestYield(runtime.settings.yield_above_events_per_second,
                                         runtime.settings.yield_max_seconds)
         self._last_renew = time.monotonic()
-        self.submitted = 0
-        self.failed_runs = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
@@ -222,10 +220,6 @@ class Dispatcher:
             wake.set()
         return done
 
-    @property
-    def yields(self) -> int:
-        return self.ingest_yield.episodes
-
     def _batched(self) -> int:
         return sum(1 for task in self.running.values() if task in self.batch_tasks)
 
@@ -237,7 +231,6 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.failed_runs += 1
             for event in events:
                 await self._after_failure(event, exc)
             return
@@ -269,7 +262,6 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.failed_runs += 1
             await self._after_failure(event, exc)
 
     async def submit(self, event: ClaimedEvent) -> Any:
@@ -291,7 +283,6 @@ class Dispatcher:
             parameters={"inbox_id": event.id, "conversation_id": event.conversation_id})
         await asyncio.to_thread(self.store.renew, worker=self.worker_id, ids=[event.id],
                                 lease_seconds=self.runtime.settings.submitted_lease_seconds)
-        self.submitted += 1
         return flow_run
 
     async def _after_failure(self, event: ClaimedEvent, exc: Exception) -> None:
@@ -320,12 +311,3 @@ class Dispatcher:
                            type(exc).__name__, delay)
         await asyncio.to_thread(self.store.release, event.id, worker=self.worker_id,
                                 delay_seconds=delay, count_attempt=not infrastructure)
-
-
-async def run_dispatcher(runtime: Runtime, stop: asyncio.Event | None = None) -> Dispatcher:
-    from cxrelay.flows.runtime import set_runtime
-
-    set_runtime(runtime)
-    dispatcher = Dispatcher(runtime)
-    await dispatcher.run(stop or asyncio.Event())
-    return dispatcher

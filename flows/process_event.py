@@ -15,17 +15,17 @@ import asyncio
 from datetime import timedelta
 from typing import Any, cast
 
-from cxrelay.connectors.genesys import GenesysNotFound
-from cxrelay.flows import steps
-from cxrelay.flows.report import outcome_of, render_batch_report, render_report
-from cxrelay.flows.runtime import Runtime, get_runtime
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from cxrelay.connectors.genesys import GenesysNotFound
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError
+from cxrelay.flows import steps
+from cxrelay.flows.report import outcome_of, render_batch_report, render_report
+from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.models import InboxEvent
 

@@ -14,12 +14,12 @@ from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from cxrelay.flows.runtime import get_runtime
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 
 from cxrelay.core.backfill import backfill_event
 from cxrelay.core.envelope import normalise
+from cxrelay.flows.runtime import get_runtime
 from cxrelay.store.inbox import inbox_row
 
 # The CLI sets this to drive its progress bar: (found so far, queued so far).
@@ -28,8 +28,8 @@ progress_hook: ContextVar[Callable[[int, int], None] | None] = ContextVar("progr
 
 
 def _iso(moment: datetime) -> str:
-    # Milliseconds kept: truncating `until` to the second dropped conversations that ended in
-    # its last fraction of a second (found by a test that raced the clock).
+    # Milliseconds kept: truncating `until` to the second would drop conversations that ended
+    # in its last fraction of a second.
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

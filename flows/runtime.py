@@ -16,10 +16,9 @@ from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.connectors.http import HttpTarget
 from cxrelay.connectors.salesforce import SalesforceClient
 from cxrelay.connectors.slack import SlackClient
-from cxrelay.flows.limits import Limits
-
 from cxrelay.core.mapping import Mapper
 from cxrelay.core.pipeline import Pipeline
+from cxrelay.flows.limits import Limits
 from cxrelay.settings import Settings, require
 from cxrelay.store.database import Store
 
@@ -40,6 +39,27 @@ class Runtime:
     def __post_init__(self) -> None:
         self.limits.enabled = self.settings.prefect_limits
         self.ingest_calm.set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Runtime:
+        """The one way to build a runtime: settings (from the environment by default), the
+        store they name, the pipeline file and its lookups. Close it with `aclose()`."""
+        settings = settings or Settings()
+        pipeline = settings.pipeline_config
+        store = Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+        return cls(settings=settings, store=store, pipeline=pipeline,
+                   mapper=Mapper(pipeline.lookups))
+
+    async def aclose(self) -> None:
+        """Close the clients, which belong to the event loop they were made on; the runtime
+        makes new ones if it is used again on another loop. The store stays open."""
+        clients, self._clients = list(self._clients.values()), {}
+        self._conversations.clear()
+        for client in clients:
+            client = client[0] if isinstance(client, tuple) else client
+            close = getattr(client, "aclose", None)
+            if close is not None:
+                await close()
 
     async def cached_conversation(self, conversation_id: str, seconds: float,
                                   fetch: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
@@ -123,11 +143,7 @@ def get_runtime(settings: Settings | None = None) -> Runtime:
     loop_id = id(asyncio.get_running_loop())
     runtime = _runtimes.get(loop_id)
     if runtime is None:
-        settings = settings or Settings()
-        pipeline = settings.pipeline_config
-        runtime = Runtime(settings=settings,
-                          store=Store(settings.database_url, synchronous=settings.sqlite_synchronous),
-                          pipeline=pipeline, mapper=Mapper(pipeline.lookups))
+        runtime = Runtime.from_settings(settings)
         _runtimes[loop_id] = runtime
     return runtime
 
@@ -136,6 +152,3 @@ def set_runtime(runtime: Runtime) -> None:
     """Use this runtime for flows on the running loop (the dispatcher and tests build their own)."""
     _runtimes[id(asyncio.get_running_loop())] = runtime
 
-
-def clear_runtime() -> None:
-    _runtimes.pop(id(asyncio.get_running_loop()), None)

@@ -16,21 +16,21 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from cxrelay.connectors.http import HttpTarget
-from cxrelay.connectors.salesforce import SalesforceClient
-from cxrelay.connectors.slack import SlackClient, SlackMessageGone
-from cxrelay.flows.limits import Limits
-from cxrelay.flows.runtime import Runtime, get_runtime
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE
 from prefect.exceptions import MissingContextError
 
+from cxrelay.connectors.http import HttpTarget
+from cxrelay.connectors.salesforce import SalesforceClient
+from cxrelay.connectors.slack import SlackClient, SlackMessageGone
 from cxrelay.core.drift import detect_drift
 from cxrelay.core.envelope import CanonicalEvent, normalise
 from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target, render_target
+from cxrelay.flows.limits import Limits
+from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.store.database import Store
 from cxrelay.store.ledger import Reservation
 from cxrelay.store.models import InboxEvent

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from cxrelay.flows.dispatcher import Dispatcher
-from cxrelay.flows.runtime import Runtime, set_runtime
 
 from cxrelay.app.sending import encode
 from cxrelay.core.envelope import normalise
-from cxrelay.core.mapping import Mapper
+from cxrelay.flows.dispatcher import Dispatcher
+from cxrelay.flows.runtime import Runtime, set_runtime
 from cxrelay.sandbox.server import Sandbox
 from cxrelay.settings import Settings
 from cxrelay.store.database import Store
@@ -33,8 +32,7 @@ def make_settings(tmp_path: Path, box: Sandbox, **overrides: Any) -> Settings:
 
 
 def make_runtime(settings: Settings) -> Runtime:
-    pipeline = settings.pipeline_config
-    return Runtime(settings, Store(settings.database_url), pipeline, Mapper(pipeline.lookups))
+    return Runtime.from_settings(settings)
 
 
 def enqueue(store: Store, payload: dict[str, Any], source: str = "genesys") -> int | None:
@@ -67,12 +65,7 @@ async def dispatch_until(runtime: Runtime, done: int, timeout: float = 120,
     finally:
         stop.set()
         await task
-        for client in runtime._clients.values():
-            close = getattr(client, "aclose", None) or getattr(getattr(client, "http", None),
-                                                               "aclose", None)
-            if close is not None:
-                await close()
-        runtime._clients.clear()  # async clients belong to this loop
+        await runtime.aclose()  # async clients belong to this loop
     return dispatcher
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cxrelay.blocks.genesys import GenesysCredentials
-from cxrelay.blocks.salesforce import SalesforceTarget
-from cxrelay.blocks.slack import SlackTarget
 from pydantic import SecretStr
 
 from cxrelay.app.sending import generic_event
+from cxrelay.blocks.genesys import GenesysCredentials
+from cxrelay.blocks.salesforce import SalesforceTarget
+from cxrelay.blocks.slack import SlackTarget
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
 from tests.flowkit import dispatch_until, enqueue, make_runtime, make_settings, sandbox_state

@@ -7,12 +7,12 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
+
 from cxrelay.connectors.genesys import GenesysClient, GenesysNotFound
 from cxrelay.connectors.http import HttpTarget
 from cxrelay.connectors.salesforce import SalesforceClient, SalesforceDuplicates
 from cxrelay.connectors.slack import SlackClient, SlackMessageGone
-from pydantic import SecretStr
-
 from cxrelay.core.errors import ConfigError, PermanentError, RetryableError
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cxrelay.flows.dispatcher import Dispatcher
-from cxrelay.flows.runtime import set_runtime
 
 from cxrelay.app.sending import generic_event
+from cxrelay.flows.dispatcher import Dispatcher
+from cxrelay.flows.runtime import set_runtime
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
 from tests.flowkit import enqueue, make_runtime, make_settings, sandbox_state

@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
-from cxrelay.flows.runtime import Runtime
 
 from cxrelay.app.sending import encode, eventbridge_event, generic_event, hmac_headers
 from cxrelay.core.signatures import HmacVerifier, StaticCredentialVerifier
+from cxrelay.flows.runtime import Runtime
 from cxrelay.receiver.app import create_app
 from cxrelay.receiver.sources import Source
 from cxrelay.sandbox.genesys import sample_conversation

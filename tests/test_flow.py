@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cxrelay.flows.replay import requeue_dead_letters
 
 from cxrelay.app.sending import eventbridge_event, generic_event
+from cxrelay.flows.replay import requeue_dead_letters
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
 from tests.flowkit import calls, dispatch_until, enqueue, make_runtime, make_settings, sandbox_state
@@ -231,10 +231,7 @@ def test_reconcile_fills_the_gap_of_lost_webhooks(tmp_path: Path, clean_sandbox:
         try:
             return await reconcile(lookback_minutes=30, until=now + timedelta(seconds=1))
         finally:
-            for client in runtime._clients.values():
-                if hasattr(client, "aclose"):
-                    await client.aclose()
-            runtime._clients.clear()
+            await runtime.aclose()
 
     summary = asyncio.run(run_reconcile())
     assert summary["ended"] == 7 and summary["queued"] == 4

@@ -109,10 +109,8 @@ def dispatch(
     parent_pid: int | None = typer.Option(None, help="exit when this process is gone"),
 ) -> None:
     """Claim events from the inbox and start a `process-event` flow run for each."""
-    from cxrelay.core.mapping import Mapper
     from cxrelay.flows.dispatcher import Dispatcher
     from cxrelay.flows.runtime import Runtime, set_runtime
-    from cxrelay.store.database import Store
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
@@ -122,7 +120,7 @@ def dispatch(
     cxrelay_logger.propagate = False
     settings = _settings()
     try:
-        pipeline = settings.pipeline_config
+        settings.pipeline_config  # noqa: B018 - a broken pipeline file fails here, not per event
     except CxrelayError as exc:
         _fail(str(exc), 2)
     if parent_pid:
@@ -134,28 +132,30 @@ def dispatch(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        runtime = Runtime(settings, Store(settings.database_url,
-                                          synchronous=settings.sqlite_synchronous),
-                          pipeline, Mapper(pipeline.lookups))
+        runtime = Runtime.from_settings(settings)
         set_runtime(runtime)
 
         def watch_parent() -> None:
             # A thread, not a task: an orphan must exit even when its event loop is wedged
-            # (seen once: blocked on a lock inside Prefect's concurrency-slot service, its
-            # `serve` killed, the dispatcher left behind holding its claims).
+            # (blocked inside a library, say), and it must not keep its claims.
             while os.getppid() == parent_pid:
                 time.sleep(0.5)
-            loop.call_soon_threadsafe(stop.set)
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                loop.call_soon_threadsafe(stop.set)
             time.sleep(60)  # the loop drains its runs and returns well before this
             os._exit(1)
 
         if parent_pid:
             threading.Thread(target=watch_parent, name="cxrelay-parent-watch", daemon=True).start()
-        await Dispatcher(runtime).run(stop)
+        try:
+            await Dispatcher(runtime).run(stop)
+        finally:
+            await runtime.aclose()
+            runtime.store.close()
 
     asyncio.run(main())
-    # At exit Prefect flushes its run events and waits for as long as its server is gone (seen:
-    # a dispatcher outliving its `serve` by 40 minutes). The inbox is the record; 30 s it is.
+    # At exit Prefect flushes its run events and waits for as long as its server is gone. The
+    # inbox is the record, so the process bounds its own exit.
     watchdog = threading.Timer(30, os._exit, args=(0,))
     watchdog.daemon = True
     watchdog.start()

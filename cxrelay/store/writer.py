@@ -27,8 +27,6 @@ class GroupCommitWriter:
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="cxrelay-group-commit", daemon=True)
-        self.batches = 0
-        self.rows = 0
         self._closed = threading.Event()
         self._thread.start()
         self._checkpointer: threading.Thread | None = None
@@ -85,8 +83,6 @@ class GroupCommitWriter:
             for _, future, loop in batch:
                 loop.call_soon_threadsafe(_set_exception, future, exc)
             return
-        self.batches += 1
-        self.rows += len(batch)
         # One wake-up per event loop and batch, not per request: the self-pipe write that
         # call_soon_threadsafe costs showed up at ~6% of the receiver's CPU.
         by_loop: dict[Any, list[tuple[asyncio.Future[Any], Any]]] = {}
