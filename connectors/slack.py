@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.error import URLError
@@ -12,7 +13,7 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 
 from cxrelay.connectors.retry import retry_after_seconds
-from cxrelay.core.errors import PermanentError, RetryableError
+from cxrelay.core.errors import OutcomeUnknown, PermanentError, RetryableError
 
 TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable",
                     "request_timeout", "team_added_to_org"}
@@ -27,6 +28,12 @@ class SlackMessage:
 
 class SlackMessageGone(PermanentError):
     """`chat.update` found no message to update (deleted in Slack)."""
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """The request cannot have reached Slack: the connection was refused or the host unknown."""
+    reason = exc.reason if isinstance(exc, URLError) else exc
+    return isinstance(reason, (ConnectionRefusedError, socket.gaierror))
 
 
 class SlackClient:
@@ -60,7 +67,11 @@ class SlackClient:
                 raise SlackMessageGone(detail) from exc
             raise PermanentError(detail) from exc
         except (SlackClientError, URLError, TimeoutError, OSError) as exc:
-            raise RetryableError(f"Slack {method}: {type(exc).__name__}") from exc
+            detail = f"Slack {method}: {type(exc).__name__}"
+            if not read and not _never_sent(exc):
+                # Slack may have posted: no idempotency key, so the next attempt looks first.
+                raise OutcomeUnknown(detail) from exc
+            raise RetryableError(detail) from exc
         return dict(response.data) if isinstance(response.data, dict) else {}
 
     async def post_message(self, channel: str, text: str,

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     slack_api_url: str = "https://slack.com/api/"
     slack_bot_token: SecretStr | None = None
     slack_channel: str | None = None
+    slack_timeout_seconds: float = Field(
+        default=10, gt=0, description="how long a Slack call may take; a post whose answer "
+        "does not come in time is looked up before it is sent again")
     slack_block: str | None = Field(default=None, description="SlackTarget block name")
 
     prefect_limits: bool = Field(default=True, description="use Prefect global concurrency "

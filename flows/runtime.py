@@ -124,8 +124,9 @@ class Runtime:
             else:
                 require(s.slack_bot_token, "CXRELAY_SLACK_BOT_TOKEN", "post to Slack")
                 assert s.slack_bot_token
-                self._clients["slack"] = (SlackClient(s.slack_bot_token, s.slack_api_url),
-                                          s.slack_channel)
+                self._clients["slack"] = (
+                    SlackClient(s.slack_bot_token, s.slack_api_url,
+                                timeout=s.slack_timeout_seconds), s.slack_channel)
         return self._clients["slack"]
 
     def http(self, name: str, url: str, headers: dict[str, str]) -> HttpTarget:

@@ -25,7 +25,7 @@ from cxrelay.connectors.salesforce import SalesforceClient
 from cxrelay.connectors.slack import SlackClient, SlackMessageGone
 from cxrelay.core.drift import detect_drift
 from cxrelay.core.envelope import CanonicalEvent, normalise
-from cxrelay.core.errors import PermanentError, RetryableError
+from cxrelay.core.errors import OutcomeUnknown, PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target, render_target
@@ -277,7 +277,8 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
         return {"status": "unchanged", "ref": ref}
     try:
         if ref is None and reservation.uncertain:
-            # A crashed attempt may have posted: find its message by our metadata first.
+            # An attempt that crashed or lost its answer may have posted: find its message by
+            # our metadata first.
             found = await client.find_message(payload["channel"], event.conversation_id,
                                               target.name)
             ref = f"{found.channel}|{found.ts}" if found else None
@@ -296,7 +297,8 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
             status = "posted"
     except BaseException as exc:
         await asyncio.to_thread(store.unreserve, conversation_id=event.conversation_id,
-                                target=target.name, action="message", owner=owner)
+                                target=target.name, action="message", owner=owner,
+                                uncertain=isinstance(exc, OutcomeUnknown))
         await honour_retry_after(exc)
         raise
     ref = f"{message.channel}|{message.ts}"

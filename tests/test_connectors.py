@@ -13,7 +13,7 @@ from cxrelay.connectors.genesys import GenesysClient, GenesysNotFound
 from cxrelay.connectors.http import HttpTarget
 from cxrelay.connectors.salesforce import SalesforceClient, SalesforceDuplicates
 from cxrelay.connectors.slack import SlackClient, SlackMessageGone
-from cxrelay.core.errors import ConfigError, PermanentError, RetryableError
+from cxrelay.core.errors import ConfigError, OutcomeUnknown, PermanentError, RetryableError
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
 from cxrelay.settings import region_urls
@@ -340,3 +340,23 @@ def test_http_target_sends_idempotency_key_and_classifies(clean_sandbox: Sandbox
 
         assert run(scenario()) == [RetryableError, PermanentError, 200]
     assert [key for key, _ in seen] == ["key-1"] * 3
+
+
+def test_slack_post_whose_answer_is_lost_is_an_unknown_outcome(clean_sandbox: Sandbox) -> None:
+    base = clean_sandbox.slack_url.removesuffix("/api/")
+    control(base, "faults", {"answer_after_ms": 3000, "count": 1, "path": "/api/chat.postMessage"})
+    client = SlackClient(SecretStr(clean_sandbox.slack.bot_token), clean_sandbox.slack_url,
+                         timeout=1)
+    with pytest.raises(OutcomeUnknown):
+        run(client.post_message("#contact-center", "hello"))
+    # Slack took it: the message is there although the client never heard so.
+    assert len(httpx.get(f"{base}/__sandbox/state").json()["messages"]) == 1
+
+
+def test_slack_post_that_cannot_connect_is_retryable_not_unknown() -> None:
+    from cxrelay.app.supervise import free_port
+
+    client = SlackClient(SecretStr("xoxb-x"), f"http://127.0.0.1:{free_port()}/api/", timeout=1)
+    with pytest.raises(RetryableError) as info:
+        run(client.post_message("#contact-center", "hello"))
+    assert not isinstance(info.value, OutcomeUnknown)

@@ -269,6 +269,27 @@ def test_slack_message_of_a_crashed_attempt_is_found_not_posted_again(
     assert runtime.store.events()[0].outcome == "delivered"
 
 
+def test_slack_post_whose_answer_was_lost_is_looked_up_not_posted_again(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """Slack took the post and its answer never came: the retry finds the message instead of
+    posting a second one."""
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    httpx.post(f"{clean_sandbox.slack_url.removesuffix('/api/')}/__sandbox/faults",
+               json={"answer_after_ms": 3000, "count": 1, "path": "/api/chat.postMessage"}
+               ).raise_for_status()
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, slack_timeout_seconds=1))
+    enqueue(runtime.store, generic_event(conversation))
+    asyncio.run(dispatch_until(runtime, 1))
+    _, messages = sandbox_state(clean_sandbox)
+    assert len(messages) == 1
+    assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 1
+    assert len(calls(clean_sandbox.slack_url, None, "conversations.history")) == 1
+    assert runtime.store.events()[0].outcome == "delivered"
+    (entry,) = [row for row in runtime.store.ledger(conversation) if row.target == "slack"]
+    assert entry.status == "done" and entry.deliveries == 1
+
+
 def test_global_limits_are_created_with_defaults(tmp_path: Path, clean_sandbox: Sandbox) -> None:
     conversation = new_id()
     seed(clean_sandbox, conversation)

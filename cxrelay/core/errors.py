@@ -19,6 +19,11 @@ class RetryableError(CxrelayError):
         self.retry_after = retry_after
 
 
+class OutcomeUnknown(RetryableError):
+    """The request was sent and no answer came (a timeout, a connection lost mid-answer): the
+    target may have acted on it. The next attempt looks before it acts again."""
+
+
 class PermanentError(CxrelayError):
     """A failure that another attempt cannot fix; the work goes to the dead letters."""
 

@@ -5,6 +5,7 @@ Faults are declared over HTTP so that tests in other processes can inject them:
     POST /__sandbox/faults {"status": 503, "seconds": 30, "path": "/services/data"}
     POST /__sandbox/faults {"status": 429, "headers": {"Retry-After": "2"}, "count": 5}
     POST /__sandbox/faults {"latency_ms": 200, "seconds": 10}
+    POST /__sandbox/faults {"answer_after_ms": 30000, "count": 1}   (acts, then answers late)
     DELETE /__sandbox/faults
 
 A fault applies to requests whose path starts with `path` (and whose method is `method`, when
@@ -42,6 +43,9 @@ class Fault:
     remaining: int | None = None
     until: float | None = None
     latency_ms: int = 0
+    # The request takes effect, then its answer is held this long (a lost answer, when the
+    # client gives up first).
+    answer_after_ms: int = 0
 
     def matches(self, method: str, path: str, now: float) -> bool:
         if self.until is not None and now >= self.until:
@@ -102,6 +106,12 @@ class Emulator:
                 record["fault"] = fault.id
             else:
                 response = await handler(request, payload)
+                if fault is not None and fault.answer_after_ms:
+                    record["status"] = response.status_code
+                    with self.lock:
+                        self.requests.append(record)
+                    await asyncio.sleep(fault.answer_after_ms / 1000)
+                    return response
             record["status"] = response.status_code
             with self.lock:
                 self.requests.append(record)
@@ -142,6 +152,7 @@ class Emulator:
             remaining=spec.get("count"),
             until=time.monotonic() + float(seconds) if seconds is not None else None,
             latency_ms=int(spec.get("latency_ms", 0)),
+            answer_after_ms=int(spec.get("answer_after_ms", 0)),
         )
         with self.lock:
             self.faults.append(fault)

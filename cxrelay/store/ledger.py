@@ -67,7 +67,7 @@ class LedgerQueries(Database):
             conn.execute(_RESERVE, {**key, "p_owner": owner, "p_now": now,
                                     "p_until": now + timedelta(seconds=ttl_seconds)})
             return Reservation(True, row["external_ref"], already_done=False,
-                               uncertain=row["status"] == "reserved")
+                               uncertain=row["status"] in ("reserved", "uncertain"))
 
     def complete(
         self, *, conversation_id: str, target: str, action: str, owner: str,
@@ -79,15 +79,18 @@ class LedgerQueries(Database):
                 "p_ref": external_ref, "p_sha": payload_sha256, "p_event": event_id,
                 "p_now": utcnow()})
 
-    def unreserve(self, *, conversation_id: str, target: str, action: str, owner: str) -> None:
-        """Give up a reservation after a failed attempt: back to done (if it ever was) or open."""
+    def unreserve(self, *, conversation_id: str, target: str, action: str, owner: str,
+                  uncertain: bool = False) -> None:
+        """Give up a reservation after a failed attempt: back to done (if it ever was) or open;
+        `uncertain` when the target may have acted on it, so the next attempt looks first."""
+        status = "uncertain" if uncertain else case(
+            (LEDGER.c.payload_sha256.is_not(None), "done"), else_="open")
         with self.transaction() as conn:
             conn.execute(
                 update(LEDGER)
                 .where(LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
                        LEDGER.c.action == action, LEDGER.c.owner == owner)
-                .values(status=case((LEDGER.c.payload_sha256.is_not(None), "done"), else_="open"),
-                        owner=None, reserved_until=None, updated_at=utcnow())
+                .values(status=status, owner=None, reserved_until=None, updated_at=utcnow())
             )
 
     def ledger(self, conversation_id: str | None = None) -> list[Delivery]:

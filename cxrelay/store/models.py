@@ -56,7 +56,8 @@ class Delivery(SQLModel, table=True):
     conversation_id: str = Field(max_length=255)
     target: str = Field(max_length=64)
     action: str = Field(max_length=32)
-    # reserved (an attempt is in flight) → done
+    # open → reserved (an attempt is in flight) → done; uncertain: an attempt's outcome is
+    # unknown (the target may have acted), so the next attempt looks before it acts.
     status: str = Field(max_length=16)
     owner: str | None = Field(default=None, max_length=255)
     reserved_until: datetime | None = None
