@@ -82,6 +82,12 @@ def pg_store() -> Iterator[Store]:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_store(request: pytest.FixtureRequest) -> Store:
+    """The same test on SQLite and on PostgreSQL."""
+    return request.getfixturevalue("store" if request.param == "sqlite" else "pg_store")
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """One Prefect test server for the whole session."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from cxrelay.core.drift import detect_drift, flatten
+from cxrelay.store.database import Store
 from tests.conftest import sample
 
 
@@ -41,3 +42,33 @@ def test_null_is_not_a_type_change() -> None:
 def test_flatten_merges_list_items() -> None:
     assert flatten({"a": [{"b": 1}, {"b": "x"}]}) == {"a": {"array"}, "a[]": {"object"},
                                                        "a[].b": {"number", "string"}}
+
+
+def test_invented_keys_are_bounded_per_event() -> None:
+    from cxrelay.core.drift import MAX_FINDINGS_PER_EVENT, OVERFLOW_FIELD
+
+    payload = sample("generic-webhook.json")
+    payload["conversation"].update({f"k{i}\u0000" + "x" * 600: i for i in range(2_000)})
+    findings = detect_drift("generic", payload)
+    assert len(findings) == MAX_FINDINGS_PER_EVENT + 1
+    assert findings[-1].field == OVERFLOW_FIELD and "more fields" in findings[-1].detail
+    assert all(len(f.field) <= 256 and "\u0000" not in f.field for f in findings)
+
+
+def test_stored_drift_is_capped_per_contract(any_store: Store) -> None:
+    from cxrelay.core.drift import OVERFLOW_FIELD
+
+    for event in range(5):
+        any_store.record_drift("generic", [(f"f{event}-{i}", "new", "type string")
+                                           for i in range(30)], f"e{event}", max_fields=100)
+    rows = any_store.drift()
+    assert len(rows) == 101
+    (overflow,) = [row for row in rows if row.field == OVERFLOW_FIELD]
+    assert overflow.count == 2  # once per event that went past the cap
+    any_store.record_drift("generic", [("x" * 600 + "\u0000", "new", "y" * 900)], "e9",
+                           max_fields=100)
+    assert len(any_store.drift()) == 101
+    # Under the default cap it gets a row of its own, stored safely (PostgreSQL refuses NUL).
+    any_store.record_drift("generic", [("x" * 600 + "\u0000", "new", "y" * 900)], "e10")
+    (long,) = [row for row in any_store.drift() if row.field.startswith("xxx")]
+    assert len(long.field) <= 512 and "\x00" not in long.field and len(long.detail) <= 512

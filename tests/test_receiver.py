@@ -73,7 +73,7 @@ def test_eventbridge_source_with_bearer_token(receiver: str, store: Store) -> No
     response = post(receiver, body, {"Content-Type": "application/json",
                                      "Authorization": f"Bearer {TOKEN}"}, "/webhooks/eventbridge")
     assert response.status_code == 202
-    assert store.events()[0].dedupe_key == "3f4e5d6c-7b8a-4999-a1b2-c3d4e5f60718"
+    assert store.events()[0].dedupe_key == "eventbridge:3f4e5d6c-7b8a-4999-a1b2-c3d4e5f60718"
 
 
 @pytest.mark.parametrize("headers,detail", [
@@ -200,3 +200,63 @@ def test_metrics_expose_schema_drift(receiver: str, store: Store) -> None:
     metrics = httpx.get(receiver + "/metrics").text
     assert ('cxrelay_schema_drift_events{contract="generic",'
             'field="conversation.primaryContact.primaryPhoneNumber",kind="new"} 1.0') in metrics
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_receiver(request: pytest.FixtureRequest) -> Iterator[tuple[str, Store]]:
+    db = request.getfixturevalue("store" if request.param == "sqlite" else "pg_store")
+    sources = {"genesys": Source("genesys", HmacVerifier([SECRET]))}
+    with serve(create_app(db, sources, max_body_bytes=4096)) as url:
+        yield url, db
+
+
+def test_one_bad_event_in_a_burst_fails_only_itself(any_receiver: tuple[str, Store]) -> None:
+    """A NUL in an id, an over-long event type or Content-Type: refused at the door (422,
+    quarantined) on SQLite and PostgreSQL alike; the events sent with them are stored."""
+    url, db = any_receiver
+    bodies = []
+    for index in range(40):
+        payload = json.loads(sample_bytes("generic-webhook.json"))
+        payload["id"] = f"burst-{index}"
+        if index == 7:
+            payload["id"] = "nul\u0000id"
+        if index == 19:
+            payload["eventType"] = "E" * 300
+        bodies.append(json.dumps(payload).encode())
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(
+                client.post(f"{url}/webhooks/genesys", content=body, headers=signed(body))
+                for body in bodies))
+
+    responses = asyncio.run(burst())
+    codes = [response.status_code for response in responses]
+    assert codes.count(202) == 38 and codes[7] == codes[19] == 422
+    assert len(db.events()) == 38 and len(db.quarantined()) == 2
+    body = bodies[0].replace(b"burst-0", b"burst-ct")
+    long_type = post(url, body, {**signed(body), "Content-Type": "application/json;" + "x" * 400})
+    assert long_type.status_code == 202
+
+
+def test_a_row_the_database_refuses_does_not_fail_its_batch(pg_store: Store) -> None:
+    from cxrelay.store.writer import GroupCommitWriter
+
+    def row(key: str, event_type: str = "E") -> dict[str, object]:
+        return {"dedupe_key": key, "event_id": key, "source": "genesys", "envelope": "generic",
+                "event_type": event_type, "conversation_id": "c", "body": b"{}",
+                "body_sha256": "0" * 64}
+
+    writer = GroupCommitWriter(pg_store)
+
+    async def insert_all() -> list[object]:
+        rows = [row(f"k{i}", "E" * 300 if i == 3 else "E") for i in range(10)]
+        return await asyncio.gather(*(writer.insert(r) for r in rows), return_exceptions=True)
+
+    try:
+        results = asyncio.run(insert_all())
+    finally:
+        writer.close()
+    assert isinstance(results[3], Exception)
+    assert all(isinstance(r, int) for i, r in enumerate(results) if i != 3)
+    assert len(pg_store.events()) == 9

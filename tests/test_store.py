@@ -5,8 +5,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from cxrelay.store.database import Store
 
 
@@ -15,11 +13,6 @@ def row(key: str, conversation: str = "c1") -> dict:
     return {"dedupe_key": key, "event_id": key, "source": "genesys", "envelope": "generic",
             "event_type": "CONVERSATION_COMPLETED", "conversation_id": conversation,
             "body": body, "body_sha256": hashlib.sha256(body).hexdigest()}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def any_store(request: pytest.FixtureRequest) -> Store:
-    return request.getfixturevalue("store" if request.param == "sqlite" else "pg_store")
 
 
 def test_insert_dedupes_within_and_across_batches(any_store: Store) -> None:

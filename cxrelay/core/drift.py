@@ -8,10 +8,18 @@ the flow counts them in the store, logs them and summarises them in its artifact
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Kind = Literal["new", "missing", "type_changed"]
+
+# Field names are the sender's choice: bounded, so a payload of thousands of invented keys
+# costs a few rows and metric series, not thousands.
+MAX_FINDINGS_PER_EVENT = 50
+MAX_FIELD_LENGTH = 256
+OVERFLOW_FIELD = "(other fields)"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _GENERIC = {
     "id": "string", "eventType": "string", "createdAt": "string", "conversation": "object",
@@ -108,4 +116,16 @@ def detect_drift(envelope: str, payload: dict[str, Any]) -> list[Finding]:
                                     f"expected {expected}, got {'/'.join(sorted(types))}"))
     for path in sorted(_EXPECTED.get(envelope, set()) - set(seen)):
         findings.append(Finding(path, "missing", "expected in every event"))
+    findings = [Finding(printable_path(f.field), f.kind, f.detail) for f in findings]
+    if len(findings) > MAX_FINDINGS_PER_EVENT:
+        extra = len(findings) - MAX_FINDINGS_PER_EVENT
+        findings = findings[:MAX_FINDINGS_PER_EVENT] + [
+            Finding(OVERFLOW_FIELD, "new", f"{extra} more fields in one event")]
     return findings
+
+
+def printable_path(path: str) -> str:
+    """A path as it can be stored and shown: no control characters, at most
+    `MAX_FIELD_LENGTH` characters."""
+    path = _CONTROL.sub("?", path)
+    return path if len(path) <= MAX_FIELD_LENGTH else path[:MAX_FIELD_LENGTH - 1] + "…"

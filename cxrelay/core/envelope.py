@@ -8,15 +8,17 @@
 - notification (`topicName` + `eventBody`): event id and dedupe key `metadata.CorrelationId`,
   else a hash of the body; conversation and ending as for EventBridge.
 
-The CorrelationId identifies one Genesys notification whichever path carried it, so the same
-notification delivered through EventBridge and a notification channel is processed once.
+Dedupe keys are scoped by source (`<source>:<key>`): a sender holding one source's credential
+cannot pre-empt another source's events, nor the ids cxrelay gives the events it makes itself
+(reconcile's). Identifiers are bounded and free of control characters, so one bad event is
+refused at the door (422, quarantined) instead of failing the database write it shares.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -28,6 +30,9 @@ Envelope = Literal["generic", "eventbridge", "notification"]
 ENDED_TOPIC_SUFFIXES = (".customer.end", ".acw", ".end", ".disconnected", ".wrapup")
 ENDED_STATES = {"COMPLETED", "ENDED", "DISCONNECTED", "TERMINATED"}
 _CONVERSATION_TOPIC = re.compile(r"^v2\.(?:detail\.events\.)?conversations?\.([^.]+)\.(.+)$")
+# Genesys ids are UUIDs and topics well under this; the inbox's columns hold 255 characters.
+MAX_ID_LENGTH = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,16 +127,31 @@ def normalise(payload: Any, source: str, body: bytes = b"") -> CanonicalEvent:
         )
     envelope = detect_envelope(payload)
     if envelope == "eventbridge":
-        return _eventbridge(payload, source)
+        return _checked(_eventbridge(payload, source))
     if envelope == "notification":
-        return _notification(payload, source, body)
+        return _checked(_notification(payload, source, body))
     if envelope == "generic":
-        return _generic(payload, source)
+        return _checked(_generic(payload, source))
     raise EnvelopeError(
         "not a recognisable Genesys event",
         [{"loc": "$", "msg": "expected a generic webhook ({id, eventType, conversation}), an "
           "EventBridge event ({detail-type, detail}) or a notification ({topicName, eventBody})"}],
     )
+
+
+def _checked(event: CanonicalEvent) -> CanonicalEvent:
+    """Bound the identifiers and scope the dedupe key by source (see the module docstring)."""
+    errors = []
+    for name, value in (("event id", event.event_id), ("dedupe key", event.dedupe_key),
+                        ("event type", event.event_type),
+                        ("conversation id", event.conversation_id)):
+        if len(value) > MAX_ID_LENGTH:
+            errors.append({"loc": name, "msg": f"longer than {MAX_ID_LENGTH} characters"})
+        elif _CONTROL.search(value):
+            errors.append({"loc": name, "msg": "contains control characters"})
+    if errors:
+        raise EnvelopeError("the event's identifiers are not usable", errors)
+    return replace(event, dedupe_key=f"{event.source}:{event.dedupe_key}")
 
 
 def _require(errors: list[dict[str, str]], loc: str, value: str | None) -> str:

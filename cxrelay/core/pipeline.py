@@ -30,13 +30,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+# Events that cxrelay makes itself carry these source names; no webhook may take them, so no
+# sender can reach (and so pre-empt) their dedupe keys.
+RESERVED_SOURCES = frozenset({"reconcile", "replay", "notifications", "check"})
+
+
 class SourceConfig(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=48)
     scheme: Scheme
     secret_env: str = Field(description="environment variable holding the secret(s), comma-separated")
     static_kind: Literal["bearer", "basic", "header"] = "bearer"
     header: str | None = None
     tolerance_seconds: int = Field(default=300, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_SOURCES:
+            raise ValueError(f"{name!r} is reserved for events cxrelay makes itself; "
+                             f"use another name")
+        return name
 
 
 class EnrichConfig(_Strict):

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from cxrelay.store.engine import Database
-from cxrelay.store.models import DeadLetter, QuarantinedEvent, utcnow
+from cxrelay.store.models import DeadLetter, QuarantinedEvent, bounded, utcnow
 
 DEAD = DeadLetter.__table__  # type: ignore[attr-defined]
 QUARANTINE = QuarantinedEvent.__table__  # type: ignore[attr-defined]
@@ -26,9 +26,11 @@ class DeadLetterQueries(Database):
         with self.transaction() as conn:
             return int(conn.execute(
                 DEAD.insert().returning(DEAD.c.id),
-                {"inbox_id": inbox_id, "event_id": event_id, "conversation_id": conversation_id,
-                 "target": target, "reason": reason, "error_type": error_type,
-                 "attempts": attempts, "status": "open", "created_at": utcnow()},
+                {"inbox_id": inbox_id, "event_id": bounded(event_id, 255),
+                 "conversation_id": bounded(conversation_id, 255),
+                 "target": bounded(target, 64), "reason": bounded(reason, 16_000),
+                 "error_type": bounded(error_type, 128), "attempts": attempts, "status": "open",
+                 "created_at": utcnow()},
             ).scalar_one())
 
     def dead_letters(self, status: str | None = "open") -> list[DeadLetter]:
@@ -72,6 +74,7 @@ class DeadLetterQueries(Database):
         with self.transaction() as conn:
             return int(conn.execute(
                 QUARANTINE.insert().returning(QUARANTINE.c.id),
-                {"source": source, "body": body, "content_type": content_type,
-                 "reason": json.dumps(reason), "status": "open", "received_at": utcnow()},
+                {"source": bounded(source, 64), "body": body,
+                 "content_type": bounded(content_type, 255), "reason": json.dumps(reason),
+                 "status": "open", "received_at": utcnow()},
             ).scalar_one())

@@ -19,8 +19,16 @@ def _drop_full_conversation_index(conn: Connection) -> None:
     conn.execute(text("DROP INDEX IF EXISTS ix_inbox_conversation_id"))
 
 
+def _scope_dedupe_keys_by_source(conn: Connection) -> None:
+    # Dedupe keys are `<source>:<key>` (see cxrelay.core.envelope); rows stored before carry
+    # the bare key, which a re-read of the event must match. Source names hold no colon, so
+    # the prefixed keys stay distinct.
+    conn.execute(text("UPDATE inbox SET dedupe_key = source || ':' || dedupe_key"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "drop the full inbox conversation index", _drop_full_conversation_index),
+    (2, "scope inbox dedupe keys by source", _scope_dedupe_keys_by_source),
 ]
 LATEST = MIGRATIONS[-1][0]
 

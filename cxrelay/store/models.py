@@ -13,6 +13,15 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def bounded(value: str | None, limit: int) -> str | None:
+    """Text a column can hold on SQLite and PostgreSQL alike: no NUL (PostgreSQL refuses it),
+    at most `limit` characters (metadata is cut, never the reason a row is refused)."""
+    if value is None:
+        return None
+    value = value.replace("\x00", "\ufffd")
+    return value if len(value) <= limit else value[:limit - 1] + "…"
+
+
 class InboxEvent(SQLModel, table=True):
     __tablename__ = "inbox"
     __table_args__ = (

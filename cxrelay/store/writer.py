@@ -79,9 +79,15 @@ class GroupCommitWriter:
     def _commit(self, batch: list[Any]) -> None:
         try:
             results = self.store.insert_events([row for row, _, _ in batch])
-        except Exception as exc:  # every waiter learns of the failure; nothing was committed
-            for _, future, loop in batch:
-                loop.call_soon_threadsafe(_set_exception, future, exc)
+        except Exception as exc:
+            if len(batch) > 1:
+                # One row the database refuses must not fail the others committed with it:
+                # each goes again on its own, and only the bad one's sender hears of it.
+                for item in batch:
+                    self._commit([item])
+                return
+            _, future, loop = batch[0]  # nothing was committed: the sender may retry
+            loop.call_soon_threadsafe(_set_exception, future, exc)
             return
         # One wake-up per event loop and batch, not per request: the self-pipe write that
         # call_soon_threadsafe costs showed up at ~6% of the receiver's CPU.
