@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
     pipeline: Path | None = Field(default=None, description="pipeline YAML; a default ships")
     max_body_bytes: int = Field(default=32 * 1024, ge=1024)
+    insert_timeout_seconds: float = Field(
+        default=3.0, gt=0, description="an event not committed in this time gets 503 (the "
+        "sender retries); /readyz is not ready when a write takes longer")
 
     genesys_cloud_region: str | None = Field(
         default=None, validation_alias=AliasChoices("GENESYS_CLOUD_REGION",

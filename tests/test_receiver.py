@@ -1,8 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -260,3 +265,62 @@ def test_a_row_the_database_refuses_does_not_fail_its_batch(pg_store: Store) -> 
     assert isinstance(results[3], Exception)
     assert all(isinstance(r, int) for i, r in enumerate(results) if i != 3)
     assert len(pg_store.events()) == 9
+
+
+def test_a_held_write_lock_makes_readyz_and_inserts_answer_503_in_time(store: Store) -> None:
+    """Another process holds the writer lock: nothing can commit. /readyz says so and an
+    event gets 503 within the insert timeout instead of waiting forever; once the lock is
+    released both recover and nothing was lost."""
+    import fcntl
+
+    sources = {"genesys": Source("genesys", HmacVerifier([SECRET]))}
+    lock_path = store.engine.url.database + ".writer-lock"  # type: ignore[operator]
+    with serve(create_app(store, sources, insert_timeout=1.0)) as url, \
+            open(lock_path, "ab") as lock:
+        assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ready = httpx.get(url + "/readyz", timeout=10)
+            assert ready.status_code == 503 and "did not commit" in ready.json()["detail"]
+            body = sample_bytes("generic-webhook.json")
+            refused = post(url, body, signed(body))
+            assert refused.status_code == 503 and "not stored within" in refused.json()["detail"]
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "readyz did not recover"
+        again = post(url, body, signed(body))
+        assert again.status_code == 202  # accepted, or a duplicate of the late commit
+        assert len(store.events()) == 1
+
+
+def test_a_full_disk_makes_readyz_and_inserts_answer_503(tmp_path: Path) -> None:
+    """The database's filesystem is full: SELECTs still answer, commits do not."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI runs as root and must mount a tmpfs: {mounted.stderr!r}")
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        db = Store(f"sqlite:///{mount / 'cxrelay.db'}")
+        sources = {"genesys": Source("genesys", HmacVerifier([SECRET]))}
+        with serve(create_app(db, sources, insert_timeout=2.0)) as url:
+            assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+            filler = mount / "filler"
+            with contextlib.suppress(OSError), filler.open("wb") as handle:
+                while True:
+                    handle.write(b"\0" * 65536)
+            ready = httpx.get(url + "/readyz", timeout=10)
+            assert ready.status_code == 503
+            body = sample_bytes("generic-webhook.json")
+            assert post(url, body, signed(body)).status_code == 503
+            filler.unlink()
+            assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+            assert post(url, body, signed(body)).status_code == 202
+        db.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

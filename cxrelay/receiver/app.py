@@ -6,6 +6,7 @@ never echoes a secret; an authenticated body that is not an event is quarantined
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -32,6 +33,9 @@ from cxrelay.store.inbox import inbox_row
 from cxrelay.store.writer import GroupCommitWriter
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024
+# Senders give up after a few seconds (EventBridge API destinations after 5): answer 503 before
+# they do, rather than commit an event whose sender has already decided it failed.
+DEFAULT_INSERT_TIMEOUT_SECONDS = 3.0
 
 
 def error(status: int, code: str, detail: Any) -> JSONResponse:
@@ -46,9 +50,12 @@ def _is_json(content_type: str | None) -> bool:
 
 
 class Receiver:
-    def __init__(self, store: Store, sources: Mapping[str, Source]) -> None:
+    def __init__(self, store: Store, sources: Mapping[str, Source],
+                 insert_timeout: float = DEFAULT_INSERT_TIMEOUT_SECONDS) -> None:
         self.store = store
         self.sources = dict(sources)
+        self.insert_timeout = insert_timeout
+        self._probe: asyncio.Future[None] | None = None
         self.metrics = ReceiverMetrics()
         self.writer: GroupCommitWriter | None = None
 
@@ -87,8 +94,13 @@ class Receiver:
                 status_code=422)
         assert self.writer is not None, "the receiver's lifespan has not started"
         try:
-            inbox_id = await self.writer.insert(inbox_row(event, name, body))
-        except Exception as exc:  # not acknowledged, so the sender's retry loses nothing
+            inbox_id = await self.writer.insert(inbox_row(event, name, body),
+                                                timeout=self.insert_timeout)
+        except TimeoutError:  # not acknowledged, so the sender's retry loses nothing
+            self.metrics.rejected.labels(name, "database_unavailable").inc()
+            return error(503, "database_unavailable", f"the event was not stored within "
+                         f"{self.insert_timeout:g} s; retry later")
+        except Exception as exc:
             self.metrics.rejected.labels(name, "database_unavailable").inc()
             return error(503, "database_unavailable",
                          f"the event was not stored ({type(exc).__name__}); retry later")
@@ -101,8 +113,15 @@ class Receiver:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        """Ready when a write commits in time: the same path as an event's insert."""
+        if self._probe is None or self._probe.done():
+            # One probe at a time: a stuck write lock must not collect a thread per call.
+            self._probe = asyncio.ensure_future(asyncio.to_thread(self.store.probe_write))
         try:
-            await anyio.to_thread.run_sync(self.store.ping)
+            await asyncio.wait_for(asyncio.shield(self._probe), self.insert_timeout)
+        except TimeoutError:
+            return error(503, "database_unavailable",
+                         f"a write did not commit within {self.insert_timeout:g} s")
         except Exception as exc:  # any driver error means not ready; say which kind only
             return error(503, "database_unavailable", type(exc).__name__)
         return JSONResponse({"status": "ready", "sources": sorted(self.sources)})
@@ -132,9 +151,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    store: Store, sources: Mapping[str, Source], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    store: Store, sources: Mapping[str, Source], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    insert_timeout: float = DEFAULT_INSERT_TIMEOUT_SECONDS,
 ) -> Starlette:
-    receiver = Receiver(store, sources)
+    receiver = Receiver(store, sources, insert_timeout)
     app = Starlette(
         routes=[
             Route("/webhooks/{source}", receiver.webhook, methods=["POST"]),

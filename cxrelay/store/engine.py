@@ -9,11 +9,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlmodel import SQLModel
@@ -136,3 +136,10 @@ class Database:
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
+
+    def probe_write(self) -> None:
+        """Commit a write through the same locks as every insert; raises when none can."""
+        with self.transaction() as conn:
+            conn.exec_driver_sql("DELETE FROM cxrelay_probe")
+            conn.execute(text("INSERT INTO cxrelay_probe (at) VALUES (:at)"),
+                         {"at": datetime.now(timezone.utc).isoformat()})

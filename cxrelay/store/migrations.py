@@ -26,9 +26,16 @@ def _scope_dedupe_keys_by_source(conn: Connection) -> None:
     conn.execute(text("UPDATE inbox SET dedupe_key = source || ':' || dedupe_key"))
 
 
+def _write_probe_table(conn: Connection) -> None:
+    # /readyz writes here: readiness is whether a commit goes through, not whether a SELECT
+    # answers (a full disk or a held write lock still answers SELECTs).
+    conn.execute(text("CREATE TABLE IF NOT EXISTS cxrelay_probe (at VARCHAR(40) NOT NULL)"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "drop the full inbox conversation index", _drop_full_conversation_index),
     (2, "scope inbox dedupe keys by source", _scope_dedupe_keys_by_source),
+    (3, "a table for the write probe of /readyz", _write_probe_table),
 ]
 LATEST = MIGRATIONS[-1][0]
 

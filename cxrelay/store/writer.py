@@ -36,12 +36,16 @@ class GroupCommitWriter:
                 daemon=True)
             self._checkpointer.start()
 
-    async def insert(self, row: dict[str, Any]) -> int | None:
-        """The new inbox id once committed, or None if the dedupe key was already there."""
+    async def insert(self, row: dict[str, Any], timeout: float | None = None) -> int | None:
+        """The new inbox id once committed, or None if the dedupe key was already there.
+
+        Raises TimeoutError when the commit has not happened within `timeout` seconds (a held
+        write lock, a stalled disk): the row may still commit later, and the sender's retry is
+        then a duplicate, so nothing acknowledged is lost and nothing waits forever."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int | None] = loop.create_future()
         self._queue.put((row, future, loop))
-        return await future
+        return await asyncio.wait_for(future, timeout)
 
     def close(self) -> None:
         self._closed.set()
