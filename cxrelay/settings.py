@@ -95,6 +95,9 @@ class Settings(BaseSettings):
         "does not come in time is looked up before it is sent again")
     slack_block: str | None = Field(default=None, description="SlackTarget block name")
 
+    persist_enrichment: bool = Field(
+        default=False, description="also keep enrichment results (customer phone numbers, "
+        "wrap-up notes) in Prefect's result storage, for Prefect's task cache")
     prefect_limits: bool = Field(default=True, description="use Prefect global concurrency "
                                  "and rate limits for Genesys, Salesforce and Slack")
     dispatcher: Literal["inprocess", "deployment", "off"] = Field(

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE
 from prefect.utilities.annotations import quote
 
 from cxrelay.connectors.genesys import GenesysNotFound
@@ -48,12 +48,15 @@ async def _dead_letter(runtime: Runtime, row: InboxEvent, target: str, exc: Base
 _enrich_tasks: dict[int, Any] = {}
 
 
-def _enrich_task(seconds: int) -> Any:
-    """`enrich` cached for the pipeline's `enrich.cache_seconds` (0: not cached)."""
+def _enrich_task(seconds: int, persist: bool) -> Any:
+    """`enrich`; with CXRELAY_PERSIST_ENRICHMENT also Prefect's cache of persisted results, so
+    a cached conversation shows as a Cached task run and survives the process."""
+    if not (persist and seconds):
+        return steps.enrich_task
     if seconds not in _enrich_tasks:
-        _enrich_tasks[seconds] = (
-            steps.enrich_task.with_options(cache_expiration=timedelta(seconds=seconds)) if seconds
-            else steps.enrich_task.with_options(cache_policy=NO_CACHE, persist_result=False))
+        _enrich_tasks[seconds] = steps.enrich_task.with_options(
+            cache_policy=INPUTS, persist_result=True, result_serializer="json",
+            cache_expiration=timedelta(seconds=seconds))
     return _enrich_tasks[seconds]
 
 
@@ -62,7 +65,7 @@ async def _enrich(runtime: Runtime, conversation_id: str, inline: bool) -> dict[
     if inline:
         return await runtime.cached_conversation(
             conversation_id, seconds, lambda: steps.fetch_conversation(runtime, conversation_id))
-    return await _enrich_task(seconds)(conversation_id)
+    return await _enrich_task(seconds, runtime.settings.persist_enrichment)(conversation_id)
 
 
 async def _deliver(runtime: Runtime, row: InboxEvent, event: CanonicalEvent, target: Any,

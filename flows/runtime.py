@@ -31,7 +31,9 @@ class Runtime:
     mapper: Mapper
     limits: Limits = field(default_factory=Limits)
     _clients: dict[str, Any] = field(default_factory=dict)
-    _conversations: dict[str, tuple[float, asyncio.Future[Any]]] = field(default_factory=dict)
+    # conversation id → (expiry, the fetch in flight, or its result once it succeeded)
+    _conversations: dict[str, tuple[float, asyncio.Future[Any] | dict[str, Any]]] = field(
+        default_factory=dict)
     # Cleared by the dispatcher while the receiver is flooded (see `Dispatcher._yield_check`);
     # batch runs in this process wait on it between events.
     ingest_calm: asyncio.Event = field(default_factory=asyncio.Event)
@@ -54,7 +56,9 @@ class Runtime:
         """Close the clients, which belong to the event loop they were made on; the runtime
         makes new ones if it is used again on another loop. The store stays open."""
         clients, self._clients = list(self._clients.values()), {}
-        self._conversations.clear()
+        # Fetches in flight belong to this loop; finished results stay cached.
+        self._conversations = {key: entry for key, entry in self._conversations.items()
+                               if isinstance(entry[1], dict)}
         for client in clients:
             client = client[0] if isinstance(client, tuple) else client
             close = getattr(client, "aclose", None)
@@ -64,19 +68,27 @@ class Runtime:
     async def cached_conversation(self, conversation_id: str, seconds: float,
                                   fetch: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """The conversation from a fetch of the last `seconds`, else a new fetch; events of one
-        conversation that arrive together share one fetch. (Batch runs; a `process-event` run
-        uses the `enrich` task's Prefect cache instead.)"""
+        conversation that arrive together share one fetch, and a failed fetch is not kept."""
         if seconds <= 0:
             return await fetch()
         now = time.monotonic()
         entry = self._conversations.get(conversation_id)
-        if entry is None or entry[0] <= now or (entry[1].done() and (
-                entry[1].cancelled() or entry[1].exception() is not None)):
-            if len(self._conversations) > 10_000:
-                self._conversations = {k: v for k, v in self._conversations.items() if v[0] > now}
-            entry = (now + seconds, asyncio.ensure_future(fetch()))
-            self._conversations[conversation_id] = entry
-        return await asyncio.shield(entry[1])
+        if entry is not None and entry[0] > now:
+            if isinstance(entry[1], dict):
+                return entry[1]
+            if not entry[1].done():
+                return dict(await asyncio.shield(entry[1]))
+        if len(self._conversations) > 10_000:
+            self._conversations = {k: v for k, v in self._conversations.items() if v[0] > now}
+        future = asyncio.ensure_future(fetch())
+        self._conversations[conversation_id] = (now + seconds, future)
+        try:
+            result = await asyncio.shield(future)
+        except BaseException:
+            self._conversations.pop(conversation_id, None)
+            raise
+        self._conversations[conversation_id] = (now + seconds, result)
+        return result
 
     async def genesys(self) -> GenesysClient:
         if "genesys" not in self._clients:

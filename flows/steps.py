@@ -13,11 +13,10 @@ import json
 import logging
 import random
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from cxrelay.connectors.http import HttpTarget
@@ -176,16 +175,21 @@ async def verify_task(row: InboxEvent) -> Checked:
     return await check(get_runtime(), row)
 
 
-@task(name="enrich", cache_policy=INPUTS, persist_result=True,
-      result_serializer="json", cache_expiration=timedelta(minutes=5), retries=8,
+# The conversation holds the customer's phone number and wrap-up notes: it is cached in the
+# process's memory, and written to Prefect's result storage only when
+# CXRELAY_PERSIST_ENRICHMENT asks for it.
+@task(name="enrich", cache_policy=NO_CACHE, persist_result=False, retries=8,
       retry_delay_seconds=backoff(8, cap=30), retry_condition_fn=only_retryable)
 async def enrich_task(conversation_id: str) -> dict[str, Any]:
     """GET /api/v2/conversations/{id} from Genesys Cloud.
 
-    Cached by conversation id (the pipeline's `enrich.cache_seconds`): a second event of the
-    same conversation inside the window shows as a Cached task run and costs Genesys nothing.
+    Cached by conversation id for the pipeline's `enrich.cache_seconds`: a second event of the
+    same conversation inside the window costs Genesys nothing.
     """
-    return await fetch_conversation(get_runtime(), conversation_id)
+    runtime = get_runtime()
+    return await runtime.cached_conversation(
+        conversation_id, runtime.pipeline.enrich.cache_seconds,
+        lambda: fetch_conversation(runtime, conversation_id))
 
 
 @task(name="deliver", cache_policy=NO_CACHE, persist_result=False,

@@ -447,3 +447,21 @@ def test_a_flooded_inbox_pauses_flow_runs_and_loses_nothing(tmp_path: Path,
     leads, messages = sandbox_state(clean_sandbox)
     assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
     assert len(messages) == 40 == len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage"))
+
+
+def test_enrichment_results_are_not_written_to_prefect_storage(tmp_path: Path,
+                                                               clean_sandbox: Sandbox) -> None:
+    """The conversation carries the caller's number and wrap-up notes: by default it stays in
+    memory, not in Prefect's result files."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    enqueue(runtime.store, generic_event(conversation))
+    asyncio.run(dispatch_until(runtime, 1))
+    assert len(calls(clean_sandbox.genesys_url, "GET", conversation)) == 1
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    written = [path for path in storage.rglob("*") if path.is_file()
+               and conversation.encode() in path.read_bytes()] if storage.exists() else []
+    assert written == []

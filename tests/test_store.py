@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -209,3 +210,24 @@ def test_migrations_on_postgresql(pg_store: Store) -> None:
     from cxrelay.store.migrations import migrate
 
     assert migrate(pg_store.engine) == []
+
+
+def test_database_files_are_private(tmp_path: Path) -> None:
+    """The inbox holds raw bodies with phone numbers: owner-only, whatever the umask."""
+    folder = tmp_path / "state"
+    old_umask = os.umask(0o022)
+    try:
+        store = Store(f"sqlite:///{folder / 'cxrelay.db'}")
+        store.insert_events([row("a")])
+        files = sorted(folder.iterdir())
+        assert {f.name for f in files} >= {"cxrelay.db", "cxrelay.db-wal", "cxrelay.db-shm",
+                                           "cxrelay.db.writer-lock"}
+        for file in files:
+            assert file.stat().st_mode & 0o777 == 0o600, file.name
+        assert folder.stat().st_mode & 0o777 == 0o700
+        store.close()
+        (folder / "cxrelay.db").chmod(0o644)  # made by an older version
+        Store(f"sqlite:///{folder / 'cxrelay.db'}").close()
+        assert (folder / "cxrelay.db").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old_umask)

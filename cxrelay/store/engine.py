@@ -6,6 +6,8 @@ a row and then race to update it; on PostgreSQL claims use FOR UPDATE SKIP LOCKE
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -30,10 +32,32 @@ def normalise_url(url: str) -> str:
     """`postgresql://` means psycopg 3 here; relative SQLite paths get their folder created."""
     if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for another database or an in-memory one)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
+PRIVATE = 0o600
+
+
+def make_private(path: Path) -> None:
+    """Create `path` (or tighten it) readable and writable by its owner only: the inbox holds
+    raw bodies with callers' phone numbers. SQLite gives its -wal and -shm files the database
+    file's permissions, so they follow."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, PRIVATE))
+    for each in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if each.stat().st_mode & 0o077:
+                each.chmod(PRIVATE)
 
 
 def sqlite_datetime(moment: datetime) -> str:
@@ -48,6 +72,9 @@ def make_engine(url: str, synchronous: str = "NORMAL") -> Engine:
     url = normalise_url(url)
     if make_url(url).get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    path = sqlite_path(url)
+    if path is not None:
+        make_private(path)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -79,9 +106,11 @@ class Database:
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._writer: AbstractContextManager[Any] = (
             threading.Lock() if self.dialect == "sqlite" else nullcontext())
-        path = make_url(normalise_url(url)).database if self.dialect == "sqlite" else None
-        self._lock_file = (open(f"{path}.writer-lock", "ab")  # noqa: SIM115 (lives with the store)
-                           if path and path != ":memory:" and fcntl is not None else None)
+        path = sqlite_path(url) if self.dialect == "sqlite" else None
+        self._lock_file = (
+            os.fdopen(os.open(f"{path}.writer-lock", os.O_CREAT | os.O_APPEND | os.O_WRONLY,
+                              PRIVATE), "ab")
+            if path is not None and fcntl is not None else None)
         if create:
             SQLModel.metadata.create_all(self.engine)
             migrate(self.engine)
