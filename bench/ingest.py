@@ -180,7 +180,8 @@ def main() -> int:
                         help="bare and cxrelay measured in turn this many times; the ratio "
                              "is of the medians (this machine is shared: one pair varies by "
                              "±10 %%)")
-    parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
+    parser.add_argument("--synchronous", default="FULL", choices=["NORMAL", "FULL"],
+                        help="SQLite synchronous of the inbox (FULL is cxrelay's default)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cxrelay-bench-"))

@@ -63,7 +63,9 @@ class Settings(BaseSettings):
                                       populate_by_name=True)
 
     database_url: str = "sqlite:///.cxrelay/cxrelay.db"
-    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
+    # A 202 means the event is on disk: FULL syncs the WAL at every commit, so an acknowledged
+    # event survives an OS crash or a power loss, not only a crash of cxrelay (NORMAL).
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "FULL"
     pipeline: Path | None = Field(default=None, description="pipeline YAML; a default ships")
     max_body_bytes: int = Field(default=32 * 1024, ge=1024)
     insert_timeout_seconds: float = Field(

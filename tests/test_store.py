@@ -231,3 +231,14 @@ def test_database_files_are_private(tmp_path: Path) -> None:
         assert (folder / "cxrelay.db").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old_umask)
+
+
+def test_a_commit_is_durable_by_default(tmp_path: Path) -> None:
+    """A 202 promises the event is on disk: SQLite syncs the WAL at every commit (FULL = 2)."""
+    from cxrelay.settings import Settings
+
+    store = Store(f"sqlite:///{tmp_path / 'x.db'}",
+                  synchronous=Settings(database_url="sqlite://").sqlite_synchronous)
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    store.close()

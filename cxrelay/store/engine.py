@@ -68,7 +68,7 @@ def sqlite_datetime(moment: datetime) -> str:
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
-def make_engine(url: str, synchronous: str = "NORMAL") -> Engine:
+def make_engine(url: str, synchronous: str = "FULL") -> Engine:
     url = normalise_url(url)
     if make_url(url).get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
@@ -99,7 +99,7 @@ def make_engine(url: str, synchronous: str = "NORMAL") -> Engine:
 class Database:
     """An engine, its dialect, and write transactions that queue instead of polling."""
 
-    def __init__(self, url: str, *, create: bool = True, synchronous: str = "NORMAL") -> None:
+    def __init__(self, url: str, *, create: bool = True, synchronous: str = "FULL") -> None:
         self.url = url
         self.engine = make_engine(url, synchronous=synchronous)
         self.dialect = self.engine.dialect.name
