@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     yield_max_seconds: float = Field(
         default=30, gt=0, description="the longest such pause; then the dispatcher works as "
         "long before it yields again")
+    retention_days: float = Field(
+        default=30, gt=0, description="finished inbox events, replayed dead letters and "
+        "quarantined bodies, and drift fields older than this are pruned")
+    ledger_retention_days: float = Field(
+        default=90, gt=0, description="ledger entries (what makes a late duplicate harmless) "
+        "untouched for this long are pruned")
     claim_lease_seconds: float = Field(default=60, gt=0)
     poll_interval_seconds: float = Field(default=0.05, gt=0)
     max_event_attempts: int = Field(default=5, ge=1)

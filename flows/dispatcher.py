@@ -13,9 +13,11 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 import httpx
@@ -27,6 +29,7 @@ from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.inbox import ClaimedEvent
 
 logger = logging.getLogger("cxrelay.dispatcher")
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 class Deferred(Exception):
@@ -102,6 +105,7 @@ class Dispatcher:
         self.ingest_yield = IngestYield(runtime.settings.yield_above_events_per_second,
                                         runtime.settings.yield_max_seconds)
         self._last_renew = time.monotonic()
+        self._last_prune = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
@@ -165,6 +169,7 @@ class Dispatcher:
                     self.running[event.id] = task
                     task.add_done_callback(self._forget([event], wake))
                 await self._renew_claims()
+                self._prune_now_and_then()
                 if not claimed or len(self.running) - self._batched() >= self.concurrency:
                     wake.clear()
                     stopper = asyncio.create_task(stop.wait())
@@ -176,6 +181,31 @@ class Dispatcher:
         finally:
             self.runtime.ingest_calm.set()  # batches finish their events while draining
             await self._drain()
+
+    def _prune_now_and_then(self) -> None:
+        """Retention (CXRELAY_RETENTION_DAYS) once an hour, in a thread of its own: the store
+        prunes in small transactions, and the dispatcher goes on claiming meanwhile."""
+        now = time.monotonic()
+        if now - self._last_prune < PRUNE_EVERY_SECONDS:
+            return
+        self._last_prune = now
+        settings = self.runtime.settings
+        moment = datetime.now(timezone.utc)
+
+        def prune() -> None:
+            try:
+                pruned = self.store.prune(
+                    before=moment - timedelta(days=settings.retention_days),
+                    ledger_before=moment - timedelta(days=max(settings.retention_days,
+                                                              settings.ledger_retention_days)))
+            except Exception:
+                logger.exception("pruning the store failed; it is tried again in an hour")
+                return
+            if any(pruned.rows().values()):
+                logger.info("pruned %s", ", ".join(f"{count} {name}" for name, count
+                                                    in pruned.rows().items() if count))
+
+        threading.Thread(target=prune, name="cxrelay-prune", daemon=True).start()
 
     async def _yield_check(self) -> bool:
         """True while the receiver is flooded (see `IngestYield`); the inbox's newest id is
@@ -204,6 +234,7 @@ class Dispatcher:
         if not self.running or time.monotonic() - self._last_renew <= self.lease / 3:
             return
         self._last_renew = time.monotonic()
+        self._last_prune = 0.0
         try:
             await asyncio.to_thread(self.store.renew, worker=self.worker_id,
                                     ids=list(self.running), lease_seconds=self.lease)

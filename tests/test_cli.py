@@ -147,3 +147,15 @@ def test_reconcile_command_queues_the_gap(db: Store, clean_sandbox, monkeypatch)
     assert {e.source for e in db.events()} == {"reconcile"}
     bad = runner.invoke(app, ["reconcile", "--since", "soon"])
     assert bad.exit_code == 2 and "not a duration" in bad.output
+
+
+def test_prune_dry_run_counts_and_prune_deletes(db: Store) -> None:
+    inbox_id = enqueue(db, generic_event("conv-prune"))
+    (claimed,) = db.claim(worker="w", limit=1, lease_seconds=60)
+    db.finish(claimed.id, outcome="delivered", detail={})
+    counted = runner.invoke(app, ["prune", "--older-than", "0m", "--dry-run"])
+    assert counted.exit_code == 0, counted.output
+    assert "would be pruned" in counted.output and db.get_event(inbox_id) is not None
+    pruned = runner.invoke(app, ["prune", "--older-than", "0m"])
+    assert pruned.exit_code == 0, pruned.output
+    assert db.get_event(inbox_id) is None

@@ -242,3 +242,36 @@ def test_a_commit_is_durable_by_default(tmp_path: Path) -> None:
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
     store.close()
+
+
+def test_prune_removes_what_is_finished_and_old(any_store: Store) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import update
+
+    from cxrelay.store.inbox import INBOX
+    from cxrelay.store.ledger import LEDGER
+
+    ids = any_store.insert_events([row("old"), row("new"), row("open")])
+    for claimed in any_store.claim(worker="w", limit=2, lease_seconds=60):
+        any_store.finish(claimed.id, outcome="delivered", detail={})
+    old = datetime.now(timezone.utc) - timedelta(days=40)
+    with any_store.transaction() as conn:
+        conn.execute(update(INBOX).where(INBOX.c.id == ids[0]).values(finished_at=old))
+    any_store.reserve(conversation_id="c", target="slack", action="message", owner="o",
+                      payload_sha256="h")
+    any_store.complete(conversation_id="c", target="slack", action="message", owner="o",
+                       external_ref="r", payload_sha256="h", event_id="e")
+    with any_store.transaction() as conn:
+        conn.execute(update(LEDGER).values(updated_at=old))
+    open_letter = any_store.dead_letter(inbox_id=ids[0], event_id="e", conversation_id="c",
+                                        target="slack", reason="r", error_type="E", attempts=1)
+    now = datetime.now(timezone.utc)
+    cut = dict(before=now - timedelta(days=30), ledger_before=now - timedelta(days=90))
+    assert any_store.prune(**cut, dry_run=True).inbox == 1
+    assert len(any_store.events()) == 3
+    pruned = any_store.prune(**cut)
+    assert (pruned.inbox, pruned.ledger, pruned.dead_letters) == (1, 0, 0)
+    assert {e.dedupe_key for e in any_store.events()} == {"new", "open"}
+    assert any_store.get_dead_letter(open_letter) is not None  # open: waits for a person
+    assert any_store.prune(before=cut["before"], ledger_before=now - timedelta(days=30)).ledger == 1

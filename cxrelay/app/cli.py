@@ -435,6 +435,29 @@ def config_validate(path: Path | None = typer.Argument(None, help="default: CXRE
                   f"({', '.join(t.name for t in pipeline.targets)})")
 
 
+@app.command()
+def prune(
+    older_than: str | None = typer.Option(None, help="default: CXRELAY_RETENTION_DAYS (30d)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="count what would be pruned"),
+) -> None:
+    """Delete what is finished and old: inbox events, replayed dead letters and quarantined
+    bodies, drift fields; ledger entries after CXRELAY_LEDGER_RETENTION_DAYS (90d). Open dead
+    letters and quarantined bodies are kept. The dispatcher also prunes every hour."""
+    from datetime import datetime, timedelta, timezone
+
+    settings = _settings()
+    now = datetime.now(timezone.utc)
+    minutes = parse_duration(older_than) if older_than else int(settings.retention_days * 1440)
+    ledger_minutes = max(minutes, int(settings.ledger_retention_days * 1440))
+    pruned = _store().prune(before=now - timedelta(minutes=minutes),
+                            ledger_before=now - timedelta(minutes=ledger_minutes),
+                            dry_run=dry_run)
+    table = Table("what", "would be pruned" if dry_run else "pruned")
+    for name, count in pruned.rows().items():
+        table.add_row(name, str(count))
+    console.print(table)
+
+
 def main() -> None:
     try:
         app()

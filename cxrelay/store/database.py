@@ -1,4 +1,5 @@
-"""The store: inbox, ledger, dead letters and quarantine, drift — one class over one database.
+"""The store: inbox, ledger, dead letters and quarantine, drift, retention — one class over one
+database.
 
 Each concept's queries live in a module of their own; `Store` combines them.
 """
@@ -9,7 +10,8 @@ from cxrelay.store.dead_letters import DeadLetterQueries
 from cxrelay.store.drift import DriftQueries
 from cxrelay.store.inbox import InboxQueries
 from cxrelay.store.ledger import LedgerQueries
+from cxrelay.store.retention import RetentionQueries
 
 
-class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries):
+class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries):
     """SQLite (WAL) by default, PostgreSQL for scale-out; see `cxrelay.store.engine`."""

@@ -1,0 +1,70 @@
+"""Retention: what is finished and old enough leaves the store, in small transactions.
+
+Open dead letters and open quarantined bodies wait for a person and are never pruned; the
+ledger is kept longer than the inbox, because it is what makes a late duplicate harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+
+from cxrelay.store.dead_letters import DEAD, QUARANTINE
+from cxrelay.store.drift import DRIFT
+from cxrelay.store.engine import Database
+from cxrelay.store.inbox import INBOX
+from cxrelay.store.ledger import LEDGER
+
+CHUNK = 2_000  # rows per transaction: the write lock is shared with the receiver
+
+
+@dataclass(frozen=True)
+class Pruned:
+    inbox: int
+    dead_letters: int
+    quarantine: int
+    drift: int
+    ledger: int
+
+    def rows(self) -> dict[str, int]:
+        return {"inbox events": self.inbox, "dead letters (replayed)": self.dead_letters,
+                "quarantined bodies (replayed)": self.quarantine, "drift fields": self.drift,
+                "ledger entries": self.ledger}
+
+
+class RetentionQueries(Database):
+    def prune(self, *, before: datetime, ledger_before: datetime,
+              dry_run: bool = False) -> Pruned:
+        """Delete (or, `dry_run`, count) finished inbox events, replayed dead letters and
+        quarantined bodies, and drift fields last seen before `before`; ledger entries not
+        updated since `ledger_before`."""
+        targets: list[tuple[Any, Any]] = [
+            (INBOX, INBOX.c.status.in_(["done", "failed"]) & (INBOX.c.finished_at < before)),
+            (DEAD, (DEAD.c.status == "replayed") & (DEAD.c.created_at < before)),
+            (QUARANTINE, (QUARANTINE.c.status == "replayed")
+             & (QUARANTINE.c.received_at < before)),
+            (DRIFT, DRIFT.c.last_seen < before),
+            (LEDGER, (LEDGER.c.status == "done") & (LEDGER.c.updated_at < ledger_before)),
+        ]
+        counts = [self._count(table, where) if dry_run else self._delete(table, where)
+                  for table, where in targets]
+        return Pruned(*counts)
+
+    def _count(self, table: Any, where: Any) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(table).where(where))
+                       .scalar_one())
+
+    def _delete(self, table: Any, where: Any) -> int:
+        total = 0
+        while True:
+            with self.transaction() as conn:
+                ids = list(conn.execute(select(table.c.id).where(where).limit(CHUNK)).scalars())
+                if ids:
+                    conn.execute(delete(table).where(table.c.id.in_(ids)))
+            total += len(ids)
+            if len(ids) < CHUNK:
+                return total
