@@ -217,4 +217,10 @@ def shape(records: list[dict[str, Any]], select: Select, version: str) -> list[d
         rows = rows[: select.limit]
     return [{"attributes": {"type": select.sobject,
                             "url": f"/services/data/v{version}/sobjects/{select.sobject}/{r['Id']}"},
-             **{name: r.get(name) for name in select.fields}} for r in rows]
+             **{name: _value(r, name) for name in select.fields}} for r in rows]
+
+
+def _value(record: dict[str, Any], name: str) -> Any:
+    if name == "Name" and "Name" not in record:  # compound field of Contact and Lead
+        return " ".join(str(record[k]) for k in ("FirstName", "LastName") if record.get(k))
+    return record.get(name)
