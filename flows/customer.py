@@ -41,7 +41,9 @@ class Calls:
 class Resolution:
     who_id: str
     who_type: str
-    matched_by: str  # external_contact | phone | customer_key | created
+    # external_contact | phone | customer_key | created | created_concurrently (another
+    # delivery's upsert of the same key won the race: the same Lead, updated)
+    matched_by: str
     others: list[str] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)
 
@@ -108,7 +110,7 @@ async def resolve_customer(client: SalesforceClient, target: SalesforceTargetCon
     if result.record_id is None:
         raise SalesforceRejected(f"upsert {target.object}: no id in the answer", "", [])
     return Resolution(result.record_id, target.object,
-                      "created" if result.created else "customer_key", [], tried)
+                      "created" if result.created else "created_concurrently", [], tried)
 
 
 async def log_conversation(client: SalesforceClient, target: SalesforceTargetConfig,
