@@ -160,6 +160,9 @@ class Pipeline(_Strict):
                 if spec.required:
                     for path in spec.from_:
                         sources.setdefault(path, f"{target.name}.{name}")
+            if isinstance(target, SalesforceTargetConfig) and target.customer is not None:
+                for path in [*target.customer.phone, *target.customer.external_contact_id]:
+                    sources.setdefault(path, f"{target.name}.customer")
         return sources
 
     @property
