@@ -151,14 +151,15 @@ def test_required_field_empty_dead_letters_that_target_only(tmp_path: Path,
     conv = sample_conversation(conversation)
     conv["participants"][0].pop("ani")
     httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations", json=[conv])
-    payload = generic_event(conversation)
+    payload = generic_event(conversation, external_contact_id=None)
     del payload["conversation"]["primaryContact"]
     runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
     enqueue(runtime.store, payload)
     asyncio.run(dispatch_until(runtime, 1))
     (dead,) = runtime.store.dead_letters()
     assert dead.target == "salesforce"
-    assert "required field Phone is empty (source paths tried:" in dead.reason
+    assert "no phone and no external contact id to find the customer by (source paths tried:" \
+        in dead.reason
     tasks, messages = sandbox_state(clean_sandbox)
     assert tasks == [] and len(messages) == 1
 
@@ -384,7 +385,7 @@ def test_failures_in_a_batch_are_handed_to_runs_of_their_own(tmp_path: Path,
                                          batch_size=20))
     for conversation in ids:
         enqueue(runtime.store, generic_event(conversation))
-    payload = generic_event(unmappable)
+    payload = generic_event(unmappable, external_contact_id=None)
     del payload["conversation"]["primaryContact"]
     enqueue(runtime.store, payload)
     dispatcher = asyncio.run(dispatch_until(runtime, 13))
