@@ -11,13 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
-from cxrelay.connectors.salesforce import SalesforceClient, SalesforceRejected
-from cxrelay.flows import steps
-from cxrelay.flows.runtime import Runtime
 from pydantic import SecretStr
 
 from cxrelay.app.sending import encode, generic_event
+from cxrelay.connectors.salesforce import SalesforceClient, SalesforceRejected
 from cxrelay.core.envelope import normalise
+from cxrelay.flows import steps
+from cxrelay.flows.runtime import Runtime
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.salesforce import DEFAULT_ACCESS_TOKEN
 from cxrelay.sandbox.server import Sandbox
