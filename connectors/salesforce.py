@@ -1,4 +1,5 @@
-"""Salesforce REST client on simple-salesforce: upsert by external id, always.
+"""Salesforce REST client on simple-salesforce: upsert by external id (never a plain create),
+SOQL queries and SOSL searches.
 
 simple-salesforce builds `https://` URLs from the instance host; for an `http://` instance (the
 sandbox on loopback) a transport adapter sends those requests over plain HTTP instead. It also
@@ -8,8 +9,9 @@ does not URL-encode the external id value, so we do.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import anyio.to_thread
@@ -22,7 +24,11 @@ from simple_salesforce.exceptions import SalesforceError
 from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from cxrelay.core.errors import ConfigError, PermanentError, RetryableError
 
-TRANSIENT_ERROR_CODES = {"UNABLE_TO_LOCK_ROW", "REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE"}
+# DUPLICATE_VALUE: two upserts of one new external id at the same moment; the loser's retry
+# finds the winner's record and updates it.
+TRANSIENT_ERROR_CODES = {"UNABLE_TO_LOCK_ROW", "REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE",
+                         "DUPLICATE_VALUE"}
+T = TypeVar("T")
 
 
 class _Adapter(HTTPAdapter):
@@ -53,10 +59,26 @@ class SalesforceDuplicates(PermanentError):
     """HTTP 300: several records carry the external id value."""
 
 
+class SalesforceRejected(PermanentError):
+    """Salesforce refused the request (4xx): its `errorCode` and `fields` are kept so a caller
+    can tell a stale reference (ENTITY_IS_DELETED, …) from a bad payload."""
+
+    def __init__(self, message: str, code: str, fields: list[str]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.fields = fields
+
+
 def _first_error(content: Any) -> tuple[str, str]:
     if isinstance(content, list) and content and isinstance(content[0], dict):
         return str(content[0].get("errorCode", "")), str(content[0].get("message", ""))
     return "", str(content)[:300]
+
+
+def _error_fields(content: Any) -> list[str]:
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        return [str(f) for f in content[0].get("fields") or []]
+    return []
 
 
 class SalesforceClient:
@@ -122,18 +144,11 @@ class SalesforceClient:
                                       version=self.api_version, session=self._session)
             return self._sf
 
-    def _upsert_once(self, sobject: str, field: str, value: str,
-                     fields: dict[str, Any]) -> requests.Response:
-        sf = self._client()
-        record_path = f"{field}/{quote(value, safe='')}"
-        return getattr(sf, sobject).upsert(record_path, fields, raw_response=True)
-
-    def upsert_sync(self, sobject: str, field: str, value: str,
-                    fields: dict[str, Any]) -> UpsertResult:
-        where = f"upsert {sobject} {field}={value!r}"
+    def _call(self, where: str, send: Callable[[Salesforce], T]) -> T:
+        """One request, with a fresh token once on 401; errors mapped to ours."""
         for attempt in (1, 2):
             try:
-                response = self._upsert_once(sobject, field, value, fields)
+                return send(self._client())
             except SalesforceError as exc:
                 code, message = _first_error(exc.content)
                 if exc.status == 401 and attempt == 1:
@@ -148,20 +163,43 @@ class SalesforceClient:
                 if exc.status in RETRYABLE_STATUSES or code in TRANSIENT_ERROR_CODES:
                     headers = getattr(getattr(exc, "response", None), "headers", {}) or {}
                     raise RetryableError(detail, retry_after=retry_after_seconds(headers)) from exc
-                raise PermanentError(detail) from exc
+                raise SalesforceRejected(detail, code, _error_fields(exc.content)) from exc
             except requests.RequestException as exc:
                 raise RetryableError(f"{where}: {type(exc).__name__}") from exc
-            body: dict[str, Any] = {}
-            if response.content:
-                try:
-                    body = response.json()
-                except ValueError:
-                    body = {}
-            return UpsertResult(record_id=body.get("id"), created=response.status_code == 201,
-                                status=response.status_code)
         raise PermanentError(f"{where}: a freshly issued token was rejected")
+
+    def upsert_sync(self, sobject: str, field: str, value: str,
+                    fields: dict[str, Any]) -> UpsertResult:
+        record_path = f"{field}/{quote(value, safe='')}"
+        response = self._call(
+            f"upsert {sobject} {field}={value!r}",
+            lambda sf: getattr(sf, sobject).upsert(record_path, fields, raw_response=True))
+        body: dict[str, Any] = {}
+        if response.content:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {}
+        return UpsertResult(record_id=body.get("id"), created=response.status_code == 201,
+                            status=response.status_code)
 
     async def upsert(self, sobject: str, field: str, value: str,
                      fields: dict[str, Any]) -> UpsertResult:
         """PATCH /sobjects/{sobject}/{field}/{value}: 201 created, 200/204 updated."""
         return await anyio.to_thread.run_sync(self.upsert_sync, sobject, field, value, fields)
+
+    def query_sync(self, soql: str) -> list[dict[str, Any]]:
+        result = self._call(f"query {soql[:120]!r}", lambda sf: sf.query(soql))
+        return list((result or {}).get("records") or [])
+
+    async def query(self, soql: str) -> list[dict[str, Any]]:
+        """GET /query/?q=SOQL: the records of the first page (our queries LIMIT themselves)."""
+        return await anyio.to_thread.run_sync(self.query_sync, soql)
+
+    def search_sync(self, sosl: str) -> list[dict[str, Any]]:
+        result = self._call(f"search {sosl[:120]!r}", lambda sf: sf.search(sosl))
+        return list((result or {}).get("searchRecords") or [])
+
+    async def search(self, sosl: str) -> list[dict[str, Any]]:
+        """GET /search/?q=SOSL: `searchRecords`, each with `attributes.type`."""
+        return await anyio.to_thread.run_sync(self.search_sync, sosl)

@@ -33,10 +33,23 @@ def render_report(summary: dict[str, Any]) -> str:
     if targets:
         lines += ["", "| target | result | reference | detail |", "|---|---|---|---|"]
         for name, result in targets.items():
-            detail = result.get("error") or "; ".join(result.get("warnings", [])) or ""
+            detail = result.get("error") or "; ".join(
+                [*customer_notes(result.get("customer")), *result.get("warnings", [])]) or ""
             lines.append(f"| {name} | {result.get('status', '?')} | {result.get('ref') or ''} | "
                          f"{detail.replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def customer_notes(customer: dict[str, Any] | None) -> list[str]:
+    """The Salesforce customer a delivery chose, how, and whom it passed over."""
+    if not customer:
+        return []
+    notes = [f"customer {customer.get('who_type')} {customer.get('who_id')} by "
+             f"{customer.get('matched_by')}" + (" (cached)" if customer.get("cached") else "")]
+    if customer.get("resolved_again"):
+        notes.append("the cached customer was rejected and resolved again")
+    notes += [f"also matched: {other}" for other in customer.get("others") or []]
+    return notes
 
 
 def render_batch_report(outcomes: list[tuple[str, str]]) -> str:

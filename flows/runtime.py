@@ -18,6 +18,7 @@ from cxrelay.connectors.salesforce import SalesforceClient
 from cxrelay.connectors.slack import SlackClient
 from cxrelay.core.mapping import Mapper
 from cxrelay.core.pipeline import Pipeline
+from cxrelay.flows.customer import CustomerCache
 from cxrelay.flows.limits import Limits
 from cxrelay.settings import Settings, require
 from cxrelay.store.database import Store
@@ -34,6 +35,7 @@ class Runtime:
     # conversation id → (expiry, the fetch in flight, or its result once it succeeded)
     _conversations: dict[str, tuple[float, asyncio.Future[Any] | dict[str, Any]]] = field(
         default_factory=dict)
+    customers: CustomerCache = field(default_factory=CustomerCache)  # Salesforce resolutions
     # Cleared by the dispatcher while the receiver is flooded (see `Dispatcher._yield_check`);
     # batch runs in this process wait on it between events.
     ingest_calm: asyncio.Event = field(default_factory=asyncio.Event)

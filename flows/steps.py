@@ -28,6 +28,7 @@ from cxrelay.core.errors import OutcomeUnknown, PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target, render_target
+from cxrelay.flows.customer import CustomerCache, log_conversation
 from cxrelay.flows.limits import Limits
 from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.store.database import Store
@@ -154,7 +155,7 @@ async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner
         client: Any = await runtime.salesforce()
         payload = render_target(runtime.mapper, target, context)
         result = await deliver_salesforce(store, client, target, event, owner, payload,
-                                          runtime.limits)
+                                          runtime.limits, runtime.customers)
     elif isinstance(target, SlackTargetConfig):
         client, default_channel = await runtime.slack()
         payload = render_target(runtime.mapper, target, context, default_channel)
@@ -247,22 +248,35 @@ async def _complete(store: Store, event: CanonicalEvent, target: str, action: st
 
 async def deliver_salesforce(store: Store, client: SalesforceClient,
                              target: SalesforceTargetConfig, event: CanonicalEvent, owner: str,
-                             payload: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """Upsert the record by its external id: one record per conversation, however often."""
-    digest = payload_digest([target.object, target.external_id_field, payload["external_id"],
-                             payload["fields"]])
+                             payload: dict[str, Any], limits: Limits,
+                             customers: CustomerCache | None = None) -> dict[str, Any]:
+    """Upsert the record by its external id: one record per conversation, however often. With
+    `customer` configured: find the caller and upsert the conversation's Task on them."""
+    if target.customer is not None:
+        digest = payload_digest([payload["customer"].cache_key, payload["fields"],
+                                 payload["activity_external_id"], payload["activity_fields"]])
+    else:
+        digest = payload_digest([target.object, target.external_id_field,
+                                 payload["external_id"], payload["fields"]])
     proceed, ref = await _reserved(store, event, target.name, "upsert", owner, digest)
     if not proceed:
         return {"status": "unchanged", "ref": ref}
     try:
-        async with limits.salesforce():
-            result = await client.upsert(target.object, target.external_id_field,
-                                         payload["external_id"], payload["fields"])
+        if target.customer is not None:
+            logged = await log_conversation(client, target, payload,
+                                            customers or CustomerCache(), limits)
+        else:
+            async with limits.salesforce():
+                result = await client.upsert(target.object, target.external_id_field,
+                                             payload["external_id"], payload["fields"])
     except BaseException as exc:
         await asyncio.to_thread(store.unreserve, conversation_id=event.conversation_id,
                                 target=target.name, action="upsert", owner=owner)
         await honour_retry_after(exc)
         raise
+    if target.customer is not None:
+        await _complete(store, event, target.name, "upsert", owner, logged["ref"] or ref, digest)
+        return logged
     ref = result.record_id or ref
     await _complete(store, event, target.name, "upsert", owner, ref, digest)
     return {"status": "created" if result.created else "updated", "ref": ref,

@@ -70,9 +70,10 @@ async def dispatch_until(runtime: Runtime, done: int, timeout: float = 120,
 
 
 def sandbox_state(box: Sandbox) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    leads = httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"].get("Lead", [])
+    """(Salesforce Tasks, Slack messages): one of each per delivered conversation."""
+    tasks = httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"].get("Task", [])
     messages = httpx.get(f"{box.slack_url.removesuffix('/api/')}/__sandbox/state").json()["messages"]
-    return leads, messages
+    return tasks, messages
 
 
 def calls(url: str, method: str | None = None, path_part: str = "") -> list[dict[str, Any]]:

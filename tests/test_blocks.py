@@ -78,6 +78,6 @@ def test_flows_load_credentials_from_blocks(tmp_path: Path, clean_sandbox: Sandb
     runtime = make_runtime(settings)
     enqueue(runtime.store, generic_event(conversation))
     asyncio.run(dispatch_until(runtime, 1))
-    leads, messages = sandbox_state(box)
-    assert len(leads) == 1 and len(messages) == 1
+    tasks, messages = sandbox_state(box)
+    assert len(tasks) == 1 and len(messages) == 1
     assert runtime.store.events()[0].outcome == "delivered"

@@ -108,14 +108,16 @@ def test_mapping_check_prints_payloads_and_warnings(tmp_path: Path) -> None:
     assert "Conversation `5d2b8f0e-3c41-4e6a-8f7d-1a9b0c2d3e4f` ended" in result.output
 
 
-def test_mapping_check_fails_on_an_empty_required_field() -> None:
-    from tests.conftest import SAMPLES
+def test_mapping_check_fails_when_the_customer_cannot_be_found(tmp_path: Path) -> None:
+    from tests.conftest import sample
 
-    result = runner.invoke(app, ["mapping", "check", str(SAMPLES / "eventbridge-customer-end.json")])
+    event = sample("generic-webhook.json")
+    del event["conversation"]["primaryContact"], event["conversation"]["contact"]
+    (tmp_path / "event.json").write_text(json.dumps(event))
+    result = runner.invoke(app, ["mapping", "check", str(tmp_path / "event.json")])
     assert result.exit_code == 1
-    assert ("required field Phone is empty (source paths tried: event.conversation.primaryContact"
-            ".phoneNumber, event.conversation.primaryContact.primaryPhoneNumber, "
-            "conversation.participants[purpose=customer].ani)") in result.output
+    assert ("no phone and no external contact id to find the customer by (source paths tried: "
+            "event.conversation.contact.externalContacts[0].externalId") in result.output
 
 
 def test_drift_lists_counts(db: Store) -> None:

@@ -89,8 +89,8 @@ def test_sigkill_mid_burst_loses_nothing_and_duplicates_nothing(
         thread.join(timeout=300)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            leads, messages = sandbox_state(clean_sandbox)
-            if len({lead["Genesys_Conversation_Id__c"] for lead in leads}) >= len(acknowledged) \
+            tasks, messages = sandbox_state(clean_sandbox)
+            if len({task["Genesys_Conversation_Id__c"] for task in tasks}) >= len(acknowledged) \
                     and len(messages) >= len(acknowledged):
                 break
             time.sleep(1)
@@ -98,13 +98,13 @@ def test_sigkill_mid_burst_loses_nothing_and_duplicates_nothing(
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)
-    leads, messages = sandbox_state(clean_sandbox)
-    per_lead = Counter(lead["Genesys_Conversation_Id__c"] for lead in leads)
+    tasks, messages = sandbox_state(clean_sandbox)
+    per_task = Counter(task["Genesys_Conversation_Id__c"] for task in tasks)
     posts = Counter(c for r in calls(clean_sandbox.slack_url, "POST", "chat.postMessage")
                     if r.get("status") == 200 for c in [str(r["body"]).split("`")[1]
                                                          if "`" in str(r["body"]) else ""])
-    delivered = sum(1 for c in acknowledged if per_lead[c] == 1 and posts[c] == 1)
-    duplicated = sum(n - 1 for n in per_lead.values() if n > 1) + \
+    delivered = sum(1 for c in acknowledged if per_task[c] == 1 and posts[c] == 1)
+    duplicated = sum(n - 1 for n in per_task.values() if n > 1) + \
         sum(n - 1 for n in posts.values() if n > 1)
     lost = len(set(acknowledged)) - delivered
     print(f"\n[SIGKILL mid-burst] sent {EVENTS}, acknowledged {len(set(acknowledged))} "
@@ -158,8 +158,8 @@ def test_prefect_api_unreachable_for_30_seconds(tmp_path: Path, clean_sandbox: S
         proxy.restore()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            leads, messages = sandbox_state(clean_sandbox)
-            if len(leads) >= count and len(messages) >= count:
+            tasks, messages = sandbox_state(clean_sandbox)
+            if len(tasks) >= count and len(messages) >= count:
                 break
             time.sleep(1)
         time.sleep(2)
@@ -167,10 +167,10 @@ def test_prefect_api_unreachable_for_30_seconds(tmp_path: Path, clean_sandbox: S
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)
         proxy.close()
-    leads, messages = sandbox_state(clean_sandbox)
-    per_lead = Counter(lead["Genesys_Conversation_Id__c"] for lead in leads)
-    delivered = sum(1 for c in ids if per_lead[c] == 1)
-    duplicated = sum(n - 1 for n in per_lead.values() if n > 1) + max(0, len(messages) - count)
+    tasks, messages = sandbox_state(clean_sandbox)
+    per_task = Counter(task["Genesys_Conversation_Id__c"] for task in tasks)
+    delivered = sum(1 for c in ids if per_task[c] == 1)
+    duplicated = sum(n - 1 for n in per_task.values() if n > 1) + max(0, len(messages) - count)
     print(f"\n[Prefect API unreachable 30 s] sent {count}, acknowledged "
           f"{statuses.count(202)} ({len(during_outage)} during the outage), delivered {delivered}, "
           f"duplicated effects {duplicated}, lost {count - delivered}")

@@ -105,5 +105,5 @@ def test_deployment_mode_submits_once_and_a_worker_delivers(
         worker.wait(30)
     event = runtime.store.get_event(inbox_id)  # type: ignore[arg-type]
     assert event is not None and event.outcome == "delivered", (tmp_path / "worker.log").read_text()[-3000:]
-    leads, messages = sandbox_state(clean_sandbox)
-    assert len(leads) == 1 and len(messages) == 1
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert len(tasks) == 1 and len(messages) == 1

@@ -37,9 +37,11 @@ def test_completed_conversation_reaches_salesforce_and_slack(tmp_path: Path,
     enqueue(runtime.store, generic_event(conversation, phone="+15550007777"))
     asyncio.run(dispatch_until(runtime, 1))
 
-    leads, messages = sandbox_state(clean_sandbox)
-    assert [lead["Genesys_Conversation_Id__c"] for lead in leads] == [conversation]
-    assert leads[0]["Phone"] == "+15550007777" and leads[0]["Status"] == "Closed - Converted"
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert [task["Genesys_Conversation_Id__c"] for task in tasks] == [conversation]
+    (lead,) = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()["records"]["Lead"]
+    assert tasks[0]["WhoId"] == lead["Id"] and lead["Phone"] == "+15550007777"
+    assert tasks[0]["CallDisposition"] == "Resolved" and tasks[0]["Status"] == "Completed"
     assert len(messages) == 1 and conversation in messages[0]["text"]
     (event,) = runtime.store.events()
     assert event.outcome == "delivered"
@@ -80,8 +82,8 @@ def test_later_events_of_a_conversation_update_instead_of_duplicating(
     enqueue(runtime.store, eventbridge_event(conversation), source="eventbridge")
     asyncio.run(dispatch_until(runtime, 3))
 
-    leads, messages = sandbox_state(clean_sandbox)
-    assert len(leads) == 1 and len(messages) == 1
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert len(tasks) == 1 and len(messages) == 1
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 1
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.update")) >= 1
     # Enrichment is cached by conversation id: three events, one Genesys GET, one token.
@@ -97,8 +99,8 @@ def test_concurrent_events_of_one_conversation_give_one_record_and_one_message(
     for _ in range(5):
         enqueue(runtime.store, generic_event(conversation))
     asyncio.run(dispatch_until(runtime, 5, concurrency=5))
-    leads, messages = sandbox_state(clean_sandbox)
-    assert len(leads) == 1 and len(messages) == 1
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert len(tasks) == 1 and len(messages) == 1
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 1
     assert {e.outcome for e in runtime.store.events()} == {"delivered"}
 
@@ -116,8 +118,8 @@ def test_failing_slack_does_not_stop_salesforce_and_replay_sends_only_slack(
     finally:
         httpx.post(f"{slack_base}/__sandbox/settings", json={"missing_channels": []})
 
-    leads, messages = sandbox_state(clean_sandbox)
-    assert len(leads) == 1 and messages == []
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert len(tasks) == 1 and messages == []
     (event,) = runtime.store.events()
     assert event.outcome == "partial"
     (dead,) = runtime.store.dead_letters()
@@ -126,9 +128,9 @@ def test_failing_slack_does_not_stop_salesforce_and_replay_sends_only_slack(
     replayed = requeue_dead_letters(runtime.store)
     assert replayed.dead_letter_ids == [dead.id]
     asyncio.run(dispatch_until(runtime, 1))
-    leads, messages = sandbox_state(clean_sandbox)
-    assert len(leads) == 1 and len(messages) == 1
-    assert len(calls(clean_sandbox.salesforce_url, "PATCH")) == 1  # not sent again
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert len(tasks) == 1 and len(messages) == 1
+    assert len(calls(clean_sandbox.salesforce_url, "PATCH", "/Task/")) == 1  # not sent again
     assert runtime.store.dead_letters() == []
     assert runtime.store.events()[0].outcome == "delivered"
 
@@ -149,16 +151,17 @@ def test_required_field_empty_dead_letters_that_target_only(tmp_path: Path,
     conv = sample_conversation(conversation)
     conv["participants"][0].pop("ani")
     httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations", json=[conv])
-    payload = generic_event(conversation)
+    payload = generic_event(conversation, external_contact_id=None)
     del payload["conversation"]["primaryContact"]
     runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
     enqueue(runtime.store, payload)
     asyncio.run(dispatch_until(runtime, 1))
     (dead,) = runtime.store.dead_letters()
     assert dead.target == "salesforce"
-    assert "required field Phone is empty (source paths tried:" in dead.reason
-    leads, messages = sandbox_state(clean_sandbox)
-    assert leads == [] and len(messages) == 1
+    assert "no phone and no external contact id to find the customer by (source paths tried:" \
+        in dead.reason
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert tasks == [] and len(messages) == 1
 
 
 def test_transient_salesforce_errors_are_retried_as_task_retries(tmp_path: Path,
@@ -171,7 +174,8 @@ def test_transient_salesforce_errors_are_retried_as_task_retries(tmp_path: Path,
     enqueue(runtime.store, generic_event(conversation))
     asyncio.run(dispatch_until(runtime, 1))
     patches = calls(clean_sandbox.salesforce_url, "PATCH")
-    assert [p["status"] for p in patches] == [503, 503, 201]
+    # Two 503s on the Lead's upsert, then the Lead and the Task.
+    assert [p["status"] for p in patches] == [503, 503, 201, 201]
     assert runtime.store.events()[0].outcome == "delivered"
 
 
@@ -203,8 +207,10 @@ def test_schema_drift_is_counted_and_processing_continues(tmp_path: Path,
     assert missing.example_event_id == payload["id"]
     (event,) = runtime.store.events()
     assert event.outcome == "delivered"
-    assert "a source of required field salesforce.Phone" in (event.detail or "")
-    assert sandbox_state(clean_sandbox)[0][0]["Phone"] == "+15550003333"
+    assert "a source of required field salesforce.customer" in (event.detail or "")
+    (lead,) = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()["records"]["Lead"]
+    assert lead["Phone"] == "+15550003333"
+    assert sandbox_state(clean_sandbox)[0][0]["WhoId"] == lead["Id"]
 
 
 def test_reconcile_fills_the_gap_of_lost_webhooks(tmp_path: Path, clean_sandbox: Sandbox) -> None:
@@ -237,8 +243,8 @@ def test_reconcile_fills_the_gap_of_lost_webhooks(tmp_path: Path, clean_sandbox:
     assert summary["ended"] == 7 and summary["queued"] == 4
     assert sorted(summary["conversations"]) == sorted(ids[3:])
     asyncio.run(dispatch_until(runtime, 8))
-    leads, messages = sandbox_state(clean_sandbox)
-    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
     assert len(messages) == 7
     again = asyncio.run(run_reconcile())
     assert again["queued"] == 0 and again["already_handled"] == 7
@@ -324,8 +330,8 @@ def test_backlog_is_processed_in_batch_runs_with_the_same_guarantees(
     started = datetime.now(timezone.utc)
     dispatcher = asyncio.run(dispatch_until(runtime, 26))
     assert dispatcher.batches_started >= 1 and dispatcher.largest_backlog >= 20
-    leads, messages = sandbox_state(clean_sandbox)
-    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
     assert len(messages) == 24
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 24
     outcomes = [e.outcome for e in runtime.store.events()]
@@ -379,18 +385,20 @@ def test_failures_in_a_batch_are_handed_to_runs_of_their_own(tmp_path: Path,
                                          batch_size=20))
     for conversation in ids:
         enqueue(runtime.store, generic_event(conversation))
-    payload = generic_event(unmappable)
+    payload = generic_event(unmappable, external_contact_id=None)
     del payload["conversation"]["primaryContact"]
     enqueue(runtime.store, payload)
     dispatcher = asyncio.run(dispatch_until(runtime, 13))
 
     assert dispatcher.batches_started == 1
     assert dispatcher.started_runs >= 4  # 3 × 503 and the unmappable one, each a run of its own
-    leads, messages = sandbox_state(clean_sandbox)
-    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
     assert len(messages) == 13 == len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage"))
-    assert sorted(p["status"] for p in calls(clean_sandbox.salesforce_url, "PATCH")) == (
-        [201] * 12 + [503] * 3)
+    patches = calls(clean_sandbox.salesforce_url, "PATCH")
+    assert sorted(p["status"] for p in patches if "/Task/" in p["path"]
+                  and p["status"] < 300) == [201] * 12
+    assert [p["status"] for p in patches].count(503) == 3
     (dead,) = runtime.store.dead_letters()
     assert dead.target == "salesforce" and dead.conversation_id == unmappable
     outcomes = sorted(e.outcome or "" for e in runtime.store.events())
@@ -409,8 +417,8 @@ def test_events_waiting_too_long_for_a_run_of_their_own_go_to_a_batch(
         enqueue(runtime.store, generic_event(conversation))
     dispatcher = asyncio.run(dispatch_until(runtime, 8))
     assert dispatcher.started_runs >= 1 and dispatcher.batches_started >= 1
-    leads, messages = sandbox_state(clean_sandbox)
-    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
     assert len(messages) == 8 == len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage"))
 
 
@@ -444,8 +452,8 @@ def test_a_flooded_inbox_pauses_flow_runs_and_loses_nothing(tmp_path: Path,
     sender.join()
     assert dispatcher.ingest_yield.episodes >= 1
     assert runtime.ingest_calm.is_set()
-    leads, messages = sandbox_state(clean_sandbox)
-    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == sorted(ids)
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
     assert len(messages) == 40 == len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage"))
 
 

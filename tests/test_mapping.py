@@ -31,10 +31,12 @@ def test_default_salesforce_mapping() -> None:
     assert mapped.fields["Phone"] == "+15550001234"
     assert mapped.fields["LastName"] == "Genesys caller"
     assert mapped.fields["Company"] == "[not provided]"
-    assert mapped.fields["Status"] == "Closed - Converted"  # wrap-up "Resolved" via lookup
-    assert mapped.fields["Genesys_Conversation_Start__c"] == "11/28/2026 14:23"
-    assert "Refund issued" in mapped.fields["Description"]
     assert mapped.warnings == []
+    # The conversation goes on the Task, not on the customer's Lead.
+    target = PIPELINE.target("salesforce")
+    assert isinstance(target, SalesforceTargetConfig)
+    activity = Mapper(PIPELINE.lookups).map_fields(target.activity.fields, context())
+    assert activity.fields["Genesys_Conversation_Start__c"] == "11/28/2026 14:23"
 
 
 def test_phone_alias_is_used_and_reported() -> None:
@@ -58,7 +60,9 @@ def test_required_field_empty_names_the_paths() -> None:
     del payload["conversation"]["primaryContact"]
     with pytest.raises(MappingError, match=r"required field Phone is empty \(source paths tried: "
                        r"event\.conversation\.primaryContact\.phoneNumber, "):
-        Mapper(PIPELINE.lookups).map_fields(salesforce_fields(), context(payload, {}))
+        Mapper(PIPELINE.lookups).map_fields(
+            {**salesforce_fields(), "Phone": salesforce_fields()["Phone"].model_copy(
+                update={"required": True})}, context(payload, {}))
 
 
 def test_truncation_is_reported() -> None:

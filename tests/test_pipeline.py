@@ -13,7 +13,8 @@ def test_default_pipeline_is_valid() -> None:
     salesforce = pipeline.target("salesforce")
     assert isinstance(salesforce, SalesforceTargetConfig)
     assert salesforce.external_id_field == "Genesys_Conversation_Id__c"
-    assert salesforce.fields["Phone"].required
+    assert salesforce.customer is not None and salesforce.object == "Lead"
+    assert salesforce.activity.external_id_field == "Genesys_Conversation_Id__c"
 
 
 def test_errors_name_line_and_key() -> None:

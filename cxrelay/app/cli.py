@@ -407,6 +407,7 @@ def mapping_check(
             failed = True
             continue
         warnings = payload.pop("warnings")
+        payload.pop("customer", None)  # its lookups are spelled out in `plan`
         console.print(f"[bold]{target.name}[/bold] ({target.type})")
         console.print_json(json.dumps(payload))
         for warning in warnings:

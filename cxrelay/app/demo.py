@@ -56,6 +56,17 @@ def prefect_server(console: Console, log: Path) -> tuple[str, subprocess.Popen[b
     return start_prefect_server(log, port=PREFECT_PORT)
 
 
+# The last three conversations are one repeat caller (one Lead, three Tasks); the first caller
+# is already a Contact in Salesforce, stored with a formatted number.
+REPEAT_CALLS = 3
+KNOWN_CONTACT = {"attributes": {"type": "Contact"}, "FirstName": "Ada", "LastName": "Okafor",
+                 "Phone": "(555) 000-1000"}
+
+
+def caller_phone(index: int, conversations: int) -> str:
+    return "+15550001999" if index >= conversations - REPEAT_CALLS else f"+1555000{1000 + index}"
+
+
 def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, str]]],
                                              list[str]]:
     """The requests the demo sends, each with what should happen to it."""
@@ -64,7 +75,7 @@ def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, s
     plan: list[tuple[Sent, bytes, dict[str, str]]] = []
     completed = [str(uuid.uuid4()) for _ in range(conversations)]
     for index, conversation_id in enumerate(completed):
-        payload = generic_event(conversation_id, phone=f"+1555000{1000 + index}")
+        payload = generic_event(conversation_id, phone=caller_phone(index, conversations))
         body = encode(payload)
         sent = Sent("new", conversation_id, 202, "delivered", event_id=payload["id"])
         plan.append((sent, body, hmac_headers(body, secret)))
@@ -121,7 +132,10 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
                                + "\n".join(log))
         plan, completed = plan_events(conversations)
         httpx.post(f"{box.genesys_url}/__sandbox/conversations",
-                   json=[sample_conversation(c) for c in completed]).raise_for_status()
+                   json=[sample_conversation(c, phone=caller_phone(i, len(completed)))
+                         for i, c in enumerate(completed)]).raise_for_status()
+        httpx.post(f"{box.salesforce_url}/__sandbox/records",
+                   json=[KNOWN_CONTACT]).raise_for_status()
         console.print(f"Sending {len(plan)} requests to {base}/webhooks/… ")
         started = time.monotonic()
         with httpx.Client(timeout=10) as client:
@@ -146,12 +160,15 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
 def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], store: Store,
             box: Sandbox, done: bool, elapsed: float, prefect_url: str,
             server: subprocess.Popen[bytes] | None, keep_server: bool) -> bool:
-    records = httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"].get("Lead", [])
+    state = httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"]
+    records, leads = state.get("Task", []), state.get("Lead", [])
+    contacts = {c["Id"] for c in state.get("Contact", [])}
     messages = httpx.get(f"{box.slack_url.removesuffix('/api/')}/__sandbox/state").json()["messages"]
     by_conversation = {r["Genesys_Conversation_Id__c"]: r for r in records}
     outcomes = {event.event_id: event.outcome for event in store.events(10_000)}
     failures: list[str] = []
-    table = Table("#", "request", "conv.", "HTTP", "outcome", "Salesforce Lead", "Slack",
+    table = Table("#", "request", "conv.", "HTTP", "outcome", "Salesforce Task → customer",
+                  "Slack",
                   title="What happened to each request")
     for number, (sent, _, _) in enumerate(plan, 1):
         conversation = sent.conversation_id or ""
@@ -163,7 +180,8 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
         if sent.http_status != 202:
             outcome = f"rejected: {sent.answer.get('error', '')}"
         table.add_row(str(number), sent.label, conversation[:8], str(sent.http_status), outcome,
-                      record["Id"] if record else "—", f"{len(posted)} msg" if posted else "—")
+                      f"{record['Id']} → {record.get('WhoId')}" if record else "—",
+                      f"{len(posted)} msg" if posted else "—")
         if sent.http_status != sent.expect_http:
             failures.append(f"#{number} {sent.label}: HTTP {sent.http_status}, expected "
                             f"{sent.expect_http}")
@@ -171,26 +189,37 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
             failures.append(f"#{number} {sent.label}: {outcome or 'not processed'}, expected "
                             f"{sent.expect}")
         if sent.expect == "delivered" and (record is None or len(posted) != 1):
-            failures.append(f"#{number} {sent.label}: expected one Lead and one Slack message, "
+            failures.append(f"#{number} {sent.label}: expected one Task and one Slack message, "
                             f"got {0 if record is None else 1} and {len(posted)}")
         if sent.expect == "filtered" and (record is not None or posted):
             failures.append(f"#{number} {sent.label}: a filtered event reached a target")
     console.print(table)
     delivered = {s.conversation_id for s, _, _ in plan if s.expect == "delivered"}
     if len(records) != len(delivered) or len(messages) != len(delivered):
-        failures.append(f"{len(delivered)} conversations should give as many Leads and Slack "
+        failures.append(f"{len(delivered)} conversations should give as many Tasks and Slack "
                         f"messages; got {len(records)} and {len(messages)}")
+    callers = len(delivered) - REPEAT_CALLS + 1
+    if len(leads) != callers - 1:  # every new caller, once; the known one is a Contact
+        failures.append(f"{callers} callers, one already a Contact, should give {callers - 1} "
+                        f"Leads; got {len(leads)}")
+    on_contact = [r for r in records if r.get("WhoId") in contacts]
+    repeat = [r for r in records if r.get("WhoId") in {
+        lead["Id"] for lead in leads if lead.get("Phone") == "+15550001999"}]
+    if len(on_contact) != 1 or len(repeat) != REPEAT_CALLS:
+        failures.append(f"expected 1 Task on the known Contact and {REPEAT_CALLS} on the repeat "
+                        f"caller's Lead; got {len(on_contact)} and {len(repeat)}")
     if not done:
         failures.append("not every acknowledged event finished within 180 s")
     dead = store.dead_letters("open")
     if dead:
         failures.append(f"{len(dead)} dead letter(s): {dead[0].reason}")
-    console.print(f"Salesforce received {len(records)} Lead upserts (one record per "
-                  f"conversation); Slack received {len(messages)} messages. "
+    console.print(f"Salesforce holds {len(records)} Tasks (one per conversation) on "
+                  f"{len(leads)} Leads and 1 existing Contact (a repeat caller has one Lead "
+                  f"and {REPEAT_CALLS} Tasks); Slack received {len(messages)} messages. "
                   f"All processed {elapsed:.1f} s after the first request.")
     if records:
         sample = {k: v for k, v in records[0].items() if not k.startswith("_")}
-        console.print("A Lead as Salesforce stored it:", sample, highlight=False)
+        console.print("A Task as Salesforce stored it:", sample, highlight=False)
     ui = prefect_url.removesuffix("/api")
     if server is not None and not keep_server:
         console.print(f"The flow runs are stored in Prefect's database: run `prefect server "

@@ -11,8 +11,10 @@ from cxrelay.core.signatures import HmacVerifier
 
 
 def generic_event(conversation_id: str | None = None, state: str = "COMPLETED",
-                  phone: str = "+15550001234", event_id: str | None = None) -> dict[str, Any]:
+                  phone: str = "+15550001234", event_id: str | None = None,
+                  external_contact_id: str | None = "123456789") -> dict[str, Any]:
     """A generic Genesys webhook payload, as the original recipe's webhook sends it."""
+    external = [{"externalId": external_contact_id}] if external_contact_id else []
     return {
         "id": event_id or str(uuid.uuid4()),
         "eventType": "CONVERSATION_COMPLETED" if state == "COMPLETED" else "CONVERSATION_UPDATED",
@@ -21,7 +23,7 @@ def generic_event(conversation_id: str | None = None, state: str = "COMPLETED",
             "id": conversation_id or str(uuid.uuid4()),
             "direction": "INBOUND",
             "state": state,
-            "contact": {"id": str(uuid.uuid4()), "externalContacts": [{"externalId": "123456789"}]},
+            "contact": {"id": str(uuid.uuid4()), "externalContacts": external},
             "primaryContact": {"phoneNumber": phone},
             "routingStatus": state,
             "tags": [{"id": "tag-vip", "label": "VIP Customer"}],

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from cxrelay.core.customers import DEFAULT_EXTERNAL_CONTACT_PATHS, DEFAULT_PHONE_PATHS
 from cxrelay.core.errors import CxrelayError
 from cxrelay.core.filters import FilterRule
 from cxrelay.core.mapping import FieldSpec
@@ -74,12 +75,39 @@ class _TargetBase(_Strict):
     retry_max_delay_seconds: float = Field(default=60, gt=0)
 
 
+class CustomerConfig(_Strict):
+    """How the caller is found in Salesforce (see `core/customers.py` for the order)."""
+
+    external_contact_id: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EXTERNAL_CONTACT_PATHS))
+    phone: list[str] = Field(default_factory=lambda: list(DEFAULT_PHONE_PATHS))
+    phone_region: str = "US"
+    contact_external_id_field: str = "Genesys_External_Contact_Id__c"
+    customer_key_field: str = "Genesys_Customer_Key__c"
+
+
+class ActivityConfig(_Strict):
+    """The record that logs each conversation on the customer: a Task by default."""
+
+    object: str = "Task"
+    external_id_field: str = "Genesys_Conversation_Id__c"
+    external_id: str = "{{ conversation_id }}"
+    fields: Fields = Field(default_factory=dict, description="added to / replacing the "
+                                                             "Task fields cxrelay derives")
+
+
 class SalesforceTargetConfig(_TargetBase):
     type: Literal["salesforce"]
     object: str = "Lead"
     external_id_field: str = "Genesys_Conversation_Id__c"
     external_id: str = "{{ conversation_id }}"
     fields: Fields = Field(default_factory=dict)
+    # With `customer`, `object`/`fields` describe the record created for a caller nobody
+    # matches (keyed by customer.customer_key_field) and each conversation is an activity.
+    customer: CustomerConfig | None = None
+    activity: ActivityConfig = Field(default_factory=ActivityConfig)
+    on_ambiguous: Literal["newest", "dead_letter"] = "newest"
+    customer_cache_seconds: int = Field(default=300, ge=0)
 
 
 class SlackTargetConfig(_TargetBase):
@@ -132,6 +160,9 @@ class Pipeline(_Strict):
                 if spec.required:
                     for path in spec.from_:
                         sources.setdefault(path, f"{target.name}.{name}")
+            if isinstance(target, SalesforceTargetConfig) and target.customer is not None:
+                for path in [*target.customer.phone, *target.customer.external_contact_id]:
+                    sources.setdefault(path, f"{target.name}.customer")
         return sources
 
     @property

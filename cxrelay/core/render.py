@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cxrelay.core.customers import CustomerKeys, customer_keys, lookups, task_fields
 from cxrelay.core.errors import ConfigError, MappingError
 from cxrelay.core.mapping import Mapper
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
@@ -16,6 +17,8 @@ def render_target(mapper: Mapper, target: Target, context: dict[str, Any],
     """Salesforce: `external_id` + `fields`; Slack: `channel` + `text`; HTTP: `body`. Each
     with the mapping's `warnings`. Raises `MappingError` (or `ConfigError`) instead of
     producing an incomplete payload."""
+    if isinstance(target, SalesforceTargetConfig) and target.customer is not None:
+        return render_customer_target(mapper, target, context)
     if isinstance(target, SalesforceTargetConfig):
         mapped = mapper.map_fields(target.fields, context)
         external_id = mapper.render(target.external_id, context)
@@ -33,3 +36,37 @@ def render_target(mapper: Mapper, target: Target, context: dict[str, Any],
         return {"channel": channel, "text": text, "warnings": mapped.warnings}
     mapped = mapper.map_fields(target.body, context)
     return {"body": mapped.fields, "warnings": mapped.warnings}
+
+
+def render_customer_target(mapper: Mapper, target: SalesforceTargetConfig,
+                           context: dict[str, Any]) -> dict[str, Any]:
+    """Find-the-caller mode: the customer keys, the Lead's fields (used only when nobody
+    matches), the Task's fields and external id, and the plan in words (`mapping check`)."""
+    assert target.customer is not None
+    customer = target.customer
+    keys = customer_keys(context, customer.external_contact_id, customer.phone,
+                         customer.phone_region)
+    lead = mapper.map_fields(target.fields, context)
+    activity = target.activity
+    extra = mapper.map_fields(activity.fields, context)
+    fields = {**task_fields(context), **extra.fields}
+    external_id = mapper.render(activity.external_id, context)
+    if not external_id:
+        raise MappingError(f"{target.name}: the activity's external id rendered empty")
+    return {"customer": keys, "fields": lead.fields, "activity_fields": fields,
+            "activity_external_id": external_id, "plan": customer_plan(target, keys, external_id),
+            "warnings": lead.warnings + extra.warnings}
+
+
+def customer_plan(target: SalesforceTargetConfig, keys: CustomerKeys,
+                  activity_external_id: str) -> list[str]:
+    assert target.customer is not None
+    customer, activity = target.customer, target.activity
+    steps = [f"{lookup.api.upper()} {lookup.text}" for lookup in
+             lookups(keys, customer.contact_external_id_field, customer.customer_key_field)]
+    steps.append(f"nobody found: upsert {target.object} {customer.customer_key_field}="
+                 f"{keys.customer_key} with the fields below")
+    steps.append(f"upsert {activity.object} {activity.external_id_field}="
+                 f"{activity_external_id} with WhoId = the customer (several matches: Contacts "
+                 f"first, then newest; on_ambiguous={target.on_ambiguous})")
+    return steps

@@ -1,5 +1,7 @@
 """Salesforce REST emulator: client-credentials token, upsert by external id (201/200/300),
-records by id, and Salesforce's list-shaped errors."""
+records by id, delete, SOQL `query/`, SOSL `search/` (whose index lags new records by
+`search_index_lag` seconds, as Salesforce's does), Task.WhoId checks, and Salesforce's
+list-shaped errors."""
 
 from __future__ import annotations
 
@@ -14,6 +16,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cxrelay.sandbox.base import Emulator, Fault, bearer_token
+from cxrelay.sandbox.sfquery import (
+    QueryError,
+    parse_soql,
+    parse_sosl,
+    phone_matches,
+    shape,
+    text_matches,
+)
 
 DEFAULT_ACCESS_TOKEN = "sandbox-salesforce-token"
 DEFAULT_CLIENT_ID = "sandbox-salesforce-client"
@@ -27,6 +37,23 @@ LEAD_FIELDS = {
     "LeadSource", "Description", "Industry", "Rating", "Street", "City", "State", "PostalCode",
     "Country", "Website", "OwnerId",
 }
+TASK_FIELDS = {
+    "WhoId", "WhatId", "Subject", "TaskSubtype", "CallType", "CallDurationInSeconds",
+    "CallDisposition", "CallObject", "Description", "ActivityDate", "Status", "Priority",
+    "OwnerId", "Type",
+}
+KNOWN_FIELDS = {"Lead": LEAD_FIELDS, "Task": TASK_FIELDS}
+PICKLISTS = {("Task", "CallType"): {"Inbound", "Outbound", "Internal"},
+             ("Task", "TaskSubtype"): {"Task", "Email", "ListEmail", "Cadence", "Call",
+                                       "LinkedIn"}}
+WHO_PREFIXES = {"003": "Contact", "00Q": "Lead"}
+
+
+def sf_timestamp(moment: float | None = None) -> str:
+    """Salesforce's datetime text: 2026-11-29T10:00:00.000+0000."""
+    moment = time.time() if moment is None else moment
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + \
+        f".{int(moment * 1000) % 1000:03d}+0000"
 
 
 def sf_error(status: int, code: str, message: str, fields: list[str] | None = None
@@ -52,8 +79,13 @@ class SalesforceEmulator(Emulator):
 
     def __init__(self, access_token: str = DEFAULT_ACCESS_TOKEN,
                  client_id: str = DEFAULT_CLIENT_ID,
-                 client_secret: str = DEFAULT_CLIENT_SECRET) -> None:
+                 client_secret: str = DEFAULT_CLIENT_SECRET,
+                 search_index_lag: float = 1.0) -> None:
         self.static_token = access_token
+        self.default_index_lag = search_index_lag
+        # New and changed records reach SOSL only this long after their write.
+        self.search_index_lag = search_index_lag
+        self.deleted: dict[str, dict[str, Any]] = {}
         self.client_id = client_id
         self.client_secret = client_secret
         self.tokens: set[str] = {access_token}
@@ -69,12 +101,20 @@ class SalesforceEmulator(Emulator):
             self.route(data + "/{field}/{value:path}", self.upsert, ["PATCH"]),
             self.route(data + "/{field}/{value:path}", self.get_by_external_id, ["GET"]),
             self.route(data + "/{record_id}", self.get_record, ["GET"]),
+            self.route(data + "/{record_id}", self.delete_record, ["DELETE"]),
+            self.route("/services/data/v{version}/query/", self.query, ["GET"]),
+            self.route("/services/data/v{version}/query", self.query, ["GET"]),
+            self.route("/services/data/v{version}/search/", self.search, ["GET"]),
+            self.route("/services/data/v{version}/search", self.search, ["GET"]),
             Route("/__sandbox/records", self._seed, methods=["POST"]),
+            Route("/__sandbox/config", self._config, methods=["POST"]),
             Route("/__sandbox/expire-tokens", self._expire, methods=["POST"]),
         ]
 
     def reset_state(self) -> None:
         self.records.clear()
+        self.deleted.clear()
+        self.search_index_lag = self.default_index_lag
         self.tokens = {self.static_token}
         self.api_calls = 0
 
@@ -143,16 +183,24 @@ class SalesforceEmulator(Emulator):
         value = external_id_value(request)
         if not isinstance(payload, dict):
             return sf_error(400, "JSON_PARSER_ERROR", "The request body is not a JSON object")
-        if sobject == "Lead":
+        if sobject in KNOWN_FIELDS:
             unknown = [name for name in payload
-                       if name not in LEAD_FIELDS and not name.endswith("__c")]
+                       if name not in KNOWN_FIELDS[sobject] and not name.endswith("__c")]
             if unknown:
                 return sf_error(400, "INVALID_FIELD",
-                                f"No such column '{unknown[0]}' on sobject of type Lead")
+                                f"No such column '{unknown[0]}' on sobject of type {sobject}")
+        for (owner, name), allowed in PICKLISTS.items():
+            if owner == sobject and name in payload and payload[name] not in allowed:
+                return sf_error(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                                f"bad value for restricted picklist field: {payload[name]}",
+                                [name])
         if field in payload and str(payload[field]) != value:
             return sf_error(400, "INVALID_FIELD",
                             f"The external id field {field} in the body does not match the URL")
         with self.lock:
+            rejected = self._check_who(payload)
+            if rejected is not None:
+                return rejected
             matches = self._matching(sobject, field, value)
             if len(matches) > 1:
                 version = request.path_params["version"]
@@ -163,6 +211,7 @@ class SalesforceEmulator(Emulator):
                 record = matches[0]
                 record.update(payload)
                 record["_updates"] = record.get("_updates", 0) + 1
+                self._touch(record)
                 return JSONResponse({"id": record["Id"], "success": True, "errors": [],
                                      "created": False}, status_code=200,
                                     headers=self._limit_headers())
@@ -173,6 +222,10 @@ class SalesforceEmulator(Emulator):
                                 f"Required fields are missing: [{', '.join(missing)}]", missing)
             record_id = self._new_id(sobject)
             record = {"Id": record_id, field: value, **payload, "_updates": 0}
+            if sobject == "Lead":
+                record.setdefault("IsConverted", False)
+            record["CreatedDate"] = sf_timestamp()
+            self._touch(record)
             self.records.setdefault(sobject, {})[record_id] = record
         return JSONResponse({"id": record_id, "success": True, "errors": [], "created": True},
                             status_code=201, headers=self._limit_headers())
@@ -200,14 +253,102 @@ class SalesforceEmulator(Emulator):
             return sf_error(404, "NOT_FOUND", "The requested resource does not exist")
         return JSONResponse(record)
 
+    def _touch(self, record: dict[str, Any]) -> None:
+        record["LastModifiedDate"] = sf_timestamp()
+        record["_searchable_at"] = time.monotonic() + self.search_index_lag
+
+    def _check_who(self, payload: dict[str, Any]) -> Response | None:
+        """Task.WhoId must name a live Contact or Lead (as Salesforce checks it)."""
+        who = payload.get("WhoId")
+        if who is None:
+            return None
+        who = str(who)
+        if who[:3] not in WHO_PREFIXES:
+            return sf_error(400, "FIELD_INTEGRITY_EXCEPTION",
+                            f"Name ID: id value of incorrect type: {who}", ["WhoId"])
+        if who in self.deleted:
+            return sf_error(400, "ENTITY_IS_DELETED", "entity is deleted", [])
+        if who not in self.records.get(WHO_PREFIXES[who[:3]], {}):
+            return sf_error(400, "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id",
+                            [])
+        return None
+
+    def _live(self, sobject: str) -> list[dict[str, Any]]:
+        return list(self.records.get(sobject, {}).values())
+
+    async def query(self, request: Request, payload: Any) -> Response:
+        denied = self._authorize(request)
+        if denied is not None:
+            return denied
+        try:
+            select = parse_soql(request.query_params.get("q", ""))
+        except QueryError as exc:
+            return sf_error(400, "MALFORMED_QUERY", str(exc))
+        with self.lock:
+            rows = shape(self._live(select.sobject), select, request.path_params["version"])
+        return JSONResponse({"totalSize": len(rows), "done": True, "records": rows},
+                            headers=self._limit_headers())
+
+    async def search(self, request: Request, payload: Any) -> Response:
+        denied = self._authorize(request)
+        if denied is not None:
+            return denied
+        try:
+            search = parse_sosl(request.query_params.get("q", ""))
+        except QueryError as exc:
+            return sf_error(400, "MALFORMED_SEARCH", str(exc))
+        if not search.terms or all(len(t.strip("*")) < 2 for t in search.terms):
+            return sf_error(400, "MALFORMED_SEARCH",
+                            "search term must be longer than one character")
+        match = phone_matches if search.phone_only else text_matches
+        now = time.monotonic()
+        found: list[dict[str, Any]] = []
+        with self.lock:
+            for select in search.returning:
+                indexed = [r for r in self._live(select.sobject)
+                           if r.get("_searchable_at", 0) <= now
+                           and any(match(r, term) for term in search.terms)]
+                found += shape(indexed, select, request.path_params["version"])
+        return JSONResponse({"searchRecords": found}, headers=self._limit_headers())
+
+    async def delete_record(self, request: Request, payload: Any) -> Response:
+        denied = self._authorize(request)
+        if denied is not None:
+            return denied
+        record_id = request.path_params["record_id"]
+        with self.lock:
+            if record_id in self.deleted:
+                return sf_error(404, "ENTITY_IS_DELETED", "entity is deleted")
+            record = self.records.get(request.path_params["sobject"], {}).pop(record_id, None)
+            if record is not None:
+                self.deleted[record_id] = record
+        if record is None:
+            return sf_error(404, "NOT_FOUND", "The requested resource does not exist")
+        return Response(status_code=204)
+
     async def _seed(self, request: Request) -> Response:
+        """Records that exist before the test: indexed at once unless `_searchable_at` says."""
         items = await request.json()
+        ids = []
         with self.lock:
             for item in items if isinstance(items, list) else [items]:
                 sobject = item.pop("attributes", {}).get("type", "Lead")
                 record_id = item.get("Id") or self._new_id(sobject)
-                self.records.setdefault(sobject, {})[record_id] = {**item, "Id": record_id}
-        return Response(status_code=201)
+                record = {"CreatedDate": sf_timestamp(), "LastModifiedDate": sf_timestamp(),
+                          "_searchable_at": 0.0, **item, "Id": record_id}
+                if sobject == "Lead":
+                    record.setdefault("IsConverted", False)
+                self.records.setdefault(sobject, {})[record_id] = record
+                ids.append(record_id)
+        return JSONResponse({"ids": ids}, status_code=201)
+
+    async def _config(self, request: Request) -> Response:
+        """POST {"search_index_lag_seconds": 30}: how long new writes stay out of SOSL."""
+        body = await request.json()
+        with self.lock:
+            if "search_index_lag_seconds" in body:
+                self.search_index_lag = float(body["search_index_lag_seconds"])
+        return Response(status_code=204)
 
     async def _expire(self, request: Request) -> Response:
         with self.lock:

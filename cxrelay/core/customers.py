@@ -1,0 +1,260 @@
+"""Who is the caller in Salesforce, and what their conversation's Task says: pure decisions.
+
+The order of the lookups, the SOSL/SOQL text (escaped), which of several matches wins and the
+Task payload are decided here without I/O; `flows/customer.py` runs the lookups and writes.
+
+    1. external contact id  → SOQL Contact WHERE <contact field> = '…'   (exact, immediate)
+    2. caller's E.164 phone → SOSL FIND {…} IN PHONE FIELDS              (any formatting; lags)
+    3. customer key         → SOQL Lead WHERE <key field> = '…'          (Leads cxrelay made)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import phonenumbers
+
+from cxrelay.core.errors import MappingError, PermanentError
+from cxrelay.core.formatters import format_e164, to_datetime
+from cxrelay.core.paths import is_empty, resolve
+
+LookupKind = Literal["external_contact", "phone", "customer_key"]
+
+DEFAULT_EXTERNAL_CONTACT_PATHS = [
+    "event.conversation.contact.externalContacts[0].externalId",
+    "conversation.participants[purpose=customer].externalContactId",
+]
+DEFAULT_PHONE_PATHS = [
+    "event.conversation.primaryContact.phoneNumber",
+    "event.conversation.primaryContact.primaryPhoneNumber",
+    "conversation.participants[purpose=customer].ani",
+]
+# Salesforce phone fields SOSL `IN PHONE FIELDS` searches on the objects we ask for.
+PHONE_FIELDS = ("Phone", "MobilePhone", "HomePhone", "OtherPhone", "AssistantPhone", "Fax")
+# SOSL reserved characters (SOSL reference, "FIND {SearchQuery}"): each needs a backslash.
+_SOSL_RESERVED = set("?&|!{}[]()^~*:\\\"'+-")
+_SF_DATETIME = "%Y-%m-%dT%H:%M:%S.%f%z"
+
+
+class AmbiguousCustomer(PermanentError):
+    """Several records match the caller and the pipeline says `on_ambiguous: dead_letter`."""
+
+
+def soql_quote(value: str) -> str:
+    """A SOQL string literal: `'` and `\\` are escaped with a backslash (SOQL reference)."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f"'{escaped}'"
+
+
+def sosl_escape(term: str) -> str:
+    """A SOSL search term with every reserved character backslash-escaped."""
+    return "".join(f"\\{char}" if char in _SOSL_RESERVED else char for char in term)
+
+
+def _ident(name: str) -> str:
+    """Object and field names go into query text verbatim: allow only API-name characters."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        raise MappingError(f"{name!r} is not a Salesforce API name")
+    return name
+
+
+def soql_equals(sobject: str, select: list[str], where: dict[str, str]) -> str:
+    """SELECT … FROM sobject WHERE f = '…' AND … ORDER BY LastModifiedDate DESC LIMIT 10."""
+    conditions = " AND ".join(f"{_ident(k)} = {soql_quote(v)}" for k, v in where.items())
+    return (f"SELECT {', '.join(_ident(f) for f in select)} FROM {_ident(sobject)} "
+            f"WHERE {conditions} ORDER BY LastModifiedDate DESC LIMIT 10")
+
+
+def search_digits(e164: str) -> str:
+    """The number as people store it: its national digits ("(555) 201-0001" holds no +1)."""
+    try:
+        return str(phonenumbers.parse(e164).national_number)
+    except phonenumbers.NumberParseException:
+        return re.sub(r"\D", "", e164)
+
+
+def sosl_phone(e164: str, select: list[str]) -> str:
+    """FIND {digits} IN PHONE FIELDS RETURNING Contact(…), Lead(… WHERE IsConverted = false)."""
+    fields = ", ".join(_ident(f) for f in select)
+    return (f"FIND {{{sosl_escape(search_digits(e164))}}} IN PHONE FIELDS RETURNING "
+            f"Contact({fields}), Lead({fields} WHERE IsConverted = false)")
+
+
+@dataclass(frozen=True)
+class Lookup:
+    kind: LookupKind
+    value: str
+    api: Literal["soql", "sosl"]
+    text: str
+
+
+@dataclass(frozen=True)
+class CustomerKeys:
+    """What the event says about the caller, and where each value came from."""
+
+    external_contact_id: str | None
+    phone: str | None  # E.164
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def customer_key(self) -> str:
+        """The key of a Lead cxrelay creates: the phone, else the external contact id."""
+        key = self.phone or self.external_contact_id
+        assert key is not None
+        return key
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.external_contact_id or ''}|{self.phone or ''}"
+
+
+def _first(context: dict[str, Any], paths: list[str]) -> tuple[Any, str | None]:
+    for path in paths:
+        value = resolve(context, path)
+        if not is_empty(value):
+            return value, path
+    return None, None
+
+
+def customer_keys(context: dict[str, Any], external_contact_paths: list[str],
+                  phone_paths: list[str], region: str = "US") -> CustomerKeys:
+    """The external contact id and the E.164 phone (first non-empty path of each); a caller
+    with neither cannot be found or keyed, so that is a `MappingError` naming the paths."""
+    external, external_from = _first(context, external_contact_paths)
+    sources: dict[str, str] = {}
+    if external_from:
+        sources["external_contact_id"] = external_from
+    phone: str | None = None
+    for path in phone_paths:
+        raw = resolve(context, path)
+        if is_empty(raw):
+            continue
+        try:
+            phone = format_e164(str(raw).removeprefix("tel:"), region)
+        except (ValueError, MappingError):
+            continue  # an unparseable alias: try the next one
+        sources["phone"] = path
+        break
+    if external is None and phone is None:
+        tried = ", ".join([*external_contact_paths, *phone_paths])
+        raise MappingError(f"no phone and no external contact id to find the customer by "
+                           f"(source paths tried: {tried})")
+    return CustomerKeys(str(external) if external is not None else None, phone, sources)
+
+
+def lookups(keys: CustomerKeys, contact_field: str, key_field: str,
+            select: list[str] | None = None) -> list[Lookup]:
+    """The lookups to try, in order; the first that finds anyone decides."""
+    select = select or ["Id", "Name", "LastModifiedDate"]
+    plan: list[Lookup] = []
+    if keys.external_contact_id:
+        plan.append(Lookup("external_contact", keys.external_contact_id, "soql", soql_equals(
+            "Contact", select, {contact_field: keys.external_contact_id})))
+    if keys.phone:
+        plan.append(Lookup("phone", keys.phone, "sosl", sosl_phone(keys.phone, select)))
+    plan.append(Lookup("customer_key", keys.customer_key, "soql", soql_equals(
+        "Lead", select, {key_field: keys.customer_key})))
+    return plan
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    type: str
+    name: str
+    last_modified: str
+
+    def describe(self) -> str:
+        return f"{self.type} {self.id} ({self.name}, modified {self.last_modified})"
+
+
+def candidates(records: list[dict[str, Any]]) -> list[Candidate]:
+    """SOSL `searchRecords` or SOQL `records` → candidates (type from `attributes.type`)."""
+    found = []
+    for record in records:
+        kind = str((record.get("attributes") or {}).get("type") or "")
+        found.append(Candidate(str(record.get("Id")), kind, str(record.get("Name") or ""),
+                               str(record.get("LastModifiedDate") or "")))
+    return found
+
+
+def _modified(candidate: Candidate) -> float:
+    try:
+        return datetime.strptime(candidate.last_modified, _SF_DATETIME).timestamp()
+    except ValueError:
+        try:
+            return to_datetime(candidate.last_modified).timestamp()
+        except (ValueError, TypeError, MappingError):
+            return 0.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    who: Candidate
+    by: LookupKind
+    others: list[Candidate]
+
+    def summary(self) -> dict[str, Any]:
+        return {"who_id": self.who.id, "who_type": self.who.type, "matched_by": self.by,
+                "others": [c.describe() for c in self.others]}
+
+
+def choose(found: list[Candidate], by: LookupKind,
+           on_ambiguous: Literal["newest", "dead_letter"] = "newest") -> Choice | None:
+    """Contacts before Leads, then the most recently modified; None when nobody matched."""
+    people = [c for c in found if c.type in {"Contact", "Lead"}]
+    if not people:
+        return None
+    ranked = sorted(people, key=lambda c: (c.type == "Contact", _modified(c)), reverse=True)
+    if len(ranked) > 1 and on_ambiguous == "dead_letter":
+        raise AmbiguousCustomer(f"{len(ranked)} records match the caller by {by}: "
+                                + "; ".join(c.describe() for c in ranked))
+    return Choice(ranked[0], by, ranked[1:])
+
+
+def _duration(conversation: dict[str, Any]) -> int | None:
+    start, end = conversation.get("startTime"), conversation.get("endTime")
+    if not (start and end):
+        return None
+    try:
+        return max(0, round((to_datetime(end) - to_datetime(start)).total_seconds()))
+    except (ValueError, TypeError, MappingError):
+        return None
+
+
+def task_fields(context: dict[str, Any]) -> dict[str, Any]:
+    """The Task that logs one conversation as a call on the customer's record."""
+    event, conversation = context.get("event") or {}, context.get("conversation") or {}
+    direction = str(resolve(context, "event.conversation.direction") or resolve(
+        context, "conversation.participants[purpose=customer].direction") or "inbound")
+    call_type = "Outbound" if direction.lower().startswith("out") else "Inbound"
+    wrapup = resolve(context, "conversation.participants[purpose=agent].wrapup") or {}
+    queue = (resolve(context, "conversation.participants[purpose=agent].queueName")
+             or resolve(context, "conversation.participants[purpose=acd].name")
+             or resolve(context, "conversation.participants[purpose=agent].queueId"))
+    topic = (wrapup.get("name") if isinstance(wrapup, dict) else None) or queue
+    fields: dict[str, Any] = {
+        "Subject": f"{call_type} call — {topic}" if topic else f"{call_type} call",
+        "TaskSubtype": "Call",
+        "CallType": call_type,
+        "Status": "Completed",
+    }
+    duration = _duration(conversation)
+    if duration is not None:
+        fields["CallDurationInSeconds"] = duration
+    if isinstance(wrapup, dict) and wrapup.get("name"):
+        fields["CallDisposition"] = str(wrapup["name"])[:255]
+    if isinstance(wrapup, dict) and wrapup.get("notes"):
+        fields["Description"] = str(wrapup["notes"])[:32000]
+    started = (conversation.get("startTime") or resolve(event, "conversation.startTime")
+               or context.get("occurred_at"))
+    if started:
+        with contextlib.suppress(ValueError, TypeError, MappingError):
+            fields["ActivityDate"] = to_datetime(started).date().isoformat()
+    fields["Subject"] = fields["Subject"][:255]
+    return fields

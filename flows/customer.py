@@ -1,0 +1,151 @@
+"""Find the caller in Salesforce and log the conversation on their record.
+
+The decisions (which lookups, in which order, who wins, the Task) are `core.customers`; this
+module runs them: SOQL/SOSL through the connector, a Lead upserted by the customer key when
+nobody matches, the Task upserted by the conversation id. Every write is an upsert by external
+id, so a retry or a duplicate event never creates a second record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cxrelay.connectors.salesforce import SalesforceClient, SalesforceRejected
+from cxrelay.core.customers import CustomerKeys, candidates, choose, lookups
+from cxrelay.core.pipeline import SalesforceTargetConfig
+from cxrelay.flows.limits import Limits
+
+# What Salesforce says when a record we point at is gone or is not what we thought: the
+# cached resolution is stale (deleted, merged, converted).
+STALE_REFERENCE_CODES = {"ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY",
+                         "FIELD_INTEGRITY_EXCEPTION"}
+
+
+@dataclass
+class Calls:
+    """Salesforce API calls one delivery made, by kind (the figure the issue asks for)."""
+
+    queries: int = 0
+    searches: int = 0
+    writes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"queries": self.queries, "searches": self.searches, "writes": self.writes}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    who_id: str
+    who_type: str
+    # external_contact | phone | customer_key | created | created_concurrently (another
+    # delivery's upsert of the same key won the race: the same Lead, updated)
+    matched_by: str
+    others: list[str] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)
+
+    def summary(self, cached: bool) -> dict[str, Any]:
+        return {"who_id": self.who_id, "who_type": self.who_type, "matched_by": self.matched_by,
+                "others": self.others, "tried": self.tried, "cached": cached}
+
+
+class CustomerCache:
+    """Resolutions by customer keys for a few minutes. Deliveries of one caller that arrive
+    together share one resolution (so two first calls at once create one Lead here)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, asyncio.Future[Resolution]]] = {}
+
+    async def get(self, key: str, seconds: float,
+                  resolve: Callable[[], Awaitable[Resolution]]) -> tuple[Resolution, bool]:
+        """(resolution, whether it came from an earlier delivery)."""
+        if seconds <= 0:
+            return await resolve(), False
+        now = time.monotonic()
+        entry = self._entries.get(key)
+        cached = entry is not None and entry[0] > now and not (
+            entry[1].done() and (entry[1].cancelled() or entry[1].exception() is not None))
+        if not cached:
+            if len(self._entries) > 10_000:
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+            entry = (now + seconds, asyncio.ensure_future(resolve()))
+            self._entries[key] = entry
+        assert entry is not None
+        return await asyncio.shield(entry[1]), cached
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+
+async def resolve_customer(client: SalesforceClient, target: SalesforceTargetConfig,
+                           keys: CustomerKeys, lead_fields: dict[str, Any], limits: Limits,
+                           calls: Calls) -> Resolution:
+    """Try each lookup in order; the first that finds anyone decides. Nobody: upsert a Lead
+    keyed by the customer key (an upsert, so two first calls at once end as one Lead)."""
+    assert target.customer is not None
+    customer = target.customer
+    tried: list[str] = []
+    for lookup in lookups(keys, customer.contact_external_id_field,
+                          customer.customer_key_field):
+        async with limits.salesforce():
+            if lookup.api == "sosl":
+                calls.searches += 1
+                records = await client.search(lookup.text)
+            else:
+                calls.queries += 1
+                records = await client.query(lookup.text)
+        found = candidates(records)
+        tried.append(f"{lookup.kind} {lookup.value}: {len(found)} found")
+        choice = choose(found, lookup.kind, target.on_ambiguous)
+        if choice is not None:
+            return Resolution(choice.who.id, choice.who.type, choice.by,
+                              [c.describe() for c in choice.others], tried)
+    async with limits.salesforce():
+        calls.writes += 1
+        result = await client.upsert(target.object, customer.customer_key_field,
+                                     keys.customer_key, lead_fields)
+    if result.record_id is None:
+        raise SalesforceRejected(f"upsert {target.object}: no id in the answer", "", [])
+    return Resolution(result.record_id, target.object,
+                      "created" if result.created else "created_concurrently", [], tried)
+
+
+async def log_conversation(client: SalesforceClient, target: SalesforceTargetConfig,
+                           payload: dict[str, Any], cache: CustomerCache,
+                           limits: Limits) -> dict[str, Any]:
+    """Resolve the customer (cached) and upsert the conversation's Task on them. A cached
+    customer that Salesforce rejects is resolved again, once."""
+    keys: CustomerKeys = payload["customer"]
+    activity = target.activity
+    calls = Calls()
+    cache_key = f"{target.name}|{keys.cache_key}"
+
+    async def resolve() -> Resolution:
+        return await resolve_customer(client, target, keys, payload["fields"], limits, calls)
+
+    resolution, cached = await cache.get(cache_key, target.customer_cache_seconds, resolve)
+    resolved_again = False
+    while True:
+        task = {**payload["activity_fields"], "WhoId": resolution.who_id}
+        try:
+            async with limits.salesforce():
+                calls.writes += 1
+                result = await client.upsert(activity.object, activity.external_id_field,
+                                             payload["activity_external_id"], task)
+            break
+        except SalesforceRejected as exc:
+            if not cached or resolved_again or exc.code not in STALE_REFERENCE_CODES:
+                raise
+            cache.drop(cache_key)
+            resolved_again = True
+            resolution, cached = await cache.get(cache_key, target.customer_cache_seconds,
+                                                 resolve)
+    summary = resolution.summary(cached)
+    if resolved_again:
+        summary["resolved_again"] = True
+    return {"status": "created" if result.created else "updated", "ref": result.record_id,
+            "http_status": result.status, "customer": summary,
+            "salesforce_calls": calls.as_dict()}
