@@ -57,7 +57,8 @@ class CustomerCache:
     together share one resolution (so two first calls at once create one Lead here)."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, asyncio.Future[Resolution]]] = {}
+        # key → (expiry, the resolution in flight, or its result once it succeeded)
+        self._entries: dict[str, tuple[float, asyncio.Future[Resolution] | Resolution]] = {}
 
     async def get(self, key: str, seconds: float,
                   resolve: Callable[[], Awaitable[Resolution]]) -> tuple[Resolution, bool]:
@@ -66,15 +67,27 @@ class CustomerCache:
             return await resolve(), False
         now = time.monotonic()
         entry = self._entries.get(key)
-        cached = entry is not None and entry[0] > now and not (
-            entry[1].done() and (entry[1].cancelled() or entry[1].exception() is not None))
-        if not cached:
-            if len(self._entries) > 10_000:
-                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
-            entry = (now + seconds, asyncio.ensure_future(resolve()))
-            self._entries[key] = entry
-        assert entry is not None
-        return await asyncio.shield(entry[1]), cached
+        if entry is not None and entry[0] > now:
+            if isinstance(entry[1], Resolution):
+                return entry[1], True
+            if not entry[1].done():
+                return await asyncio.shield(entry[1]), True
+        if len(self._entries) > 10_000:
+            self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+        future = asyncio.ensure_future(resolve())
+        self._entries[key] = (now + seconds, future)
+        try:
+            resolution = await asyncio.shield(future)
+        except BaseException:
+            self._entries.pop(key, None)
+            raise
+        self._entries[key] = (now + seconds, resolution)
+        return resolution, False
+
+    def forget_in_flight(self) -> None:
+        """Drop resolutions still in flight: they belong to an event loop that is closing."""
+        self._entries = {key: entry for key, entry in self._entries.items()
+                         if isinstance(entry[1], Resolution)}
 
     def drop(self, key: str) -> None:
         self._entries.pop(key, None)

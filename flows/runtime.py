@@ -61,6 +61,7 @@ class Runtime:
         # Fetches in flight belong to this loop; finished results stay cached.
         self._conversations = {key: entry for key, entry in self._conversations.items()
                                if isinstance(entry[1], dict)}
+        self.customers.forget_in_flight()
         for client in clients:
             client = client[0] if isinstance(client, tuple) else client
             close = getattr(client, "aclose", None)
