@@ -63,6 +63,8 @@ class Settings(BaseSettings):
                                       populate_by_name=True)
 
     database_url: str = "sqlite:///.cxrelay/cxrelay.db"
+    state_dir: Path = Field(default=Path(".cxrelay"), description="logs of the processes "
+                            "`cxrelay serve` starts (the local Prefect server's)")
     # A 202 means the event is on disk: FULL syncs the WAL at every commit, so an acknowledged
     # event survives an OS crash or a power loss, not only a crash of cxrelay (NORMAL).
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "FULL"

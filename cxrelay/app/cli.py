@@ -45,8 +45,12 @@ def _settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays fas
 def _store():  # noqa: ANN202
     from cxrelay.store.database import Store
 
+    import click
+
     settings = _settings()
-    return Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+    store = Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+    click.get_current_context().call_on_close(store.close)  # its lock file, its pool
+    return store
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -61,11 +65,15 @@ def serve(
     dispatcher: bool = typer.Option(True, help="also run the dispatcher (a child process)"),
     workers: int = typer.Option(1, min=1, help="receiver processes sharing the port"),
     reuse_port: bool = typer.Option(False, hidden=True, help="one of several workers"),
+    prefect_port: int = typer.Option(
+        4200, envvar="CXRELAY_PREFECT_PORT",
+        help="without PREFECT_API_URL: the port of the local Prefect server and its UI"),
 ) -> None:
-    """Run the webhook receiver (and, by default, the dispatcher that starts the flow runs)."""
+    """Run the webhook receiver and the dispatcher; without PREFECT_API_URL, also a local
+    Prefect server with its UI (or the one already answering on --prefect-port)."""
     import uvicorn
 
-    from cxrelay.app.supervise import listen, stop
+    from cxrelay.app.supervise import listen, local_prefect_server, stop
     from cxrelay.receiver.sources import build_sources
     from cxrelay.store.database import Store
 
@@ -81,13 +89,25 @@ def serve(
         sock = listen(host, port, reuse_port or workers > 1)
     Store(settings.database_url, synchronous=settings.sqlite_synchronous).close()  # create tables
     children: list[subprocess.Popen[bytes]] = []
-    if dispatcher and settings.dispatcher != "off":
+    prefect_server: subprocess.Popen[bytes] | None = None
+    environment = dict(os.environ)
+    dispatching = dispatcher and settings.dispatcher != "off" and not reuse_port
+    if dispatching and not os.environ.get("PREFECT_API_URL"):
+        # The embedded default: runs are recorded where a person can watch them. The receiver
+        # does not wait for the server; the dispatcher does.
+        api_url, prefect_server = local_prefect_server(
+            settings.state_dir / "prefect-server.log", port=prefect_port, wait=False)
+        environment["PREFECT_API_URL"] = api_url
+    if dispatching:
         children.append(subprocess.Popen([sys.executable, "-m", "cxrelay", "dispatch",
-                                          "--parent-pid", str(os.getpid())]))
+                                          "--parent-pid", str(os.getpid())], env=environment))
     if not reuse_port:
         err.print(f"cxrelay receiving on http://{host}:{port}/webhooks/"
                   f"{{{','.join(sorted(sources))}}} with {workers} worker(s)"
                   + (" and the dispatcher" if children else " (no dispatcher)"))
+    if dispatching:
+        ui = environment["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
+        err.print(f"Prefect UI: {ui}/runs" + (" (starting)" if prefect_server else ""))
     try:
         if workers > 1 and not reuse_port:
             children += [subprocess.Popen([sys.executable, "-m", "cxrelay", "serve", "--host",
@@ -99,9 +119,13 @@ def serve(
         else:
             config = uvicorn.Config("cxrelay.receiver.main:app_from_environment", factory=True,
                                     log_level="warning", access_log=False)
+            # uvicorn re-raises the SIGTERM it handled once it has shut down; with the default
+            # handler that would end this process before it stops its children below.
+            signal.signal(signal.SIGTERM, lambda *_: None)
             uvicorn.Server(config).run(sockets=[sock])
     finally:
-        stop(children)
+        stop(children)  # the dispatcher first: its last states go to the server
+        stop(prefect_server, grace=8)
 
 
 @app.command()
@@ -147,6 +171,8 @@ def dispatch(
 
         if parent_pid:
             threading.Thread(target=watch_parent, name="cxrelay-parent-watch", daemon=True).start()
+        if not await _prefect_ready(stop):
+            return
         try:
             await Dispatcher(runtime).run(stop)
         finally:
@@ -159,6 +185,35 @@ def dispatch(
     watchdog = threading.Timer(30, os._exit, args=(0,))
     watchdog.daemon = True
     watchdog.start()
+
+
+async def _prefect_ready(stop: asyncio.Event, timeout: float = 300) -> bool:
+    """Wait for the Prefect server `cxrelay serve` may still be starting (a run started
+    before it answers would only back off); False when told to stop first."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        return True  # Prefect's ephemeral server, started in-process on first use
+    logger = logging.getLogger("cxrelay.dispatcher")
+    deadline = time.monotonic() + timeout
+    waited = False
+    async with httpx.AsyncClient(timeout=2) as client:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{api_url.rstrip('/')}/health")).status_code == 200:
+                    return True
+            if not waited:
+                logger.info("waiting for the Prefect server at %s", api_url)
+                waited = True
+            if time.monotonic() > deadline:
+                logger.error("the Prefect server at %s did not answer within %.0f s; events "
+                             "wait in the inbox", api_url, timeout)
+                deadline = time.monotonic() + timeout
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+    return False
 
 
 @app.command()

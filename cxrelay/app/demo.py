@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxrelay.app.sending import encode, eventbridge_event, generic_event, hmac_headers
-from cxrelay.app.supervise import answers, free_port, start_prefect_server, stop, wait_until
+from cxrelay.app.supervise import answers, free_port, local_prefect_server, stop, wait_until
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
 from cxrelay.store.database import Store
@@ -45,15 +45,13 @@ class Sent:
 
 
 def prefect_server(console: Console, log: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
-    """Reuse PREFECT_API_URL or a server on :4200, else start one: (API URL, process or None)."""
+    """PREFECT_API_URL, else the embedded default of `cxrelay serve` (the local server on
+    :4200, reused when it answers): (API URL, the process the demo started, or None). The demo
+    starts it before `serve` so that it can keep it afterwards (--keep-server)."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"].rstrip("/"), None
-    url = f"http://127.0.0.1:{PREFECT_PORT}/api"
-    if answers(f"{url}/health"):
-        console.print(f"Using the Prefect server already running at {url}")
-        return url, None
-    console.print("Starting a Prefect server (prefect server start) …")
-    return start_prefect_server(log, port=PREFECT_PORT)
+    console.print("Starting the local Prefect server (or using the one on :4200) …")
+    return local_prefect_server(log, port=PREFECT_PORT)
 
 
 # The last three conversations are one repeat caller (one Lead, three Tasks); the first caller

@@ -4,7 +4,9 @@ the local Prefect server. The CLI, the demo, the benchmarks and the tests all us
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +31,7 @@ SQLITE_SERVER_SETTINGS = {
 }
 
 STOP_GRACE_SECONDS = 20.0
+PREFECT_UI_PORT = 4200
 
 
 def server_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -91,30 +94,84 @@ def wait_http(url: str, timeout: float = 120,
 
 def stop(processes: subprocess.Popen[bytes] | Iterable[subprocess.Popen[bytes]] | None,
          grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM each process still running, wait up to `grace` seconds in all, SIGKILL the rest."""
+    """SIGTERM each process still running, wait up to `grace` seconds in all, SIGKILL the rest.
+
+    A process that leads a session of its own (started with `start_new_session`, like the
+    Prefect server, whose CLI runs its API in a child) is signalled as a whole group."""
     if processes is None:
         return
     group = [processes] if isinstance(processes, subprocess.Popen) else list(processes)
     for process in group:
         if process.poll() is None:
-            process.terminate()
+            _signal(process, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for process in group:
         try:
             process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            process.kill()
+            _signal(process, signal.SIGKILL)
             process.wait()
+        if _leads_group(process):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # what the leader left behind
 
 
-def start_prefect_server(log: Path, port: int | None = None, home: Path | None = None,
+def _leads_group(process: subprocess.Popen[bytes]) -> bool:
+    try:
+        return os.getpgid(process.pid) == process.pid
+    except ProcessLookupError:
+        return getattr(process, "_cxrelay_group", False)
+
+
+def _signal(process: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if _leads_group(process):
+            process._cxrelay_group = True  # type: ignore[attr-defined]
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+
+
+def is_prefect_server(api_url: str) -> bool:
+    """Whether a Prefect server answers at `api_url` (its /health says `true`)."""
+    try:
+        response = httpx.get(f"{api_url.rstrip('/')}/health", timeout=2)
+        return response.status_code == 200 and response.json() is True
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def local_prefect_server(log: Path, port: int = PREFECT_UI_PORT, wait: bool = True,
+                         ) -> tuple[str, subprocess.Popen[bytes] | None]:
+    """The embedded default: a Prefect server with its UI on 127.0.0.1:`port` — the one
+    already answering there, else a new child (another free port when something else holds
+    `port`). (API URL, the child or None). With `wait=False` the child may still be starting:
+    its user waits for /health itself."""
+    url = f"http://127.0.0.1:{port}/api"
+    if is_prefect_server(url):
+        return url, None
+    if not port_free(port):
+        port = free_port()
+    if wait:
+        return start_prefect_server(log, port=port)
+    return spawn_prefect_server(log, port=port)
+
+
+def spawn_prefect_server(log: Path, port: int | None = None, home: Path | None = None,
                          database_url: str | None = None,
                          environ: Mapping[str, str] | None = None,
                          ) -> tuple[str, subprocess.Popen[bytes]]:
-    """`prefect server start` as a child process, tuned for cxrelay's load: (API URL, process).
-
-    `home` gives it a PREFECT_HOME (and so a SQLite database) of its own; `database_url` a
-    database server instead."""
+    """`prefect server start` as a child process in a session of its own, tuned for
+    cxrelay's load, not waited for: (API URL, process)."""
     port = port or free_port()
     env = server_environment({**(environ if environ is not None else os.environ),
                               # the UI otherwise points its API calls at the default :4200
@@ -124,11 +181,20 @@ def start_prefect_server(log: Path, port: int | None = None, home: Path | None =
         env["PREFECT_HOME"] = str(home)
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    log.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
          "--port", str(port)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
+    return f"http://127.0.0.1:{port}/api", process
+
+
+def start_prefect_server(log: Path, port: int | None = None, home: Path | None = None,
+                         database_url: str | None = None,
+                         environ: Mapping[str, str] | None = None,
+                         ) -> tuple[str, subprocess.Popen[bytes]]:
+    """`spawn_prefect_server`, then wait until it answers (up to 180 s)."""
+    url, process = spawn_prefect_server(log, port, home, database_url, environ)
     try:
         wait_http(f"{url}/health", 180, process)
     except (RuntimeError, TimeoutError):
