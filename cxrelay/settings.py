@@ -112,18 +112,15 @@ class Settings(BaseSettings):
     submitted_lease_seconds: float = Field(
         default=900, gt=0, description="deployment mode: how long a submitted event waits for "
         "a worker to finish it before it is submitted again")
-    dispatch_concurrency: int = Field(default=8, ge=1, le=256)
-    batch_threshold: int = Field(default=100, ge=1, description="backlog above which the "
-                                 "dispatcher starts batch runs instead of one run per event")
-    batch_after_seconds: float = Field(default=1.0, gt=0, description="an event that waited "
-                                       "this long for a per-event run starts a batch run, "
-                                       "whatever the backlog")
-    batch_size: int = Field(default=200, ge=1, le=5000)
-    batch_parallelism: int = Field(default=16, ge=1, description="events in flight per batch run")
-    batch_runs: int = Field(default=2, ge=1, description="batch runs in flight per dispatcher")
+    dispatch_concurrency: int = Field(default=16, ge=1, le=256, description="events in flight per dispatcher")
+    lane_max_events: int = Field(default=1000, ge=1, description="events a lane (one long-"
+                                 "lived flow run) runs before the dispatcher opens the next")
+    lane_max_seconds: float = Field(default=600, gt=0, description="how long a lane stays "
+                                    "open: Prefect keeps a run's task states in memory and "
+                                    "the UI draws its graph")
     yield_above_events_per_second: float = Field(
         default=1000, ge=0, description="while the inbox receives more than this, the "
-        "dispatcher starts nothing and its batch runs pause between events, so the receiver "
+        "dispatcher starts nothing and its lanes pause between events, so the receiver "
         "has the CPU (0: never yield)")
     yield_max_seconds: float = Field(
         default=30, gt=0, description="the longest such pause; then the dispatcher works as "

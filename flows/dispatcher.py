@@ -1,9 +1,11 @@
-"""The dispatcher: claims events from the inbox and starts one `process-event` run for each.
+"""The dispatcher: claims events from the inbox and runs each the moment it is claimed.
 
 It runs on its own event loop (in `cxrelay serve`, a child process), never on the receiver's.
-Claims carry a lease that is renewed while the run is alive; an event whose dispatcher died is
-claimed again when its lease runs out. A run that fails before recording an outcome is retried
-with backoff, and after `max_attempts` ends in the dead letters.
+A new event runs in the open lane (`cxrelay.flows.lanes`) as a task run `conversation-<id>`; an
+event handed back by a lane, or claimed again after a crash, gets a `process-event` run of its
+own. Claims carry a lease that is renewed while the event runs; an event whose dispatcher died
+is claimed again when its lease runs out. A run that fails before recording an outcome is
+retried with backoff, and after `max_attempts` ends in the dead letters.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 from prefect import tags
 
-from cxrelay.flows.process_event import process_batch, process_event
+from cxrelay.flows.lanes import Lane, open_lane
+from cxrelay.flows.process_event import process_event
 from cxrelay.flows.runtime import Runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.inbox import ClaimedEvent
@@ -33,7 +36,7 @@ PRUNE_EVERY_SECONDS = 3600.0
 
 
 class Deferred(Exception):
-    """A batch handed the event back: a `process-event` run of its own retries it."""
+    """A lane handed the event back: a `process-event` run of its own retries it."""
 
 
 def _infrastructure_failure(exc: BaseException) -> bool:
@@ -96,25 +99,21 @@ class Dispatcher:
         self.poll = poll_seconds or settings.poll_interval_seconds
         self.max_attempts = max_attempts or settings.max_event_attempts
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.running: dict[int, asyncio.Task[None]] = {}
-        self.batch_tasks: set[asyncio.Task[None]] = set()
-        self.batches_started = 0
-        self.largest_backlog = 0
+        # inbox id → what finishes when the event is done (its run, or a lane's answer)
+        self.running: dict[int, asyncio.Future[None]] = {}
         self.target_tags = [f"target:{t.name}" for t in runtime.pipeline.enabled_targets]
+        self.lane: Lane | None = None
+        self.lanes: list[Lane] = []
         self.started_runs = 0
         self.ingest_yield = IngestYield(runtime.settings.yield_above_events_per_second,
                                         runtime.settings.yield_max_seconds)
         self._last_renew = time.monotonic()
         self._last_prune = 0.0
+        self._wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
-        last_backlog = 0.0
-        backlog = 0
-        behind = False
-        wake = asyncio.Event()
-        settings = self.runtime.settings
-        batching = settings.dispatcher == "inprocess"
+        in_lanes = self.runtime.settings.dispatcher == "inprocess"
         try:
             while not stop.is_set():
                 claimed: list[ClaimedEvent] = []
@@ -123,64 +122,77 @@ class Dispatcher:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=0.5)
                     continue
-                if batching and time.monotonic() - last_backlog > 0.5:
-                    last_backlog = time.monotonic()
-                    try:
-                        backlog, waited = await asyncio.to_thread(self.store.waiting)
-                    except Exception:
-                        backlog, waited = 0, 0.0
-                    self.largest_backlog = max(self.largest_backlog, backlog)
-                    # Behind: more waiting than the threshold, or an event has waited too long
-                    # for a per-event run (Prefect's cost per run is the ceiling of that mode).
-                    behind = backlog > settings.batch_threshold or (
-                        backlog > 0 and waited > settings.batch_after_seconds)
-                if batching and behind and len(self.batch_tasks) < settings.batch_runs:
-                    # One flow run carries many events; back to per-event runs when drained.
-                    try:
-                        batch = await asyncio.to_thread(
-                            self.store.claim, worker=self.worker_id, limit=settings.batch_size,
-                            lease_seconds=self.lease, attempts="first")
-                    except Exception:
-                        logger.exception("claiming from the inbox failed")
-                        batch = []
-                    if batch:
-                        backlog -= len(batch)
-                        behind = backlog > settings.batch_threshold
-                        task = asyncio.create_task(self._run_batch(batch))
-                        self.batch_tasks.add(task)
-                        for event in batch:
-                            self.running[event.id] = task
-                        task.add_done_callback(self._forget(batch, wake))
-                        continue
-                free = self.concurrency - (len(self.running) - self._batched())
+                free = self.concurrency - len(self.running)
                 if free > 0:
-                    # While batching, per-event runs are for events a batch handed back (their
-                    # retries are visible per step); fresh events wait for the next batch.
-                    which: Literal["any", "retried"] = "retried" if batching and behind else "any"
                     try:
                         claimed = await asyncio.to_thread(
                             self.store.claim, worker=self.worker_id, limit=free,
-                            lease_seconds=self.lease, attempts=which)
+                            lease_seconds=self.lease)
                     except Exception:  # the database is unavailable: keep trying
                         logger.exception("claiming from the inbox failed")
                         await asyncio.sleep(1)
                 for event in claimed:
-                    task = asyncio.create_task(self._run_one(event))
-                    self.running[event.id] = task
-                    task.add_done_callback(self._forget([event], wake))
+                    # First attempts run in the lane; a retry gets a run of its own, whose
+                    # steps show their retries.
+                    if in_lanes and event.attempts == 1:
+                        self._to_lane(event)
+                    else:
+                        task = asyncio.create_task(self._run_one(event))
+                        self.running[event.id] = task
+                        task.add_done_callback(self._forget(event))
                 await self._renew_claims()
                 self._prune_now_and_then()
-                if not claimed or len(self.running) - self._batched() >= self.concurrency:
-                    wake.clear()
+                if not claimed or len(self.running) >= self.concurrency:
+                    self._wake.clear()
                     stopper = asyncio.create_task(stop.wait())
-                    waker = asyncio.create_task(wake.wait())
+                    waker = asyncio.create_task(self._wake.wait())
                     await asyncio.wait({stopper, waker}, timeout=self.poll,
                                        return_when=asyncio.FIRST_COMPLETED)
                     stopper.cancel()
                     waker.cancel()
         finally:
-            self.runtime.ingest_calm.set()  # batches finish their events while draining
+            self.runtime.ingest_calm.set()  # lanes finish their events while draining
+            if self.lane is not None:
+                self.lane.close()
             await self._drain()
+
+    def _to_lane(self, event: ClaimedEvent) -> None:
+        """Into the open lane; a new lane when it has run long enough."""
+        settings = self.runtime.settings
+        lane = self.lane
+        if lane is None or lane.events >= settings.lane_max_events or \
+                time.monotonic() - lane.opened > settings.lane_max_seconds:
+            if lane is not None:
+                lane.close()
+            with tags("lane", *self.target_tags):
+                lane = self.lane = open_lane(self.worker_id.rsplit(":", 1)[-1],
+                                             self._lane_done, self.target_tags)
+            self.lanes.append(lane)
+            self.lanes = self.lanes[-100:]
+        self.running[event.id] = asyncio.get_running_loop().create_future()
+        lane.put(event)
+
+    def _lane_done(self, event: ClaimedEvent, result: dict[str, Any] | BaseException) -> None:
+        waiter = self.running.get(event.id)
+        if isinstance(result, BaseException):
+            # Handed back: the claim is released (or dead-lettered) before the slot frees.
+            task = asyncio.create_task(self._after_failure(event, _handed_back(result)))
+            task.add_done_callback(lambda _: self._settle(event.id, waiter))
+            return
+        self._settle(event.id, waiter)
+
+    def _settle(self, inbox_id: int, waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self.running.get(inbox_id) is waiter:
+            self.running.pop(inbox_id, None)
+        self._wake.set()
+
+    def _forget(self, event: ClaimedEvent) -> Callable[[asyncio.Future[None]], None]:
+        """A done-callback: the event's run ended, the loop may claim more."""
+        def done(task: asyncio.Future[None]) -> None:
+            self._settle(event.id, task)
+        return done
 
     def _prune_now_and_then(self) -> None:
         """Retention (CXRELAY_RETENTION_DAYS) once an hour, in a thread of its own: the store
@@ -241,40 +253,11 @@ class Dispatcher:
         except Exception:
             logger.exception("renewing claims failed")
 
-    def _forget(self, events: list[ClaimedEvent],
-                wake: asyncio.Event) -> Callable[[asyncio.Task[None]], None]:
-        """A done-callback: the events' run ended, the loop may claim more."""
-        def done(task: asyncio.Task[None]) -> None:
-            self.batch_tasks.discard(task)
-            for event in events:
-                self.running.pop(event.id, None)
-            wake.set()
-        return done
-
-    def _batched(self) -> int:
-        return sum(1 for task in self.running.values() if task in self.batch_tasks)
-
-    async def _run_batch(self, events: list[ClaimedEvent]) -> None:
-        self.batches_started += 1
-        try:
-            with tags("batch", *self.target_tags):
-                results = await process_batch(inbox_ids=[e.id for e in events], size=len(events))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            for event in events:
-                await self._after_failure(event, exc)
-            return
-        for event in events:
-            outcome = results.get(event.id, "deferred: no outcome")
-            if outcome.startswith("deferred"):
-                await self._after_failure(event, Deferred(outcome))
-
     async def _drain(self, grace_seconds: float = 10.0) -> None:
         if not self.running:
             return
         pending = list(self.running.items())
-        _, still = await asyncio.wait({task for _, task in pending}, timeout=grace_seconds)
+        _, still = await asyncio.wait({waiter for _, waiter in pending}, timeout=grace_seconds)
         for inbox_id, task in pending:
             if task in still:
                 task.cancel()
@@ -319,7 +302,7 @@ class Dispatcher:
     async def _after_failure(self, event: ClaimedEvent, exc: Exception) -> None:
         current = await asyncio.to_thread(self.store.get_event, event.id)
         if current is None or current.status != "claimed":
-            return  # it finished after all (e.g. the rest of its batch failed)
+            return  # it finished after all
         infrastructure = _infrastructure_failure(exc)
         if not infrastructure and event.attempts >= self.max_attempts:
             logger.error("event %s failed %d times, dead-lettered: %s", event.id,
@@ -335,10 +318,18 @@ class Dispatcher:
         # A handed-back event goes straight to a run of its own, whose task retries back off.
         delay = 0.0 if isinstance(exc, Deferred) else min(60.0, 2.0 ** min(event.attempts, 6))
         if isinstance(exc, Deferred):
-            logger.info("event %s handed back by its batch (%s): a run of its own takes it",
+            logger.info("event %s handed back by its lane (%s): a run of its own takes it",
                         event.id, exc)
         else:
             logger.warning("event %s: run failed (%s), retrying in %.0f s", event.id,
                            type(exc).__name__, delay)
         await asyncio.to_thread(self.store.release, event.id, worker=self.worker_id,
                                 delay_seconds=delay, count_attempt=not infrastructure)
+
+
+def _handed_back(exc: BaseException) -> Exception:
+    """What a lane's failure means for the event: infrastructure failures stay what they are
+    (the attempt does not count); anything else hands it to a run of its own."""
+    if isinstance(exc, Exception) and _infrastructure_failure(exc):
+        return exc
+    return Deferred(f"{type(exc).__name__}: {exc}")

@@ -1,30 +1,31 @@
-"""`process-event`: one flow run per acknowledged event; `process-batch`: many events per run.
+"""One event's steps — verify, deduplicate, filter, enrich, map, deliver — and the
+`process-event` flow that runs them as task runs of their own.
 
-A `process-event` run shows each step of its event as a task run (verify, enrich,
-deliver-<target>), with Prefect's retries. When the dispatcher is behind it starts
-`process-batch` runs instead: each event is one task run named by its conversation, running the
-same steps without Prefect's per-step bookkeeping (a task run costs ~10 ms of CPU here, which
-is the ceiling of throughput). An event whose steps fail in a batch is handed back to the
-dispatcher, which gives it a `process-event` run of its own: retries, dead letters and their
-visibility stay those of the per-event path.
+The dispatcher runs a new event in a lane (`cxrelay.flows.lanes`): one task run
+`conversation-<id>` doing every step inline, at the cost of a task run, not a flow run. An event
+whose steps fail there is handed back and gets a `process-event` run of its own, where each step
+is a task run with Prefect's retries: retries, dead letters and their visibility are that path's.
+Replays and the `deployment` dispatcher mode use `process-event` too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 from typing import Any, cast
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
-from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.cache_policies import INPUTS
 from prefect.utilities.annotations import quote
 
 from cxrelay.connectors.genesys import GenesysNotFound
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError
+from cxrelay.core.outcome import Outcome, event_outcome
 from cxrelay.flows import steps
-from cxrelay.flows.report import outcome_of, render_batch_report, render_report
+from cxrelay.flows.report import render_report
 from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.models import InboxEvent
@@ -99,7 +100,7 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
 
 async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dict[str, Any]:
     """The steps of one event. As task runs of its own `process-event` run, failures end in
-    the dead letters; `inline` (in a batch) any failure is raised, for a per-event run to retry.
+    the dead letters; `inline` (in a lane) any failure is raised, for a run of its own to retry.
     """
     summary: dict[str, Any] = {"inbox_id": row.id, "conversation_id": row.conversation_id,
                                "event_id": row.event_id, "event_type": row.event_type,
@@ -111,14 +112,14 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
     except Exception as exc:
         if inline:
             raise
-        summary.update(outcome="dead_lettered", reason=_error_text(exc))
+        summary.update(outcome=Outcome.DEAD_LETTERED, reason=_error_text(exc))
         await _dead_letter(runtime, row, WHOLE_EVENT, exc, row.attempts)
         return await _finish(runtime, summary, inline)
 
     event = checked.event
     summary.update(drift=checked.drift, plan=checked.plan)
     if checked.filtered_by is not None:
-        summary.update(outcome="filtered", filtered_by=checked.filtered_by)
+        summary.update(outcome=Outcome.FILTERED, filtered_by=checked.filtered_by)
         return await _finish(runtime, summary, inline)
 
     context = event.context()
@@ -137,7 +138,7 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
                 summary["targets"]["genesys"] = await _dead_letter(
                     runtime, row, "genesys", exc,
                     attempts=1 if not_found else (steps.enrich_task.retries or 0) + 1)
-                summary.update(outcome="dead_lettered", reason=_error_text(exc))
+                summary.update(outcome=Outcome.DEAD_LETTERED, reason=_error_text(exc))
                 return await _finish(runtime, summary, inline)
 
     # Every target runs to its end before a failure is raised: nothing is left half-sent
@@ -149,51 +150,21 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
         if isinstance(result, BaseException):
             raise result
     summary["targets"] = dict(zip((t.name for t in targets), results, strict=True))
-    summary["outcome"] = outcome_of(summary["targets"])
+    summary["outcome"] = event_outcome(r["status"] for r in summary["targets"].values())
     return await _finish(runtime, summary, inline)
 
 
 async def _finish(runtime: Runtime, summary: dict[str, Any], inline: bool) -> dict[str, Any]:
     await asyncio.to_thread(runtime.store.finish, summary["inbox_id"],
                             outcome=summary["outcome"], detail=summary)
-    if not inline:  # a batch run leaves one artifact for all its events
-        await acreate_markdown_artifact(markdown=render_report(summary),
-                                        description=f"cxrelay: {summary['outcome']}")
+    # Keyed by conversation: the Artifacts page finds every event of a conversation by its id,
+    # and the key's history lists them in order.
+    await acreate_markdown_artifact(key=artifact_key(summary["conversation_id"]),
+                                    markdown=render_report(summary),
+                                    description=f"cxrelay: {summary['outcome']}")
     return summary
 
 
-@task(name="conversation", task_run_name="conversation-{conversation_id}",
-      cache_policy=NO_CACHE, persist_result=False)
-async def conversation_task(conversation_id: str, row: InboxEvent) -> dict[str, Any]:
-    """All the steps of one event of a batch, as one task run named by its conversation."""
-    return await handle(get_runtime(), row, inline=True)
-
-
-@flow(name="process-batch", flow_run_name="batch-of-{size}", persist_result=False,
-      log_prints=False)
-async def process_batch(inbox_ids: list[int], size: int = 0) -> dict[int, str]:
-    """Backlog mode: many events in one flow run, one task run `conversation-<id>` each.
-
-    Returns each event's outcome, or `deferred: <reason>` for one whose steps failed: the
-    dispatcher gives it a `process-event` run of its own, with that path's retries.
-    """
-    runtime = get_runtime()
-    rows = await asyncio.to_thread(runtime.store.get_events, inbox_ids)
-    gate = asyncio.Semaphore(runtime.settings.batch_parallelism)
-
-    async def one(inbox_id: int) -> tuple[str, str]:
-        row = rows.get(inbox_id)
-        if row is None:
-            return "?", f"deferred: inbox event {inbox_id} does not exist"
-        async with gate:
-            await runtime.ingest_calm.wait()
-            try:
-                summary = await conversation_task(row.conversation_id, cast(Any, quote(row)))
-                return row.conversation_id, str(summary["outcome"])
-            except Exception as exc:
-                return row.conversation_id, f"deferred: {_error_text(exc)}"
-
-    outcomes = await asyncio.gather(*(one(i) for i in inbox_ids))
-    await acreate_markdown_artifact(markdown=render_batch_report(outcomes),
-                                    description=f"cxrelay batch of {len(inbox_ids)}")
-    return {inbox_id: outcome for inbox_id, (_, outcome) in zip(inbox_ids, outcomes, strict=True)}
+def artifact_key(conversation_id: str) -> str:
+    """`conversation-<id>` as an artifact key may be written: lowercase letters, digits, dashes."""
+    return "conversation-" + re.sub(r"[^a-z0-9-]", "-", conversation_id.lower())[:200]

@@ -5,14 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def outcome_of(results: dict[str, dict[str, Any]]) -> str:
-    """delivered (every target ok) / dead_lettered (none) / partial (some)."""
-    failed = [r for r in results.values() if r.get("status") == "dead_lettered"]
-    if not failed:
-        return "delivered"
-    return "dead_lettered" if len(failed) == len(results) else "partial"
-
-
 def render_report(summary: dict[str, Any]) -> str:
     lines = [
         f"### Conversation `{summary.get('conversation_id', '?')}`",
@@ -50,16 +42,3 @@ def customer_notes(customer: dict[str, Any] | None) -> list[str]:
         notes.append("the cached customer was rejected and resolved again")
     notes += [f"also matched: {other}" for other in customer.get("others") or []]
     return notes
-
-
-def render_batch_report(outcomes: list[tuple[str, str]]) -> str:
-    """Counts by outcome, then each conversation with its outcome (deferred ones first)."""
-    counts: dict[str, int] = {}
-    for _, outcome in outcomes:
-        kind = outcome.split(":")[0]
-        counts[kind] = counts.get(kind, 0) + 1
-    lines = ["### Batch", "", *(f"- {kind}: {n}" for kind, n in sorted(counts.items())), "",
-             "| conversation | outcome |", "|---|---|"]
-    ordered = sorted(outcomes, key=lambda item: not item[1].startswith("deferred"))
-    lines += [f"| {conversation} | {outcome.replace('|', '/')} |" for conversation, outcome in ordered]
-    return "\n".join(lines)

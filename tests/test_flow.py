@@ -214,7 +214,7 @@ def test_schema_drift_is_counted_and_processing_continues(tmp_path: Path,
 
 
 def test_reconcile_fills_the_gap_of_lost_webhooks(tmp_path: Path, clean_sandbox: Sandbox) -> None:
-    from datetime import datetime, timedelta, timezone
+    from datetime import timedelta
 
     from cxrelay.flows.reconcile import reconcile
 
@@ -316,63 +316,70 @@ def test_global_limits_are_created_with_defaults(tmp_path: Path, clean_sandbox: 
     assert found["cxrelay-slack-contact-center"] == (3, 1.0)
 
 
-def test_backlog_is_processed_in_batch_runs_with_the_same_guarantees(
+def test_events_run_as_task_runs_of_rotating_lanes_with_the_same_guarantees(
         tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """Each new event runs at once as a task run `conversation-<id>` of a lane (a long-lived
+    flow run), rotated every few events; exactly once, filtered where it should be."""
     ids = [new_id() for _ in range(24)]
     seed(clean_sandbox, *ids)
-    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, batch_threshold=5,
-                                         batch_size=10))
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, lane_max_events=10))
     for conversation in ids:
         enqueue(runtime.store, generic_event(conversation))
     enqueue(runtime.store, generic_event(ids[0]))  # a second event of one conversation
     connected = new_id()
     enqueue(runtime.store, generic_event(connected, state="CONNECTED"))
-    started = datetime.now(timezone.utc)
     dispatcher = asyncio.run(dispatch_until(runtime, 26))
-    assert dispatcher.batches_started >= 1 and dispatcher.largest_backlog >= 20
+    assert len(dispatcher.lanes) >= 3 and dispatcher.started_runs == 0
     tasks, messages = sandbox_state(clean_sandbox)
     assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
     assert len(messages) == 24
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 24
     outcomes = [e.outcome for e in runtime.store.events()]
     assert outcomes.count("delivered") == 25 and outcomes.count("filtered") == 1
+    lane_names = {f"lane-{lane.id}" for lane in dispatcher.lanes}
 
-    async def task_run_names() -> list[str]:
-        """Task runs of this test's batch runs, once the server has recorded them finished."""
+    async def task_runs_by_lane() -> dict[str, list[str]]:
+        """This test's lanes and their task runs, once the server has recorded them final."""
         from prefect import get_client
         from prefect.client.schemas.filters import (
             FlowRunFilter,
             FlowRunFilterName,
-            FlowRunFilterStartTime,
             TaskRunFilter,
             TaskRunFilterFlowRunId,
         )
 
         async with get_client() as client:
-            batches = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                name=FlowRunFilterName(like_="batch-of-"),
-                start_time=FlowRunFilterStartTime(after_=started)))
-            assert batches
-            for _ in range(20):
+            lanes = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=sorted(lane_names))))
+            for _ in range(40):
                 runs = await client.read_task_runs(task_run_filter=TaskRunFilter(
-                    flow_run_id=TaskRunFilterFlowRunId(any_=[b.id for b in batches])), limit=200)
+                    flow_run_id=TaskRunFilterFlowRunId(any_=[lane.id for lane in lanes])),
+                    limit=200)
                 # A run is named `conversation-<id>` once it starts; until the server has
                 # recorded that (it has once the run's final state is in) it reads
                 # `conversation-<3 hex>`.
-                if runs and all(run.state is not None and run.state.is_final() for run in runs):
+                if len(runs) == 26 and all(run.state is not None and run.state.is_final()
+                                           for run in runs):
                     break
                 await asyncio.sleep(0.5)
-            return [run.name for run in runs]
+            names = {lane.id: lane.name for lane in lanes}
+            by_lane: dict[str, list[str]] = {}
+            for run in runs:
+                by_lane.setdefault(names[run.flow_run_id], []).append(run.name)
+            return by_lane
 
-    names = asyncio.run(task_run_names())
-    batched = {name.removeprefix("conversation-") for name in names}
-    assert batched and batched <= {*ids, connected}
+    by_lane = asyncio.run(task_runs_by_lane())
+    assert set(by_lane) == lane_names
+    assert all(len(names) <= 10 for names in by_lane.values())
+    ran = sorted(name.removeprefix("conversation-") for names in by_lane.values()
+                 for name in names)
+    assert ran == sorted([*ids, ids[0], connected])
 
 
-def test_failures_in_a_batch_are_handed_to_runs_of_their_own(tmp_path: Path,
-                                                              clean_sandbox: Sandbox) -> None:
-    """Salesforce answers 503 to the batch's first upserts and one event cannot be mapped: those
-    events leave the batch for `process-event` runs, whose task retries deliver the first and
+def test_failures_in_a_lane_are_handed_to_runs_of_their_own(tmp_path: Path,
+                                                             clean_sandbox: Sandbox) -> None:
+    """Salesforce answers 503 to the first upserts and one event cannot be mapped: those
+    events leave the lane for `process-event` runs, whose task retries deliver the first and
     dead-letter the second's Salesforce target only; nothing is sent twice."""
     ids = [new_id() for _ in range(12)]
     seed(clean_sandbox, *ids)
@@ -381,8 +388,7 @@ def test_failures_in_a_batch_are_handed_to_runs_of_their_own(tmp_path: Path,
     httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations", json=[broken])
     httpx.post(f"{clean_sandbox.salesforce_url}/__sandbox/faults",
                json={"status": 503, "count": 3, "method": "PATCH"})
-    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, batch_threshold=5,
-                                         batch_size=20))
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
     for conversation in ids:
         enqueue(runtime.store, generic_event(conversation))
     payload = generic_event(unmappable, external_contact_id=None)
@@ -390,7 +396,7 @@ def test_failures_in_a_batch_are_handed_to_runs_of_their_own(tmp_path: Path,
     enqueue(runtime.store, payload)
     dispatcher = asyncio.run(dispatch_until(runtime, 13))
 
-    assert dispatcher.batches_started == 1
+    assert len(dispatcher.lanes) == 1
     assert dispatcher.started_runs >= 4  # 3 × 503 and the unmappable one, each a run of its own
     tasks, messages = sandbox_state(clean_sandbox)
     assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
@@ -405,34 +411,17 @@ def test_failures_in_a_batch_are_handed_to_runs_of_their_own(tmp_path: Path,
     assert outcomes == ["delivered"] * 12 + ["partial"]
 
 
-def test_events_waiting_too_long_for_a_run_of_their_own_go_to_a_batch(
-        tmp_path: Path, clean_sandbox: Sandbox) -> None:
-    """A small backlog that per-event runs cannot keep up with: one run at a time, and events
-    that waited longer than `batch_after_seconds` are taken by a batch run."""
-    ids = [new_id() for _ in range(8)]
-    seed(clean_sandbox, *ids)
-    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, batch_threshold=1000,
-                                         batch_after_seconds=0.3, dispatch_concurrency=1))
-    for conversation in ids:
-        enqueue(runtime.store, generic_event(conversation))
-    dispatcher = asyncio.run(dispatch_until(runtime, 8))
-    assert dispatcher.started_runs >= 1 and dispatcher.batches_started >= 1
-    tasks, messages = sandbox_state(clean_sandbox)
-    assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
-    assert len(messages) == 8 == len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage"))
-
-
 def test_a_flooded_inbox_pauses_flow_runs_and_loses_nothing(tmp_path: Path,
                                                             clean_sandbox: Sandbox) -> None:
     """Events arrive faster than `yield_above_events_per_second` while the dispatcher works:
-    it steps aside (batches wait between events), works again after `yield_max_seconds` or
+    it steps aside (lanes wait between events), works again after `yield_max_seconds` or
     when the flood ends, and every event is still delivered exactly once."""
     import threading
     import time
 
     ids = [new_id() for _ in range(40)]
     seed(clean_sandbox, *ids)
-    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, batch_after_seconds=0.2,
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox,
                                          yield_above_events_per_second=5,
                                          yield_max_seconds=1.5))
     enqueue(runtime.store, generic_event(ids[0]))

@@ -1,0 +1,130 @@
+"""Lanes: long-lived flow runs in which each event runs the moment it is claimed.
+
+A flow run costs 5–7 blocking API calls and a few hundred ms of CPU under load; a task run
+costs none (its states travel on the events websocket). So the dispatcher keeps a lane open —
+one `lane` flow run — and runs every new event in it as one task run `conversation-<id>`,
+tagged with the conversation, source, event type and targets, with no wait to form a batch.
+A lane is rotated after `lane_max_events` events or `lane_max_seconds`, so that Prefect's
+per-run memory and the UI's run graph stay bounded.
+
+An event whose steps fail in a lane is handed back to the dispatcher, which gives it a
+`process-event` run of its own (Prefect's per-step retries, dead letters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, tags, task
+from prefect.cache_policies import NO_CACHE
+
+from cxrelay.core.errors import PermanentError
+from cxrelay.flows.process_event import handle
+from cxrelay.flows.runtime import get_runtime
+from cxrelay.flows.steps import InFlight
+from cxrelay.store.inbox import ClaimedEvent
+
+# What the dispatcher learns of an event it put in a lane: its summary, or the error that
+# hands it back.
+Done = Callable[[ClaimedEvent, dict[str, Any] | BaseException], None]
+
+
+@dataclass
+class Lane:
+    """One open lane: the queue its flow run takes events from, and its age."""
+
+    id: str
+    done: Done
+    target_tags: list[str]
+    queue: asyncio.Queue[ClaimedEvent | None] = field(default_factory=asyncio.Queue)
+    opened: float = field(default_factory=time.monotonic)
+    events: int = 0
+    run: asyncio.Task[Any] | None = None
+
+    def put(self, event: ClaimedEvent) -> None:
+        self.events += 1
+        self.queue.put_nowait(event)
+
+    def close(self) -> None:
+        """No more events: the flow run finishes those it has and ends."""
+        self.queue.put_nowait(None)
+
+
+_OPEN: dict[str, Lane] = {}
+IN_FLIGHT_WAITS = 10
+_NUMBERS = itertools.count(1)
+
+
+def open_lane(prefix: str, done: Done, target_tags: list[str]) -> Lane:
+    """Start a `lane` flow run on the running loop and return the lane that feeds it."""
+    lane = Lane(f"{prefix}-{next(_NUMBERS)}", done, target_tags)
+    _OPEN[lane.id] = lane
+    lane.run = asyncio.create_task(lane_flow(lane_id=lane.id))
+    lane.run.add_done_callback(lambda run: _ended(lane, run))
+    return lane
+
+
+def _ended(lane: Lane, run: asyncio.Task[Any]) -> None:
+    """A lane whose flow run could not start or crashed hands back what it never ran."""
+    _OPEN.pop(lane.id, None)
+    error = (run.exception() if not run.cancelled() else None) or RuntimeError(
+        f"lane {lane.id} ended before running this event")
+    while not lane.queue.empty():
+        event = lane.queue.get_nowait()
+        if event is not None:
+            lane.done(event, error)
+
+
+@task(name="conversation", task_run_name="conversation-{conversation_id}",
+      cache_policy=NO_CACHE, persist_result=False)
+async def conversation_task(conversation_id: str, inbox_id: int) -> dict[str, Any]:
+    """All the steps of one event (verify, deduplicate, filter, enrich, map, deliver), as one
+    task run named by its conversation; its artifact `conversation-<id>` says what happened."""
+    runtime = get_runtime()
+    row = await asyncio.to_thread(runtime.store.get_event, inbox_id)
+    if row is None:
+        raise PermanentError(f"inbox event {inbox_id} does not exist")
+    await runtime.ingest_calm.wait()  # the receiver is flooded: events wait (IngestYield)
+    for _ in range(IN_FLIGHT_WAITS):
+        try:
+            return await handle(runtime, row, inline=True)
+        except InFlight as exc:
+            # Another event of the conversation is delivering to the same target: it ends in
+            # a moment, and the ledger makes the targets already done a no-op on the retry.
+            await asyncio.sleep(exc.retry_after or 0.5)
+    return await handle(runtime, row, inline=True)
+
+
+async def _run_one(lane: Lane, event: ClaimedEvent, outcomes: Counter[str]) -> None:
+    try:
+        with tags(f"conversation:{event.conversation_id}", f"source:{event.source}",
+                  f"event:{event.event_type}", *lane.target_tags):
+            summary = await conversation_task(event.conversation_id, event.id)
+    except Exception as exc:  # handed back: a run of its own retries it
+        outcomes["handed back"] += 1
+        lane.done(event, exc)
+        return
+    outcomes[str(summary.get("outcome"))] += 1
+    lane.done(event, summary)
+
+
+@flow(name="lane", flow_run_name="lane-{lane_id}", persist_result=False, log_prints=False)
+async def lane_flow(lane_id: str) -> dict[str, int]:
+    """Events of the inbox, each run the moment it is claimed as a task run
+    `conversation-<id>`; the run ends when the dispatcher rotates or closes the lane."""
+    lane = _OPEN[lane_id]
+    outcomes: Counter[str] = Counter()
+    running: set[asyncio.Task[None]] = set()
+    while (event := await lane.queue.get()) is not None:
+        one = asyncio.create_task(_run_one(lane, event, outcomes))
+        running.add(one)
+        one.add_done_callback(running.discard)
+    if running:
+        await asyncio.gather(*running)
+    return dict(outcomes)
