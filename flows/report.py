@@ -6,10 +6,12 @@ from typing import Any
 
 
 def outcome_of(results: dict[str, dict[str, Any]]) -> str:
-    """delivered (every target ok) / dead_lettered (none) / partial (some)."""
+    """delivered (every target ok) / stale (every target holds newer data) / dead_lettered
+    (none) / partial (some)."""
     failed = [r for r in results.values() if r.get("status") == "dead_lettered"]
     if not failed:
-        return "delivered"
+        stale = bool(results) and all(r.get("status") == "stale" for r in results.values())
+        return "stale" if stale else "delivered"
     return "dead_lettered" if len(failed) == len(results) else "partial"
 
 
@@ -33,8 +35,10 @@ def render_report(summary: dict[str, Any]) -> str:
     if targets:
         lines += ["", "| target | result | reference | detail |", "|---|---|---|---|"]
         for name, result in targets.items():
+            newer = [f"holds newer data ({result['newer']})"] if result.get("newer") else []
             detail = result.get("error") or "; ".join(
-                [*customer_notes(result.get("customer")), *result.get("warnings", [])]) or ""
+                [*newer, *customer_notes(result.get("customer")),
+                 *result.get("warnings", [])]) or ""
             lines.append(f"| {name} | {result.get('status', '?')} | {result.get('ref') or ''} | "
                          f"{detail.replace('|', '/')} |")
     return "\n".join(lines)
