@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     ledger_retention_days: float = Field(
         default=90, gt=0, description="ledger entries (what makes a late duplicate harmless) "
         "untouched for this long are pruned")
+    settle_seconds_override: float | None = Field(
+        default=None, ge=0, le=3600, validation_alias=AliasChoices("CXRELAY_SETTLE_SECONDS",
+                                                                    "settle_seconds"),
+        description="overrides the pipeline's settle_seconds")
     claim_lease_seconds: float = Field(default=60, gt=0)
     poll_interval_seconds: float = Field(default=0.05, gt=0)
     max_event_attempts: int = Field(default=5, ge=1)
@@ -143,6 +147,14 @@ class Settings(BaseSettings):
         except OSError as exc:
             raise ConfigError(f"CXRELAY_PIPELINE: cannot read {path}: {exc.strerror}") from exc
         return parse_pipeline(text, str(path))
+
+    @property
+    def settle_seconds(self) -> float:
+        """How long a conversation's first deliverable event waits for the others: the
+        environment's CXRELAY_SETTLE_SECONDS, else the pipeline's `settle_seconds` (0)."""
+        if self.settle_seconds_override is not None:
+            return self.settle_seconds_override
+        return self.pipeline_config.settle_seconds
 
     def genesys_urls(self) -> tuple[str, str]:
         return genesys_urls(self.genesys_cloud_region, self.genesys_api_url,

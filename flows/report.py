@@ -25,8 +25,10 @@ def render_report(summary: dict[str, Any]) -> str:
     if targets:
         lines += ["", "| target | result | reference | detail |", "|---|---|---|---|"]
         for name, result in targets.items():
+            newer = [f"holds newer data ({result['newer']})"] if result.get("newer") else []
             detail = result.get("error") or "; ".join(
-                [*customer_notes(result.get("customer")), *result.get("warnings", [])]) or ""
+                [*newer, *customer_notes(result.get("customer")),
+                 *result.get("warnings", [])]) or ""
             lines.append(f"| {name} | {result.get('status', '?')} | {result.get('ref') or ''} | "
                          f"{detail.replace('|', '/')} |")
     return "\n".join(lines)

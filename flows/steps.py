@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -22,6 +22,7 @@ from prefect.exceptions import MissingContextError
 from cxrelay.connectors.http import HttpTarget
 from cxrelay.connectors.salesforce import SalesforceClient
 from cxrelay.connectors.slack import SlackClient, SlackMessageGone
+from cxrelay.core import ordering
 from cxrelay.core.drift import detect_drift
 from cxrelay.core.envelope import CanonicalEvent, normalise
 from cxrelay.core.errors import OutcomeUnknown, PermanentError, RetryableError
@@ -64,9 +65,20 @@ def delivery_metadata(event: CanonicalEvent, target: str) -> dict[str, Any]:
             "event_payload": {"conversation_id": event.conversation_id, "target": target}}
 
 
-def idempotency_key(conversation_id: str, target: str) -> str:
-    """Stable per conversation and target: a receiver can drop our retries by it."""
-    return hashlib.sha256(f"cxrelay:{conversation_id}:{target}".encode()).hexdigest()
+def idempotency_key(conversation_id: str, target: str, version: str) -> str:
+    """Per conversation, target and payload version: a receiver drops our retries by it, and
+    still takes an update."""
+    return ordering.idempotency_key(conversation_id, target, version)
+
+
+def fence_key(event: CanonicalEvent) -> str | None:
+    """The ledger's order key of the event's data (newest wins; see core.ordering)."""
+    key = ordering.order_key(event)
+    return key.encode() if key else None
+
+
+def stale_result(reservation: Reservation) -> dict[str, Any]:
+    return {"status": "stale", "ref": reservation.external_ref, "newer": reservation.newer}
 
 
 @dataclass
@@ -89,7 +101,7 @@ def read_event(row: InboxEvent) -> CanonicalEvent:
     event = normalise(json.loads(row.body), row.source, row.body)
     if event.dedupe_key != row.dedupe_key:
         raise PermanentError(f"inbox event {row.id}: dedupe key changed on re-reading")
-    return event
+    return replace(event, received_at=row.received_at)
 
 
 async def check(runtime: Runtime, row: InboxEvent, plan: bool = True) -> Checked:
@@ -225,25 +237,30 @@ async def _reserve(store: Store, event: CanonicalEvent, target: str, action: str
     """The reservation to deliver; raises InFlight while another attempt holds it."""
     reservation = await asyncio.to_thread(
         store.reserve, conversation_id=event.conversation_id, target=target, action=action,
-        owner=owner, payload_sha256=digest)
-    if not reservation.granted and not reservation.already_done:
+        owner=owner, payload_sha256=digest, order_key=fence_key(event))
+    if not reservation.granted and not reservation.already_done and not reservation.stale:
         raise InFlight(f"{target}: another event of conversation {event.conversation_id} "
                        "is being delivered", retry_after=1.0)
     return reservation
 
 
 async def _reserved(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
-                    digest: str) -> tuple[bool, str | None]:
-    """(proceed, previous external ref) for targets whose repeats are harmless."""
+                    digest: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the result when nothing is to be sent, previous external ref) for targets whose
+    repeats are harmless."""
     reservation = await _reserve(store, event, target, action, owner, digest)
-    return not reservation.already_done, reservation.external_ref
+    if reservation.stale:
+        return stale_result(reservation), reservation.external_ref
+    if reservation.already_done:
+        return {"status": "unchanged", "ref": reservation.external_ref}, reservation.external_ref
+    return None, reservation.external_ref
 
 
 async def _complete(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
                     ref: str | None, digest: str) -> None:
     await asyncio.to_thread(store.complete, conversation_id=event.conversation_id, target=target,
                             action=action, owner=owner, external_ref=ref, payload_sha256=digest,
-                            event_id=event.event_id)
+                            event_id=event.event_id, order_key=fence_key(event))
 
 
 async def deliver_salesforce(store: Store, client: SalesforceClient,
@@ -258,9 +275,9 @@ async def deliver_salesforce(store: Store, client: SalesforceClient,
     else:
         digest = payload_digest([target.object, target.external_id_field,
                                  payload["external_id"], payload["fields"]])
-    proceed, ref = await _reserved(store, event, target.name, "upsert", owner, digest)
-    if not proceed:
-        return {"status": "unchanged", "ref": ref}
+    skipped, ref = await _reserved(store, event, target.name, "upsert", owner, digest)
+    if skipped:
+        return skipped
     try:
         if target.customer is not None:
             logged = await log_conversation(client, target, payload,
@@ -291,6 +308,8 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
     digest = payload_digest([payload["channel"], payload["text"]])
     reservation = await _reserve(store, event, target.name, "message", owner, digest)
     ref = reservation.external_ref
+    if reservation.stale:
+        return stale_result(reservation)
     if reservation.already_done:
         return {"status": "unchanged", "ref": ref}
     try:
@@ -326,12 +345,13 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
 
 async def deliver_http(store: Store, client: HttpTarget, target: HttpTargetConfig,
                        event: CanonicalEvent, owner: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """POST the mapped body with X-Idempotency-Key = a stable key of conversation and target."""
+    """POST the mapped body with X-Idempotency-Key = a key of conversation, target and the
+    payload's version (its digest)."""
     digest = payload_digest([target.url, payload["body"]])
-    proceed, ref = await _reserved(store, event, target.name, "post", owner, digest)
-    if not proceed:
-        return {"status": "unchanged", "ref": ref}
-    key = idempotency_key(event.conversation_id, target.name)
+    skipped, ref = await _reserved(store, event, target.name, "post", owner, digest)
+    if skipped:
+        return skipped
+    key = idempotency_key(event.conversation_id, target.name, digest)
     try:
         status = await client.post(payload["body"], key)
     except BaseException as exc:

@@ -102,7 +102,10 @@ def test_concurrent_events_of_one_conversation_give_one_record_and_one_message(
     tasks, messages = sandbox_state(clean_sandbox)
     assert len(tasks) == 1 and len(messages) == 1
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 1
-    assert {e.outcome for e in runtime.store.events()} == {"delivered"}
+    # Events older (by createdAt, then id) than one in flight are stale; identical payloads
+    # after it are delivered as unchanged.
+    outcomes = [e.outcome for e in runtime.store.events()]
+    assert set(outcomes) <= {"delivered", "stale"} and "delivered" in outcomes
 
 
 def test_failing_slack_does_not_stop_salesforce_and_replay_sends_only_slack(

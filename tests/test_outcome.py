@@ -11,6 +11,9 @@ def test_event_outcome_from_target_statuses() -> None:
     assert event_outcome(["created", "dead_lettered"]) is Outcome.PARTIAL
     assert event_outcome(["dead_lettered", "dead_lettered"]) is Outcome.DEAD_LETTERED
     assert event_outcome([]) is Outcome.DELIVERED
+    assert event_outcome(["stale", "stale"]) is Outcome.STALE
+    assert event_outcome(["stale", "updated"]) is Outcome.DELIVERED
+    assert event_outcome(["stale", "dead_lettered"]) is Outcome.PARTIAL
 
 
 def test_outcomes_are_stored_and_shown_as_their_plain_names() -> None:

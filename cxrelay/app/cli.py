@@ -43,9 +43,9 @@ def _settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays fas
 
 
 def _store():  # noqa: ANN202
-    from cxrelay.store.database import Store
-
     import click
+
+    from cxrelay.store.database import Store
 
     settings = _settings()
     store = Store(settings.database_url, synchronous=settings.sqlite_synchronous)

@@ -52,6 +52,9 @@ class CanonicalEvent:
     envelope: Envelope
     source: str
     payload: dict[str, Any]
+    # When cxrelay received it (the inbox row's `received_at`): the order of an event that
+    # carries no time of its own (see `cxrelay.core.ordering`). Not part of the wire body.
+    received_at: datetime | None = None
 
     def context(self) -> dict[str, Any]:
         """The names filters and mappings see: canonical fields plus the raw `event`."""

@@ -10,6 +10,7 @@ class Outcome(str, Enum):
     """The outcome of one event, as the inbox, the artifact and the metrics record it."""
 
     DELIVERED = "delivered"          # every target got it (or already had it)
+    STALE = "stale"                  # every target holds newer data of the conversation
     PARTIAL = "partial"              # some targets dead-lettered, the others delivered
     DEAD_LETTERED = "dead_lettered"  # nothing delivered: every target (or the event) failed
     FILTERED = "filtered"            # a filter rule dropped it
@@ -20,12 +21,15 @@ class Outcome(str, Enum):
 
 
 DEAD_LETTERED = "dead_lettered"  # a target's status when it went to the dead letters
+STALE = "stale"  # a target's status when it already holds newer data (cxrelay.core.ordering)
 
 
 def event_outcome(target_statuses: Iterable[str]) -> Outcome:
-    """delivered when no target dead-lettered, dead_lettered when all did, partial between."""
+    """delivered when no target dead-lettered (stale when every target held newer data),
+    dead_lettered when all did, partial between."""
     statuses = list(target_statuses)
     failed = sum(1 for status in statuses if status == DEAD_LETTERED)
     if not failed:
-        return Outcome.DELIVERED
+        stale = bool(statuses) and all(status == STALE for status in statuses)
+        return Outcome.STALE if stale else Outcome.DELIVERED
     return Outcome.DEAD_LETTERED if failed == len(statuses) else Outcome.PARTIAL

@@ -135,6 +135,10 @@ class Pipeline(_Strict):
     enrich: EnrichConfig = Field(default_factory=EnrichConfig)
     lookups: dict[str, dict[str, str]] = Field(default_factory=dict)
     targets: list[TargetConfig] = Field(default_factory=list)
+    # A conversation's first deliverable event waits this long; its events arriving meanwhile
+    # are merged (core.ordering.merge_events) and delivered once. CXRELAY_SETTLE_SECONDS
+    # overrides it.
+    settle_seconds: float = Field(default=0, ge=0, le=3600)
 
     @field_validator("targets", "sources")
     @classmethod

@@ -11,7 +11,8 @@ from cxrelay.store.drift import DriftQueries
 from cxrelay.store.inbox import InboxQueries
 from cxrelay.store.ledger import LedgerQueries
 from cxrelay.store.retention import RetentionQueries
+from cxrelay.store.settle import SettleQueries
 
 
-class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries):
+class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries, SettleQueries):
     """SQLite (WAL) by default, PostgreSQL for scale-out; see `cxrelay.store.engine`."""

@@ -2,6 +2,12 @@
 
 An attempt reserves the row, calls the target, then completes it with the payload's digest; a
 later event whose payload digest is already done delivers nothing.
+
+Newest data wins (issue 16): an attempt may bring the order key of its event
+(`cxrelay.core.ordering`); `reserve` refuses it as `stale` when the target already holds newer
+data, or when another attempt in flight is sending newer data. Both are decided in the reserve
+transaction, on the row it locks, so two events of one conversation in flight at once cannot
+both win, whichever arrives or finishes first.
 """
 
 from __future__ import annotations
@@ -9,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, bindparam, case, select, update
+from sqlalchemy import String, and_, bindparam, case, func, select, update
 
+from cxrelay.core.ordering import is_stale, newest
 from cxrelay.store.engine import Database
 from cxrelay.store.models import Delivery, utcnow
 
@@ -23,11 +30,15 @@ _LEDGER_KEY = and_(LEDGER.c.conversation_id == bindparam("p_conversation"),
 _RESERVE_READ = select(LEDGER).where(_LEDGER_KEY).with_for_update()
 _RESERVE = update(LEDGER).where(_LEDGER_KEY).values(
     status="reserved", owner=bindparam("p_owner"), reserved_until=bindparam("p_until"),
-    updated_at=bindparam("p_now"))
+    reserved_order_key=bindparam("p_order"), updated_at=bindparam("p_now"))
+# Without a key of its own, a completion records the one of its reservation (or keeps what
+# the row held): the held key never goes back, the reserve fence sees to that.
 _COMPLETE = update(LEDGER).where(_LEDGER_KEY).values(
     status="done", owner=None, reserved_until=None, external_ref=bindparam("p_ref"),
     payload_sha256=bindparam("p_sha"), event_id=bindparam("p_event"),
-    deliveries=LEDGER.c.deliveries + 1, updated_at=bindparam("p_now"))
+    order_key=func.coalesce(bindparam("p_order", type_=String), LEDGER.c.reserved_order_key,
+                            LEDGER.c.order_key),
+    reserved_order_key=None, deliveries=LEDGER.c.deliveries + 1, updated_at=bindparam("p_now"))
 
 
 @dataclass(frozen=True)
@@ -40,14 +51,23 @@ class Reservation:
     # An earlier attempt took the reservation and never completed nor released it (its
     # process died): it may have reached the target. Targets without idempotency look first.
     uncertain: bool = False
+    # The target holds (or an attempt in flight is sending) newer data than this attempt's:
+    # nothing is sent, the outcome is `stale`. `newer` is that data's order key.
+    stale: bool = False
+    newer: str | None = None
 
 
 class LedgerQueries(Database):
     def reserve(
         self, *, conversation_id: str, target: str, action: str, owner: str,
-        payload_sha256: str, ttl_seconds: float = 300,
+        payload_sha256: str, ttl_seconds: float = 300, order_key: str | None = None,
     ) -> Reservation:
-        """Take the right to deliver (conversation, target, action), one attempt at a time."""
+        """Take the right to deliver (conversation, target, action), one attempt at a time.
+
+        With `order_key` (an encoded `OrderKey`), refuse data older than what the target holds
+        or what another attempt is sending (`stale`). An attempt that may have reached the
+        target (its process died, or its answer was lost) counts as held: the target may have
+        its data."""
         key = {"p_conversation": conversation_id, "p_target": target, "p_action": action}
         now = utcnow()
         with self.transaction() as conn:
@@ -62,22 +82,33 @@ class LedgerQueries(Database):
                 return Reservation(False, row["external_ref"], already_done=True)
             busy = (row["status"] == "reserved" and row["owner"] != owner
                     and row["reserved_until"] is not None and row["reserved_until"] > now)
+            if order_key is not None:
+                maybe_held = row["status"] in ("reserved", "uncertain") and not busy
+                held = newest(row["order_key"],
+                              row["reserved_order_key"] if maybe_held else None)
+                in_flight = row["reserved_order_key"] if busy else None
+                if is_stale(order_key, held=held, in_flight=in_flight):
+                    return Reservation(False, row["external_ref"], already_done=False,
+                                       stale=True, newer=newest(held, in_flight))
             if busy:
                 return Reservation(False, row["external_ref"], already_done=False)
             conn.execute(_RESERVE, {**key, "p_owner": owner, "p_now": now,
-                                    "p_until": now + timedelta(seconds=ttl_seconds)})
+                                    "p_until": now + timedelta(seconds=ttl_seconds),
+                                    "p_order": newest(order_key, row["reserved_order_key"]
+                                                      if row["status"] != "done" else None)})
             return Reservation(True, row["external_ref"], already_done=False,
                                uncertain=row["status"] in ("reserved", "uncertain"))
 
     def complete(
         self, *, conversation_id: str, target: str, action: str, owner: str,
         external_ref: str | None, payload_sha256: str, event_id: str,
+        order_key: str | None = None,
     ) -> None:
         with self.transaction() as conn:
             conn.execute(_COMPLETE, {
                 "p_conversation": conversation_id, "p_target": target, "p_action": action,
                 "p_ref": external_ref, "p_sha": payload_sha256, "p_event": event_id,
-                "p_now": utcnow()})
+                "p_order": order_key, "p_now": utcnow()})
 
     def unreserve(self, *, conversation_id: str, target: str, action: str, owner: str,
                   uncertain: bool = False) -> None:
@@ -85,13 +116,19 @@ class LedgerQueries(Database):
         `uncertain` when the target may have acted on it, so the next attempt looks first."""
         status = "uncertain" if uncertain else case(
             (LEDGER.c.payload_sha256.is_not(None), "done"), else_="open")
+        mine = and_(LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
+                    LEDGER.c.action == action, LEDGER.c.owner == owner)
         with self.transaction() as conn:
-            conn.execute(
-                update(LEDGER)
-                .where(LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
-                       LEDGER.c.action == action, LEDGER.c.owner == owner)
-                .values(status=status, owner=None, reserved_until=None, updated_at=utcnow())
-            )
+            values: dict[str, object] = {}
+            if uncertain:
+                # The target may hold this attempt's data now: fence older events against it.
+                row = conn.execute(select(LEDGER.c.order_key, LEDGER.c.reserved_order_key)
+                                   .where(mine)).first()
+                if row is not None:
+                    values["order_key"] = newest(row.order_key, row.reserved_order_key)
+            conn.execute(update(LEDGER).where(mine).values(
+                status=status, owner=None, reserved_until=None, reserved_order_key=None,
+                updated_at=utcnow(), **values))
 
     def ledger(self, conversation_id: str | None = None) -> list[Delivery]:
         stmt = select(LEDGER).order_by(LEDGER.c.id)

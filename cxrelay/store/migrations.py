@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.engine import Connection
 
 
@@ -32,10 +32,25 @@ def _write_probe_table(conn: Connection) -> None:
     conn.execute(text("CREATE TABLE IF NOT EXISTS cxrelay_probe (at VARCHAR(40) NOT NULL)"))
 
 
+def _add_column(conn: Connection, table: str, column: str, ddl: str) -> None:
+    # A fresh database already has the column (create_all runs first); SQLite has no
+    # ADD COLUMN IF NOT EXISTS.
+    if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+
+
+def _ledger_order_keys(conn: Connection) -> None:
+    # Fencing (issue 16): the order of the data each target holds, and of the data in flight.
+    # Rows delivered before have none: the first event after the upgrade is not fenced.
+    _add_column(conn, "ledger", "order_key", "VARCHAR(300)")
+    _add_column(conn, "ledger", "reserved_order_key", "VARCHAR(300)")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "drop the full inbox conversation index", _drop_full_conversation_index),
     (2, "scope inbox dedupe keys by source", _scope_dedupe_keys_by_source),
     (3, "a table for the write probe of /readyz", _write_probe_table),
+    (4, "ledger order keys (newest data wins)", _ledger_order_keys),
 ]
 LATEST = MIGRATIONS[-1][0]
 

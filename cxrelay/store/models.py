@@ -76,6 +76,10 @@ class Delivery(SQLModel, table=True):
     deliveries: int = 0
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    # The order key (cxrelay.core.ordering) of the data the target holds, and of the data the
+    # reservation in flight is sending: an older event is refused (stale) against either.
+    order_key: str | None = Field(default=None, max_length=300)
+    reserved_order_key: str | None = Field(default=None, max_length=300)
 
 
 class DeadLetter(SQLModel, table=True):

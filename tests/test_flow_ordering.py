@@ -1,0 +1,121 @@
+"""Newest data wins, through the dispatcher and `process-event`, against the sandbox and a
+loopback HTTP target: an older event after a newer one is `stale` for Salesforce, Slack and
+HTTP, also when it is replayed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from cxrelay.app.sending import generic_event
+from cxrelay.sandbox.genesys import sample_conversation
+from cxrelay.sandbox.server import Sandbox
+from tests.flowkit import calls, dispatch_until, enqueue, make_runtime, make_settings
+from tests.servers import serve
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+PIPELINE = """
+filters:
+  - {name: conversation-ended, path: ended, equals: true}
+enrich: {genesys_conversation: true, on_not_found: skip}
+targets:
+  - name: salesforce
+    type: salesforce
+    object: Lead
+    external_id_field: Genesys_Conversation_Id__c
+    fields:
+      Phone: {from: event.conversation.primaryContact.phoneNumber}
+      LastName: {value: Caller}
+      Company: {value: Acme}
+    retries: 0
+  - name: slack
+    type: slack
+    text: "Conversation {{ conversation_id }}: {{ get('event.conversation.primaryContact.phoneNumber') }}"
+    retries: 0
+  - name: crm
+    type: http
+    url: URL
+    body:
+      conversation: {from: conversation_id}
+      phone: {from: event.conversation.primaryContact.phoneNumber}
+    retries: 0
+"""
+
+
+def receiver(received: list[dict[str, Any]]) -> Starlette:
+    async def hook(request: Request) -> JSONResponse:
+        received.append({"key": request.headers["x-idempotency-key"], **await request.json()})
+        return JSONResponse({"ok": True})
+
+    return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+
+
+def event_at(conversation: str, created_at: str, phone: str) -> dict[str, Any]:
+    payload = generic_event(conversation, phone=phone)
+    payload["createdAt"] = created_at
+    return payload
+
+
+def test_an_older_event_after_a_newer_one_is_stale_for_every_target(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    conversation = str(uuid.uuid4())
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(conversation)]).raise_for_status()
+    received: list[dict[str, Any]] = []
+    with serve(receiver(received)) as base:
+        pipeline = tmp_path / "pipeline.yaml"
+        pipeline.write_text(PIPELINE.replace("URL", f"{base}/hook"))
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        enqueue(runtime.store, event_at(conversation, "2026-11-28T14:30:09Z", "+15550000009"))
+        asyncio.run(dispatch_until(runtime, 1))
+        old = enqueue(runtime.store, event_at(conversation, "2026-11-28T14:30:00Z",
+                                              "+15550000001"))
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        asyncio.run(dispatch_until(runtime, 2))
+
+        newest = runtime.store.events()[0]
+        stale = runtime.store.get_event(old or 0)
+        assert newest.outcome == "delivered"
+        assert stale is not None and stale.outcome == "stale"
+        detail = json.loads(stale.detail or "{}")
+        assert {name: result["status"] for name, result in detail["targets"].items()} == {
+            "salesforce": "stale", "slack": "stale", "crm": "stale"}
+        assert all("14:30:09" in result["newer"] for result in detail["targets"].values())
+
+        # The targets hold the newest data, written once each.
+        (lead,) = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()[
+            "records"]["Lead"]
+        assert lead["Phone"] == "+15550000009"
+        assert len(calls(clean_sandbox.salesforce_url, "PATCH", "/Lead/")) == 1
+        (message,) = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}"
+                               "/__sandbox/state").json()["messages"]
+        assert message["text"].endswith("+15550000009")
+        assert calls(clean_sandbox.slack_url, "POST", "chat.update") == []
+        assert [r["phone"] for r in received] == ["+15550000009"]
+
+        # A replay of the older event respects the fence too.
+        runtime.store.requeue(old or 0)
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        asyncio.run(dispatch_until(runtime, 2))
+        assert runtime.store.get_event(old or 0).outcome == "stale"  # type: ignore[union-attr]
+        assert len(received) == 1
+        assert len(calls(clean_sandbox.salesforce_url, "PATCH", "/Lead/")) == 1
+
+        # A newer event updates every target; the HTTP key changes with the payload's version.
+        enqueue(runtime.store, event_at(conversation, "2026-11-28T14:31:00Z", "+15550000010"))
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        asyncio.run(dispatch_until(runtime, 3))
+    assert [r["phone"] for r in received] == ["+15550000009", "+15550000010"]
+    assert received[0]["key"] != received[1]["key"]
+    assert len(calls(clean_sandbox.slack_url, "POST", "chat.update")) == 1
