@@ -47,18 +47,33 @@ def test_completed_conversation_reaches_salesforce_and_slack(tmp_path: Path,
     assert event.outcome == "delivered"
     assert len(calls(clean_sandbox.genesys_url, "GET", conversation)) == 1
 
-    async def flow_run() -> tuple[str, list[str]]:
+    async def task_run_and_artifact() -> tuple[str, list[str], str]:
+        """The event's task run (once the server has recorded it final) and its artifact."""
         from prefect import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterKey,
+            TaskRunFilter,
+            TaskRunFilterName,
+        )
 
         async with get_client() as client:
-            (run,) = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                name=FlowRunFilterName(any_=[f"conversation-{conversation}"])))
-            return run.state.type.value, run.tags  # type: ignore[union-attr]
+            for _ in range(40):
+                runs = await client.read_task_runs(task_run_filter=TaskRunFilter(
+                    name=TaskRunFilterName(any_=[f"conversation-{conversation}"])))
+                if runs and runs[0].state is not None and runs[0].state.is_final():
+                    break
+                await asyncio.sleep(0.5)
+            (run,) = runs
+            (artifact,) = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"conversation-{conversation}"])))
+            return run.state.type.value, run.tags, str(artifact.data)  # type: ignore[union-attr]
 
-    state, tags = asyncio.run(flow_run())
+    state, tags, report = asyncio.run(task_run_and_artifact())
     assert state == "COMPLETED"
-    assert "event:CONVERSATION_COMPLETED" in tags and "source:genesys" in tags
+    assert {f"conversation:{conversation}", "event:CONVERSATION_COMPLETED", "source:genesys",
+            "target:salesforce", "target:slack"} <= set(tags)
+    assert "outcome: **delivered**" in report
 
 
 def test_not_completed_conversation_is_filtered(tmp_path: Path, clean_sandbox: Sandbox) -> None:
