@@ -1,12 +1,15 @@
 """Steady load: signed events for a while at several rates, through `cxrelay serve` as shipped.
 
-    .venv/bin/python bench/throughput.py [--rates 5,50,200] [--seconds 60] [--prefect-db sqlite|postgres]
+    .venv/bin/python bench/throughput.py [--rates 5,50,200] [--seconds 60] [--burst 2000]
+                                         [--prefect-db sqlite|postgres]
 
 For each rate: a fresh `cxrelay serve` (receiver + dispatcher, SQLite inbox) against the sandbox
 targets and one Prefect server of the bench's own; events are offered open-loop at the rate for
 `--seconds`, then the bench waits until each reached Salesforce. It prints events processed per
 second, POST → Salesforce-received latency p50/p99, the largest backlog (acknowledged, not yet
-finished), Genesys API calls per event and the flow runs started per mode.
+finished), Genesys API calls per event, the lanes (flow runs whose task runs are the events)
+and the flow runs of their own (events handed back) it took. `--burst N` adds a round of N
+events offered within two seconds: how fast a backlog drains.
 
 The baseline, measured in the same run against the same Prefect server and sandbox: a bare
 Prefect flow that makes the same calls as cxrelay in a loop — per event, one task run that GETs
@@ -168,7 +171,7 @@ def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: f
                 raise TimeoutError("the warm-up event never reached Salesforce")
             time.sleep(0.1)
         genesys_before = len(box.genesys.requests)
-        batches_before = count_flow_runs(prefect_url, "batch-of-")
+        lanes_before = count_flow_runs(prefect_url, "lane-")
         singles_before = count_flow_runs(prefect_url, "conversation-")
 
         watcher = threading.Thread(target=watch_backlog, args=(db, stop_flag, samples), daemon=True)
@@ -200,7 +203,7 @@ def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: f
             "backlog_at_end_of_offer": backlog_at_end_of_offer,
             "genesys_calls_per_event": (len(box.genesys.requests) - genesys_before)
             / max(1, len(conversations)),
-            "batch_runs": count_flow_runs(prefect_url, "batch-of-") - batches_before,
+            "lanes": count_flow_runs(prefect_url, "lane-") - lanes_before,
             "event_runs": count_flow_runs(prefect_url, "conversation-") - singles_before,
         }
     finally:
@@ -282,6 +285,8 @@ def main() -> int:
     parser.add_argument("--rates", default="5,50,200")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--baseline-events", type=int, default=2000)
+    parser.add_argument("--burst", type=int, default=0,
+                        help="also offer this many events within 2 s and time their drain")
     parser.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
@@ -300,21 +305,24 @@ def main() -> int:
         print(f"one bare flow run per event (same calls, 8 at a time): {per_run['events']} runs in "
               f"{per_run['seconds']:.1f} s = {per_run['per_second']:.1f} runs/s", flush=True)
         results = []
-        for rate in rates:
-            result = run_rate(box, prefect_url, work, rate, args.seconds)
+        rounds = [(rate, args.seconds) for rate in rates]
+        if args.burst:
+            rounds.append((args.burst / 2, 2.0))
+        for rate, seconds in rounds:
+            result = run_rate(box, prefect_url, work, rate, seconds)
             results.append(result)
             print(json.dumps(result), flush=True)
         print(f"\nPrefect server on {args.prefect_db}; {args.seconds:g} s per rate; work in {work}")
         print(f"{'offered/s':>9} {'events':>7} {'reached':>8} {'processed/s':>12} {'vs base':>8} "
               f"{'p50 ms':>8} {'p99 ms':>8} {'max backlog':>12} {'backlog@end':>12} "
-              f"{'Genesys/ev':>11} {'runs (batch/event)':>19}")
+              f"{'Genesys/ev':>11} {'lanes/own runs':>15}")
         for r in results:
             print(f"{r['rate']:>9g} {r['events']:>7} {r['reached']:>8} "
                   f"{r['processed_per_second']:>12.1f} "
                   f"{r['processed_per_second'] / base['per_second']:>8.2f} {r['p50_ms']:>8.0f} "
                   f"{r['p99_ms']:>8.0f} {r['largest_backlog']:>12} "
                   f"{r['backlog_at_end_of_offer']:>12} {r['genesys_calls_per_event']:>11.2f} "
-                  f"{r['batch_runs']:>9}/{r['event_runs']:<9}")
+                  f"{r['lanes']:>7}/{r['event_runs']:<7}")
         print(f"baseline: {base['per_second']:.1f} events/s in one flow run; "
               f"{per_run['per_second']:.1f} bare flow runs/s")
         return 0 if all(r["reached"] == r["events"] for r in results) else 1
