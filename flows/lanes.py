@@ -25,9 +25,9 @@ from prefect import flow, tags, task
 from prefect.cache_policies import NO_CACHE
 
 from cxrelay.core.errors import PermanentError
+from cxrelay.flows.attempt import InFlight
 from cxrelay.flows.process_event import handle
 from cxrelay.flows.runtime import get_runtime
-from cxrelay.flows.steps import InFlight
 from cxrelay.store.inbox import ClaimedEvent
 
 # What the dispatcher learns of an event it put in a lane: its summary, or the error that

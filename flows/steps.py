@@ -25,18 +25,16 @@ from cxrelay.connectors.slack import SlackClient, SlackMessageGone
 from cxrelay.core import ordering
 from cxrelay.core.drift import detect_drift
 from cxrelay.core.envelope import CanonicalEvent, normalise
-from cxrelay.core.errors import OutcomeUnknown, PermanentError, RetryableError
+from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target, render_target
+from cxrelay.flows.attempt import attempt, honour_retry_after
 from cxrelay.flows.customer import CustomerCache, log_conversation
 from cxrelay.flows.limits import Limits
 from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.store.database import Store
-from cxrelay.store.ledger import Reservation
 from cxrelay.store.models import InboxEvent
-
-MAX_RETRY_AFTER_SECONDS = 300.0
 
 
 def only_retryable(task: Any, task_run: Any, state: Any) -> bool:
@@ -47,12 +45,6 @@ def only_retryable(task: Any, task_run: Any, state: Any) -> bool:
 def backoff(retries: int, cap: float = 60.0, base: float = 1.0) -> list[float]:
     """Capped exponential delays with full jitter on the upper half (1, 2, 4 … ≤ cap)."""
     return [min(cap, base * 2**i) * random.uniform(0.5, 1.0) for i in range(retries)]
-
-
-async def honour_retry_after(exc: BaseException) -> None:
-    """Wait what the remote asked before Prefect schedules the retry."""
-    if isinstance(exc, RetryableError) and exc.retry_after:
-        await asyncio.sleep(min(exc.retry_after, MAX_RETRY_AFTER_SECONDS))
 
 
 def payload_digest(payload: Any) -> str:
@@ -69,16 +61,6 @@ def idempotency_key(conversation_id: str, target: str, version: str) -> str:
     """Per conversation, target and payload version: a receiver drops our retries by it, and
     still takes an update."""
     return ordering.idempotency_key(conversation_id, target, version)
-
-
-def fence_key(event: CanonicalEvent) -> str | None:
-    """The ledger's order key of the event's data (newest wins; see core.ordering)."""
-    key = ordering.order_key(event)
-    return key.encode() if key else None
-
-
-def stale_result(reservation: Reservation) -> dict[str, Any]:
-    return {"status": "stale", "ref": reservation.external_ref, "newer": reservation.newer}
 
 
 @dataclass
@@ -228,41 +210,6 @@ def deliver_task_for(target: Target) -> Any:
     return _deliver_tasks[key]
 
 
-class InFlight(RetryableError):
-    """Another event of the same conversation is delivering to this target right now."""
-
-
-async def _reserve(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
-                   digest: str) -> Reservation:
-    """The reservation to deliver; raises InFlight while another attempt holds it."""
-    reservation = await asyncio.to_thread(
-        store.reserve, conversation_id=event.conversation_id, target=target, action=action,
-        owner=owner, payload_sha256=digest, order_key=fence_key(event))
-    if not reservation.granted and not reservation.already_done and not reservation.stale:
-        raise InFlight(f"{target}: another event of conversation {event.conversation_id} "
-                       "is being delivered", retry_after=1.0)
-    return reservation
-
-
-async def _reserved(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
-                    digest: str) -> tuple[dict[str, Any] | None, str | None]:
-    """(the result when nothing is to be sent, previous external ref) for targets whose
-    repeats are harmless."""
-    reservation = await _reserve(store, event, target, action, owner, digest)
-    if reservation.stale:
-        return stale_result(reservation), reservation.external_ref
-    if reservation.already_done:
-        return {"status": "unchanged", "ref": reservation.external_ref}, reservation.external_ref
-    return None, reservation.external_ref
-
-
-async def _complete(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
-                    ref: str | None, digest: str) -> None:
-    await asyncio.to_thread(store.complete, conversation_id=event.conversation_id, target=target,
-                            action=action, owner=owner, external_ref=ref, payload_sha256=digest,
-                            event_id=event.event_id, order_key=fence_key(event))
-
-
 async def deliver_salesforce(store: Store, client: SalesforceClient,
                              target: SalesforceTargetConfig, event: CanonicalEvent, owner: str,
                              payload: dict[str, Any], limits: Limits,
@@ -275,28 +222,19 @@ async def deliver_salesforce(store: Store, client: SalesforceClient,
     else:
         digest = payload_digest([target.object, target.external_id_field,
                                  payload["external_id"], payload["fields"]])
-    skipped, ref = await _reserved(store, event, target.name, "upsert", owner, digest)
-    if skipped:
-        return skipped
-    try:
+    async with attempt(store, event, target.name, "upsert", owner, digest) as delivery:
+        if delivery.skipped:
+            return delivery.skipped
         if target.customer is not None:
             logged = await log_conversation(client, target, payload,
                                             customers or CustomerCache(), limits)
-        else:
-            async with limits.salesforce():
-                result = await client.upsert(target.object, target.external_id_field,
-                                             payload["external_id"], payload["fields"])
-    except BaseException as exc:
-        await asyncio.to_thread(store.unreserve, conversation_id=event.conversation_id,
-                                target=target.name, action="upsert", owner=owner)
-        await honour_retry_after(exc)
-        raise
-    if target.customer is not None:
-        await _complete(store, event, target.name, "upsert", owner, logged["ref"] or ref, digest)
-        return logged
-    ref = result.record_id or ref
-    await _complete(store, event, target.name, "upsert", owner, ref, digest)
-    return {"status": "created" if result.created else "updated", "ref": ref,
+            delivery.ref = logged["ref"] or delivery.previous_ref
+            return logged
+        async with limits.salesforce():
+            result = await client.upsert(target.object, target.external_id_field,
+                                         payload["external_id"], payload["fields"])
+        delivery.ref = result.record_id or delivery.previous_ref
+    return {"status": "created" if result.created else "updated", "ref": delivery.ref,
             "http_status": result.status}
 
 
@@ -306,14 +244,11 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
     """Post once per conversation; a later event of it updates that message (Slack has no
     idempotency key, so the ledger keeps the message's channel and ts)."""
     digest = payload_digest([payload["channel"], payload["text"]])
-    reservation = await _reserve(store, event, target.name, "message", owner, digest)
-    ref = reservation.external_ref
-    if reservation.stale:
-        return stale_result(reservation)
-    if reservation.already_done:
-        return {"status": "unchanged", "ref": ref}
-    try:
-        if ref is None and reservation.uncertain:
+    async with attempt(store, event, target.name, "message", owner, digest) as delivery:
+        if delivery.skipped:
+            return delivery.skipped
+        ref = delivery.previous_ref
+        if ref is None and delivery.uncertain:
             # An attempt that crashed or lost its answer may have posted: find its message by
             # our metadata first.
             found = await client.find_message(payload["channel"], event.conversation_id,
@@ -332,15 +267,8 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
             message = await client.post_message(payload["channel"], payload["text"],
                                                 metadata=delivery_metadata(event, target.name))
             status = "posted"
-    except BaseException as exc:
-        await asyncio.to_thread(store.unreserve, conversation_id=event.conversation_id,
-                                target=target.name, action="message", owner=owner,
-                                uncertain=isinstance(exc, OutcomeUnknown))
-        await honour_retry_after(exc)
-        raise
-    ref = f"{message.channel}|{message.ts}"
-    await _complete(store, event, target.name, "message", owner, ref, digest)
-    return {"status": status, "ref": ref}
+        delivery.ref = f"{message.channel}|{message.ts}"
+    return {"status": status, "ref": delivery.ref}
 
 
 async def deliver_http(store: Store, client: HttpTarget, target: HttpTargetConfig,
@@ -348,16 +276,10 @@ async def deliver_http(store: Store, client: HttpTarget, target: HttpTargetConfi
     """POST the mapped body with X-Idempotency-Key = a key of conversation, target and the
     payload's version (its digest)."""
     digest = payload_digest([target.url, payload["body"]])
-    skipped, ref = await _reserved(store, event, target.name, "post", owner, digest)
-    if skipped:
-        return skipped
-    key = idempotency_key(event.conversation_id, target.name, digest)
-    try:
+    async with attempt(store, event, target.name, "post", owner, digest) as delivery:
+        if delivery.skipped:
+            return delivery.skipped
+        key = idempotency_key(event.conversation_id, target.name, digest)
         status = await client.post(payload["body"], key)
-    except BaseException as exc:
-        await asyncio.to_thread(store.unreserve, conversation_id=event.conversation_id,
-                                target=target.name, action="post", owner=owner)
-        await honour_retry_after(exc)
-        raise
-    await _complete(store, event, target.name, "post", owner, key, digest)
+        delivery.ref = key
     return {"status": "posted", "ref": key, "http_status": status}

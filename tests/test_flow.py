@@ -353,7 +353,10 @@ def test_events_run_as_task_runs_of_rotating_lanes_with_the_same_guarantees(
     assert len(messages) == 24
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.postMessage")) == 24
     outcomes = [e.outcome for e in runtime.store.events()]
-    assert outcomes.count("delivered") == 25 and outcomes.count("filtered") == 1
+    # The two events of ids[0] carry the same second: the one with the lower id is older, and
+    # stale if the newer one got there first.
+    assert outcomes.count("delivered") + outcomes.count("stale") == 25
+    assert outcomes.count("filtered") == 1
     lane_names = {f"lane-{lane.id}" for lane in dispatcher.lanes}
 
     async def task_runs_by_lane() -> dict[str, list[str]]:

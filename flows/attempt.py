@@ -1,0 +1,102 @@
+"""One delivery attempt under the ledger: reserve → call → complete, or release.
+
+Every target delivers through `attempt()`, so the exactly-once skeleton exists once:
+
+    async with attempt(store, event, "salesforce", "upsert", owner, digest) as delivery:
+        if delivery.skipped:
+            return delivery.skipped          # already done with this payload, or stale
+        result = await client.upsert(...)
+        delivery.ref = result.record_id      # recorded in the ledger on success
+
+A failure releases the reservation (an unknown outcome marks it uncertain, so the next attempt
+looks before it acts), waits what the remote asked (Retry-After), and re-raises. No Prefect here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from cxrelay.core import ordering
+from cxrelay.core.envelope import CanonicalEvent
+from cxrelay.core.errors import OutcomeUnknown, RetryableError
+from cxrelay.store.database import Store
+from cxrelay.store.ledger import Reservation
+
+MAX_RETRY_AFTER_SECONDS = 300.0
+
+
+class InFlight(RetryableError):
+    """Another event of the same conversation is delivering to this target right now."""
+
+
+async def honour_retry_after(exc: BaseException) -> None:
+    """Wait what the remote asked before the retry is scheduled."""
+    if isinstance(exc, RetryableError) and exc.retry_after:
+        await asyncio.sleep(min(exc.retry_after, MAX_RETRY_AFTER_SECONDS))
+
+
+def fence_key(event: CanonicalEvent) -> str | None:
+    """The ledger's order key of the event's data (newest wins; see core.ordering)."""
+    key = ordering.order_key(event)
+    return key.encode() if key else None
+
+
+@dataclass
+class Delivery:
+    """What the ledger granted this attempt; the caller sets `ref` once the target has it."""
+
+    reservation: Reservation
+    ref: str | None = None
+
+    @property
+    def previous_ref(self) -> str | None:
+        """What an earlier delivery of the conversation left (a record id, a message ts)."""
+        return self.reservation.external_ref
+
+    @property
+    def uncertain(self) -> bool:
+        """An earlier attempt may have reached the target: look before acting again."""
+        return self.reservation.uncertain
+
+    @property
+    def skipped(self) -> dict[str, Any] | None:
+        """The result when nothing is to be sent: the target has this payload, or newer data."""
+        if self.reservation.stale:
+            return {"status": "stale", "ref": self.previous_ref,
+                    "newer": self.reservation.newer}
+        if self.reservation.already_done:
+            return {"status": "unchanged", "ref": self.previous_ref}
+        return None
+
+
+@asynccontextmanager
+async def attempt(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
+                  digest: str) -> AsyncIterator[Delivery]:
+    """Reserve (conversation, target, action) for this payload; raises InFlight while another
+    attempt holds it. See the module docstring for the shape of a delivery."""
+    key: dict[str, Any] = {"conversation_id": event.conversation_id, "target": target,
+                           "action": action, "owner": owner}
+    order_key = fence_key(event)
+    reservation = await asyncio.to_thread(store.reserve, **key, payload_sha256=digest,
+                                          order_key=order_key)
+    if not (reservation.granted or reservation.already_done or reservation.stale):
+        raise InFlight(f"{target}: another event of conversation {event.conversation_id} "
+                       "is being delivered", retry_after=1.0)
+    delivery = Delivery(reservation)
+    if delivery.skipped:
+        yield delivery
+        return
+    try:
+        yield delivery
+    except BaseException as exc:
+        await asyncio.to_thread(store.unreserve, **key,
+                                uncertain=isinstance(exc, OutcomeUnknown))
+        await honour_retry_after(exc)
+        raise
+    await asyncio.to_thread(store.complete, **key, external_ref=delivery.ref,
+                            payload_sha256=digest, event_id=event.event_id,
+                            order_key=order_key)
