@@ -43,14 +43,10 @@ def _settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays fas
 
 
 def _store():  # noqa: ANN202
-    import click
-
     from cxrelay.store.database import Store
 
     settings = _settings()
-    store = Store(settings.database_url, synchronous=settings.sqlite_synchronous)
-    click.get_current_context().call_on_close(store.close)  # its lock file, its pool
-    return store
+    return Store(settings.database_url, synchronous=settings.sqlite_synchronous)
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -107,10 +107,9 @@ class Database:
         self._writer: AbstractContextManager[Any] = (
             threading.Lock() if self.dialect == "sqlite" else nullcontext())
         path = sqlite_path(url) if self.dialect == "sqlite" else None
-        self._lock_file = (
-            os.fdopen(os.open(f"{path}.writer-lock", os.O_CREAT | os.O_APPEND | os.O_WRONLY,
-                              PRIVATE), "ab")
-            if path is not None and fcntl is not None else None)
+        # Opened at the first write: a store that only reads (most CLI commands) holds nothing.
+        self._lock_path = f"{path}.writer-lock" if path is not None and fcntl else None
+        self._lock_file: Any = None
         if create:
             SQLModel.metadata.create_all(self.engine)
             migrate(self.engine)
@@ -143,9 +142,12 @@ class Database:
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
-        if self._lock_file is None:
+        if self._lock_path is None:
             yield
             return
+        if self._lock_file is None:  # under the threads' lock: opened once
+            self._lock_file = os.fdopen(os.open(
+                self._lock_path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, PRIVATE), "ab")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
         try:
             yield
