@@ -161,3 +161,40 @@ def test_prune_dry_run_counts_and_prune_deletes(db: Store) -> None:
     pruned = runner.invoke(app, ["prune", "--older-than", "0m"])
     assert pruned.exit_code == 0, pruned.output
     assert db.get_event(inbox_id) is None
+
+
+MARKUP = "[/oops] [link=https://evil.example]click[/link] [bold]"
+
+
+def test_quarantine_commands_print_stored_markup_as_text(db: Store) -> None:
+    body = json.dumps({"note": MARKUP}).encode()
+    quarantined = db.quarantine(source="genesys", body=body, content_type="application/json",
+                                reason={"message": MARKUP})
+    shown = runner.invoke(app, ["quarantine", "show", str(quarantined)])
+    assert shown.exit_code == 0, shown.output
+    assert "[/oops]" in shown.output and "[link=https://evil.example]" in shown.output
+    assert "\x1b]8;" not in shown.output  # no terminal hyperlink
+    listed = runner.invoke(app, ["quarantine", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "[/oops]" in listed.output
+
+
+def test_drift_prints_stored_markup_as_text(db: Store) -> None:
+    db.record_drift("generic", [("[/x]", "new", MARKUP)], "[/e1]")
+    db.record_drift("generic", [("conversation.y", "new", "type string")], "e2")
+    result = runner.invoke(app, ["drift"])
+    assert result.exit_code == 0, result.output
+    assert "[/x]" in result.output and "conversation.y" in result.output
+
+
+def test_dead_letters_print_stored_markup_as_text(db: Store) -> None:
+    inbox_id = enqueue(db, generic_event("conv-markup"))
+    assert inbox_id is not None
+    (claimed,) = db.claim(worker="w", limit=1, lease_seconds=60)
+    db.finish(claimed.id, outcome="partial", detail={})
+    dead = db.dead_letter(inbox_id=inbox_id, event_id="e", conversation_id="conv-markup",
+                          target="slack", reason=MARKUP, error_type="PermanentError", attempts=1)
+    listed = runner.invoke(app, ["dead-letters", "list"])
+    assert listed.exit_code == 0 and "[/oops]" in listed.output, listed.output
+    shown = runner.invoke(app, ["dead-letters", "show", str(dead)])
+    assert shown.exit_code == 0, shown.output

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from cxrelay.core.errors import ConfigError, CxrelayError
 
@@ -47,6 +48,12 @@ def _store():  # noqa: ANN202
 
     settings = _settings()
     return Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+
+
+def _row(table: Table, *values: object) -> None:
+    """A table row of stored text: cells are `Text`, never Rich markup (a stored `[/x]`
+    would end the command, `[link=…]` would become a terminal hyperlink)."""
+    table.add_row(*(Text(str(value)) for value in values))
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -253,7 +260,7 @@ def send(
                               timeout=10)
     except httpx.HTTPError as exc:
         _fail(f"{url}: {type(exc).__name__}: {exc}")
-    console.print(f"HTTP {response.status_code} {response.text}")
+    console.print(f"HTTP {response.status_code} {response.text}", markup=False)
     raise typer.Exit(0 if response.status_code == 202 else 1)
 
 
@@ -275,7 +282,7 @@ def status() -> None:
     store = _store()
     table = Table("what", "count")
     for name, count in sorted(store.status_counts().items()):
-        table.add_row(f"inbox {name}", str(count))
+        _row(table, f"inbox {name}", count)
     table.add_row("dead letters (open)", str(len(store.dead_letters("open"))))
     table.add_row("quarantined (open)", str(len(store.quarantined("open"))))
     console.print(table)
@@ -287,8 +294,8 @@ def dead_letters_list(all_: bool = typer.Option(False, "--all", help="include re
     rows = _store().dead_letters(None if all_ else "open")
     table = Table("id", "inbox", "conversation", "target", "attempts", "status", "reason")
     for row in rows:
-        table.add_row(str(row.id), str(row.inbox_id), row.conversation_id, row.target,
-                      str(row.attempts), row.status, row.reason[:80])
+        _row(table, row.id, row.inbox_id, row.conversation_id, row.target, row.attempts,
+             row.status, row.reason[:80])
     console.print(table)
 
 
@@ -303,7 +310,8 @@ def dead_letters_show(dead_letter_id: int) -> None:
     console.print_json(row.model_dump_json())
     event = store.get_event(row.inbox_id)
     if event is not None:
-        console.print(event.body.decode("utf-8", "replace"), highlight=False, soft_wrap=True)
+        console.print(event.body.decode("utf-8", "replace"), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 @dead_letters_app.command("replay")
@@ -327,8 +335,8 @@ def quarantine_list(all_: bool = typer.Option(False, "--all", help="include repl
     """List quarantined bodies."""
     table = Table("id", "source", "received", "status", "reason")
     for row in _store().quarantined(None if all_ else "open"):
-        table.add_row(str(row.id), row.source, str(row.received_at)[:19], row.status,
-                      json.loads(row.reason).get("message", "")[:80])
+        _row(table, row.id, row.source, str(row.received_at)[:19], row.status,
+             str(json.loads(row.reason).get("message", ""))[:80])
     console.print(table)
 
 
@@ -340,7 +348,8 @@ def quarantine_show(quarantine_id: int) -> None:
         _fail(f"no quarantined body {quarantine_id}")
     assert row is not None
     console.print_json(row.reason)
-    console.print(row.body.decode("utf-8", "replace"), highlight=False, soft_wrap=True)
+    console.print(row.body.decode("utf-8", "replace"), markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 @quarantine_app.command("replay")
@@ -355,7 +364,7 @@ def quarantine_replay(
         outcome = replay_quarantined(_store(), quarantine_id, dry_run=dry_run)
     except CxrelayError as exc:
         _fail(str(exc))
-    console.print(outcome)
+    console.print(outcome, markup=False, highlight=False)
 
 
 def parse_duration(text: str) -> int:
@@ -411,8 +420,8 @@ def drift() -> None:
     table = Table("envelope", "field", "kind", "events", "first seen", "example event", "detail")
     rows = _store().drift()
     for row in rows:
-        table.add_row(row.contract, row.field, row.kind, str(row.count),
-                      str(row.first_seen)[:19], row.example_event_id, row.detail)
+        _row(table, row.contract, row.field, row.kind, row.count, str(row.first_seen)[:19],
+             row.example_event_id, row.detail)
     console.print(table if rows else "No schema drift seen.")
 
 
@@ -444,7 +453,7 @@ def mapping_check(
         _fail(str(exc))
     context = {**event.context(), "conversation": fetched}
     console.print(f"event {event.event_id} ({event.envelope}, {event.event_type}), conversation "
-                  f"{event.conversation_id}, ended={event.ended}")
+                  f"{event.conversation_id}, ended={event.ended}", markup=False)
     for finding in detect_drift(event.envelope, event.payload):
         console.print(f"[yellow]drift:[/yellow] "
                       f"{escape(f'{finding.kind} {finding.field} ({finding.detail})')}")
@@ -459,7 +468,7 @@ def mapping_check(
             continue
         warnings = payload.pop("warnings")
         payload.pop("customer", None)  # its lookups are spelled out in `plan`
-        console.print(f"[bold]{target.name}[/bold] ({target.type})")
+        console.print(f"[bold]{escape(target.name)}[/bold] ({target.type})")
         console.print_json(json.dumps(payload))
         for warning in warnings:
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
@@ -480,11 +489,11 @@ def config_validate(path: Path | None = typer.Argument(None, help="default: CXRE
         _fail(f"{target}: {exc.strerror}", 2)
     except PipelineError as exc:
         for line in exc.errors:
-            err.print(line, highlight=False)
+            err.print(line, markup=False, highlight=False)
         raise typer.Exit(1) from None
     console.print(f"{target}: valid — {len(pipeline.sources)} sources, {len(pipeline.filters)} "
                   f"filters, {len(pipeline.targets)} targets "
-                  f"({', '.join(t.name for t in pipeline.targets)})")
+                  f"({', '.join(t.name for t in pipeline.targets)})", markup=False)
 
 
 @app.command()
