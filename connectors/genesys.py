@@ -7,13 +7,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 from pydantic import SecretStr
 
 from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from cxrelay.core.errors import PermanentError, RetryableError
+from cxrelay.core.urls import path_segment
 
 
 class GenesysNotFound(PermanentError):
@@ -121,7 +121,7 @@ class GenesysClient:
         raise PermanentError("Genesys API rejected a freshly issued token")
 
     async def get_conversation(self, conversation_id: str) -> dict[str, Any]:
-        return await self.request("GET", f"/api/v2/conversations/{quote(conversation_id, safe='')}")
+        return await self.request("GET", f"/api/v2/conversations/{path_segment(conversation_id)}")
 
     async def ended_conversations(
         self, start: str, end: str, page_size: int = 100

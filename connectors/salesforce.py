@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import anyio.to_thread
 import requests
@@ -23,6 +23,7 @@ from simple_salesforce.exceptions import SalesforceError
 
 from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
 from cxrelay.core.errors import ConfigError, PermanentError, RetryableError
+from cxrelay.core.urls import path_segment
 
 # DUPLICATE_VALUE: two upserts of one new external id at the same moment; the loser's retry
 # finds the winner's record and updates it.
@@ -170,7 +171,7 @@ class SalesforceClient:
 
     def upsert_sync(self, sobject: str, field: str, value: str,
                     fields: dict[str, Any]) -> UpsertResult:
-        record_path = f"{field}/{quote(value, safe='')}"
+        record_path = f"{path_segment(field)}/{path_segment(value)}"
         response = self._call(
             f"upsert {sobject} {field}={value!r}",
             lambda sf: getattr(sf, sobject).upsert(record_path, fields, raw_response=True))

@@ -6,7 +6,6 @@ already has the identical payload, so only what failed is sent.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +13,7 @@ from prefect import flow, get_run_logger
 
 from cxrelay.core.envelope import normalise
 from cxrelay.core.errors import EnvelopeError, PermanentError
+from cxrelay.core.jsonbody import parse_body
 from cxrelay.store.database import Store
 from cxrelay.store.inbox import inbox_row
 
@@ -49,7 +49,7 @@ def replay_quarantined(store: Store, quarantine_id: int, dry_run: bool = False) 
     if row is None or row.status != "open":
         raise PermanentError(f"no open quarantined body {quarantine_id}")
     try:
-        event = normalise(json.loads(row.body), row.source, row.body)
+        event = normalise(parse_body(row.body), row.source, row.body)
     except (EnvelopeError, ValueError) as exc:
         raise PermanentError(f"quarantined body {quarantine_id} is still not an event: {exc}"
                              ) from exc

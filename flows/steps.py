@@ -27,6 +27,7 @@ from cxrelay.core.drift import detect_drift
 from cxrelay.core.envelope import CanonicalEvent, normalise
 from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
+from cxrelay.core.jsonbody import BodyError, parse_body
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target, render_target
 from cxrelay.flows.attempt import attempt, honour_retry_after
@@ -80,7 +81,11 @@ def read_event(row: InboxEvent) -> CanonicalEvent:
     if digest != row.body_sha256:
         raise PermanentError(f"inbox event {row.id}: body hash mismatch (stored {row.body_sha256[:12]}…, "
                              f"now {digest[:12]}…)")
-    event = normalise(json.loads(row.body), row.source, row.body)
+    try:
+        payload = parse_body(row.body)
+    except BodyError as exc:
+        raise PermanentError(f"inbox event {row.id}: {exc}") from exc
+    event = normalise(payload, row.source, row.body)
     if event.dedupe_key != row.dedupe_key:
         raise PermanentError(f"inbox event {row.id}: dedupe key changed on re-reading")
     return replace(event, received_at=row.received_at)

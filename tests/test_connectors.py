@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import httpx
@@ -360,3 +361,60 @@ def test_slack_post_that_cannot_connect_is_retryable_not_unknown() -> None:
     with pytest.raises(RetryableError) as info:
         run(client.post_message("#contact-center", "hello"))
     assert not isinstance(info.value, OutcomeUnknown)
+
+
+@pytest.mark.parametrize("value", ["..", "."])
+def test_dot_segments_never_reach_salesforce_or_genesys(clean_sandbox: Sandbox, value: str) -> None:
+    # quote() leaves `..` as it is: the upsert became PATCH …/sobjects/Lead/ (issue 13).
+    with pytest.raises(PermanentError, match="path segment"):
+        run(salesforce(clean_sandbox).upsert("Lead", "Genesys_Conversation_Id__c", value, LEAD))
+
+    async def get() -> Any:
+        client = genesys(clean_sandbox)
+        try:
+            return await client.get_conversation(value)
+        finally:
+            await client.aclose()
+
+    with pytest.raises(PermanentError, match="path segment"):
+        run(get())
+    assert [r for r in requests(clean_sandbox.salesforce_url) if r["method"] == "PATCH"] == []
+    assert [r for r in requests(clean_sandbox.genesys_url)
+            if r["path"].startswith("/api/v2/conversations")] == []
+
+
+def test_http_target_credentials_stay_out_of_errors_and_reprs(clean_sandbox: Sandbox) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tests.servers import serve
+
+    seen: list[str | None] = []
+
+    async def hook(request: Request) -> JSONResponse:
+        seen.append(request.headers.get("authorization"))
+        return JSONResponse({"error": "nope"}, status_code=400)
+
+    with serve(Starlette(routes=[Route("/hook", hook, methods=["POST"])])) as url:
+        authority = url.removeprefix("http://")
+        target = HttpTarget(f"http://bob:pa55word@{authority}/hook?token=t0ken&team=a")
+        refused = HttpTarget("http://bob:pa55word@127.0.0.1:1/hook?token=t0ken")
+
+        async def scenario() -> list[str]:
+            messages = []
+            for client in (target, refused):
+                try:
+                    await client.post({"a": 1}, "key-1")
+                except (RetryableError, PermanentError) as exc:
+                    messages.append(str(exc) + repr(exc.__cause__) + repr(client))
+                await client.http.aclose()
+            return messages
+
+        messages = run(scenario())
+    assert len(messages) == 2
+    for text in messages:
+        assert "pa55word" not in text and "bob" not in text and "t0ken" not in text, text
+    assert "team=a" in messages[0]
+    assert seen == ["Basic " + base64.b64encode(b"bob:pa55word").decode()]

@@ -129,3 +129,25 @@ def test_unusable_identifiers_are_refused(field: str, value: str, message: str) 
     with pytest.raises(EnvelopeError) as info:
         normalise(payload, "genesys")
     assert message in info.value.errors[0]["msg"]
+
+
+@pytest.mark.parametrize("conversation_id", ["..", ".", "a/b", "../Lead", "%2e%2e", "a b",
+                                             "x?y", "-leading", "é", "a" * 129])
+def test_conversation_ids_that_cannot_be_a_path_segment_are_refused(conversation_id: str) -> None:
+    generic = {"id": "e1", "eventType": "X", "conversation": {"id": conversation_id}}
+    with pytest.raises(EnvelopeError) as raised:
+        normalise(generic, "genesys")
+    assert raised.value.errors[0]["loc"] == "conversation.id"
+    eventbridge = {"id": "e1", "detail-type": "x", "detail": {
+        "topicName": "v2.detail.events.conversation.{id}.customer.end",
+        "eventBody": {"conversationId": conversation_id}}}
+    with pytest.raises(EnvelopeError) as raised:
+        normalise(eventbridge, "eventbridge")
+    assert raised.value.errors[0]["loc"] == "detail.eventBody.conversationId"
+
+
+@pytest.mark.parametrize("conversation_id", ["3f2a6c1e-9b0d-4e57-8a3c-2d1f0e9b8a7c", "conv-1",
+                                             "A.b_c~1", "a" * 128])
+def test_uuids_and_plain_ids_are_accepted(conversation_id: str) -> None:
+    event = normalise({"id": "e1", "conversation": {"id": conversation_id}}, "genesys")
+    assert event.conversation_id == conversation_id

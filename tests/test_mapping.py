@@ -122,3 +122,19 @@ def test_mapping_raises_only_mapping_errors(spec: dict) -> None:
     except MappingError:
         return
     assert set(mapped.fields) <= {"F"}
+
+
+def test_slack_text_escapes_values_but_keeps_the_templates_markup() -> None:
+    from cxrelay.core.pipeline import SlackTargetConfig
+    from cxrelay.core.render import render_target
+
+    target = SlackTargetConfig(name="slack", type="slack", channel="#c",
+                               text="<!here> *{{ event.note }}* {{ fields.who }} {{ event.n }}",
+                               fields={"who": {"from": ["event.who"]}})
+    context = {"event": {"note": "<!channel> & <https://evil.example|click>", "who": "a<b>",
+                         "n": 3}}
+    text = render_target(Mapper(), target, context)["text"]
+    assert text == ("<!here> *&lt;!channel&gt; &amp; &lt;https://evil.example|click&gt;* "
+                    "a&lt;b&gt; 3")
+    # Other targets get the values as they are.
+    assert Mapper().render("{{ event.note }}", context) == "<!channel> & <https://evil.example|click>"

@@ -324,3 +324,35 @@ def test_a_full_disk_makes_readyz_and_inserts_answer_503(tmp_path: Path) -> None
         db.close()
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_nesting_over_the_limit_is_400_at_the_door(receiver: str, store: Store) -> None:
+    # ~1,000 levels: orjson alone accepted it, the dispatcher's json.loads did not.
+    deep = b"[" * 1000 + b"]" * 1000
+    body = b'{"id": "e-deep", "eventType": "X", "conversation": {"id": "c1", "x": ' + deep + b"}}"
+    response = post(receiver, body, signed(body))
+    assert response.status_code == 400, response.text
+    assert "deeper than" in response.json()["detail"]
+    assert store.events() == [] and store.quarantined() == []
+
+
+@pytest.mark.parametrize("conversation_id", ["..", ".", "a/../b"])
+def test_conversation_id_that_is_no_path_segment_is_422_and_quarantined(
+        receiver: str, store: Store, conversation_id: str) -> None:
+    body = json.dumps({"id": "e-dots", "eventType": "X",
+                       "conversation": {"id": conversation_id, "state": "COMPLETED"}}).encode()
+    response = post(receiver, body, signed(body))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == "conversation.id"
+    assert [q.body for q in store.quarantined()] == [body]
+    assert store.events() == []
+
+
+@pytest.mark.parametrize("path", ["/webhooks/genesys/", "/healthz/", "/readyz/"])
+def test_trailing_slash_is_404_without_a_redirect(receiver: str, path: str) -> None:
+    body = sample_bytes("generic-webhook.json")
+    response = httpx.request("POST" if path.startswith("/webhooks") else "GET", receiver + path,
+                             content=body if path.startswith("/webhooks") else None,
+                             headers={**signed(body), "Host": "evil.example"})
+    assert response.status_code == 404, response.headers
+    assert "location" not in response.headers

@@ -33,6 +33,10 @@ _CONVERSATION_TOPIC = re.compile(r"^v2\.(?:detail\.events\.)?conversations?\.([^
 # Genesys ids are UUIDs and topics well under this; the inbox's columns hold 255 characters.
 MAX_ID_LENGTH = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A Genesys conversation id is a UUID. Ids become URL path segments (Genesys GET, the
+# Salesforce upsert), so anything else must be RFC 3986 unreserved characters starting with a
+# letter or digit: never `.`/`..`, never `/`, `%`, `?` or `#`.
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,12 @@ def _require(errors: list[dict[str, str]], loc: str, value: str | None) -> str:
     return value
 
 
+def _check_conversation_id(errors: list[dict[str, str]], loc: str, value: str | None) -> None:
+    if value is not None and not _CONVERSATION_ID.fullmatch(value):
+        errors.append({"loc": loc, "msg": "not a conversation id (a UUID, or up to 128 letters, "
+                       "digits and -._~ starting with a letter or digit)"})
+
+
 def _generic(payload: dict[str, Any], source: str) -> CanonicalEvent:
     errors: list[dict[str, str]] = []
     conversation = payload.get("conversation")
@@ -172,6 +182,7 @@ def _generic(payload: dict[str, Any], source: str) -> CanonicalEvent:
         conversation = {}
     event_id = _require(errors, "id", _text(payload.get("id")))
     conversation_id = _require(errors, "conversation.id", _text(conversation.get("id")))
+    _check_conversation_id(errors, "conversation.id", conversation_id or None)
     if errors:
         raise EnvelopeError("generic webhook is missing required fields", errors)
     state = _text(conversation.get("state")) or ""
@@ -206,6 +217,7 @@ def _from_topic_event(
     topic_conversation, event_type = _topic_parts(topic)
     conversation_id = _text(body.get("conversationId")) or topic_conversation
     _require(errors, f"{prefix}eventBody.conversationId", conversation_id)
+    _check_conversation_id(errors, f"{prefix}eventBody.conversationId", conversation_id)
     metadata = detail.get("metadata")
     if not isinstance(metadata, dict):
         metadata = {}

@@ -122,3 +122,9 @@ def lookup(value: Any, table: dict[str, Any], default: Any = None) -> Any:
     if default is not None:
         return default
     raise MappingError(f"{value!r} is not in the lookup table (known: {', '.join(sorted(table))})")
+
+
+def slack_escape(value: str) -> str:
+    """Slack's three control characters as entities (Slack decodes exactly these): a value
+    such as `<!channel>` or `<https://x|click>` shows as text instead of pinging or linking."""
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

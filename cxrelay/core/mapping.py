@@ -68,8 +68,17 @@ class MappedPayload:
     warnings: list[str] = field(default_factory=list)
 
 
-def _make_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(undefined=ChainableUndefined, autoescape=False)
+def _slack_value(value: Any) -> Any:
+    """Jinja `finalize` for Slack text: every `{{ value }}` is escaped, the template's own
+    literal markup (`<@U123>`, `*bold*`, links it writes itself) is not."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return formatters.slack_escape(str(value))
+
+
+def _make_environment(finalize: Any = None) -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(undefined=ChainableUndefined, autoescape=False,
+                                        finalize=finalize)
     env.filters.update(
         date=formatters.format_date,
         e164=formatters.format_e164,
@@ -84,29 +93,33 @@ class Mapper:
     def __init__(self, lookups: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.lookups = {name: dict(table) for name, table in (lookups or {}).items()}
         self.env = _make_environment()
-        self.env.filters["lookup"] = self._lookup
-        self._cache: dict[str, Any] = {}
+        self.slack_env = _make_environment(finalize=_slack_value)
+        for env in (self.env, self.slack_env):
+            env.filters["lookup"] = self._lookup
+        self._cache: dict[tuple[bool, str], Any] = {}
 
     def _lookup(self, value: Any, table: str, default: Any = None) -> Any:
         if table not in self.lookups:
             raise MappingError(f"unknown lookup table {table!r}")
         return formatters.lookup(value, self.lookups[table], default)
 
-    def compile(self, source: str) -> Any:
-        template = self._cache.get(source)
+    def compile(self, source: str, slack: bool = False) -> Any:
+        template = self._cache.get((slack, source))
         if template is None:
+            env = self.slack_env if slack else self.env
             try:
-                template = self.env.from_string(source)
+                template = env.from_string(source)
             except TemplateError as exc:
                 raise MappingError(f"invalid template {source!r}: {exc}") from exc
-            self._cache[source] = template
+            self._cache[(slack, source)] = template
         return template
 
-    def render(self, source: str, context: Mapping[str, Any]) -> str:
-        """Render one template; `get(path)` is available beside the context's names."""
+    def render(self, source: str, context: Mapping[str, Any], slack: bool = False) -> str:
+        """Render one template; `get(path)` is available beside the context's names. With
+        `slack`, the values it interpolates are escaped for Slack's mrkdwn."""
         scope = context if "get" in context else {**context, "get": partial(_get, context)}
         try:
-            return str(self.compile(source).render(scope)).strip()
+            return str(self.compile(source, slack).render(scope)).strip()
         except CxrelayError:
             raise
         except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:

@@ -30,7 +30,7 @@ def render_target(mapper: Mapper, target: Target, context: dict[str, Any],
         channel = target.channel or default_channel
         if not channel:
             raise ConfigError("CXRELAY_SLACK_CHANNEL is not set; it is needed to post to Slack")
-        text = mapper.render(target.text, {**context, "fields": mapped.fields})
+        text = mapper.render(target.text, {**context, "fields": mapped.fields}, slack=True)
         if not text:
             raise MappingError(f"{target.name}: the message text rendered empty")
         return {"channel": channel, "text": text, "warnings": mapped.warnings}
