@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from cxrelay.flows.steps import read_event
 
 from cxrelay.core.errors import PermanentError
-from cxrelay.flows.steps import read_event
 from cxrelay.store.models import InboxEvent
 
 

@@ -59,8 +59,18 @@ class TestHmac:
     def test_sign_round_trips(self) -> None:
         self.verifier.verify(BODY, self.verifier.sign(BODY))
 
-    def test_split_secrets(self) -> None:
-        assert split_secrets(" a, b ,,c ") == ["a", "b", "c"]
+    def test_split_secrets_one_per_line_or_a_json_list(self) -> None:
+        assert split_secrets(" new \n\n old\n") == ["new", "old"]
+        assert split_secrets('["new", "old,with,commas", " "]') == ["new", "old,with,commas"]
+        assert split_secrets("[not json") == ["[not json"]
+
+    def test_a_secret_with_commas_is_one_secret(self) -> None:
+        (secret,) = split_secrets("abc,def,ghi")
+        verifier = HmacVerifier(split_secrets("abc,def,ghi"))
+        verifier.verify(BODY, HmacVerifier([secret]).sign(BODY))
+        for part in ("abc", "def", "ghi"):  # its pieces are not secrets of their own
+            with pytest.raises(SignatureError):
+                verifier.verify(BODY, HmacVerifier([part]).sign(BODY))
 
 
 class TestOpenMessaging:

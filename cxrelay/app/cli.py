@@ -254,7 +254,9 @@ def send(
         _fail("give --secret or set CXRELAY_WEBHOOK_SECRET", 2)
     assert secret
     body = file.read_bytes() if file else encode(generic_event(conversation_id, state))
-    secret_value = secret.split(",")[0].strip()
+    from cxrelay.core.signatures import split_secrets
+
+    secret_value = split_secrets(secret)[0]
     try:
         response = httpx.post(url, content=body, headers=hmac_headers(body, secret_value),
                               timeout=10)

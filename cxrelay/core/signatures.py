@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
@@ -21,8 +22,21 @@ Headers = Mapping[str, str]
 
 
 def split_secrets(value: str) -> list[str]:
-    """A comma-separated secret list (rotation) as a list, blanks dropped."""
-    return [part.strip() for part in value.split(",") if part.strip()]
+    """The secret(s) of one variable. Several at once (rotation) are written one per line, or
+    as a JSON list of strings; surrounding whitespace and blank lines are dropped.
+
+    A comma is part of a secret: splitting on it turned `abc,def` into two shorter secrets,
+    each of which then authenticated on its own.
+    """
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            listed = json.loads(text)
+        except ValueError:
+            listed = None
+        if isinstance(listed, list) and all(isinstance(item, str) for item in listed):
+            return [item.strip() for item in listed if item.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _digest(key: bytes, body: bytes) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from cxrelay.core.signatures import (
     Verifier,
     split_secrets,
 )
+
+logger = logging.getLogger("cxrelay.receiver")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ def build_sources(pipeline: Pipeline, environ: Mapping[str, str]) -> dict[str, S
     sources = {}
     for config in pipeline.sources:
         secrets = split_secrets(environ.get(config.secret_env, ""))
+        if any("," in secret for secret in secrets):
+            # Earlier versions split on commas: say so at start-up, never the secret itself.
+            logger.warning("%s holds a secret with a comma: it is one secret. Rotated secrets "
+                           "go one per line, or as a JSON list", config.secret_env)
         if secrets:
             sources[config.name] = Source(config.name, make_verifier(config, secrets))
     return sources
