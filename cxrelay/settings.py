@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     insert_timeout_seconds: float = Field(
         default=3.0, gt=0, description="an event not committed in this time gets 503 (the "
         "sender retries); /readyz is not ready when a write takes longer")
+    read_timeout_seconds: float = Field(
+        default=20, gt=0, le=60, description="a request must arrive whole (headers and body) "
+        "within this, else 408 and the connection is closed")
+    keep_alive_seconds: int = Field(default=5, ge=1, description="idle time allowed between "
+                                    "requests on one connection")
+    max_connections: int = Field(default=1000, ge=1, description="connections and requests in "
+                                 "flight per receiver process; beyond it, 503")
 
     genesys_cloud_region: str | None = Field(
         default=None, validation_alias=AliasChoices("GENESYS_CLOUD_REGION",

@@ -120,8 +120,13 @@ def serve(
             while all(child.poll() is None for child in children):
                 time.sleep(0.5)
         else:
+            from cxrelay.receiver.deadline import deadline_protocol
+
             config = uvicorn.Config("cxrelay.receiver.main:app_from_environment", factory=True,
-                                    log_level="warning", access_log=False)
+                                    log_level="warning", access_log=False,
+                                    http=deadline_protocol(settings.read_timeout_seconds),
+                                    timeout_keep_alive=settings.keep_alive_seconds,
+                                    limit_concurrency=settings.max_connections)
             # uvicorn re-raises the SIGTERM it handled once it has shut down; with the default
             # handler that would end this process before it stops its children below.
             signal.signal(signal.SIGTERM, lambda *_: None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -19,13 +20,14 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cxrelay.core.envelope import normalise
 from cxrelay.core.errors import EnvelopeError, SignatureError
 from cxrelay.core.jsonbody import BodyError, parse_body
+from cxrelay.receiver.deadline import DEADLINE_SCOPE_KEY
 from cxrelay.receiver.limits import BodySizeLimit
 from cxrelay.receiver.metrics import ReceiverMetrics
 from cxrelay.receiver.sources import Source
@@ -37,6 +39,7 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024
 # Senders give up after a few seconds (EventBridge API destinations after 5): answer 503 before
 # they do, rather than commit an event whose sender has already decided it failed.
 DEFAULT_INSERT_TIMEOUT_SECONDS = 3.0
+logger = logging.getLogger("cxrelay.receiver")
 
 
 def error(status: int, code: str, detail: Any) -> JSONResponse:
@@ -67,7 +70,17 @@ class Receiver:
         if source is None:
             self.metrics.rejected.labels("unknown", "unknown_source").inc()
             return error(404, "unknown_source", f"no enabled source is named {name!r}")
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            # One line, not uvicorn's traceback: anyone can open and drop connections.
+            self.metrics.rejected.labels(name, "incomplete_body").inc()
+            why = ("the read deadline expired" if request.scope.get(DEADLINE_SCOPE_KEY)
+                   else "the client hung up")
+            client = request.client
+            logger.warning("POST /webhooks/%s from %s: body incomplete, %s; nothing stored",
+                           name, f"{client.host}:{client.port}" if client else "?", why)
+            return Response(status_code=400)  # nobody is left to read it
         try:
             source.verifier.verify(body, request.headers)
         except SignatureError as exc:
