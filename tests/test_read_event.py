@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from cxrelay.flows.steps import read_event
 
 from cxrelay.core.errors import PermanentError
+from cxrelay.flows.steps import read_event
 from cxrelay.store.models import InboxEvent
 
 
 def row(body: bytes) -> InboxEvent:
-    return InboxEvent(id=1, dedupe_key="e1", event_id="e1", source="genesys", envelope="generic",
+    return InboxEvent(id=1, dedupe_key="genesys:e1", event_id="e1", source="genesys", envelope="generic",
                       event_type="X", conversation_id="c1", body=body,
                       body_sha256=hashlib.sha256(body).hexdigest())
 
