@@ -26,7 +26,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 Handler = Callable[[Request, Any], Awaitable[Response]]
 _REDACTED_HEADERS = {"authorization", "cookie"}
@@ -69,7 +69,7 @@ class Emulator:
 
     # --- subclasses -----------------------------------------------------------------
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[BaseRoute]:
         raise NotImplementedError
 
     def reset_state(self) -> None:

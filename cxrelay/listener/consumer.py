@@ -1,0 +1,332 @@
+"""The notification consumer: Genesys conversation snapshots over WebSocket into the inbox.
+
+One runner per channel (≤ 1,000 topics each). A runner creates a channel, subscribes, opens a
+socket on the `connectUri` Genesys returned and reads it; a socket silent for twice the
+heartbeat interval is dead. `v2.system.socket_closing` and a channel nearing its 24 h are met
+with a replacement socket, opened before the old one is closed, so neither is a gap. Anything
+else that ends a socket opens a gap in `notification_gaps` (from the last message), closed when
+the runner is connected again; reconnects back off, capped, with jitter. Closed gaps are filled
+from the analytics API (`gapfill`). The queue list is refreshed so new queues are subscribed.
+
+Events enter the inbox as the receiver's do: the same normaliser, `inbox_row`, dedupe key and
+quarantine. Only ended snapshots are queued; the others only prove the socket is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+from cxrelay.connectors.genesys_notifications import (
+    Channel,
+    NotificationsClient,
+    NotificationSocket,
+    SocketClosed,
+)
+from cxrelay.core.envelope import normalise
+from cxrelay.core.errors import CxrelayError, EnvelopeError
+from cxrelay.core.notifications import (
+    MessageKind,
+    classify,
+    expand_topics,
+    needs_queues,
+    shard,
+)
+from cxrelay.listener.gapfill import GapFilled, fill_closed_gaps
+from cxrelay.store.database import Store, inbox_row
+
+log = logging.getLogger("cxrelay.listener")
+SOURCE = "notifications"
+RESTART = "restart"  # the gap of a consumer that was not running, whatever its shards
+
+
+@dataclass
+class ConsumerConfig:
+    templates: list[str]
+    consumer: str = "notifications"
+    max_topics_per_channel: int = 1000
+    heartbeat_seconds: float = 30.0
+    renew_after_seconds: float = 23 * 3600.0
+    queue_refresh_seconds: float = 300.0
+    backoff_initial_seconds: float = 0.5
+    backoff_max_seconds: float = 30.0
+    gap_lookback_seconds: float = 3600.0
+    gap_margin_seconds: float = 5.0
+    gap_fill_delay_seconds: float = 60.0
+    gap_fill_interval_seconds: float = 5.0
+    cursor_interval_seconds: float = 5.0
+
+
+@dataclass
+class ConsumerStats:
+    channels: int = 0
+    topics: int = 0
+    open_sockets: int = 0
+    connections: int = 0
+    reconnects: int = 0
+    replacements: int = 0
+    gaps_opened: int = 0
+    gaps_filled: int = 0
+    gap_fill_queued: int = 0
+    snapshots: int = 0
+    ended: int = 0
+    queued: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    last_message: float | None = None  # monotonic
+    filled: list[GapFilled] = field(default_factory=list)
+
+    def last_message_age(self) -> float | None:
+        return None if self.last_message is None else time.monotonic() - self.last_message
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def backoff_delay(attempt: int, initial: float, cap: float) -> float:
+    """Capped exponential backoff with full jitter over its upper half."""
+    ceiling = min(cap, initial * 2 ** min(attempt, 30))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class ChannelRunner:
+    def __init__(self, consumer: NotificationConsumer, index: int, topics: list[str]) -> None:
+        self.consumer = consumer
+        self.name = f"shard-{index}"
+        self.topics = topics
+        self.channel: Channel | None = None
+        self.last_message_at: datetime | None = None
+        self.connected_once = asyncio.Event()
+        self.live = False
+
+    async def set_topics(self, topics: list[str]) -> None:
+        self.topics = topics
+        if self.channel is not None:
+            with contextlib.suppress(CxrelayError):  # the next connection subscribes anyway
+                await self.consumer.client.subscribe(self.channel.id, topics)
+
+    async def run(self) -> None:
+        attempt = 0
+        gap_open = False
+        while True:
+            self.live = False
+            try:
+                await self._session()
+                reason = "socket ended"
+            except (CxrelayError, OSError, asyncio.TimeoutError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            self.consumer.stats.reconnects += 1
+            if self.live:  # it connected (and closed its gaps): a new outage begins
+                attempt = 0
+                gap_open = False
+            if not gap_open:
+                started = self.last_message_at or utcnow()
+                await asyncio.to_thread(self.consumer.store.open_gap, self.consumer.config.consumer,
+                                        self.name, started, reason)
+                self.consumer.stats.gaps_opened += 1
+                gap_open = True
+                log.warning("notification %s: no live socket since %s (%s)", self.name,
+                            started.isoformat(), reason)
+            config = self.consumer.config
+            await asyncio.sleep(backoff_delay(attempt, config.backoff_initial_seconds,
+                                              config.backoff_max_seconds))
+            attempt += 1
+
+    async def _connect(self) -> tuple[Channel, NotificationSocket]:
+        client = self.consumer.client
+        channel = await client.create_channel()
+        await client.subscribe(channel.id, self.topics)
+        socket = await client.open_socket(channel)
+        self.consumer.stats.connections += 1
+        return channel, socket
+
+    async def _session(self) -> None:
+        config = self.consumer.config
+        channel, socket = await self._connect()
+        self.channel = channel
+        await self._connected()
+        self.live = True
+        opened = time.monotonic()
+        self.consumer.stats.open_sockets += 1
+        try:
+            while True:
+                message = await self._receive(socket)
+                self.last_message_at = utcnow()
+                self.consumer.stats.last_message = time.monotonic()
+                kind = await self.consumer.handle(message)
+                if kind is MessageKind.SOCKET_CLOSING or (
+                        time.monotonic() - opened >= config.renew_after_seconds):
+                    # The replacement first: until it is subscribed and open, the old socket
+                    # still delivers; after, both do for a moment and the inbox dedupes.
+                    new_channel, new_socket = await self._connect()
+                    old = socket
+                    channel, socket, self.channel = new_channel, new_socket, new_channel
+                    opened = time.monotonic()
+                    self.consumer.stats.replacements += 1
+                    await old.close()
+                    log.info("notification %s: replaced its socket (%s)", self.name, kind.value)
+        finally:
+            self.consumer.stats.open_sockets -= 1
+            self.channel = None
+            await socket.close()
+
+    async def _receive(self, socket: NotificationSocket) -> Any:
+        """The next message; silent for one heartbeat interval → a ping; for two → dead."""
+        interval = self.consumer.config.heartbeat_seconds
+        try:
+            return await asyncio.wait_for(socket.receive(), timeout=interval)
+        except asyncio.TimeoutError:
+            await socket.ping()
+        try:
+            return await asyncio.wait_for(socket.receive(), timeout=interval)
+        except asyncio.TimeoutError:
+            raise SocketClosed(f"no message for {2 * interval:g} s (heartbeats included)"
+                               ) from None
+
+    async def _connected(self) -> None:
+        now = utcnow()
+        closed = await asyncio.to_thread(self.consumer.store.close_gaps,
+                                         self.consumer.config.consumer, self.name, now)
+        if closed:
+            log.info("notification %s: live again; %d gap(s) closed", self.name, closed)
+        self.connected_once.set()
+
+
+class NotificationConsumer:
+    def __init__(self, client: NotificationsClient, store: Store, config: ConsumerConfig) -> None:
+        self.client = client
+        self.store = store
+        self.config = config
+        self.stats = ConsumerStats()
+        self.runners: list[ChannelRunner] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def topics(self) -> list[str]:
+        queues = await self.client.queue_ids() if needs_queues(self.config.templates) else []
+        return expand_topics(self.config.templates, queues)
+
+    async def handle(self, message: Any) -> MessageKind:
+        """Queue what a message says, if it is an ended conversation; its kind."""
+        kind = classify(message)
+        if kind in (MessageKind.HEARTBEAT, MessageKind.SOCKET_CLOSING):
+            return kind
+        body = message.encode() if isinstance(message, str) else orjson.dumps(message)
+        try:
+            event = normalise(message, SOURCE, body)
+        except EnvelopeError as exc:
+            self.stats.quarantined += 1
+            await asyncio.to_thread(self.store.quarantine, SOURCE, body, "application/json",
+                                    {"message": str(exc), "errors": exc.errors})
+            return kind
+        if kind is MessageKind.SNAPSHOT:
+            self.stats.snapshots += 1
+            if not event.ended:
+                return kind
+            self.stats.ended += 1
+        (inbox_id,) = await asyncio.to_thread(self.store.insert_events,
+                                              [inbox_row(event, SOURCE, body)])
+        if inbox_id is None:
+            self.stats.duplicates += 1
+        else:
+            self.stats.queued += 1
+        return kind
+
+    async def _apply(self, topics: list[str]) -> None:
+        shards = shard(topics, self.config.max_topics_per_channel)
+        for index, shard_topics in enumerate(shards):
+            if index < len(self.runners):
+                if self.runners[index].topics != shard_topics:
+                    await self.runners[index].set_topics(shard_topics)
+            else:
+                runner = ChannelRunner(self, index, shard_topics)
+                self.runners.append(runner)
+                self._tasks[runner.name] = asyncio.create_task(runner.run(), name=runner.name)
+        for runner in self.runners[len(shards):]:
+            self._tasks.pop(runner.name).cancel()
+        del self.runners[len(shards):]
+        self.stats.channels = len(self.runners)
+        self.stats.topics = len(topics)
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.queue_refresh_seconds)
+            try:
+                await self._apply(await self.topics())
+            except CxrelayError as exc:
+                log.warning("notification topics not refreshed: %s", exc)
+
+    async def _fill(self) -> None:
+        config = self.config
+        while True:
+            try:
+                filled = await fill_closed_gaps(
+                    self.client.genesys, self.store, config.consumer,
+                    timedelta(seconds=config.gap_lookback_seconds),
+                    timedelta(seconds=config.gap_margin_seconds),
+                    timedelta(seconds=config.gap_fill_delay_seconds))
+            except CxrelayError as exc:
+                log.warning("notification gaps not filled yet: %s", exc)
+                filled = []
+            for gap in filled:
+                self.stats.gaps_filled += 1
+                self.stats.gap_fill_queued += gap.queued
+                self.stats.filled.append(gap)
+                log.info("notification gap %d (%s, %s) filled: %d ended, %d queued", gap.gap_id,
+                         gap.channel, gap.interval, gap.found, gap.queued)
+            await asyncio.sleep(config.gap_fill_interval_seconds)
+
+    async def _cursor(self) -> None:
+        last = None
+        while True:
+            await asyncio.sleep(self.config.cursor_interval_seconds)
+            moments = [r.last_message_at for r in self.runners if r.last_message_at]
+            if moments and min(moments) != last:
+                last = min(moments)
+                await asyncio.to_thread(self.store.touch_cursor, self.config.consumer, last)
+
+    async def _restart_gap(self, started: datetime) -> None:
+        """A previous run heard Genesys last at `started`: one gap until every runner is live."""
+        gap = await asyncio.to_thread(self.store.open_gap, self.config.consumer, RESTART,
+                                      started, "consumer not running")
+        self.stats.gaps_opened += 1
+        await asyncio.gather(*(runner.connected_once.wait() for runner in self.runners))
+        await asyncio.to_thread(self.store.close_gaps, self.config.consumer, RESTART, utcnow())
+        log.info("notification restart gap %d closed", gap)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cursor = await asyncio.to_thread(self.store.cursor, self.config.consumer)
+        # Gaps a killed process left open lie inside the restart gap; they end with it.
+        await asyncio.to_thread(self.store.close_gaps_of, self.config.consumer, utcnow())
+        topics: list[str] = []
+        while not topics and not stop.is_set():
+            try:
+                topics = await self.topics()
+            except CxrelayError as exc:
+                log.warning("notification topics not listed yet: %s", exc)
+                await asyncio.sleep(self.config.backoff_max_seconds / 10)
+        await self._apply(topics)
+        helpers = [asyncio.create_task(coroutine) for coroutine in (
+            self._refresh(), self._fill(), self._cursor(),
+            *([self._restart_gap(cursor)] if cursor else []))]
+        log.info("notification consumer: %d topic(s) on %d channel(s)", len(topics),
+                 len(self.runners))
+        try:
+            await stop.wait()
+        finally:
+            tasks = [*helpers, *self._tasks.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            moments = [r.last_message_at for r in self.runners if r.last_message_at]
+            if moments:
+                await asyncio.to_thread(self.store.touch_cursor, self.config.consumer,
+                                        min(moments))
