@@ -107,6 +107,7 @@ class ChannelRunner:
         self.last_message_at: datetime | None = None
         self.connected_once = asyncio.Event()
         self.live = False
+        self._drains: set[asyncio.Task[None]] = set()
 
     async def set_topics(self, topics: list[str]) -> None:
         self.topics = topics
@@ -165,19 +166,41 @@ class ChannelRunner:
                 kind = await self.consumer.handle(message)
                 if kind is MessageKind.SOCKET_CLOSING or (
                         time.monotonic() - opened >= config.renew_after_seconds):
-                    # The replacement first: until it is subscribed and open, the old socket
-                    # still delivers; after, both do for a moment and the inbox dedupes.
+                    # The replacement first. Until it is subscribed and open, only the old
+                    # socket delivers, and what it delivered meanwhile waits in its buffer: so
+                    # the old one is read until Genesys closes it (or, renewing, for a while),
+                    # both deliver for a moment, and the inbox dedupes.
                     new_channel, new_socket = await self._connect()
                     old = socket
                     channel, socket, self.channel = new_channel, new_socket, new_channel
                     opened = time.monotonic()
                     self.consumer.stats.replacements += 1
-                    await old.close()
+                    drain_seconds = (90.0 if kind is MessageKind.SOCKET_CLOSING
+                                     else 2 * config.heartbeat_seconds)
+                    self._drains.add(asyncio.create_task(self._drain(old, drain_seconds)))
                     log.info("notification %s: replaced its socket (%s)", self.name, kind.value)
         finally:
             self.consumer.stats.open_sockets -= 1
             self.channel = None
             await socket.close()
+
+    async def _drain(self, socket: NotificationSocket, seconds: float) -> None:
+        """Read a replaced socket until it closes or `seconds` pass, then close it."""
+        deadline = time.monotonic() + seconds
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                message = await asyncio.wait_for(socket.receive(), timeout=left)
+                await self.consumer.handle(message)
+        except (SocketClosed, asyncio.TimeoutError):
+            pass
+        finally:
+            await socket.close()
+            self._drains.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    async def stop(self) -> None:
+        for task in list(self._drains):
+            task.cancel()
+        await asyncio.gather(*self._drains, return_exceptions=True)
 
     async def _receive(self, socket: NotificationSocket) -> Any:
         """The next message; silent for one heartbeat interval → a ping; for two → dead."""
@@ -326,6 +349,8 @@ class NotificationConsumer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for runner in self.runners:
+                await runner.stop()
             moments = [r.last_message_at for r in self.runners if r.last_message_at]
             if moments:
                 await asyncio.to_thread(self.store.touch_cursor, self.config.consumer,
