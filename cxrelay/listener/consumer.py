@@ -195,7 +195,9 @@ class ChannelRunner:
             pass
         finally:
             await socket.close()
-            self._drains.discard(asyncio.current_task())  # type: ignore[arg-type]
+            task = asyncio.current_task()
+            if task is not None:
+                self._drains.discard(task)
 
     async def stop(self) -> None:
         for task in list(self._drains):

@@ -19,7 +19,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,11 +65,11 @@ class Emulator:
         self.requests: list[dict[str, Any]] = []
         self.faults: list[Fault] = []
         self._fault_ids = itertools.count(1)
-        self.app = Starlette(routes=self.control_routes() + self.routes())
+        self.app = Starlette(routes=[*self.control_routes(), *self.routes()])
 
     # --- subclasses -----------------------------------------------------------------
 
-    def routes(self) -> list[BaseRoute]:
+    def routes(self) -> Sequence[BaseRoute]:
         raise NotImplementedError
 
     def reset_state(self) -> None:
