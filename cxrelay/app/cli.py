@@ -287,6 +287,13 @@ def status() -> None:
     table.add_row("quarantined (open)", str(len(store.quarantined("open"))))
     for name, count in sorted(store.gap_counts().items()):
         table.add_row(f"notification gaps {name}", str(count))
+    for consumer in store.consumer_statuses():
+        last = consumer.last_message_at.isoformat(timespec="seconds") if (
+            consumer.last_message_at) else "never"
+        table.add_row(f"notifications {consumer.consumer}",
+                      f"{consumer.open_sockets}/{consumer.channels} sockets open, "
+                      f"{consumer.topics} topics, {consumer.reconnects} reconnects, "
+                      f"last message {last}")
     console.print(table)
 
 

@@ -309,14 +309,21 @@ class NotificationConsumer:
                          gap.channel, gap.interval, gap.found, gap.queued)
             await asyncio.sleep(config.gap_fill_interval_seconds)
 
-    async def _cursor(self) -> None:
-        last = None
+    async def _report(self) -> None:
         while True:
             await asyncio.sleep(self.config.cursor_interval_seconds)
-            moments = [r.last_message_at for r in self.runners if r.last_message_at]
-            if moments and min(moments) != last:
-                last = min(moments)
-                await asyncio.to_thread(self.store.touch_cursor, self.config.consumer, last)
+            await self.save_status()
+
+    async def save_status(self) -> None:
+        """The cursor (the earliest of the runners' last messages: nothing after it is known
+        to be lost) and the counters other processes show."""
+        moments = [r.last_message_at for r in self.runners if r.last_message_at]
+        stats = self.stats
+        await asyncio.to_thread(
+            self.store.save_consumer_status, self.config.consumer,
+            min(moments) if len(moments) == len(self.runners) and moments else None,
+            channels=stats.channels, topics=stats.topics, open_sockets=stats.open_sockets,
+            reconnects=stats.reconnects)
 
     async def _restart_gap(self, started: datetime) -> None:
         """A previous run heard Genesys last at `started`: one gap until every runner is live."""
@@ -340,7 +347,7 @@ class NotificationConsumer:
                 await asyncio.sleep(self.config.backoff_max_seconds / 10)
         await self._apply(topics)
         helpers = [asyncio.create_task(coroutine) for coroutine in (
-            self._refresh(), self._fill(), self._cursor(),
+            self._refresh(), self._fill(), self._report(),
             *([self._restart_gap(cursor)] if cursor else []))]
         log.info("notification consumer: %d topic(s) on %d channel(s)", len(topics),
                  len(self.runners))
@@ -353,7 +360,5 @@ class NotificationConsumer:
             await asyncio.gather(*tasks, return_exceptions=True)
             for runner in self.runners:
                 await runner.stop()
-            moments = [r.last_message_at for r in self.runners if r.last_message_at]
-            if moments:
-                await asyncio.to_thread(self.store.touch_cursor, self.config.consumer,
-                                        min(moments))
+            self.stats.open_sockets = 0
+            await self.save_status()

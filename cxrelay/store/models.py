@@ -150,10 +150,17 @@ class NotificationGap(SQLModel, table=True):
     filled_at: datetime | None = None
 
 
-class NotificationCursor(SQLModel, table=True):
-    """When a consumer last heard from Genesys, so a restart knows where its gap began."""
+class NotificationConsumerStatus(SQLModel, table=True):
+    """What a notification consumer last reported: when it last heard from Genesys (so a
+    restart knows where its gap began) and its channels, for `/metrics` and `cxrelay status`,
+    which run in other processes."""
 
-    __tablename__ = "notification_cursors"
+    __tablename__ = "notification_consumers"
 
     consumer: str = Field(primary_key=True, max_length=64)
-    last_message_at: datetime
+    last_message_at: datetime | None = None
+    channels: int = 0
+    topics: int = 0
+    open_sockets: int = 0
+    reconnects: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.engine import Connection
 
-from cxrelay.store.models import NotificationCursor, NotificationGap, utcnow
+from cxrelay.store.models import NotificationConsumerStatus, NotificationGap, utcnow
 
 GAPS = NotificationGap.__table__  # type: ignore[attr-defined]
-CURSORS = NotificationCursor.__table__  # type: ignore[attr-defined]
+CONSUMERS = NotificationConsumerStatus.__table__  # type: ignore[attr-defined]
 
 
 def aware(moment: datetime) -> datetime:
@@ -68,19 +68,36 @@ class NotificationQueries:
             rows = conn.execute(select(GAPS.c.status, func.count()).group_by(GAPS.c.status))
             return {str(status): int(count) for status, count in rows}
 
-    def touch_cursor(self, consumer: str, at: datetime) -> None:
+    def save_consumer_status(self, consumer: str, last_message_at: datetime | None,
+                             **counts: int) -> None:
+        """Upsert the consumer's row; `last_message_at` None keeps the one stored."""
+        values: dict[str, object] = {**counts, "updated_at": utcnow()}
+        if last_message_at is not None:
+            values["last_message_at"] = last_message_at
         with self.transaction() as conn:
-            changed = conn.execute(update(CURSORS).where(CURSORS.c.consumer == consumer)
-                                   .values(last_message_at=at)).rowcount
+            changed = conn.execute(update(CONSUMERS).where(CONSUMERS.c.consumer == consumer)
+                                   .values(**values)).rowcount
             if not changed:
-                conn.execute(CURSORS.insert(), {"consumer": consumer, "last_message_at": at})
+                conn.execute(CONSUMERS.insert(), {"consumer": consumer, "channels": 0,
+                                                  "topics": 0, "open_sockets": 0,
+                                                  "reconnects": 0, **values})
 
     def cursor(self, consumer: str) -> datetime | None:
+        """When `consumer` last heard from Genesys, as far as it recorded."""
         with self.engine.connect() as conn:
-            found = conn.execute(select(CURSORS.c.last_message_at).where(
-                CURSORS.c.consumer == consumer)).scalar()
+            found = conn.execute(select(CONSUMERS.c.last_message_at).where(
+                CONSUMERS.c.consumer == consumer)).scalar()
         return aware(found) if found is not None else None
 
+    def consumer_statuses(self) -> list[NotificationConsumerStatus]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(CONSUMERS).order_by(CONSUMERS.c.consumer)).mappings()
+            statuses = [NotificationConsumerStatus(**row) for row in rows]
+        for status in statuses:
+            status.updated_at = aware(status.updated_at)
+            if status.last_message_at is not None:
+                status.last_message_at = aware(status.last_message_at)
+        return statuses
 
     def close_gaps_of(self, consumer: str, ended_at: datetime) -> int:
         """Every open gap of `consumer`, whatever its channel, ends at `ended_at`."""
