@@ -205,3 +205,47 @@ def test_a_restart_fills_the_time_it_was_down_without_duplicates(clean_sandbox: 
         assert sorted(inbox_keys(store)) == sorted(ended_dedupe_key(c) for c in ["before", down])
 
     asyncio.run(scenario())
+
+
+def test_a_silent_socket_is_dead_after_two_heartbeats(clean_sandbox: Sandbox, store: Store
+                                                      ) -> None:
+    (queue_id,) = queues(clean_sandbox, 1)
+    control(clean_sandbox, "notifications/settings", {"heartbeat_seconds": 0.2})
+
+    async def scenario() -> None:
+        async with running(clean_sandbox, store, config(heartbeat_seconds=0.3)) as consumer:
+            # Half-open: the socket stays up but nothing comes, not even a pong.
+            await asyncio.to_thread(control, clean_sandbox, "notifications/settings",
+                                    {"silent": True})
+            await poll(lambda: [g.status for g in store.gaps()] == ["open"], "a gap")
+            (gap,) = store.gaps()
+            assert "no message for 0.6 s" in gap.reason
+            await asyncio.to_thread(control, clean_sandbox, "notifications/settings",
+                                    {"silent": False})
+            await poll(lambda: [g.status for g in store.gaps()] == ["filled"], "the gap filled")
+            assert consumer.stats.reconnects >= 1
+            assert await publish(clean_sandbox, queue_id, snapshot("after")) == 1
+            await poll(lambda: inbox_keys(store) == [ended_dedupe_key("after")], "after")
+
+    asyncio.run(scenario())
+
+
+def test_new_queues_are_subscribed_when_the_list_is_refreshed(clean_sandbox: Sandbox,
+                                                               store: Store) -> None:
+    queues(clean_sandbox, 2)
+    control(clean_sandbox, "notifications/settings", {"heartbeat_seconds": 0.2})
+
+    async def scenario() -> None:
+        async with running(clean_sandbox, store, config(queue_refresh_seconds=0.2,
+                                                        max_topics_per_channel=2)) as consumer:
+            assert consumer.stats.channels == 1
+            (new_queue,) = await asyncio.to_thread(
+                lambda: queues(clean_sandbox, 1)[-1:])
+            # A third queue overflows the 2-topic channels: a second channel takes it.
+            await poll(lambda: consumer.stats.channels == 2 and consumer.stats.open_sockets == 2,
+                       "a second channel")
+            assert sandbox_state(clean_sandbox)["topics"] == 3
+            assert await publish(clean_sandbox, new_queue, snapshot("on-new-queue")) == 1
+            await poll(lambda: inbox_keys(store) == [ended_dedupe_key("on-new-queue")], "row")
+
+    asyncio.run(scenario())

@@ -12,6 +12,7 @@ from cxrelay.core.envelope import normalise
 from cxrelay.core.errors import EnvelopeError
 from cxrelay.core.notifications import (
     MessageKind,
+    backoff_delay,
     classify,
     conversation_ended,
     ended_dedupe_key,
@@ -132,3 +133,16 @@ def test_ended_within() -> None:
     assert not ended_within({"conversationEnd": "2026-11-30T04:00:01Z"}, start, end)
     assert not ended_within({"conversationStart": "2026-11-30T03:40:27Z"}, start, end)
     assert not ended_within({"conversationEnd": "garbage"}, start, end)
+
+
+def test_backoff_grows_is_capped_and_jittered() -> None:
+    import random
+
+    rng = random.Random(7)
+    delays = [backoff_delay(attempt, 0.5, 30, rng) for attempt in range(12)]
+    for attempt, delay in enumerate(delays):
+        ceiling = min(30, 0.5 * 2 ** attempt)
+        assert ceiling / 2 <= delay <= ceiling
+    assert max(delays) <= 30 and delays[-1] >= 15
+    assert len({round(d, 6) for d in delays[-4:]}) == 4  # capped, yet not in lockstep
+    assert backoff_delay(10_000, 0.5, 30, rng) <= 30  # no overflow for a long outage

@@ -11,6 +11,7 @@ every ended snapshot of a conversation gets one dedupe key, which the gap-fill s
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -137,3 +138,11 @@ def ended_within(conversation: dict[str, Any], start: datetime, end: datetime) -
     if ended.tzinfo is None:
         ended = ended.replace(tzinfo=timezone.utc)
     return start <= ended <= end
+
+
+def backoff_delay(attempt: int, initial: float, cap: float,
+                  rng: random.Random | None = None) -> float:
+    """Seconds before reconnect attempt `attempt` (0-based): exponential, capped, jittered over
+    the upper half so that many consumers cut off at once do not come back at once."""
+    ceiling = min(cap, initial * 2 ** min(attempt, 30))
+    return (rng or random).uniform(ceiling / 2, ceiling)

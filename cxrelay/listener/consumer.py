@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -35,6 +34,7 @@ from cxrelay.core.envelope import normalise
 from cxrelay.core.errors import CxrelayError, EnvelopeError
 from cxrelay.core.notifications import (
     MessageKind,
+    backoff_delay,
     classify,
     expand_topics,
     needs_queues,
@@ -90,12 +90,6 @@ class ConsumerStats:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def backoff_delay(attempt: int, initial: float, cap: float) -> float:
-    """Capped exponential backoff with full jitter over its upper half."""
-    ceiling = min(cap, initial * 2 ** min(attempt, 30))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 class ChannelRunner:

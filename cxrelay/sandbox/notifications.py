@@ -10,7 +10,8 @@ channel WebSocket, written from the public docs (developer.genesys.cloud, "Notif
   `channel.metadata` heartbeat every `heartbeat_seconds`, `{"message": "ping"}` answered with a
   pong, `v2.system.socket_closing` before maintenance.
 
-Control, under `/__sandbox/notifications/`: `settings` (heartbeat, channel lifetime),
+Control, under `/__sandbox/notifications/`: `settings` (heartbeat, channel lifetime, `silent`:
+sockets stay open but send nothing, as a half-open connection does),
 `queues` (seed routing queues), `publish` (a topic's event to every subscribed socket),
 `drop` (close every socket and refuse new ones for `seconds`), `closing` (announce maintenance
 and close every socket `after_seconds` later).
@@ -75,6 +76,7 @@ class NotificationService:
         self.heartbeat_seconds = 30.0
         self.channel_lifetime_seconds = 24 * 3600.0
         self.refuse_until = 0.0
+        self.silent = False  # a half-open connection: nothing sent, not even heartbeats
         self.connections = 0
         self.refused = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -105,6 +107,7 @@ class NotificationService:
         self.heartbeat_seconds = 30.0
         self.channel_lifetime_seconds = 24 * 3600.0
         self.refuse_until = 0.0
+        self.silent = False
         self.connections = self.refused = 0
 
     def state(self) -> dict[str, Any]:
@@ -243,7 +246,8 @@ class NotificationService:
                 with contextlib.suppress(Exception):
                     await websocket.close(code=1001)
                 return
-            await websocket.send_text(json.dumps(message))
+            if not self.silent:
+                await websocket.send_text(json.dumps(message))
 
     def _close(self, channel: Channel) -> None:
         if channel.outbox is not None:
@@ -258,8 +262,11 @@ class NotificationService:
             self.heartbeat_seconds = float(spec["heartbeat_seconds"])
         if "channel_lifetime_seconds" in spec:
             self.channel_lifetime_seconds = float(spec["channel_lifetime_seconds"])
+        if "silent" in spec:
+            self.silent = bool(spec["silent"])
         return JSONResponse({"heartbeat_seconds": self.heartbeat_seconds,
-                             "channel_lifetime_seconds": self.channel_lifetime_seconds})
+                             "channel_lifetime_seconds": self.channel_lifetime_seconds,
+                             "silent": self.silent})
 
     async def _seed_queues(self, request: Request) -> Response:
         """`{"count": 1200}` makes that many queues; a list of `{id, name}` adds those."""
