@@ -29,6 +29,12 @@ class Channel:
     expires: str | None
 
 
+@dataclass(frozen=True)
+class Message:
+    payload: Any  # parsed JSON, or the text of a frame that is not JSON
+    raw: bytes  # the frame verbatim: what the inbox keeps
+
+
 class SocketClosed(RetryableError):
     """The channel's socket closed, or could not be opened: reconnect."""
 
@@ -39,19 +45,19 @@ class NotificationSocket:
     def __init__(self, connection: ClientConnection) -> None:
         self._connection = connection
 
-    async def receive(self) -> Any:
+    async def receive(self) -> Message:
         """The next message; `SocketClosed` when the socket is gone. A message that is not
-        JSON comes back as its text, for the caller to quarantine."""
+        JSON has the text as its payload, for the caller to quarantine."""
         try:
-            raw = await self._connection.recv()
+            frame = await self._connection.recv()
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else "no close frame"
             raise SocketClosed(f"notification socket closed ({code})") from exc
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        raw = frame.encode() if isinstance(frame, str) else frame
         try:
-            return json.loads(text)
+            return Message(json.loads(raw), raw)
         except ValueError:
-            return text
+            return Message(raw.decode("utf-8", "replace"), raw)
 
     async def ping(self) -> None:
         """Genesys answers `{"message": "ping"}` with a `channel.metadata` pong; a WebSocket

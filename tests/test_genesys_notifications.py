@@ -99,15 +99,15 @@ def test_socket_heartbeat_ping_publish_and_socket_closing(clean_sandbox: Sandbox
         channel = await client.create_channel()
         await client.subscribe(channel.id, [TOPIC])
         socket = await client.open_socket(channel)
-        assert await within(5, socket.receive()) == sample("notifications.json")["heartbeat"]
+        assert (await within(5, socket.receive())).payload == sample("notifications.json")["heartbeat"]
         await socket.ping()
-        assert await within(5, socket.receive()) == sample("notifications.json")["pong"]
+        assert (await within(5, socket.receive())).payload == sample("notifications.json")["pong"]
         published = await asyncio.to_thread(control, clean_sandbox, "notifications/publish",
                                              {"topic": TOPIC, "body": snapshot["eventBody"]})
         assert published == {"delivered": 1}
-        message = await within(5, socket.receive())
+        message = (await within(5, socket.receive())).payload
         while message["topicName"] == "channel.metadata":
-            message = await within(5, socket.receive())
+            message = (await within(5, socket.receive())).payload
         assert message["topicName"] == TOPIC and message["eventBody"] == snapshot["eventBody"]
         assert message["metadata"]["CorrelationId"]
         # Another topic is not delivered to this channel.
@@ -120,7 +120,7 @@ def test_socket_heartbeat_ping_publish_and_socket_closing(clean_sandbox: Sandbox
         kinds = []
         with pytest.raises(SocketClosed):
             while True:
-                kinds.append((await within(5, socket.receive()))["topicName"])
+                kinds.append((await within(5, socket.receive())).payload["topicName"])
         assert "v2.system.socket_closing" in kinds
         await client.genesys.aclose()
 
@@ -155,7 +155,7 @@ def test_drop_closes_every_socket_and_refuses_new_ones_for_a_while(clean_sandbox
                 assert time.monotonic() < deadline, "the sandbox never accepted again"
                 await asyncio.sleep(0.1)
         assert time.monotonic() - refused_from >= 1.0  # refused for (most of) the window
-        assert (await within(5, socket.receive()))["topicName"] == "channel.metadata"
+        assert (await within(5, socket.receive())).payload["topicName"] == "channel.metadata"
         await socket.close()
         await client.genesys.aclose()
 

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import httpx
+import orjson
 from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.connectors.genesys_notifications import NotificationsClient
 from pydantic import SecretStr
@@ -249,3 +250,14 @@ def test_new_queues_are_subscribed_when_the_list_is_refreshed(clean_sandbox: San
             await poll(lambda: inbox_keys(store) == [ended_dedupe_key("on-new-queue")], "row")
 
     asyncio.run(scenario())
+
+
+def test_a_frame_that_is_not_an_event_is_quarantined_verbatim(store: Store) -> None:
+    from cxrelay.connectors.genesys_notifications import Message
+
+    consumer = NotificationConsumer(None, store, config())  # type: ignore[arg-type]
+    raw = b'{"topicName": "v2.routing.queues.q.conversations", "eventBody": {}}'
+    asyncio.run(consumer.handle(Message(orjson.loads(raw), raw)))
+    asyncio.run(consumer.handle(Message("not json", b"not json")))
+    assert [q.body for q in store.quarantined()] == [raw, b"not json"]
+    assert store.events() == [] and consumer.stats.quarantined == 2

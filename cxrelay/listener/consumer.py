@@ -20,12 +20,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
-
-import orjson
 
 from cxrelay.connectors.genesys_notifications import (
     Channel,
+    Message,
     NotificationsClient,
     NotificationSocket,
     SocketClosed,
@@ -119,6 +117,9 @@ class ChannelRunner:
                 reason = "socket ended"
             except (CxrelayError, OSError, asyncio.TimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug or the database: a gap to fill, not a dead runner
+                log.exception("notification %s: unexpected error", self.name)
+                reason = f"{type(exc).__name__}: {exc}"
             self.consumer.stats.reconnects += 1
             if self.live:  # it connected (and closed its gaps): a new outage begins
                 attempt = 0
@@ -155,9 +156,11 @@ class ChannelRunner:
         try:
             while True:
                 message = await self._receive(socket)
-                self.last_message_at = utcnow()
-                self.consumer.stats.last_message = time.monotonic()
+                received = utcnow()
                 kind = await self.consumer.handle(message)
+                # Only once handled: a message whose insert failed lies inside the gap.
+                self.last_message_at = received
+                self.consumer.stats.last_message = time.monotonic()
                 if kind is MessageKind.SOCKET_CLOSING or (
                         time.monotonic() - opened >= config.renew_after_seconds):
                     # The replacement first. Until it is subscribed and open, only the old
@@ -198,7 +201,7 @@ class ChannelRunner:
             task.cancel()
         await asyncio.gather(*self._drains, return_exceptions=True)
 
-    async def _receive(self, socket: NotificationSocket) -> Any:
+    async def _receive(self, socket: NotificationSocket) -> Message:
         """The next message; silent for one heartbeat interval → a ping; for two → dead."""
         interval = self.consumer.config.heartbeat_seconds
         try:
@@ -233,14 +236,14 @@ class NotificationConsumer:
         queues = await self.client.queue_ids() if needs_queues(self.config.templates) else []
         return expand_topics(self.config.templates, queues)
 
-    async def handle(self, message: Any) -> MessageKind:
+    async def handle(self, message: Message) -> MessageKind:
         """Queue what a message says, if it is an ended conversation; its kind."""
-        kind = classify(message)
+        kind = classify(message.payload)
         if kind in (MessageKind.HEARTBEAT, MessageKind.SOCKET_CLOSING):
             return kind
-        body = message.encode() if isinstance(message, str) else orjson.dumps(message)
+        body = message.raw
         try:
-            event = normalise(message, SOURCE, body)
+            event = normalise(message.payload, SOURCE, body)
         except EnvelopeError as exc:
             self.stats.quarantined += 1
             await asyncio.to_thread(self.store.quarantine, SOURCE, body, "application/json",
@@ -280,8 +283,8 @@ class NotificationConsumer:
             await asyncio.sleep(self.config.queue_refresh_seconds)
             try:
                 await self._apply(await self.topics())
-            except CxrelayError as exc:
-                log.warning("notification topics not refreshed: %s", exc)
+            except Exception as exc:  # the current topics stay subscribed
+                log.warning("notification topics not refreshed: %s: %s", type(exc).__name__, exc)
 
     async def _fill(self) -> None:
         config = self.config
@@ -295,6 +298,9 @@ class NotificationConsumer:
             except CxrelayError as exc:
                 log.warning("notification gaps not filled yet: %s", exc)
                 filled = []
+            except Exception:  # the database, most likely: the gaps stay closed, tried again
+                log.exception("notification gaps not filled yet")
+                filled = []
             for gap in filled:
                 self.stats.gaps_filled += 1
                 self.stats.gap_fill_queued += gap.queued
@@ -306,7 +312,10 @@ class NotificationConsumer:
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(self.config.cursor_interval_seconds)
-            await self.save_status()
+            try:
+                await self.save_status()
+            except Exception:  # the database: reported again next time
+                log.exception("notification consumer status not saved")
 
     async def save_status(self) -> None:
         """The cursor (the earliest of the runners' last messages: nothing after it is known
