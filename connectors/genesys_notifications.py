@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from cxrelay.connectors.genesys import GenesysClient
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.core.errors import RetryableError
 
 PING = json.dumps({"message": "ping"})

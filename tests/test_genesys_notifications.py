@@ -8,10 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
-from cxrelay.connectors.genesys import GenesysClient
-from cxrelay.connectors.genesys_notifications import NotificationsClient, SocketClosed
 from pydantic import SecretStr
 
+from cxrelay.connectors.genesys import GenesysClient
+from cxrelay.connectors.genesys_notifications import NotificationsClient, SocketClosed
 from cxrelay.core.errors import PermanentError
 from cxrelay.sandbox.server import Sandbox
 from tests.conftest import sample

@@ -13,11 +13,11 @@ from typing import Any
 
 import httpx
 import orjson
-from cxrelay.connectors.genesys import GenesysClient
-from cxrelay.connectors.genesys_notifications import NotificationsClient
 from pydantic import SecretStr
 
-from cxrelay.core.notifications import ended_dedupe_key
+from cxrelay.connectors.genesys import GenesysClient
+from cxrelay.connectors.genesys_notifications import NotificationsClient
+from cxrelay.core.notifications import ended_dedupe_key as bare_key
 from cxrelay.listener.consumer import ConsumerConfig, NotificationConsumer
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
@@ -36,6 +36,11 @@ def control(box: Sandbox, path: str, payload: Any = None) -> Any:
 
 def sandbox_state(box: Sandbox) -> dict[str, Any]:
     return httpx.get(f"{box.genesys_url}/__sandbox/notifications/state").json()
+
+
+def ended_dedupe_key(conversation_id: str) -> str:
+    """The inbox key of a conversation's ending: scoped by the consumer's source."""
+    return f"notifications:{bare_key(conversation_id)}"
 
 
 def snapshot(conversation_id: str, ended: bool = True) -> dict[str, Any]:
@@ -177,8 +182,9 @@ def test_a_drop_is_recorded_and_filled_from_analytics_once(clean_sandbox: Sandbo
             assert gap.queued == 3  # "live" was found too, but was already queued
             keys = inbox_keys(store)
             assert sorted(keys) == sorted(ended_dedupe_key(c) for c in ["live", *missed])
-            sources = {e.conversation_id: e.source for e in store.events()}
-            assert sources["missed-0"] == "notifications-gap-fill"
+            types = {e.conversation_id: e.event_type for e in store.events()}
+            assert types["missed-0"] == "CONVERSATION_GAP_FILLED"
+            assert types["live"] == "v2.routing.queues.{id}.conversations"
             assert consumer.stats.reconnects >= 1
 
     asyncio.run(scenario())

@@ -15,11 +15,10 @@ from typer.testing import CliRunner
 
 from cxrelay.app.cli import app
 from cxrelay.app.supervise import free_port, stop, wait_until
-from cxrelay.core.notifications import ended_dedupe_key
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
 from cxrelay.store.database import Store
-from tests.test_listener import control, queues, sandbox_state, snapshot
+from tests.test_listener import control, ended_dedupe_key, queues, sandbox_state, snapshot
 
 
 def start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:

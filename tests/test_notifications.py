@@ -97,7 +97,8 @@ def test_ended_snapshots_normalise_to_one_dedupe_key_per_conversation() -> None:
     second = normalise(later, "notifications")
     conversation = "7f0e4c1a-5b52-4a8e-9a43-0d2f6b1c9e11"
     assert first.conversation_id == second.conversation_id == conversation
-    assert first.dedupe_key == second.dedupe_key == ended_dedupe_key(conversation)
+    assert first.dedupe_key == second.dedupe_key == "notifications:" + ended_dedupe_key(
+        conversation)
     assert first.ended and first.event_type == "v2.routing.queues.{id}.conversations"
     assert first.occurred_at == datetime(2026, 11, 30, 3, 40, 27, tzinfo=timezone.utc)
 
@@ -107,7 +108,7 @@ def test_connected_snapshot_is_not_ended_and_keeps_its_own_key() -> None:
     snapshot["eventBody"]["participants"][0]["calls"][0]["state"] = "connected"
     event = normalise(snapshot, "notifications")
     assert not event.ended
-    assert event.dedupe_key == "5c1f0b7e-9a2d-4e6b-8c3f-1d7a9e2b4c60"
+    assert event.dedupe_key == "notifications:5c1f0b7e-9a2d-4e6b-8c3f-1d7a9e2b4c60"
 
 
 def test_snapshot_without_an_id_is_not_an_event() -> None:
@@ -121,8 +122,8 @@ def test_snapshot_without_an_id_is_not_an_event() -> None:
 def test_gap_fill_event_shares_the_ended_snapshots_key() -> None:
     conversation = sample("analytics-details-query.json")["response"]["conversations"][0]
     payload = gap_fill_event(conversation)
-    event = normalise(payload, "notifications-gap-fill")
-    assert event.dedupe_key == ended_dedupe_key(conversation["conversationId"])
+    event = normalise(payload, "notifications")
+    assert event.dedupe_key == "notifications:" + ended_dedupe_key(conversation["conversationId"])
     assert event.ended and event.conversation_id == conversation["conversationId"]
 
 

@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import partial
 
 from cxrelay.connectors.genesys_notifications import (
     Channel,
@@ -39,7 +40,8 @@ from cxrelay.core.notifications import (
     shard,
 )
 from cxrelay.listener.gapfill import GapFilled, fill_closed_gaps
-from cxrelay.store.database import Store, inbox_row
+from cxrelay.store.database import Store
+from cxrelay.store.inbox import inbox_row
 
 log = logging.getLogger("cxrelay.listener")
 SOURCE = "notifications"
@@ -246,8 +248,9 @@ class NotificationConsumer:
             event = normalise(message.payload, SOURCE, body)
         except EnvelopeError as exc:
             self.stats.quarantined += 1
-            await asyncio.to_thread(self.store.quarantine, SOURCE, body, "application/json",
-                                    {"message": str(exc), "errors": exc.errors})
+            await asyncio.to_thread(partial(
+                self.store.quarantine, source=SOURCE, body=body, content_type=None,
+                reason={"message": str(exc), "errors": exc.errors}))
             return kind
         if kind is MessageKind.SNAPSHOT:
             self.stats.snapshots += 1

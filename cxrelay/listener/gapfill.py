@@ -16,10 +16,13 @@ from datetime import datetime, timedelta, timezone
 from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.core.envelope import normalise
 from cxrelay.core.notifications import ended_within, gap_fill_event
-from cxrelay.store.database import Store, inbox_row
+from cxrelay.store.database import Store
+from cxrelay.store.inbox import inbox_row
 from cxrelay.store.models import NotificationGap
 
-SOURCE = "notifications-gap-fill"
+# The consumer's own source: dedupe keys are scoped by source, and a conversation that ended
+# must make one row whichever of the two found it.
+SOURCE = "notifications"
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,11 @@ cursor (when it last heard from Genesys). A mixin of `Store`."""
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine, func, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import func, select, update
 
+from cxrelay.store.engine import Database
 from cxrelay.store.models import NotificationConsumerStatus, NotificationGap, utcnow
 
 GAPS = NotificationGap.__table__  # type: ignore[attr-defined]
@@ -27,12 +26,7 @@ def _gap(row: object) -> NotificationGap:
     return gap
 
 
-class NotificationQueries:
-    engine: Engine
-
-    def transaction(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError  # provided by Store
-
+class NotificationQueries(Database):
     def open_gap(self, consumer: str, channel: str, started_at: datetime, reason: str) -> int:
         """Record that `channel` has had no live socket since `started_at`; its id."""
         with self.transaction() as conn:
