@@ -17,7 +17,7 @@ from cxrelay.listener.consumer import SOURCE
 from cxrelay.listener.gapfill import SOURCE as GAP_FILL_SOURCE
 from cxrelay.sandbox.genesys import analytics_view, sample_conversation
 from cxrelay.sandbox.server import Sandbox
-from cxrelay.store.database import inbox_row
+from cxrelay.store.inbox import inbox_row
 from tests.conftest import sample
 from tests.flowkit import dispatch_until, make_runtime, make_settings, sandbox_state
 
