@@ -267,3 +267,25 @@ def test_a_frame_that_is_not_an_event_is_quarantined_verbatim(store: Store) -> N
     asyncio.run(consumer.handle(Message("not json", b"not json")))
     assert [q.body for q in store.quarantined()] == [raw, b"not json"]
     assert store.events() == [] and consumer.stats.quarantined == 2
+
+
+def test_channels_are_renewed_before_they_expire_without_a_gap(clean_sandbox: Sandbox,
+                                                               store: Store) -> None:
+    (queue_id,) = queues(clean_sandbox, 1)
+    control(clean_sandbox, "notifications/settings", {"heartbeat_seconds": 0.1})
+
+    async def scenario() -> None:
+        # Renewing after 0.5 s stands for renewing in the 23rd of a channel's 24 hours.
+        async with running(clean_sandbox, store, config(renew_after_seconds=0.5)) as consumer:
+            ids = []
+            while consumer.stats.replacements < 3:
+                ids.append(f"c-{len(ids)}")
+                await publish(clean_sandbox, queue_id, snapshot(ids[-1]))
+                await asyncio.sleep(0.05)
+                assert len(ids) < 400, "the channel was never renewed"
+            await poll(lambda: len(inbox_keys(store)) >= len(ids), "every conversation")
+            assert sorted(inbox_keys(store)) == sorted(ended_dedupe_key(i) for i in ids)
+            assert store.gaps() == [] and consumer.stats.reconnects == 0
+            assert consumer.stats.open_sockets == 1
+
+    asyncio.run(scenario())
