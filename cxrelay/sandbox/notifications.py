@@ -278,14 +278,18 @@ class NotificationService:
         return JSONResponse({"queues": len(self.queues)}, status_code=201)
 
     async def _publish(self, request: Request) -> Response:
-        """`{"topic", "body"}`: the event every socket subscribed to `topic` receives now."""
+        """`{"topic", "body"}` (or `"bodies"`: several, in order): the events every socket
+        subscribed to `topic` receives now. `delivered` counts sockets."""
         spec = await request.json()
-        message = {"topicName": spec["topic"], "version": "2", "eventBody": spec["body"],
-                   "metadata": {"CorrelationId": spec.get("correlation_id") or str(uuid.uuid4())}}
+        bodies = spec.get("bodies") or [spec["body"]]
+        messages = [{"topicName": spec["topic"], "version": "2", "eventBody": body,
+                     "metadata": {"CorrelationId": spec.get("correlation_id")
+                                  or str(uuid.uuid4())}} for body in bodies]
         delivered = 0
         for channel in self.channels.values():
             if spec["topic"] in channel.topics and channel.outbox is not None:
-                channel.outbox.put_nowait(message)
+                for message in messages:
+                    channel.outbox.put_nowait(message)
                 delivered += 1
         return JSONResponse({"delivered": delivered})
 
