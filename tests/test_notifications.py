@@ -20,6 +20,7 @@ from cxrelay.core.notifications import (
     expand_topics,
     gap_fill_event,
     parse_templates,
+    reshard,
     shard,
 )
 from tests.conftest import sample
@@ -147,3 +148,38 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert max(delays) <= 30 and delays[-1] >= 15
     assert len({round(d, 6) for d in delays[-4:]}) == 4  # capped, yet not in lockstep
     assert backoff_delay(10_000, 0.5, 30, rng) <= 30  # no overflow for a long outage
+
+
+def test_reshard_moves_no_topic_that_stays() -> None:
+    first = shard([f"t{i}" for i in range(5)], size=2)  # [t0 t1] [t2 t3] [t4]
+    # t1 went, t5 and t6 came: t5 fills t1's place, t6 the last channel's room.
+    again = reshard(first, ["t0", "t2", "t3", "t4", "t5", "t6"], size=2)
+    assert again == [["t0", "t5"], ["t2", "t3"], ["t4", "t6"]]
+    # A plain re-shard would have moved t2, t3 and t4 to other channels.
+    assert shard(["t0", "t2", "t3", "t4", "t5", "t6"], size=2) != again
+    # Overflow opens new channels; trailing empty channels go, a middle one keeps its place.
+    assert reshard(again, ["t0", "t5", "t4", "t6", "t7"], size=2) == [
+        ["t0", "t5"], ["t7"], ["t4", "t6"]]
+    assert reshard([["a"], ["b"]], ["a"], size=2) == [["a"]]
+    assert reshard([], ["a", "b", "c"], size=2) == [["a", "b"], ["c"]]
+
+
+def test_reshard_keeps_every_topic_once_within_the_limit() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    names = st.lists(st.sampled_from([f"t{i}" for i in range(40)]), max_size=40, unique=True)
+
+    @given(st.lists(names, max_size=5), names, st.integers(1, 6))
+    def check(before: list[list[str]], topics: list[str], size: int) -> None:
+        current = shard(sorted({t for s in before for t in s}), size)
+        after = reshard(current, topics, size)
+        flat = [t for s in after for t in s]
+        assert sorted(flat) == sorted(topics) and len(flat) == len(set(flat))
+        assert all(len(s) <= size for s in after)
+        for index, shard_topics in enumerate(current):  # nothing that stays moves
+            for topic in shard_topics:
+                if topic in topics:
+                    assert topic in after[index]
+
+    check()

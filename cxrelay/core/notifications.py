@@ -146,3 +146,28 @@ def backoff_delay(attempt: int, initial: float, cap: float,
     the upper half so that many consumers cut off at once do not come back at once."""
     ceiling = min(cap, initial * 2 ** min(attempt, 30))
     return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def reshard(current: Sequence[Sequence[str]], topics: Sequence[str],
+            size: int = MAX_TOPICS_PER_CHANNEL) -> list[list[str]]:
+    """The new topic list over channels, moving no topic that stays: a topic moved from one
+    channel to another would be on neither between the two subscription calls.
+
+    Topics that went are dropped where they were, new ones fill the channels with room, then
+    new channels; channels left empty at the end are dropped (an empty one in the middle keeps
+    its place, so later channels keep theirs)."""
+    if size < 1:
+        raise ValueError("a channel holds at least one topic")
+    wanted = dict.fromkeys(topics)
+    shards = [[topic for topic in shard_topics if topic in wanted] for shard_topics in current]
+    placed = {topic for shard_topics in shards for topic in shard_topics}
+    new = [topic for topic in wanted if topic not in placed]
+    for shard_topics in shards:
+        room = size - len(shard_topics)
+        if room > 0 and new:
+            shard_topics.extend(new[:room])
+            new = new[room:]
+    shards.extend(shard(new, size))
+    while shards and not shards[-1]:
+        shards.pop()
+    return shards

@@ -37,7 +37,7 @@ from cxrelay.core.notifications import (
     classify,
     expand_topics,
     needs_queues,
-    shard,
+    reshard,
 )
 from cxrelay.listener.gapfill import GapFilled, fill_closed_gaps
 from cxrelay.store.database import Store
@@ -266,7 +266,8 @@ class NotificationConsumer:
         return kind
 
     async def _apply(self, topics: list[str]) -> None:
-        shards = shard(topics, self.config.max_topics_per_channel)
+        shards = reshard([runner.topics for runner in self.runners], topics,
+                         self.config.max_topics_per_channel)
         for index, shard_topics in enumerate(shards):
             if index < len(self.runners):
                 if self.runners[index].topics != shard_topics:
