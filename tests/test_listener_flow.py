@@ -42,8 +42,8 @@ def test_seen_on_the_socket_and_through_gap_fill_is_delivered_once(
     inserted = runtime.store.insert_events(rows)
     assert [new is not None for new in inserted] == [True, False, True]
     asyncio.run(dispatch_until(runtime, 2))
-    leads, messages = sandbox_state(clean_sandbox)
-    assert sorted(lead["Genesys_Conversation_Id__c"] for lead in leads) == [both, gap_only]
+    tasks, messages = sandbox_state(clean_sandbox)  # one Salesforce Task per conversation
+    assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == [both, gap_only]
     assert len(messages) == 2
     assert {e.conversation_id: e.outcome for e in runtime.store.events()} == {
         both: "delivered", gap_only: "delivered"}
