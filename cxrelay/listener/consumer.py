@@ -150,12 +150,15 @@ class ChannelRunner:
     async def _session(self) -> None:
         config = self.consumer.config
         channel, socket = await self._connect()
-        self.channel = channel
-        await self._connected()
-        self.live = True
-        opened = time.monotonic()
         self.consumer.stats.open_sockets += 1
         try:
+            self.channel = channel
+            # Subscribed and open: from now on nothing is lost, even if no message comes.
+            self.last_message_at = utcnow()
+            await self._connected()
+            self.live = True
+            opened = time.monotonic()
+            closing = False  # socket_closing seen, its replacement not open yet
             while True:
                 message = await self._receive(socket)
                 received = utcnow()
@@ -163,21 +166,25 @@ class ChannelRunner:
                 # Only once handled: a message whose insert failed lies inside the gap.
                 self.last_message_at = received
                 self.consumer.stats.last_message = time.monotonic()
-                if kind is MessageKind.SOCKET_CLOSING or (
-                        time.monotonic() - opened >= config.renew_after_seconds):
+                closing = closing or kind is MessageKind.SOCKET_CLOSING
+                if closing or time.monotonic() - opened >= config.renew_after_seconds:
                     # The replacement first. Until it is subscribed and open, only the old
                     # socket delivers, and what it delivered meanwhile waits in its buffer: so
                     # the old one is read until Genesys closes it (or, renewing, for a while),
                     # both deliver for a moment, and the inbox dedupes.
-                    new_channel, new_socket = await self._connect()
-                    old = socket
-                    channel, socket, self.channel = new_channel, new_socket, new_channel
-                    opened = time.monotonic()
+                    try:
+                        new_channel, new_socket = await self._connect()
+                    except CxrelayError as exc:
+                        # The old socket still works for a while: try again at its next message.
+                        log.warning("notification %s: no replacement socket yet: %s",
+                                    self.name, exc)
+                        continue
+                    old, socket, self.channel = socket, new_socket, new_channel
+                    drain_seconds = 90.0 if closing else 2 * config.heartbeat_seconds
+                    opened, closing = time.monotonic(), False
                     self.consumer.stats.replacements += 1
-                    drain_seconds = (90.0 if kind is MessageKind.SOCKET_CLOSING
-                                     else 2 * config.heartbeat_seconds)
                     self._drains.add(asyncio.create_task(self._drain(old, drain_seconds)))
-                    log.info("notification %s: replaced its socket (%s)", self.name, kind.value)
+                    log.info("notification %s: replaced its socket", self.name)
         finally:
             self.consumer.stats.open_sockets -= 1
             self.channel = None
@@ -192,6 +199,9 @@ class ChannelRunner:
                 await self.consumer.handle(message)
         except (SocketClosed, asyncio.TimeoutError):
             pass
+        except Exception:  # the database: what is lost here lies inside no gap; say so loudly
+            log.exception("notification %s: a replaced socket's message was not queued",
+                          self.name)
         finally:
             await socket.close()
             task = asyncio.current_task()
