@@ -146,6 +146,20 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = Field(default=0.05, gt=0)
     max_event_attempts: int = Field(default=5, ge=1)
 
+    notification_topics: str | None = Field(
+        default=None, description="comma-separated Notification API topic templates, e.g. "
+        "v2.routing.queues.{queue}.conversations ({queue}: every routing queue); when set, "
+        "`cxrelay serve` runs the notification consumer")
+    notification_heartbeat_seconds: float = Field(default=30, gt=0, description="Genesys's "
+                                                  "heartbeat interval; twice it silent = dead")
+    notification_queue_refresh_seconds: float = Field(default=300, gt=0)
+    notification_gap_lookback_seconds: float = Field(
+        default=3600, ge=0, description="gap-fill looks this far before a gap for "
+        "conversations that started earlier and ended inside it")
+    notification_gap_fill_delay_seconds: float = Field(
+        default=60, ge=0, description="wait this long after a gap before asking the analytics "
+        "API about it (it learns of conversations with a delay)")
+
     @cached_property
     def pipeline_config(self) -> Pipeline:
         path = self.pipeline or DEFAULT_PIPELINE

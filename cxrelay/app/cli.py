@@ -85,7 +85,7 @@ def serve(
         sources = build_sources(settings.pipeline_config, os.environ)
     except CxrelayError as exc:
         _fail(str(exc), 2)
-    if not sources:
+    if not sources and not settings.notification_topics:
         _fail("no webhook source is enabled: set CXRELAY_WEBHOOK_SECRET (or another source's "
               "secret variable named in the pipeline file)", 2)
     if workers == 1 or reuse_port:
@@ -104,6 +104,9 @@ def serve(
     if dispatching:
         children.append(subprocess.Popen([sys.executable, "-m", "cxrelay", "dispatch",
                                           "--parent-pid", str(os.getpid())], env=environment))
+    if settings.notification_topics and not reuse_port:
+        children.append(subprocess.Popen([sys.executable, "-m", "cxrelay", "listen",
+                                          "--parent-pid", str(os.getpid())]))
     if not reuse_port:
         err.print(f"cxrelay receiving on http://{host}:{port}/webhooks/"
                   f"{{{','.join(sorted(sources))}}} with {workers} worker(s)"
@@ -292,6 +295,15 @@ def status() -> None:
         _row(table, f"inbox {name}", count)
     table.add_row("dead letters (open)", str(len(store.dead_letters("open"))))
     table.add_row("quarantined (open)", str(len(store.quarantined("open"))))
+    for name, count in sorted(store.gap_counts().items()):
+        table.add_row(f"notification gaps {name}", str(count))
+    for consumer in store.consumer_statuses():
+        last = consumer.last_message_at.isoformat(timespec="seconds") if (
+            consumer.last_message_at) else "never"
+        table.add_row(f"notifications {consumer.consumer}",
+                      f"{consumer.open_sockets}/{consumer.channels} sockets open, "
+                      f"{consumer.topics} topics, {consumer.reconnects} reconnects, "
+                      f"last message {last}")
     console.print(table)
 
 
@@ -524,6 +536,45 @@ def prune(
     for name, count in pruned.rows().items():
         table.add_row(name, str(count))
     console.print(table)
+
+
+@app.command()
+def listen(
+    parent_pid: int | None = typer.Option(None, help="exit when this process is gone"),
+) -> None:
+    """Listen to the Genesys Notification API (CXRELAY_NOTIFICATION_TOPICS) over WebSocket and
+    queue every conversation that ends; fill the gaps of lost sockets from the analytics API."""
+    from cxrelay.listener.main import run_listener
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    listener_logger = logging.getLogger("cxrelay.listener")
+    listener_logger.addHandler(handler)
+    listener_logger.setLevel(logging.INFO)
+    listener_logger.propagate = False
+    settings = _settings()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def watch_parent() -> None:
+            while os.getppid() == parent_pid:
+                await asyncio.sleep(0.5)
+            stop.set()
+
+        watcher = asyncio.create_task(watch_parent()) if parent_pid else None
+        try:
+            await run_listener(settings, stop)
+        except CxrelayError as exc:
+            _fail(str(exc), 2)
+        finally:
+            if watcher:
+                watcher.cancel()
+
+    asyncio.run(main())
 
 
 def main() -> None:

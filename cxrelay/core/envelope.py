@@ -7,6 +7,11 @@
   else the topic; ended when the topic ends `.customer.end`, `.acw` and the like.
 - notification (`topicName` + `eventBody`): event id and dedupe key `metadata.CorrelationId`,
   else a hash of the body; conversation and ending as for EventBridge.
+- a queue or user conversation snapshot (`v2.routing.queues.{id}.conversations`,
+  `v2.users.{id}.conversations`, in either of the two above): conversation `eventBody.id`;
+  ended when every media session is disconnected or terminated, and then the dedupe key is
+  the conversation's ending (`conversation-ended:<id>`), so repeated ended snapshots and the
+  notification gap-fill make one inbox row.
 
 Dedupe keys are scoped by source (`<source>:<key>`): a sender holding one source's credential
 cannot pre-empt another source's events, nor the ids cxrelay gives the events it makes itself
@@ -23,6 +28,12 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from cxrelay.core.errors import EnvelopeError
+from cxrelay.core.notifications import (
+    conversation_ended,
+    ended_dedupe_key,
+    is_snapshot_topic,
+    snapshot_end_time,
+)
 
 Envelope = Literal["generic", "eventbridge", "notification"]
 
@@ -214,6 +225,8 @@ def _from_topic_event(
     if not isinstance(body, dict):
         errors.append({"loc": f"{prefix}eventBody", "msg": "field required (an object)"})
         body = {}
+    if topic and is_snapshot_topic(topic):
+        return _snapshot(payload, detail, body, source, event_id, fallback_key, envelope, prefix)
     topic_conversation, event_type = _topic_parts(topic)
     conversation_id = _text(body.get("conversationId")) or topic_conversation
     _require(errors, f"{prefix}eventBody.conversationId", conversation_id)
@@ -236,6 +249,33 @@ def _from_topic_event(
         conversation_id=conversation_id or "",
         occurred_at=occurred,
         ended=_topic_ended(topic),
+        envelope=envelope,
+        source=source,
+        payload=payload,
+    )
+
+
+def _snapshot(payload: dict[str, Any], detail: dict[str, Any], body: dict[str, Any], source: str,
+              event_id: str | None, fallback_key: str, envelope: Envelope, prefix: str
+              ) -> CanonicalEvent:
+    conversation_id = _text(body.get("id"))
+    if conversation_id is None:
+        raise EnvelopeError(f"{envelope} conversation snapshot has no conversation id",
+                            [{"loc": f"{prefix}eventBody.id",
+                              "msg": "field required (a non-empty string)"}])
+    metadata = detail.get("metadata")
+    correlation_id = _text(metadata.get("CorrelationId")) if isinstance(metadata, dict) else None
+    ended = conversation_ended(body)
+    topic = str(detail["topicName"])
+    parts = topic.split(".")
+    return CanonicalEvent(
+        event_id=event_id or correlation_id or fallback_key,
+        dedupe_key=(ended_dedupe_key(conversation_id) if ended
+                    else correlation_id or event_id or fallback_key),
+        event_type=".".join([*parts[:-2], "{id}", parts[-1]]),
+        conversation_id=conversation_id,
+        occurred_at=_parse_time(snapshot_end_time(body)) if ended else None,
+        ended=ended,
         envelope=envelope,
         source=source,
         payload=payload,

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -147,7 +148,20 @@ class Receiver:
             for record in await anyio.to_thread.run_sync(self.store.drift):
                 self.metrics.drift.labels(record.contract, record.field, record.kind).set(
                     record.count)
+            await anyio.to_thread.run_sync(self._notification_metrics)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _notification_metrics(self) -> None:
+        now = datetime.now(timezone.utc)
+        for status in self.store.consumer_statuses():
+            gauges = self.metrics.notification
+            for name in ("channels", "topics", "open_sockets", "reconnects"):
+                gauges[name].labels(status.consumer).set(getattr(status, name))
+            if status.last_message_at is not None:
+                gauges["last_message_age_seconds"].labels(status.consumer).set(
+                    (now - status.last_message_at).total_seconds())
+        for name, count in self.store.gap_counts().items():
+            self.metrics.notification_gaps.labels(name).set(count)
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:

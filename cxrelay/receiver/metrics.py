@@ -25,6 +25,22 @@ class ReceiverMetrics:
                            "by field", ["contract", "field", "kind"], registry=self.registry)
         self.inbox_depth = Gauge("cxrelay_inbox_depth", "Events waiting or in progress",
                                  registry=self.registry)
+        # The notification consumer runs in its own process: these are read from the status it
+        # saves in the store every few seconds.
+        self.notification = {
+            name: Gauge(f"cxrelay_notification_{name}", help_text, ["consumer"],
+                        registry=self.registry)
+            for name, help_text in (
+                ("channels", "Notification channels the consumer runs"),
+                ("topics", "Topics subscribed over all channels"),
+                ("open_sockets", "Channel sockets open"),
+                ("reconnects", "Sockets lost and reopened since the consumer started"),
+                ("last_message_age_seconds", "Seconds since the earliest of the channels' "
+                 "last messages (heartbeats included)"),
+            )}
+        self.notification_gaps = Gauge("cxrelay_notification_gaps", "Intervals without a live "
+                                       "socket, by status (open, closed, filled)", ["status"],
+                                       registry=self.registry)
         self._children: dict[tuple[str, bool], Any] = {}
 
     def acknowledged(self, source: str, new: bool, seconds: float) -> None:

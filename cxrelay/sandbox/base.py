@@ -19,14 +19,14 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 Handler = Callable[[Request, Any], Awaitable[Response]]
 _REDACTED_HEADERS = {"authorization", "cookie"}
@@ -65,11 +65,11 @@ class Emulator:
         self.requests: list[dict[str, Any]] = []
         self.faults: list[Fault] = []
         self._fault_ids = itertools.count(1)
-        self.app = Starlette(routes=self.control_routes() + self.routes())
+        self.app = Starlette(routes=[*self.control_routes(), *self.routes()])
 
     # --- subclasses -----------------------------------------------------------------
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> Sequence[BaseRoute]:
         raise NotImplementedError
 
     def reset_state(self) -> None:

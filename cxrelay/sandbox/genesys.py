@@ -13,9 +13,10 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from cxrelay.sandbox.base import Emulator, Fault, bearer_token
+from cxrelay.sandbox.notifications import NotificationService
 
 DEFAULT_CLIENT_ID = "sandbox-genesys-client"
 DEFAULT_CLIENT_SECRET = "sandbox-genesys-secret"
@@ -67,10 +68,12 @@ class GenesysEmulator(Emulator):
         self.tokens: dict[str, float] = {}
         self.token_lifetime = 86399
         self._calls: dict[str, deque[float]] = {}
+        self.notifications = NotificationService(self._authorize, lambda _: self.client_id,
+                                                 genesys_error)
         super().__init__()
 
-    def routes(self) -> list[Route]:
-        return [
+    def routes(self) -> list[BaseRoute]:
+        return [*self.notifications.routes(self.route),
             self.route("/oauth/token", self.token, ["POST"]),
             self.route("/api/v2/conversations/{conversation_id}", self.conversation, ["GET"]),
             self.route("/api/v2/analytics/conversations/details/query", self.analytics, ["POST"]),
@@ -83,9 +86,11 @@ class GenesysEmulator(Emulator):
         self.conversations.clear()
         self.tokens.clear()
         self._calls.clear()
+        self.notifications.reset()
 
     def state(self) -> dict[str, Any]:
-        return {"conversations": len(self.conversations), "tokens_issued": len(self.tokens)}
+        return {"conversations": len(self.conversations), "tokens_issued": len(self.tokens),
+                "notifications": self.notifications.state()}
 
     def fault_response(self, fault: Fault) -> Response:
         if fault.body is None and fault.status:

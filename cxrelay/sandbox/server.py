@@ -69,7 +69,10 @@ class Sandbox:
     async def serve(self) -> None:
         apps = [self.genesys.app, self.salesforce.app, self.slack.app]
         for app in apps:
-            config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+            # The sans-I/O websockets implementation: uvicorn's default one is the deprecated
+            # legacy API of websockets ≥ 14, and the Genesys emulator serves notification sockets.
+            config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                    ws="websockets-sansio")
             self._servers.append(uvicorn.Server(config))
         await asyncio.gather(*(server.serve(sockets=[sock])
                                for server, sock in zip(self._servers, self._sockets, strict=True)))

@@ -1,5 +1,5 @@
-"""The store: inbox, ledger, dead letters and quarantine, drift, retention — one class over one
-database.
+"""The store: inbox, ledger, dead letters and quarantine, drift, retention, notification gaps —
+one class over one database.
 
 Each concept's queries live in a module of their own; `Store` combines them.
 """
@@ -10,9 +10,11 @@ from cxrelay.store.dead_letters import DeadLetterQueries
 from cxrelay.store.drift import DriftQueries
 from cxrelay.store.inbox import InboxQueries
 from cxrelay.store.ledger import LedgerQueries
+from cxrelay.store.notifications import NotificationQueries
 from cxrelay.store.retention import RetentionQueries
 from cxrelay.store.settle import SettleQueries
 
 
-class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries, SettleQueries):
+class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries,
+            SettleQueries, NotificationQueries):
     """SQLite (WAL) by default, PostgreSQL for scale-out; see `cxrelay.store.engine`."""

@@ -126,3 +126,41 @@ class DriftRecord(SQLModel, table=True):
     first_seen: datetime = Field(default_factory=utcnow)
     last_seen: datetime = Field(default_factory=utcnow)
     example_event_id: str = Field(max_length=255)
+
+
+class NotificationGap(SQLModel, table=True):
+    """An interval in which a notification channel had no live socket: whatever Genesys sent
+    then is lost, so the analytics API is asked about it (`status` open → closed → filled).
+
+    Opened the moment a socket is found dead (from its last message), closed at reconnection;
+    a process killed in between leaves it open, and the next start closes it."""
+
+    __tablename__ = "notification_gaps"
+    __table_args__ = (Index("ix_notification_gaps_status", "status"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    consumer: str = Field(max_length=64)
+    channel: str = Field(max_length=64)  # the shard ("shard-0"): channels are replaced
+    started_at: datetime
+    ended_at: datetime | None = None
+    reason: str = Field(max_length=255)
+    status: str = Field(default="open", max_length=16)  # open | closed | filled
+    found: int = 0
+    queued: int = 0
+    filled_at: datetime | None = None
+
+
+class NotificationConsumerStatus(SQLModel, table=True):
+    """What a notification consumer last reported: when it last heard from Genesys (so a
+    restart knows where its gap began) and its channels, for `/metrics` and `cxrelay status`,
+    which run in other processes."""
+
+    __tablename__ = "notification_consumers"
+
+    consumer: str = Field(primary_key=True, max_length=64)
+    last_message_at: datetime | None = None
+    channels: int = 0
+    topics: int = 0
+    open_sockets: int = 0
+    reconnects: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,49 @@
+"""The notification consumer's queries, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from cxrelay.store.database import Store
+
+T0 = datetime(2026, 11, 30, 3, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def any_store(request: pytest.FixtureRequest) -> Store:
+    return request.getfixturevalue("store" if request.param == "sqlite" else "pg_store")
+
+
+def test_gap_lifecycle(any_store: Store) -> None:
+    store = any_store
+    first = store.open_gap("n", "shard-0", T0, "SocketClosed: closed (1001)")
+    store.open_gap("n", "shard-1", T0 + timedelta(seconds=5), "x" * 400)  # reason truncated
+    store.open_gap("other", "shard-0", T0, "not ours")
+    assert store.close_gaps("n", "shard-0", T0 + timedelta(seconds=10)) == 1
+    assert store.close_gaps("n", "shard-0", T0 + timedelta(seconds=20)) == 0  # already closed
+    (closed,) = store.gaps("n", "closed")
+    assert closed.id == first
+    assert (closed.started_at, closed.ended_at) == (T0, T0 + timedelta(seconds=10))
+    assert [g.channel for g in store.gaps("n", "open")] == ["shard-1"]
+    store.mark_gap_filled(first, found=3, queued=2)
+    (filled,) = store.gaps("n", "filled")
+    assert (filled.found, filled.queued, filled.filled_at is not None) == (3, 2, True)
+    # A restart ends every open gap of the consumer, and only of that consumer.
+    assert store.close_gaps_of("n", T0 + timedelta(minutes=1)) == 1
+    assert store.gap_counts() == {"open": 1, "closed": 1, "filled": 1}
+
+
+def test_consumer_status_keeps_the_cursor_when_none_is_given(any_store: Store) -> None:
+    store = any_store
+    assert store.cursor("n") is None
+    store.save_consumer_status("n", T0, channels=2, topics=1200, open_sockets=2, reconnects=0)
+    store.save_consumer_status("n", None, channels=2, topics=1200, open_sockets=1, reconnects=1)
+    assert store.cursor("n") == T0
+    (status,) = store.consumer_statuses()
+    assert (status.consumer, status.open_sockets, status.reconnects, status.topics) == (
+        "n", 1, 1, 1200)
+    store.save_consumer_status("n", T0 + timedelta(seconds=3), channels=2, topics=1200,
+                               open_sockets=2, reconnects=1)
+    assert store.cursor("n") == T0 + timedelta(seconds=3)
