@@ -1,4 +1,5 @@
-"""The Prefect UI, in a real headless Chromium, shows the run of a processed event as Completed."""
+"""The Prefect UI, in a real headless Chromium, finds a processed event by its conversation id:
+its task run Completed, and its artifact keyed by the conversation saying what happened."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def render(url: str, profile: Path) -> str:
 
 
 @pytest.mark.e2e
-def test_flow_run_is_visible_completed_in_the_prefect_ui(tmp_path: Path,
+def test_an_event_is_found_in_the_prefect_ui_by_its_conversation_id(tmp_path: Path,
                                                          clean_sandbox: Sandbox) -> None:
     if CHROMIUM is None:
         if os.environ.get("CI") == "true":
@@ -54,25 +55,36 @@ def test_flow_run_is_visible_completed_in_the_prefect_ui(tmp_path: Path,
         with temporary_settings({PREFECT_API_URL: api_url}):
             asyncio.run(dispatch_until(runtime, 1))
 
-            async def run_id() -> str:
+            async def task_run_id() -> str:
                 from prefect import get_client
-                from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+                from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
                 async with get_client() as client:
-                    (run,) = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                        name=FlowRunFilterName(any_=[f"conversation-{conversation}"])))
-                    return str(run.id)
+                    for _ in range(40):  # the server records task runs a moment later
+                        runs = await client.read_task_runs(task_run_filter=TaskRunFilter(
+                            name=TaskRunFilterName(any_=[f"conversation-{conversation}"])))
+                        if runs:
+                            return str(runs[0].id)
+                        await asyncio.sleep(0.5)
+                raise AssertionError("no task run conversation-<id> on the server")
 
-            flow_run_id = asyncio.run(run_id())
+            run_id = asyncio.run(task_run_id())
         ui = api_url.removesuffix("/api")
-        deadline = time.monotonic() + 90
-        dom = ""
-        while time.monotonic() < deadline:
-            dom = render(f"{ui}/runs/flow-run/{flow_run_id}", tmp_path / "chromium")
-            if f"conversation-{conversation}" in dom and "Completed" in dom:
-                break
-            time.sleep(2)
-        assert f"conversation-{conversation}" in dom, dom[-2000:]
-        assert "Completed" in dom
+        pages = {
+            # the event's steps and state, as a task run of its lane
+            f"{ui}/runs/task-run/{run_id}": [f"conversation-{conversation}", "Completed"],
+            # what was decided, found by the conversation id alone (the Artifacts page's key)
+            f"{ui}/artifacts/key/conversation-{conversation}": ["delivered", conversation],
+        }
+        for url, wanted in pages.items():
+            deadline = time.monotonic() + 90
+            dom = ""
+            while time.monotonic() < deadline:
+                dom = render(url, tmp_path / "chromium")
+                if all(text in dom for text in wanted):
+                    break
+                time.sleep(2)
+            for text in wanted:
+                assert text in dom, f"{url}: {text!r} not shown\n{dom[-2000:]}"
     finally:
         stop(server)
