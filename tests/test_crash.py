@@ -23,6 +23,7 @@ from cxrelay.app.sending import encode, generic_event, hmac_headers
 from cxrelay.app.supervise import free_port
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
+from cxrelay.store.database import Store
 from tests.flowkit import calls, sandbox_state
 
 SECRET = "crash-secret"
@@ -178,13 +179,23 @@ def test_prefect_api_unreachable_for_30_seconds(tmp_path: Path, clean_sandbox: S
     assert delivered == count and duplicated == 0 and len(messages) == count
 
 
-def test_a_dispatcher_whose_serve_is_killed_exits(tmp_path: Path, prefect_api: str) -> None:
-    """`serve` SIGKILLed (nothing forwards a signal): its dispatcher child notices the new
-    parent and exits instead of holding its claims as an orphan."""
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "CXRELAY_WEBHOOK_SECRET": SECRET,
-           "CXRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cxrelay.db'}"}
+def test_a_dispatcher_whose_serve_is_killed_exits(tmp_path: Path, clean_sandbox: Sandbox,
+                                                  prefect_api: str) -> None:
+    """`serve` SIGKILLed (nothing forwards a signal) while events are in flight: its dispatcher
+    child notices the new parent, exits within 60 s and releases its claims instead of holding
+    them as an orphan."""
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(c) for c in ids]).raise_for_status()
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/faults",  # events stay in flight
+               json={"latency_ms": 120_000, "path": "/api/v2/conversations"}).raise_for_status()
+    db = f"sqlite:///{tmp_path / 'cxrelay.db'}"
+    env = {**os.environ, **clean_sandbox.environment(), "PREFECT_API_URL": prefect_api,
+           "CXRELAY_WEBHOOK_SECRET": SECRET, "CXRELAY_PREFECT_LIMITS": "false",
+           "CXRELAY_DATABASE_URL": db}
     log = tmp_path / "serve.log"
-    serve = start(env, free_port(), log)
+    port = free_port()
+    serve = start(env, port, log)
     deadline = time.monotonic() + 30
     children: list[int] = []
     while not children and time.monotonic() < deadline:
@@ -195,9 +206,25 @@ def test_a_dispatcher_whose_serve_is_killed_exits(tmp_path: Path, prefect_api: s
     (dispatcher,) = children
     while "started (concurrency" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)  # the dispatcher is past its start-up
+    for conversation in ids:
+        body = encode(generic_event(conversation))
+        assert httpx.post(f"http://127.0.0.1:{port}/webhooks/genesys", content=body,
+                          headers=hmac_headers(body, SECRET)).status_code == 202
+
+    def claimed() -> int:
+        store = Store(db, create=False)
+        try:
+            return store.status_counts().get("claimed", 0)
+        finally:
+            store.close()
+
+    while claimed() < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert claimed() == 3, log.read_text()[-2000:]
+    killed_at = time.monotonic()
     serve.kill()
     serve.wait()
-    deadline = time.monotonic() + 45
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and Path(f"/proc/{dispatcher}").exists() and \
             Path(f"/proc/{dispatcher}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
         time.sleep(0.2)
@@ -206,3 +233,6 @@ def test_a_dispatcher_whose_serve_is_killed_exits(tmp_path: Path, prefect_api: s
     if alive:
         os.kill(dispatcher, signal.SIGKILL)
     assert not alive, log.read_text()[-2000:]
+    assert time.monotonic() - killed_at < 60
+    assert claimed() == 0  # released, not left to expire: a restarted serve takes them at once
+    httpx.delete(f"{clean_sandbox.genesys_url}/__sandbox/faults")
