@@ -5,8 +5,9 @@
 
 Each dispatcher is a `cxrelay dispatch` process of its own (as `cxrelay serve` starts it), with
 the sandbox targets and a Prefect server of the bench's own; Prefect global limits off (the
-Slack channel limit would be all it measured). Modes: one flow run per event (batching off),
-and adaptive batching (as shipped). With `--inbox postgres` the inbox is a PostgreSQL database
+Slack channel limit would be all it measured). Modes: lanes as shipped (each event a task run
+of a long-lived flow run), and lanes of one event each (`CXRELAY_LANE_MAX_EVENTS=1`: a flow run
+per event, what the dispatcher did before lanes). With `--inbox postgres` the inbox is a PostgreSQL database
 at 127.0.0.1:5432 shared by 1, 2 … dispatcher processes, and the bench checks that no event was
 claimed twice and no conversation got two Salesforce records or Slack messages.
 
@@ -75,14 +76,14 @@ def fill_inbox(store: Store, box: Sandbox, events: int) -> list[str]:
 
 
 def drain(box: Sandbox, prefect_url: str, database_url: str, work: Path, events: int,
-          batching: bool, dispatchers: int = 1) -> dict[str, Any]:
+          lanes: bool, dispatchers: int = 1) -> dict[str, Any]:
     store = Store(database_url)
     conversations = fill_inbox(store, box, events)
     env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
            "CXRELAY_DATABASE_URL": database_url, "CXRELAY_PREFECT_LIMITS": "false",
            "PREFECT_LOGGING_LEVEL": "WARNING"}
-    if not batching:
-        env["CXRELAY_BATCH_THRESHOLD"] = str(10**9)
+    if not lanes:
+        env["CXRELAY_LANE_MAX_EVENTS"] = "1"
     salesforce_before = len(box.salesforce.requests)
     slack_before = len(box.slack.requests)
     counts = [work / f"calls-{uuid.uuid4().hex[:8]}" for _ in range(dispatchers)]
@@ -127,7 +128,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10000)
     parser.add_argument("--per-event", type=int, default=150,
-                        help="events for the one-run-per-event mode (0: skip it)")
+                        help="events for the one-flow-run-per-event mode (0: skip it)")
     parser.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--inbox", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--dispatchers", default="1")
@@ -146,13 +147,13 @@ def main() -> int:
             return f"sqlite:///{work / f'inbox-{tag}.db'}"
 
         if args.per_event:
-            rows.append(("one run per event", drain(box, prefect_url, inbox("single"), work,
-                                                    args.per_event, batching=False)))
+            rows.append(("a flow run per event", drain(box, prefect_url, inbox("single"), work,
+                                                       args.per_event, lanes=False)))
             print(rows[-1], flush=True)
         for count in (int(n) for n in args.dispatchers.split(",") if args.events):
-            rows.append((f"adaptive, {count} dispatcher(s)",
-                         drain(box, prefect_url, inbox(f"adaptive{count}"), work, args.events,
-                               batching=True, dispatchers=count)))
+            rows.append((f"lanes, {count} dispatcher(s)",
+                         drain(box, prefect_url, inbox(f"lanes{count}"), work, args.events,
+                               lanes=True, dispatchers=count)))
             print(rows[-1], flush=True)
         print(f"\nPrefect server on {args.prefect_db}, inbox on {args.inbox}; sandbox targets")
         print(f"{'mode':28}{'events':>8}{'seconds':>9}{'events/s':>10}{'API req/ev':>11}"
