@@ -12,7 +12,8 @@ at 127.0.0.1:5432 shared by 1, 2 … dispatcher processes, and the bench checks 
 claimed twice and no conversation got two Salesforce records or Slack messages.
 
 "API req/event" counts the dispatcher's HTTP requests to the Prefect API (task-run states travel
-on the events websocket, not counted).
+on the events websocket, not counted); "CPU ms/event" is the dispatcher processes' user+system
+CPU over the drain, divided by the events.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BIN, ROOT  # noqa: E402
+from bench.common import BIN, ROOT, cpu_seconds, process_tree  # noqa: E402
 from bench.e2e import postgres_database  # noqa: E402
 from cxrelay.app.sending import encode, generic_event  # noqa: E402
 from cxrelay.app.supervise import start_prefect_server, stop  # noqa: E402
@@ -97,6 +98,7 @@ def drain(box: Sandbox, prefect_url: str, database_url: str, work: Path, events:
                 raise RuntimeError(f"a dispatcher exited; see {work}")
             time.sleep(0.25)
         elapsed = time.monotonic() - started
+        cpu = cpu_seconds([pid for p in processes for pid in process_tree(p.pid)])
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -114,7 +116,7 @@ def drain(box: Sandbox, prefect_url: str, database_url: str, work: Path, events:
     api_calls = sum(int(c.read_text()) for c in counts if c.exists())
     store.close()
     return {"events": events, "seconds": elapsed, "per_second": events / elapsed,
-            "api_per_event": api_calls / events,
+            "api_per_event": api_calls / events, "cpu_ms_per_event": cpu * 1000 / events,
             "records": sum(1 for c in upserts if c in wanted),
             "duplicate_records": sum(n - 1 for c, n in upserts.items() if c in wanted and n > 1),
             "messages": posts, "claimed_twice": claimed_twice}
@@ -157,11 +159,11 @@ def main() -> int:
             print(rows[-1], flush=True)
         print(f"\nPrefect server on {args.prefect_db}, inbox on {args.inbox}; sandbox targets")
         print(f"{'mode':28}{'events':>8}{'seconds':>9}{'events/s':>10}{'API req/ev':>11}"
-              f"{'records':>9}{'dup':>5}{'messages':>10}{'claimed 2x':>11}")
+              f"{'CPU ms/ev':>10}{'records':>9}{'dup':>5}{'messages':>10}{'claimed 2x':>11}")
         for name, r in rows:
             print(f"{name:28}{r['events']:>8}{r['seconds']:>9.1f}{r['per_second']:>10.1f}"
-                  f"{r['api_per_event']:>11.2f}{r['records']:>9}{r['duplicate_records']:>5}"
-                  f"{r['messages']:>10}{r['claimed_twice']:>11}")
+                  f"{r['api_per_event']:>11.2f}{r['cpu_ms_per_event']:>10.1f}{r['records']:>9}"
+                  f"{r['duplicate_records']:>5}{r['messages']:>10}{r['claimed_twice']:>11}")
         clean = all(r["records"] == r["events"] and r["duplicate_records"] == 0
                     and r["messages"] == r["events"] for _, r in rows)
         return 0 if clean else 1
