@@ -8,15 +8,13 @@ id, so a retry or a duplicate event never creates a second record.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cxrelay.connectors.salesforce import SalesforceClient, SalesforceRejected
 from cxrelay.core.customers import CustomerKeys, candidates, choose, lookups
 from cxrelay.core.pipeline import SalesforceTargetConfig
+from cxrelay.flows.cache import SharedCache
 from cxrelay.flows.limits import Limits
 
 # What Salesforce says when a record we point at is gone or is not what we thought: the
@@ -52,45 +50,9 @@ class Resolution:
                 "others": self.others, "tried": self.tried, "cached": cached}
 
 
-class CustomerCache:
+class CustomerCache(SharedCache[Resolution]):
     """Resolutions by customer keys for a few minutes. Deliveries of one caller that arrive
     together share one resolution (so two first calls at once create one Lead here)."""
-
-    def __init__(self) -> None:
-        # key → (expiry, the resolution in flight, or its result once it succeeded)
-        self._entries: dict[str, tuple[float, asyncio.Future[Resolution] | Resolution]] = {}
-
-    async def get(self, key: str, seconds: float,
-                  resolve: Callable[[], Awaitable[Resolution]]) -> tuple[Resolution, bool]:
-        """(resolution, whether it came from an earlier delivery)."""
-        if seconds <= 0:
-            return await resolve(), False
-        now = time.monotonic()
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] > now:
-            if isinstance(entry[1], Resolution):
-                return entry[1], True
-            if not entry[1].done():
-                return await asyncio.shield(entry[1]), True
-        if len(self._entries) > 10_000:
-            self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
-        future = asyncio.ensure_future(resolve())
-        self._entries[key] = (now + seconds, future)
-        try:
-            resolution = await asyncio.shield(future)
-        except BaseException:
-            self._entries.pop(key, None)
-            raise
-        self._entries[key] = (now + seconds, resolution)
-        return resolution, False
-
-    def forget_in_flight(self) -> None:
-        """Drop resolutions still in flight: they belong to an event loop that is closing."""
-        self._entries = {key: entry for key, entry in self._entries.items()
-                         if isinstance(entry[1], Resolution)}
-
-    def drop(self, key: str) -> None:
-        self._entries.pop(key, None)
 
 
 async def resolve_customer(client: SalesforceClient, target: SalesforceTargetConfig,

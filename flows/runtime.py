@@ -7,7 +7,6 @@ variables. A missing setting raises `ConfigError` naming the variable, when the 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -18,6 +17,7 @@ from cxrelay.connectors.salesforce import SalesforceClient
 from cxrelay.connectors.slack import SlackClient
 from cxrelay.core.mapping import Mapper
 from cxrelay.core.pipeline import Pipeline
+from cxrelay.flows.cache import SharedCache
 from cxrelay.flows.customer import CustomerCache
 from cxrelay.flows.limits import Limits
 from cxrelay.settings import Settings, require
@@ -32,12 +32,10 @@ class Runtime:
     mapper: Mapper
     limits: Limits = field(default_factory=Limits)
     _clients: dict[str, Any] = field(default_factory=dict)
-    # conversation id → (expiry, the fetch in flight, or its result once it succeeded)
-    _conversations: dict[str, tuple[float, asyncio.Future[Any] | dict[str, Any]]] = field(
-        default_factory=dict)
+    conversations: SharedCache[dict[str, Any]] = field(default_factory=SharedCache)  # enrichment
     customers: CustomerCache = field(default_factory=CustomerCache)  # Salesforce resolutions
     # Cleared by the dispatcher while the receiver is flooded (see `Dispatcher._yield_check`);
-    # batch runs in this process wait on it between events.
+    # lanes in this process wait on it between events.
     ingest_calm: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -59,8 +57,7 @@ class Runtime:
         makes new ones if it is used again on another loop. The store stays open."""
         clients, self._clients = list(self._clients.values()), {}
         # Fetches in flight belong to this loop; finished results stay cached.
-        self._conversations = {key: entry for key, entry in self._conversations.items()
-                               if isinstance(entry[1], dict)}
+        self.conversations.forget_in_flight()
         self.customers.forget_in_flight()
         for client in clients:
             client = client[0] if isinstance(client, tuple) else client
@@ -72,26 +69,8 @@ class Runtime:
                                   fetch: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """The conversation from a fetch of the last `seconds`, else a new fetch; events of one
         conversation that arrive together share one fetch, and a failed fetch is not kept."""
-        if seconds <= 0:
-            return await fetch()
-        now = time.monotonic()
-        entry = self._conversations.get(conversation_id)
-        if entry is not None and entry[0] > now:
-            if isinstance(entry[1], dict):
-                return entry[1]
-            if not entry[1].done():
-                return dict(await asyncio.shield(entry[1]))
-        if len(self._conversations) > 10_000:
-            self._conversations = {k: v for k, v in self._conversations.items() if v[0] > now}
-        future = asyncio.ensure_future(fetch())
-        self._conversations[conversation_id] = (now + seconds, future)
-        try:
-            result = await asyncio.shield(future)
-        except BaseException:
-            self._conversations.pop(conversation_id, None)
-            raise
-        self._conversations[conversation_id] = (now + seconds, result)
-        return result
+        conversation, _ = await self.conversations.get(conversation_id, seconds, fetch)
+        return conversation
 
     async def genesys(self) -> GenesysClient:
         if "genesys" not in self._clients:

@@ -56,6 +56,16 @@ def _row(table: Table, *values: object) -> None:
     table.add_row(*(Text(str(value)) for value in values))
 
 
+def _log_to_stderr(name: str) -> None:
+    """INFO and above of this logger on stderr, timestamped (a child process of `serve`)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
@@ -147,12 +157,7 @@ def dispatch(
     from cxrelay.flows.dispatcher import Dispatcher
     from cxrelay.flows.runtime import Runtime, set_runtime
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
-    cxrelay_logger = logging.getLogger("cxrelay")
-    cxrelay_logger.addHandler(handler)
-    cxrelay_logger.setLevel(logging.INFO)
-    cxrelay_logger.propagate = False
+    _log_to_stderr("cxrelay")
     settings = _settings()
     try:
         settings.pipeline_config  # noqa: B018 - a broken pipeline file fails here, not per event
@@ -546,12 +551,7 @@ def listen(
     queue every conversation that ends; fill the gaps of lost sockets from the analytics API."""
     from cxrelay.listener.main import run_listener
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
-    listener_logger = logging.getLogger("cxrelay.listener")
-    listener_logger.addHandler(handler)
-    listener_logger.setLevel(logging.INFO)
-    listener_logger.propagate = False
+    _log_to_stderr("cxrelay.listener")
     settings = _settings()
 
     async def main() -> None:
