@@ -118,9 +118,12 @@ def test_serve_runs_a_local_prefect_server_with_its_ui_and_stops_everything(
     assert wait_until(lambda: served.finished() == 1, 180), served.log.read_text()[-3000:]
     page = httpx.get(f"{ui}/runs", headers={"Accept": "text/html"}, timeout=10)  # a browser
     assert page.status_code == 200 and "<html" in page.text.lower()  # the UI, not just the API
-    runs = httpx.post(f"{ui}/api/task_runs/filter", json={
-        "task_runs": {"name": {"like_": conversation}}}, timeout=10).json()
-    assert runs, "the event's task run is not on the local server"
+
+    def task_runs() -> list[object]:  # the server records task runs a moment after they ran
+        return list(httpx.post(f"{ui}/api/task_runs/filter", json={
+            "task_runs": {"name": {"like_": conversation}}}, timeout=10).json())
+
+    assert wait_until(lambda: bool(task_runs()), 30), "the event's task run is not on the server"
     left = served.stop_within(30)
     assert left == [], f"still running 30 s after SIGTERM: {left}\n{served.log.read_text()[-2000:]}"
 
