@@ -114,6 +114,7 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
         in_lanes = self.runtime.settings.dispatcher == "inprocess"
+        settle = self.runtime.settings.settle_seconds if in_lanes else 0.0
         try:
             while not stop.is_set():
                 claimed: list[ClaimedEvent] = []
@@ -123,20 +124,22 @@ class Dispatcher:
                         await asyncio.wait_for(stop.wait(), timeout=0.5)
                     continue
                 free = self.concurrency - len(self.running)
+                units: list[list[ClaimedEvent]] = []
                 if free > 0:
                     try:
-                        claimed = await asyncio.to_thread(
-                            self.store.claim, worker=self.worker_id, limit=free,
-                            lease_seconds=self.lease)
+                        units = await asyncio.to_thread(self._claim, free, settle)
                     except Exception:  # the database is unavailable: keep trying
                         logger.exception("claiming from the inbox failed")
                         await asyncio.sleep(1)
-                for event in claimed:
-                    # First attempts run in the lane; a retry gets a run of its own, whose
-                    # steps show their retries.
-                    if in_lanes and event.attempts == 1:
-                        self._to_lane(event)
-                    else:
+                for unit in units:
+                    claimed += unit
+                    # First attempts run in the lane (a conversation's events together, after
+                    # its settle window); a retry gets a run of its own, whose steps show
+                    # their retries.
+                    if in_lanes and all(event.attempts == 1 for event in unit):
+                        self._to_lane(unit)
+                        continue
+                    for event in unit:
                         task = asyncio.create_task(self._run_one(event))
                         self.running[event.id] = task
                         task.add_done_callback(self._forget(event))
@@ -156,7 +159,17 @@ class Dispatcher:
                 self.lane.close()
             await self._drain()
 
-    def _to_lane(self, event: ClaimedEvent) -> None:
+    def _claim(self, limit: int, settle: float) -> list[list[ClaimedEvent]]:
+        """Up to `limit` events, each a unit of its own; with a settle window, the events of
+        up to `limit` conversations whose window is over, a unit per conversation."""
+        if settle <= 0:
+            return [[event] for event in self.store.claim(
+                worker=self.worker_id, limit=limit, lease_seconds=self.lease)]
+        return [batch.events for batch in self.store.claim_conversation_batch(
+            worker=self.worker_id, limit=limit, lease_seconds=self.lease,
+            settle_seconds=settle)]
+
+    def _to_lane(self, events: list[ClaimedEvent]) -> None:
         """Into the open lane; a new lane when it has run long enough."""
         settings = self.runtime.settings
         lane = self.lane
@@ -169,8 +182,9 @@ class Dispatcher:
                                              self._lane_done, self.target_tags)
             self.lanes.append(lane)
             self.lanes = self.lanes[-100:]
-        self.running[event.id] = asyncio.get_running_loop().create_future()
-        lane.put(event)
+        for event in events:
+            self.running[event.id] = asyncio.get_running_loop().create_future()
+        lane.put(events)
 
     def _lane_done(self, event: ClaimedEvent, result: dict[str, Any] | BaseException) -> None:
         waiter = self.running.get(event.id)

@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cxrelay.core.errors import PermanentError
 from cxrelay.flows.attempt import InFlight
-from cxrelay.flows.process_event import handle
+from cxrelay.flows.process_event import handle, handle_settled
 from cxrelay.flows.runtime import get_runtime
 from cxrelay.store.inbox import ClaimedEvent
 
@@ -42,14 +42,15 @@ class Lane:
     id: str
     done: Done
     target_tags: list[str]
-    queue: asyncio.Queue[ClaimedEvent | None] = field(default_factory=asyncio.Queue)
+    # a unit: one event, or the events of a conversation claimed after its settle window
+    queue: asyncio.Queue[list[ClaimedEvent] | None] = field(default_factory=asyncio.Queue)
     opened: float = field(default_factory=time.monotonic)
     events: int = 0
     run: asyncio.Task[Any] | None = None
 
-    def put(self, event: ClaimedEvent) -> None:
-        self.events += 1
-        self.queue.put_nowait(event)
+    def put(self, events: list[ClaimedEvent]) -> None:
+        self.events += len(events)
+        self.queue.put_nowait(events)
 
     def close(self) -> None:
         """No more events: the flow run finishes those it has and ends."""
@@ -76,42 +77,51 @@ def _ended(lane: Lane, run: asyncio.Task[Any]) -> None:
     error = (run.exception() if not run.cancelled() else None) or RuntimeError(
         f"lane {lane.id} ended before running this event")
     while not lane.queue.empty():
-        event = lane.queue.get_nowait()
-        if event is not None:
+        for event in lane.queue.get_nowait() or []:
             lane.done(event, error)
 
 
 @task(name="conversation", task_run_name="conversation-{conversation_id}",
       cache_policy=NO_CACHE, persist_result=False)
-async def conversation_task(conversation_id: str, inbox_id: int) -> dict[str, Any]:
-    """All the steps of one event (verify, deduplicate, filter, enrich, map, deliver), as one
-    task run named by its conversation; its artifact `conversation-<id>` says what happened."""
+async def conversation_task(conversation_id: str, inbox_ids: list[int]) -> dict[str, Any]:
+    """All the steps of one event (verify, deduplicate, filter, enrich, map, deliver), or of
+    a conversation's events merged after its settle window, as one task run named by its
+    conversation; its artifact `conversation-<id>` says what happened."""
     runtime = get_runtime()
-    row = await asyncio.to_thread(runtime.store.get_event, inbox_id)
-    if row is None:
-        raise PermanentError(f"inbox event {inbox_id} does not exist")
+    rows = await asyncio.to_thread(runtime.store.get_events, inbox_ids)
+    missing = [inbox_id for inbox_id in inbox_ids if inbox_id not in rows]
+    if missing:
+        raise PermanentError(f"inbox events {missing} do not exist")
     await runtime.ingest_calm.wait()  # the receiver is flooded: events wait (IngestYield)
-    for _ in range(IN_FLIGHT_WAITS):
+    ordered = [rows[inbox_id] for inbox_id in inbox_ids]
+    for wait in range(IN_FLIGHT_WAITS + 1):
         try:
-            return await handle(runtime, row, inline=True)
+            if len(ordered) == 1:
+                return await handle(runtime, ordered[0], inline=True)
+            return await handle_settled(runtime, ordered)
         except InFlight as exc:
             # Another event of the conversation is delivering to the same target: it ends in
             # a moment, and the ledger makes the targets already done a no-op on the retry.
+            if wait == IN_FLIGHT_WAITS:
+                raise
             await asyncio.sleep(exc.retry_after or 0.5)
-    return await handle(runtime, row, inline=True)
+    raise AssertionError("unreachable")
 
 
-async def _run_one(lane: Lane, event: ClaimedEvent, outcomes: Counter[str]) -> None:
+async def _run_one(lane: Lane, events: list[ClaimedEvent], outcomes: Counter[str]) -> None:
+    first = events[0]
     try:
-        with tags(f"conversation:{event.conversation_id}", f"source:{event.source}",
-                  f"event:{event.event_type}", *lane.target_tags):
-            summary = await conversation_task(event.conversation_id, event.id)
-    except Exception as exc:  # handed back: a run of its own retries it
-        outcomes["handed back"] += 1
-        lane.done(event, exc)
+        with tags(f"conversation:{first.conversation_id}", f"source:{first.source}",
+                  f"event:{first.event_type}", *lane.target_tags):
+            summary = await conversation_task(first.conversation_id, [e.id for e in events])
+    except Exception as exc:  # handed back: a run of its own retries each
+        outcomes["handed back"] += len(events)
+        for event in events:
+            lane.done(event, exc)
         return
-    outcomes[str(summary.get("outcome"))] += 1
-    lane.done(event, summary)
+    outcomes[str(summary.get("outcome"))] += len(events)
+    for event in events:
+        lane.done(event, summary)
 
 
 @flow(name="lane", flow_run_name="lane-{lane_id}", persist_result=False, log_prints=False)
@@ -121,8 +131,8 @@ async def lane_flow(lane_id: str) -> dict[str, int]:
     lane = _OPEN[lane_id]
     outcomes: Counter[str] = Counter()
     running: set[asyncio.Task[None]] = set()
-    while (event := await lane.queue.get()) is not None:
-        one = asyncio.create_task(_run_one(lane, event, outcomes))
+    while (unit := await lane.queue.get()) is not None:
+        one = asyncio.create_task(_run_one(lane, unit, outcomes))
         running.add(one)
         one.add_done_callback(running.discard)
     if running:

@@ -21,6 +21,7 @@ from prefect.cache_policies import INPUTS
 from prefect.utilities.annotations import quote
 
 from cxrelay.connectors.genesys import GenesysNotFound
+from cxrelay.core import ordering
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError
 from cxrelay.core.outcome import Outcome, event_outcome
@@ -102,10 +103,7 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
     """The steps of one event. As task runs of its own `process-event` run, failures end in
     the dead letters; `inline` (in a lane) any failure is raised, for a run of its own to retry.
     """
-    summary: dict[str, Any] = {"inbox_id": row.id, "conversation_id": row.conversation_id,
-                               "event_id": row.event_id, "event_type": row.event_type,
-                               "source": row.source, "targets": {}}
-    targets = runtime.pipeline.enabled_targets
+    summary = _summary(row)
     try:
         checked = await (steps.check(runtime, row, plan=False) if inline
                          else steps.verify_task(cast(Any, quote(row))))
@@ -121,7 +119,49 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
     if checked.filtered_by is not None:
         summary.update(outcome=Outcome.FILTERED, filtered_by=checked.filtered_by)
         return await _finish(runtime, summary, inline)
+    return await _deliver_event(runtime, row, event, summary, inline)
 
+
+async def handle_settled(runtime: Runtime, rows: list[InboxEvent]) -> dict[str, Any]:
+    """The events of one conversation claimed together after its settle window (in a lane):
+    each is verified and filtered on its own; those that pass are merged (per field, the
+    newest non-empty value wins) and delivered once, and every one of them finishes with the
+    outcome of that delivery. Any failure is raised, for runs of their own to retry."""
+    passing: list[tuple[InboxEvent, steps.Checked]] = []
+    for row in rows:
+        checked = await steps.check(runtime, row, plan=False)
+        if checked.filtered_by is None:
+            passing.append((row, checked))
+            continue
+        await _finish(runtime, {**_summary(row), "outcome": Outcome.FILTERED,
+                                "filtered_by": checked.filtered_by,
+                                "drift": checked.drift}, inline=True)
+    if not passing:
+        return {"outcome": Outcome.FILTERED, "events": len(rows)}
+    merged = ordering.merge_events([checked.event for _, checked in passing])
+    leader = next(row for row, checked in passing if checked.event.event_id == merged.event_id)
+    summary = {**_summary(leader), "drift": [d for _, c in passing for d in c.drift]}
+    if len(passing) > 1:
+        summary["merged"] = [row.event_id for row, _ in passing if row is not leader]
+    result = await _deliver_event(runtime, leader, merged, summary, inline=True)
+    for row, _ in passing:
+        if row is not leader:
+            await _finish(runtime, {**result, "inbox_id": row.id, "event_id": row.event_id,
+                                    "event_type": row.event_type, "source": row.source,
+                                    "merged_into": leader.event_id}, inline=True)
+    return result
+
+
+def _summary(row: InboxEvent) -> dict[str, Any]:
+    return {"inbox_id": row.id, "conversation_id": row.conversation_id,
+            "event_id": row.event_id, "event_type": row.event_type, "source": row.source,
+            "targets": {}}
+
+
+async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEvent,
+                         summary: dict[str, Any], inline: bool) -> dict[str, Any]:
+    """Enrich, then map and deliver to every target, then finish the inbox row."""
+    targets = runtime.pipeline.enabled_targets
     context = event.context()
     enrich = runtime.pipeline.enrich
     context["conversation"] = {}

@@ -119,3 +119,39 @@ def test_an_older_event_after_a_newer_one_is_stale_for_every_target(
     assert [r["phone"] for r in received] == ["+15550000009", "+15550000010"]
     assert received[0]["key"] != received[1]["key"]
     assert len(calls(clean_sandbox.slack_url, "POST", "chat.update")) == 1
+
+
+def test_events_inside_the_settle_window_merge_into_one_write_per_target(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """customer.end, then two acw events (the last with the wrap-up's newest phone), all
+    inside the window: each target is written once, with the newest values; every event
+    finishes, the older ones merged into the newest."""
+    conversation = str(uuid.uuid4())
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(conversation)]).raise_for_status()
+    received: list[dict[str, Any]] = []
+    with serve(receiver(received)) as base:
+        pipeline = tmp_path / "pipeline.yaml"
+        pipeline.write_text(PIPELINE.replace("URL", f"{base}/hook") + "settle_seconds: 2\n")
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        assert runtime.settings.settle_seconds == 2
+        ids = [enqueue(runtime.store, event_at(conversation, at, phone)) for at, phone in [
+            ("2026-11-28T14:30:00Z", "+15550000001"),
+            ("2026-11-28T14:30:09Z", "+15550000009"),  # the newest
+            ("2026-11-28T14:30:05Z", "+15550000005"),  # arrives last, older
+        ]]
+        asyncio.run(dispatch_until(runtime, 3))
+    (lead,) = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()[
+        "records"]["Lead"]
+    assert lead["Phone"] == "+15550000009"
+    assert len(calls(clean_sandbox.salesforce_url, "PATCH", "/Lead/")) == 1
+    (message,) = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}"
+                           "/__sandbox/state").json()["messages"]
+    assert message["text"].endswith("+15550000009")
+    assert calls(clean_sandbox.slack_url, "POST", "chat.update") == []
+    assert [r["phone"] for r in received] == ["+15550000009"]
+    events = {event.id: event for event in runtime.store.events()}
+    assert {events[i].outcome for i in ids if i} == {"delivered"}  # type: ignore[index]
+    merged = [json.loads(events[i].detail or "{}").get("merged_into")  # type: ignore[index]
+              for i in ids if i]
+    assert merged.count(None) == 1 and len({m for m in merged if m}) == 1
