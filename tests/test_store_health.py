@@ -23,9 +23,12 @@ def test_success_on_a_healthy_target_writes_nothing(any_store: Store) -> None:
 
 
 def test_consecutive_failures_pause_once_and_a_probe_resumes(any_store: Store) -> None:
-    transitions = [any_store.record_target_failure(**SF, error=f"HTTP 503 #{n}", retryable=True,
-                                                   policy=POLICY, now=T0) for n in range(5)]
-    assert transitions == [None, None, Transition.PAUSED, None, None]
+    changes = [any_store.record_target_failure(**SF, error=f"HTTP 503 #{n}", retryable=True,
+                                               policy=POLICY, now=T0) for n in range(5)]
+    assert [c and c.transition for c in changes] == [None, None, Transition.PAUSED, None, None]
+    paused = changes[2]
+    assert paused is not None and paused.before.state is TargetState.HEALTHY
+    assert paused.after.last_error == "HTTP 503 #2"
     (health,) = any_store.target_health()
     assert health.state is TargetState.PAUSED and health.last_error == "HTTP 503 #4"
     assert health.since == T0 and health.key == "salesforce@https://acme.my.salesforce.com"
@@ -38,7 +41,9 @@ def test_consecutive_failures_pause_once_and_a_probe_resumes(any_store: Store) -
     assert not any_store.claim_probe(**SF, owner="b", policy=POLICY, now=due)
     assert any_store.health_of(**SF).state is TargetState.PROBING  # type: ignore[union-attr]
 
-    assert any_store.record_target_success(**SF, now=due) is Transition.RESUMED
+    resumed = any_store.record_target_success(**SF, now=due + timedelta(seconds=1))
+    assert resumed is not None and resumed.transition is Transition.RESUMED
+    assert resumed.before.since == T0 and resumed.after.since == due + timedelta(seconds=1)
     assert any_store.record_target_success(**SF, now=due) is None
     health = any_store.health_of(**SF)
     assert health is not None and health.state is TargetState.HEALTHY
@@ -84,7 +89,7 @@ def test_concurrent_failures_pause_exactly_once(any_store: Store) -> None:
             result = any_store.record_target_failure(**SF, error="503", retryable=True,
                                                      policy=POLICY)
             with lock:
-                transitions.append(result)
+                transitions.append(result and result.transition)
 
     threads = [threading.Thread(target=failing) for _ in range(4)]
     for thread in threads:

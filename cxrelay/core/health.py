@@ -76,6 +76,16 @@ class Transition(str, enum.Enum):
     RESUMED = "resumed"
 
 
+@dataclass(frozen=True)
+class Change:
+    """A transition and the health on either side of it (the alerts need both: the error
+    that paused a target, how long it was paused)."""
+
+    transition: Transition
+    before: Health
+    after: Health
+
+
 def target_key(target: str, scope: str) -> str:
     """The store key of a target in one org/workspace: `salesforce@https://acme.my.salesforce.com`.
     URLs are reduced to scheme and host, lowercased, so one org is one key however it is written."""

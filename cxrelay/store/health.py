@@ -15,10 +15,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection
 
 from cxrelay.core.health import (
+    Change,
     Health,
     HealthPolicy,
     TargetState,
-    Transition,
     after_failure,
     after_success,
     claim_probe,
@@ -65,7 +65,7 @@ class HealthQueries(Database):
         return _health(row) if row else None
 
     def record_target_success(self, *, target: str, scope: str,
-                              now: datetime | None = None) -> Transition | None:
+                              now: datetime | None = None) -> Change | None:
         """A delivery or the probe reached the target; `RESUMED` when this ended a pause
         (exactly one caller gets it, whoever else succeeds at the same time)."""
         current = self.health_of(target=target, scope=scope)
@@ -76,7 +76,7 @@ class HealthQueries(Database):
 
     def record_target_failure(self, *, target: str, scope: str, error: str, retryable: bool,
                               policy: HealthPolicy | None = None,
-                              now: datetime | None = None) -> Transition | None:
+                              now: datetime | None = None) -> Change | None:
         """A delivery or the probe failed; `PAUSED` for the one failure that paused it.
         Permanent errors change nothing (they dead-letter the event, not the target)."""
         if not retryable:
@@ -99,7 +99,7 @@ class HealthQueries(Database):
         self._change(target, scope, step)
         return claimed[0]
 
-    def _change(self, target: str, scope: str, step: Any) -> Transition | None:
+    def _change(self, target: str, scope: str, step: Any) -> Change | None:
         key = target_key(target, scope)
         with self.transaction() as conn:
             current = self._locked(conn, key, target, scope)
@@ -111,7 +111,7 @@ class HealthQueries(Database):
                 values["last_error"] = bounded(changed.last_error, 500)
                 conn.execute(update(HEALTH).where(HEALTH.c.key == key)
                              .values(**values, updated_at=utcnow()))
-        return transition  # type: ignore[no-any-return]
+        return Change(transition, current, changed) if transition else None
 
     def _locked(self, conn: Connection, key: str, target: str, scope: str) -> Health:
         conn.execute(self._insert(HEALTH).on_conflict_do_nothing(index_elements=["key"]), {
