@@ -13,9 +13,10 @@ from cxrelay.store.inbox import InboxQueries
 from cxrelay.store.ledger import LedgerQueries
 from cxrelay.store.notifications import NotificationQueries
 from cxrelay.store.retention import RetentionQueries
+from cxrelay.store.selection import SelectionQueries
 from cxrelay.store.settle import SettleQueries
 
 
 class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries,
-            SettleQueries, NotificationQueries, HealthQueries):
+            SettleQueries, NotificationQueries, HealthQueries, SelectionQueries):
     """SQLite (WAL) by default, PostgreSQL for scale-out; see `cxrelay.store.engine`."""
