@@ -310,6 +310,31 @@ def status() -> None:
                       f"{consumer.topics} topics, {consumer.reconnects} reconnects, "
                       f"last message {last}")
     console.print(table)
+    _print_targets(store)
+
+
+def _print_targets(store) -> None:  # noqa: ANN001 - a Store, imported lazily
+    """Each target's health (targets that never failed have no row: healthy), the events that
+    wait for it and its last error — every stored string escaped."""
+    health = store.target_health()
+    waiting = store.waiting_by_target()
+    if not health and not waiting:
+        console.print("Targets: all healthy (none has failed), no event waiting.")
+        return
+    table = Table("target", "org / workspace", "state", "since", "failures", "waiting",
+                  "last error")
+    seen = set()
+    for each in health:
+        seen.add(each.target)
+        state = each.state.value if each.state.value == "healthy" else \
+            f"[red]{each.state.value}[/red]"
+        table.add_row(escape(each.target), escape(each.scope), state,
+                      str(each.since)[:19] if each.since else "", str(each.consecutive_failures),
+                      str(waiting.get(each.target, 0)), escape((each.last_error or "")[:120]))
+    for name, count in sorted(waiting.items()):
+        if name not in seen:
+            table.add_row(escape(name), "", "healthy", "", "0", str(count), "")
+    console.print(table)
 
 
 @dead_letters_app.command("list")
