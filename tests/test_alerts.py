@@ -23,6 +23,7 @@ from cxrelay.sandbox.server import Sandbox
 from cxrelay.sandbox.slack import DEFAULT_BOT_TOKEN
 from cxrelay.store.database import Store
 
+
 def run_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     """Run an async test on a loop of its own (the suite uses no async plugin)."""
     @functools.wraps(test)

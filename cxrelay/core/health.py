@@ -105,7 +105,7 @@ def bounded_error(text: str) -> str:
 def probe_delay(policy: HealthPolicy, failed_probes: int) -> float:
     """Seconds from a pause (or a failed probe) to the next probe: doubling, capped."""
     exponent = min(failed_probes, 32)  # 2**32 × anything positive passes any sane cap
-    return min(policy.max_probe_seconds, policy.first_probe_seconds * 2**exponent)
+    return min(policy.max_probe_seconds, policy.first_probe_seconds * float(2**exponent))
 
 
 def after_success(health: Health, now: datetime) -> tuple[Health, Transition | None]:
