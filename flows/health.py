@@ -35,7 +35,7 @@ class HealthGate:
         target's probe slot, so one request probes a paused target, whoever asks."""
         now = now or utcnow()
         health = await asyncio.to_thread(self.store.health_of, target=target, scope=scope)
-        decision = decide(health, now, self.owner)
+        decision = decide(health, now, self.owner, self.policy)
         if decision.action is not Action.PROBE:
             return decision
         assert health is not None

@@ -189,3 +189,20 @@ async def test_what_is_emitted_is_an_event_prefect_accepts(clean_sandbox: Sandbo
         event = Event(**kwargs)
         assert event.event.startswith("cxrelay.") and event.resource.id.startswith("cxrelay.")
     assert "(+4)" in events[1]["payload"]["examples"][0]
+
+
+def test_the_readmes_automation_is_one_prefect_accepts() -> None:
+    """`prefect automation create --from-file` validates each automation as `AutomationCore`."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- automation: paused -->\n```yaml\n(.*?)```", readme, re.S)
+    assert block is not None
+    automation = AutomationCore.model_validate(yaml.safe_load(block.group(1)))
+    assert automation.trigger.expect == {"cxrelay.target.paused"}  # type: ignore[union-attr]
+    assert automation.trigger.match.root == {  # type: ignore[union-attr]
+        "prefect.resource.id": "cxrelay.target.*"}

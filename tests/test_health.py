@@ -85,7 +85,9 @@ def test_one_probe_at_a_time_and_a_dead_holder_frees_the_slot() -> None:
     probing = claim_probe(paused, POLICY, "dispatcher-a", due)
     assert probing is not None and probing.state is TargetState.PROBING
     assert claim_probe(probing, POLICY, "dispatcher-b", due) is None
-    assert decide(probing, due, owner="dispatcher-b").action is Action.WAIT
+    waiting = decide(probing, due, owner="dispatcher-b", policy=POLICY)
+    # Waiters look again soon (the probe answers in seconds), not when the lease ends.
+    assert waiting.action is Action.WAIT and waiting.until == due + timedelta(seconds=2)
     assert decide(probing, due, owner="dispatcher-a").action is Action.PROBE
     # The holder died: its lease runs out and another dispatcher may probe.
     later = due + timedelta(seconds=POLICY.probe_lease_seconds)

@@ -164,9 +164,12 @@ class Decision:
     until: datetime | None = None  # WAIT: when to look again
 
 
-def decide(health: Health | None, now: datetime, owner: str | None = None) -> Decision:
+def decide(health: Health | None, now: datetime, owner: str | None = None,
+           policy: HealthPolicy | None = None) -> Decision:
     """What an event does for this target now. `PROBE` only tells the event to try for the
-    probe slot (`Store.claim_probe`); it probes only if the claim succeeds, else it waits."""
+    probe slot (`Store.claim_probe`); it probes only if the claim succeeds, else it waits.
+    While another dispatcher probes, waiters look again soon (a probe answers in seconds), not
+    at the end of its lease, so a resumed target is worked off promptly."""
     if health is None or health.state is TargetState.HEALTHY:
         return Decision(Action.SEND)
     if health.state is TargetState.PROBING and owner is not None and health.probe_owner == owner:
@@ -174,7 +177,9 @@ def decide(health: Health | None, now: datetime, owner: str | None = None) -> De
     if may_claim_probe(health, now):
         return Decision(Action.PROBE)
     if health.state is TargetState.PROBING:
-        return Decision(Action.WAIT, health.probe_until)
+        recheck = now + timedelta(seconds=(policy or HealthPolicy()).first_probe_seconds)
+        until = recheck if health.probe_until is None else min(health.probe_until, recheck)
+        return Decision(Action.WAIT, until)
     return Decision(Action.WAIT, health.probe_at)
 
 
