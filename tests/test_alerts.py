@@ -206,3 +206,51 @@ def test_the_readmes_automation_is_one_prefect_accepts() -> None:
     assert automation.trigger.expect == {"cxrelay.target.paused"}  # type: ignore[union-attr]
     assert automation.trigger.match.root == {  # type: ignore[union-attr]
         "prefect.resource.id": "cxrelay.target.*"}
+
+
+@run_async
+async def test_a_salesforce_outage_pauses_and_a_probe_resumes_a_bad_request_never_pauses(
+        store: Store, clean_sandbox: Sandbox, slack_messages: Any) -> None:
+    """The gate driven as the event path will drive it, against the Salesforce emulator over a
+    real socket: its 503s pause the target, a probe after the outage resumes it, and a 400
+    (a field Salesforce refuses) is the event's problem, not the target's."""
+    from cxrelay.connectors.salesforce import SalesforceClient
+
+    box = clean_sandbox
+    client = SalesforceClient(box.salesforce_url,
+                              access_token=SecretStr(box.salesforce.static_token))
+    events: list[dict[str, Any]] = []
+    gate = HealthGate(store, make_alerts(box, events, Clock()), owner="d1",
+                      policy=HealthPolicy(pause_after=3, first_probe_seconds=1))
+    scope = client.instance_url
+    lead = {"LastName": "Caller", "Company": "[not provided]"}
+
+    async def attempt(value: str, fields: dict[str, Any]) -> Exception | None:
+        try:
+            await client.upsert("Lead", "Genesys_Customer_Key__c", value, fields)
+        except (RetryableError, PermanentError) as exc:
+            await gate.failed("salesforce", scope, exc)
+            return exc
+        await gate.succeeded("salesforce", scope)
+        return None
+
+    for n in range(5):
+        refused = await attempt(f"bad-{n}", {"Company": "no LastName"})
+        assert isinstance(refused, PermanentError), refused
+    assert store.health_of(target="salesforce", scope=scope) is None  # 4xx: never paused
+
+    httpx.post(f"{box.salesforce_url}/__sandbox/faults",
+               json={"status": 503, "path": "/services/data"}).raise_for_status()
+    for n in range(3):
+        await attempt(f"c{n}", lead)
+    health = store.health_of(target="salesforce", scope=scope)
+    assert health is not None and health.paused and "503" in (health.last_error or "")
+    assert (await gate.decide("salesforce", scope)).action is Action.WAIT
+
+    httpx.delete(f"{box.salesforce_url}/__sandbox/faults").raise_for_status()
+    assert health.probe_at is not None
+    assert (await gate.decide("salesforce", scope, now=health.probe_at)).action is Action.PROBE
+    await attempt("c0", lead)
+    assert (await gate.decide("salesforce", scope)).action is Action.SEND
+    assert [e["event"] for e in events] == ["cxrelay.target.paused", "cxrelay.target.resumed"]
+    assert len(slack_messages()) == 2
