@@ -254,3 +254,34 @@ async def test_a_salesforce_outage_pauses_and_a_probe_resumes_a_bad_request_neve
     assert (await gate.decide("salesforce", scope)).action is Action.SEND
     assert [e["event"] for e in events] == ["cxrelay.target.paused", "cxrelay.target.resumed"]
     assert len(slack_messages()) == 2
+
+
+@run_async
+async def test_alerts_and_scopes_come_from_the_runtimes_settings(
+        tmp_path: Any, clean_sandbox: Sandbox) -> None:
+    """Same bot as the Slack target; the Slack scope is its workspace (`auth.test`), the
+    Salesforce scope its instance."""
+    from cxrelay.core.pipeline import SlackTargetConfig
+    from cxrelay.flows.health import target_scope
+    from cxrelay.flows.runtime import Runtime
+    from cxrelay.settings import Settings
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'rt.db'}",
+                        slack_bot_token=SecretStr(DEFAULT_BOT_TOKEN),
+                        slack_api_url=clean_sandbox.slack_url, slack_channel="#cx",
+                        salesforce_instance_url=clean_sandbox.salesforce_url + "/",
+                        salesforce_access_token=SecretStr("t"),
+                        alert_slack_channel="#cx-alerts", target_pause_after=7)
+    runtime = Runtime.from_settings(settings)
+    try:
+        alerts = await Alerts.from_runtime(runtime)
+        assert alerts.channel == "#cx-alerts" and alerts.slack is (await runtime.slack())[0]
+        assert alerts.policy.pause_after == 7
+        slack = SlackTargetConfig.model_validate({"name": "slack", "type": "slack",
+                                                  "text": "x"})
+        assert await target_scope(runtime, slack) == "T0SANDBOX"
+        sf = runtime.pipeline.target("salesforce")
+        assert await target_scope(runtime, sf) == clean_sandbox.salesforce_url
+    finally:
+        await runtime.aclose()
+        runtime.store.close()
