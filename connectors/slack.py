@@ -42,6 +42,7 @@ class SlackClient:
         self.api_url = api_url if api_url.endswith("/") else api_url + "/"
         self._client = WebClient(token=bot_token.get_secret_value(), base_url=self.api_url,
                                  timeout=int(timeout))
+        self._team_id: str | None = None
 
     def __repr__(self) -> str:
         return f"SlackClient(api_url={self.api_url!r})"
@@ -73,6 +74,14 @@ class SlackClient:
                 raise OutcomeUnknown(detail) from exc
             raise RetryableError(detail) from exc
         return dict(response.data) if isinstance(response.data, dict) else {}
+
+    async def team_id(self) -> str:
+        """The workspace of the bot token (`auth.test`, asked once): target health is kept per
+        workspace."""
+        if self._team_id is None:
+            data = await anyio.to_thread.run_sync(lambda: self._call("auth.test", read=True))
+            self._team_id = str(data.get("team_id") or "")
+        return self._team_id
 
     async def post_message(self, channel: str, text: str,
                            metadata: dict[str, Any] | None = None) -> SlackMessage:

@@ -142,6 +142,17 @@ class Settings(BaseSettings):
         default=None, ge=0, le=3600, validation_alias=AliasChoices("CXRELAY_SETTLE_SECONDS",
                                                                     "settle_seconds"),
         description="overrides the pipeline's settle_seconds")
+    alert_slack_channel: str | None = Field(
+        default=None, description="a Slack channel (same bot token as the Slack target) told "
+        "when a target pauses and resumes, with rate-limited dead-letter and drift summaries")
+    alert_interval_seconds: float = Field(
+        default=300, gt=0, description="at most one dead-letter (and one drift) summary per "
+        "this interval; what comes in between is counted in the next")
+    target_pause_after: int = Field(
+        default=5, ge=1, description="consecutive retryable failures that pause a target")
+    target_probe_max_seconds: float = Field(
+        default=30, ge=1, description="a paused target is probed with one request at most this "
+        "far apart (backing off from 2 s)")
     claim_lease_seconds: float = Field(default=60, gt=0)
     poll_interval_seconds: float = Field(default=0.05, gt=0)
     max_event_attempts: int = Field(default=5, ge=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from prefect import flow, get_run_logger
 
@@ -25,10 +26,32 @@ class Requeued:
     missing: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ReplayFilter:
+    """Which open dead letters (or quarantined bodies) to replay; the filters combine."""
+
+    target: str | None = None
+    since: datetime | None = None
+    error: str | None = None  # the error type, or a substring of the reason
+
+    @property
+    def empty(self) -> bool:
+        return self.target is None and self.since is None and not self.error
+
+
 def requeue_dead_letters(store: Store, ids: Sequence[int] | None = None,
-                         dry_run: bool = False) -> Requeued:
+                         dry_run: bool = False, where: ReplayFilter | None = None) -> Requeued:
+    """Requeue the events of open dead letters: those of `ids`, else all; with `where`, only
+    those that also match it (an id that does not match is neither replayed nor missing)."""
     open_letters = {row.id: row for row in store.dead_letters("open") if row.id is not None}
-    wanted = list(ids) if ids else list(open_letters)
+    if where is not None and not where.empty:
+        matching = {row.id for row in store.select_dead_letters(
+            target=where.target, since=where.since, error=where.error)}
+        unmatched = set(open_letters) - matching
+        open_letters = {key: row for key, row in open_letters.items() if key in matching}
+        wanted = [i for i in ids if i not in unmatched] if ids else list(open_letters)
+    else:
+        wanted = list(ids) if ids else list(open_letters)
     result = Requeued(missing=[i for i in wanted if i not in open_letters])
     for dead_letter_id in wanted:
         row = open_letters.get(dead_letter_id)
@@ -60,6 +83,28 @@ def replay_quarantined(store: Store, quarantine_id: int, dry_run: bool = False) 
     if ids[0] is None:
         return f"event {event.event_id} was already in the inbox (duplicate); marked replayed"
     return f"queued event {event.event_id} as inbox {ids[0]}"
+
+
+@dataclass(frozen=True)
+class QuarantineReplay:
+    quarantine_id: int
+    ok: bool
+    outcome: str
+
+
+def replay_quarantined_matching(store: Store, where: ReplayFilter,
+                                dry_run: bool = False) -> list[QuarantineReplay]:
+    """Replay every open quarantined body that matches (`since`, `error`); each one that is
+    still not an event stays quarantined and is reported, the others are queued."""
+    results = []
+    for row in store.select_quarantined(since=where.since, error=where.error):
+        assert row.id is not None
+        try:
+            results.append(QuarantineReplay(row.id, True,
+                                            replay_quarantined(store, row.id, dry_run)))
+        except PermanentError as exc:
+            results.append(QuarantineReplay(row.id, False, str(exc)))
+    return results
 
 
 @flow(name="replay", persist_result=False)

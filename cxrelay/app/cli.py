@@ -310,6 +310,31 @@ def status() -> None:
                       f"{consumer.topics} topics, {consumer.reconnects} reconnects, "
                       f"last message {last}")
     console.print(table)
+    _print_targets(store)
+
+
+def _print_targets(store) -> None:  # noqa: ANN001 - a Store, imported lazily
+    """Each target's health (targets that never failed have no row: healthy), the events that
+    wait for it and its last error — every stored string escaped."""
+    health = store.target_health()
+    waiting = store.waiting_by_target()
+    if not health and not waiting:
+        console.print("Targets: all healthy (none has failed), no event waiting.")
+        return
+    table = Table("target", "org / workspace", "state", "since", "failures", "waiting",
+                  "last error")
+    seen = set()
+    for each in health:
+        seen.add(each.target)
+        state = each.state.value if each.state.value == "healthy" else \
+            f"[red]{each.state.value}[/red]"
+        table.add_row(escape(each.target), escape(each.scope), state,
+                      str(each.since)[:19] if each.since else "", str(each.consecutive_failures),
+                      str(waiting.get(each.target, 0)), escape((each.last_error or "")[:120]))
+    for name, count in sorted(waiting.items()):
+        if name not in seen:
+            table.add_row(escape(name), "", "healthy", "", "0", str(count), "")
+    console.print(table)
 
 
 @dead_letters_app.command("list")
@@ -341,17 +366,42 @@ def dead_letters_show(dead_letter_id: int) -> None:
 @dead_letters_app.command("replay")
 def dead_letters_replay(
     ids: list[int] | None = typer.Argument(None, help="dead letter ids (default: all open)"),
+    target: str | None = typer.Option(None, help="only this target's (salesforce, slack, …)"),
+    since: str | None = typer.Option(None, help="only those of the last 90m, 2h, 1d …"),
+    error: str | None = typer.Option(None, help="only those whose error type is this, or whose "
+                                     "reason contains it (e.g. REQUEST_LIMIT_EXCEEDED)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would be replayed"),
 ) -> None:
-    """Queue the events of dead letters again; targets already delivered are not repeated."""
-    from cxrelay.flows.replay import requeue_dead_letters
+    """Queue the events of dead letters again; targets already delivered are not repeated.
+    Ids and filters combine."""
+    from cxrelay.flows.replay import ReplayFilter, requeue_dead_letters
 
-    result = requeue_dead_letters(_store(), ids or None, dry_run=dry_run)
+    store = _store()
+    where = ReplayFilter(target=target, since=_since(since), error=error)
+    result = requeue_dead_letters(store, ids or None, dry_run=dry_run, where=where)
+    if result.dead_letter_ids and not where.empty:
+        chosen = set(result.dead_letter_ids)
+        table = Table("id", "inbox", "conversation", "target", "error", "reason")
+        for row in store.dead_letters(None):
+            if row.id in chosen:
+                table.add_row(str(row.id), str(row.inbox_id), escape(row.conversation_id),
+                              escape(row.target), escape(row.error_type),
+                              escape(row.reason[:80]))
+        console.print(table)
     verb = "would requeue" if dry_run else "requeued"
     console.print(f"{verb} {len(result.inbox_ids)} event(s) for {len(result.dead_letter_ids)} "
                   f"dead letter(s); the dispatcher (cxrelay serve) processes them")
     if result.missing:
         _fail(f"no open dead letter with id {', '.join(map(str, result.missing))}")
+
+
+def _since(text: str | None):  # noqa: ANN202 - datetime, imported lazily
+    """`2h` → the moment two hours ago (None for no limit)."""
+    from datetime import datetime, timedelta, timezone
+
+    if text is None:
+        return None
+    return datetime.now(timezone.utc) - timedelta(minutes=parse_duration(text))
 
 
 @quarantine_app.command("list")
@@ -378,17 +428,35 @@ def quarantine_show(quarantine_id: int) -> None:
 
 @quarantine_app.command("replay")
 def quarantine_replay(
-    quarantine_id: int,
-    dry_run: bool = typer.Option(False, "--dry-run", help="only check the body again"),
+    quarantine_id: int | None = typer.Argument(None, help="one quarantined body, or filter:"),
+    since: str | None = typer.Option(None, help="those received in the last 90m, 2h, 1d …"),
+    error: str | None = typer.Option(None, help="those whose reason contains this"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only check the bodies again"),
 ) -> None:
-    """Normalise a quarantined body again (after a fix) and, if it is an event, queue it."""
-    from cxrelay.flows.replay import replay_quarantined
+    """Normalise quarantined bodies again (after a fix) and queue those that are events: one by
+    id, or every open one matching --since/--error."""
+    from cxrelay.flows.replay import ReplayFilter, replay_quarantined, replay_quarantined_matching
 
-    try:
-        outcome = replay_quarantined(_store(), quarantine_id, dry_run=dry_run)
-    except CxrelayError as exc:
-        _fail(str(exc))
-    console.print(outcome, markup=False, highlight=False)
+    store = _store()
+    if quarantine_id is not None:
+        try:
+            outcome = replay_quarantined(store, quarantine_id, dry_run=dry_run)
+        except CxrelayError as exc:
+            _fail(str(exc))
+        console.print(outcome, markup=False, highlight=False)
+        return
+    where = ReplayFilter(since=_since(since), error=error)
+    if where.empty:
+        _fail("give a quarantine id, or --since and/or --error to replay several", 2)
+    results = replay_quarantined_matching(store, where, dry_run=dry_run)
+    table = Table("id", "replayed", "outcome")
+    for result in results:
+        table.add_row(str(result.quarantine_id), "yes" if result.ok else "[red]no[/red]",
+                      escape(result.outcome))
+    console.print(table if results else "No open quarantined body matches.")
+    failed = sum(not result.ok for result in results)
+    if failed:
+        _fail(f"{failed} of {len(results)} quarantined bodies are still not events")
 
 
 def parse_duration(text: str) -> int:

@@ -149,6 +149,8 @@ class Receiver:
                 self.metrics.drift.labels(record.contract, record.field, record.kind).set(
                     record.count)
             await anyio.to_thread.run_sync(self._notification_metrics)
+            self.metrics.targets(await anyio.to_thread.run_sync(self.store.target_health),
+                                 await anyio.to_thread.run_sync(self.store.waiting_by_target))
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _notification_metrics(self) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from cxrelay.core.health import Health, state_value
+
+MAX_TARGET_LABELS = 50
 
 
 class ReceiverMetrics:
@@ -41,7 +46,26 @@ class ReceiverMetrics:
         self.notification_gaps = Gauge("cxrelay_notification_gaps", "Intervals without a live "
                                        "socket, by status (open, closed, filled)", ["status"],
                                        registry=self.registry)
+        self.target_state = Gauge("cxrelay_target_state", "0 healthy, 1 paused (probing)",
+                                  ["target"], registry=self.registry)
+        self.target_waiting = Gauge("cxrelay_target_waiting_events",
+                                    "Conversations whose newest event waits for a paused target",
+                                    ["target"], registry=self.registry)
         self._children: dict[tuple[str, bool], Any] = {}
+
+    def targets(self, health: Sequence[Health], waiting: Mapping[str, int]) -> None:
+        """Set the target gauges from the store. Targets are the pipeline's (a handful), and
+        at most `MAX_TARGET_LABELS` names are exported whatever the store holds; a target with
+        several orgs shows paused when any of them is."""
+        states: dict[str, int] = {}
+        for each in health:
+            states[each.target] = max(states.get(each.target, 0), state_value(each))
+        names = sorted(set(states) | set(waiting))[:MAX_TARGET_LABELS]
+        self.target_state.clear()
+        self.target_waiting.clear()
+        for name in names:
+            self.target_state.labels(name).set(states.get(name, 0))
+            self.target_waiting.labels(name).set(waiting.get(name, 0))
 
     def acknowledged(self, source: str, new: bool, seconds: float) -> None:
         """Count one 202 (children cached: a labelled lookup per request is measurable)."""

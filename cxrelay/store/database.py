@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from cxrelay.store.dead_letters import DeadLetterQueries
 from cxrelay.store.drift import DriftQueries
+from cxrelay.store.health import HealthQueries
 from cxrelay.store.inbox import InboxQueries
 from cxrelay.store.ledger import LedgerQueries
 from cxrelay.store.notifications import NotificationQueries
 from cxrelay.store.retention import RetentionQueries
+from cxrelay.store.selection import SelectionQueries
 from cxrelay.store.settle import SettleQueries
 
 
 class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries,
-            SettleQueries, NotificationQueries):
+            SettleQueries, NotificationQueries, HealthQueries, SelectionQueries):
     """SQLite (WAL) by default, PostgreSQL for scale-out; see `cxrelay.store.engine`."""

@@ -38,7 +38,8 @@ _COMPLETE = update(LEDGER).where(_LEDGER_KEY).values(
     payload_sha256=bindparam("p_sha"), event_id=bindparam("p_event"),
     order_key=func.coalesce(bindparam("p_order", type_=String), LEDGER.c.reserved_order_key,
                             LEDGER.c.order_key),
-    reserved_order_key=None, deliveries=LEDGER.c.deliveries + 1, updated_at=bindparam("p_now"))
+    reserved_order_key=None, deliveries=LEDGER.c.deliveries + 1, updated_at=bindparam("p_now"),
+    waiting_since=None)
 
 
 @dataclass(frozen=True)

@@ -46,11 +46,19 @@ def _ledger_order_keys(conn: Connection) -> None:
     _add_column(conn, "ledger", "reserved_order_key", "VARCHAR(300)")
 
 
+def _ledger_waiting_since(conn: Connection) -> None:
+    # Ledger rows waiting for a paused target are counted per target (status, /metrics).
+    _add_column(conn, "ledger", "waiting_since", "TIMESTAMP")
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_ledger_waiting ON ledger (target)"
+                      " WHERE waiting_since IS NOT NULL"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "drop the full inbox conversation index", _drop_full_conversation_index),
     (2, "scope inbox dedupe keys by source", _scope_dedupe_keys_by_source),
     (3, "a table for the write probe of /readyz", _write_probe_table),
     (4, "ledger order keys (newest data wins)", _ledger_order_keys),
+    (5, "ledger rows say since when they wait for a paused target", _ledger_waiting_since),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -59,7 +59,13 @@ class Delivery(SQLModel, table=True):
     """One row per (conversation, target, action): the exactly-once ledger."""
 
     __tablename__ = "ledger"
-    __table_args__ = (UniqueConstraint("conversation_id", "target", "action"),)
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "target", "action"),
+        # Partial: only rows waiting for a paused target enter it, so counting them per target
+        # reads a handful of entries, not the ledger (migration 5 adds it to older stores).
+        Index("ix_ledger_waiting", "target", sqlite_where=text("waiting_since IS NOT NULL"),
+              postgresql_where=text("waiting_since IS NOT NULL")),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     conversation_id: str = Field(max_length=255)
@@ -80,6 +86,9 @@ class Delivery(SQLModel, table=True):
     # reservation in flight is sending: an older event is refused (stale) against either.
     order_key: str | None = Field(default=None, max_length=300)
     reserved_order_key: str | None = Field(default=None, max_length=300)
+    # Set while the row's newest event waits for its paused target (no retry spent), cleared
+    # when it is delivered: `Store.waiting_by_target` counts these (migration 5).
+    waiting_since: datetime | None = None
 
 
 class DeadLetter(SQLModel, table=True):
@@ -163,4 +172,25 @@ class NotificationConsumerStatus(SQLModel, table=True):
     topics: int = 0
     open_sockets: int = 0
     reconnects: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class TargetHealth(SQLModel, table=True):
+    """A target's health in one org/workspace, shared by every dispatcher (see
+    `cxrelay.core.health`): healthy, or paused with one probe at a time."""
+
+    __tablename__ = "target_health"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=255, unique=True)
+    target: str = Field(max_length=64)
+    scope: str = Field(default="", max_length=255)
+    state: str = Field(default="healthy", max_length=16)
+    consecutive_failures: int = 0
+    failed_probes: int = 0
+    since: datetime | None = None
+    last_error: str | None = Field(default=None, max_length=500)
+    probe_at: datetime | None = None
+    probe_owner: str | None = Field(default=None, max_length=255)
+    probe_until: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)

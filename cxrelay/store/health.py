@@ -1,0 +1,156 @@
+"""Target health, shared by every dispatcher: each change is one read-modify-write transaction
+whose decision is `cxrelay.core.health`'s; and the ledger rows that wait for a paused target.
+
+A target without a row is healthy: while everything works, successes cost one indexed read
+and no write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import Connection
+
+from cxrelay.core.health import (
+    Change,
+    Health,
+    HealthPolicy,
+    TargetState,
+    after_failure,
+    after_success,
+    claim_probe,
+    target_key,
+)
+from cxrelay.store.engine import Database
+from cxrelay.store.models import Delivery, TargetHealth, bounded, utcnow
+
+HEALTH = TargetHealth.__table__  # type: ignore[attr-defined]
+LEDGER = Delivery.__table__  # type: ignore[attr-defined]
+_MUTABLE = ("state", "consecutive_failures", "failed_probes", "since", "last_error", "probe_at",
+            "probe_owner", "probe_until")
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # SQLite and PostgreSQL `timestamp` columns give naive datetimes back; they hold UTC.
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
+
+
+def _health(row: Any) -> Health:
+    return Health(key=row["key"], target=row["target"], scope=row["scope"],
+                  state=TargetState(row["state"]),
+                  consecutive_failures=row["consecutive_failures"],
+                  failed_probes=row["failed_probes"], since=_aware(row["since"]),
+                  last_error=row["last_error"], probe_at=_aware(row["probe_at"]),
+                  probe_owner=row["probe_owner"], probe_until=_aware(row["probe_until"]))
+
+
+class HealthQueries(Database):
+    # --- health -------------------------------------------------------------------------
+
+    def target_health(self) -> list[Health]:
+        """Every target that has ever failed, healthy again or not (for status and metrics)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(HEALTH).order_by(HEALTH.c.key)).mappings().all()
+        return [_health(row) for row in rows]
+
+    def health_of(self, *, target: str, scope: str) -> Health | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(HEALTH).where(
+                HEALTH.c.key == target_key(target, scope))).mappings().first()
+        return _health(row) if row else None
+
+    def record_target_success(self, *, target: str, scope: str,
+                              now: datetime | None = None) -> Change | None:
+        """A delivery or the probe reached the target; `RESUMED` when this ended a pause
+        (exactly one caller gets it, whoever else succeeds at the same time)."""
+        current = self.health_of(target=target, scope=scope)
+        if current is None or (current.state is TargetState.HEALTHY
+                               and current.consecutive_failures == 0):
+            return None  # the hot path: nothing to change, nothing written
+        return self._change(target, scope, lambda health: after_success(health, now or utcnow()))
+
+    def record_target_failure(self, *, target: str, scope: str, error: str, retryable: bool,
+                              policy: HealthPolicy | None = None,
+                              now: datetime | None = None) -> Change | None:
+        """A delivery or the probe failed; `PAUSED` for the one failure that paused it.
+        Permanent errors change nothing (they dead-letter the event, not the target)."""
+        if not retryable:
+            return None
+        rules = policy or HealthPolicy()
+        return self._change(target, scope, lambda health: after_failure(
+            health, rules, now or utcnow(), error, retryable=True))
+
+    def claim_probe(self, *, target: str, scope: str, owner: str,
+                    policy: HealthPolicy | None = None, now: datetime | None = None) -> bool:
+        """Take the single probe slot of a paused target (a lease): True for one caller."""
+        rules = policy or HealthPolicy()
+        claimed: list[bool] = []
+
+        def step(health: Health) -> tuple[Health, None]:
+            probing = claim_probe(health, rules, owner, now or utcnow())
+            claimed.append(probing is not None)
+            return probing or health, None
+
+        self._change(target, scope, step)
+        return claimed[0]
+
+    def _change(self, target: str, scope: str, step: Any) -> Change | None:
+        key = target_key(target, scope)
+        with self.transaction() as conn:
+            current = self._locked(conn, key, target, scope)
+            changed, transition = step(current)
+            if changed != current:
+                values = {name: value for name, value in asdict(changed).items()
+                          if name in _MUTABLE}
+                values["state"] = changed.state.value
+                values["last_error"] = bounded(changed.last_error, 500)
+                conn.execute(update(HEALTH).where(HEALTH.c.key == key)
+                             .values(**values, updated_at=utcnow()))
+        return Change(transition, current, changed) if transition else None
+
+    def _locked(self, conn: Connection, key: str, target: str, scope: str) -> Health:
+        conn.execute(self._insert(HEALTH).on_conflict_do_nothing(index_elements=["key"]), {
+            "key": key, "target": bounded(target, 64), "scope": bounded(scope, 255),
+            "state": TargetState.HEALTHY.value, "consecutive_failures": 0, "failed_probes": 0,
+            "updated_at": utcnow()})
+        row = conn.execute(select(HEALTH).where(HEALTH.c.key == key).with_for_update()
+                           ).mappings().one()
+        return _health(row)
+
+    # --- events waiting -----------------------------------------------------------------
+
+    def mark_waiting(self, *, conversation_id: str, target: str, action: str) -> None:
+        """The conversation's newest event waits for `target` (paused): counted, no retry
+        spent. Delivering it (`complete`) or `stop_waiting` clears the mark."""
+        now = utcnow()
+        with self.transaction() as conn:
+            conn.execute(
+                self._insert(LEDGER).on_conflict_do_nothing(
+                    index_elements=["conversation_id", "target", "action"]),
+                {"conversation_id": conversation_id, "target": target, "action": action,
+                 "status": "open", "deliveries": 0, "created_at": now, "updated_at": now})
+            conn.execute(update(LEDGER).where(
+                LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
+                LEDGER.c.action == action, LEDGER.c.waiting_since.is_(None),
+            ).values(waiting_since=now))
+
+    def stop_waiting(self, *, conversation_id: str, target: str, action: str) -> None:
+        """The event no longer waits (dead-lettered, filtered out, or the target left the
+        pipeline)."""
+        with self.transaction() as conn:
+            conn.execute(update(LEDGER).where(
+                LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
+                LEDGER.c.action == action).values(waiting_since=None))
+
+    def waiting_by_target(self) -> dict[str, int]:
+        """Conversations whose newest event waits, per target name."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(LEDGER.c.target, func.count())
+                                .where(LEDGER.c.waiting_since.is_not(None))
+                                .group_by(LEDGER.c.target)).all()
+        return {target: int(count) for target, count in rows}
