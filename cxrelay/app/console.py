@@ -1,0 +1,70 @@
+"""What every `cxrelay` command shares: the consoles, settings and store, failing with one
+clear line, tables of stored text, durations."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def load_settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays fast
+    from cxrelay.settings import Settings
+
+    return Settings()
+
+
+def open_store():  # noqa: ANN202
+    from cxrelay.store.database import Store
+
+    settings = load_settings()
+    return Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+
+
+def add_row(table: Table, *values: object) -> None:
+    """A table row of stored text: cells are `Text`, never Rich markup (a stored `[/x]`
+    would end the command, `[link=…]` would become a terminal hyperlink)."""
+    table.add_row(*(Text(str(value)) for value in values))
+
+
+def log_to_stderr(name: str) -> None:
+    """INFO and above of this logger on stderr, timestamped (a child process of `serve`)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def parse_duration(text: str) -> int:
+    """`90m`, `2h`, `1d` (or plain minutes) → minutes."""
+    units = {"m": 1, "h": 60, "d": 1440}
+    text = text.strip().lower()
+    try:
+        if text[-1:] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90m, 2h or 1d") from None
+
+
+def since_moment(text: str | None):  # noqa: ANN202 - datetime, imported lazily
+    """`2h` → the moment two hours ago (None for no limit)."""
+    from datetime import datetime, timedelta, timezone
+
+    if text is None:
+        return None
+    return datetime.now(timezone.utc) - timedelta(minutes=parse_duration(text))
