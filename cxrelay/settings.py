@@ -66,8 +66,15 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default=Path(".cxrelay"), description="logs of the processes "
                             "`cxrelay serve` starts (the local Prefect server's)")
     # A 202 means the event is on disk: FULL syncs the WAL at every commit, so an acknowledged
-    # event survives an OS crash or a power loss, not only a crash of cxrelay (NORMAL).
+    # event survives an OS crash or a power loss, not only a crash of cxrelay (NORMAL). This
+    # is the setting of whatever acknowledges events (the receiver, the notification listener).
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "FULL"
+    # The dispatcher's own commits (claims, the ledger, outcomes) need no sync of their own:
+    # each acknowledgement's sync carries them to disk, and one lost to an OS crash is work
+    # done again — a ledger row left reserved is looked up (uncertain) before it is acted on,
+    # every other write is an upsert or keyed. Syncing each of them cost a burst of 2,000
+    # events ~7 writes x one fsync each, behind the one write lock the receiver waits on.
+    sqlite_synchronous_dispatch: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
     pipeline: Path | None = Field(default=None, description="pipeline YAML; a default ships")
     max_body_bytes: int = Field(default=32 * 1024, ge=1024)
     insert_timeout_seconds: float = Field(

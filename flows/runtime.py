@@ -48,7 +48,8 @@ class Runtime:
         store they name, the pipeline file and its lookups. Close it with `aclose()`."""
         settings = settings or Settings()
         pipeline = settings.pipeline_config
-        store = Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+        store = Store(settings.database_url,
+                      synchronous=settings.sqlite_synchronous_dispatch)
         return cls(settings=settings, store=store, pipeline=pipeline,
                    mapper=Mapper(pipeline.lookups))
 
