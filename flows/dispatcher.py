@@ -179,7 +179,7 @@ class Dispatcher:
                 lane.close()
             with tags("lane", *self.target_tags):
                 lane = self.lane = open_lane(self.worker_id.rsplit(":", 1)[-1],
-                                             self._lane_done, self.target_tags)
+                                             self._lane_done)
             self.lanes.append(lane)
             self.lanes = self.lanes[-100:]
         for event in events:

@@ -71,9 +71,9 @@ def test_completed_conversation_reaches_salesforce_and_slack(tmp_path: Path,
 
     state, tags, report = asyncio.run(task_run_and_artifact())
     assert state == "COMPLETED"
-    assert {f"conversation:{conversation}", "event:CONVERSATION_COMPLETED", "source:genesys",
-            "target:salesforce", "target:slack"} <= set(tags)
-    assert "outcome: **delivered**" in report
+    assert tags == []  # a tag would cost a concurrency-slot API call per event (see lanes.py)
+    assert "outcome: **delivered**" in report and "source `genesys`" in report
+    assert "(CONVERSATION_COMPLETED)" in report
 
 
 def test_not_completed_conversation_is_filtered(tmp_path: Path, clean_sandbox: Sandbox) -> None:
