@@ -155,3 +155,33 @@ def test_events_inside_the_settle_window_merge_into_one_write_per_target(
     merged = [json.loads(events[i].detail or "{}").get("merged_into")  # type: ignore[index]
               for i in ids if i]
     assert merged.count(None) == 1 and len({m for m in merged if m}) == 1
+
+
+def test_concurrent_events_of_one_conversation_end_with_the_newest_data_everywhere(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """An older and a newer event of one conversation claimed at the same moment and run side
+    by side in the lane: whichever finishes first, every target ends with the newest data,
+    and the older one is either stale or overwritten — never the last word."""
+    conversation = str(uuid.uuid4())
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(conversation)]).raise_for_status()
+    received: list[dict[str, Any]] = []
+    with serve(receiver(received)) as base:
+        pipeline = tmp_path / "pipeline.yaml"
+        pipeline.write_text(PIPELINE.replace("URL", f"{base}/hook"))
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        newer = enqueue(runtime.store, event_at(conversation, "2026-11-28T14:30:09Z",
+                                                "+15550000009"))
+        older = enqueue(runtime.store, event_at(conversation, "2026-11-28T14:30:00Z",
+                                                "+15550000001"))
+        asyncio.run(dispatch_until(runtime, 2, concurrency=2))
+    (lead,) = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()[
+        "records"]["Lead"]
+    assert lead["Phone"] == "+15550000009"
+    (message,) = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}"
+                           "/__sandbox/state").json()["messages"]
+    assert message["text"].endswith("+15550000009")
+    assert received[-1]["phone"] == "+15550000009"
+    assert runtime.store.get_event(newer or 0).outcome == "delivered"  # type: ignore[union-attr]
+    assert runtime.store.get_event(older or 0).outcome in (  # type: ignore[union-attr]
+        "stale", "delivered")

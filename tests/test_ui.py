@@ -52,8 +52,19 @@ def test_an_event_is_found_in_the_prefect_ui_by_its_conversation_id(tmp_path: Pa
                    json=[sample_conversation(conversation)]).raise_for_status()
         runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
         enqueue(runtime.store, generic_event(conversation))
+        # Task-run states travel through Prefect's one events worker, made for the session's
+        # test server: this test's own server needs a worker of its own.
+        from prefect.events.clients import PrefectEventsClient
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.set_client_override(PrefectEventsClient, api_url=api_url)
+        try:
+            with temporary_settings({PREFECT_API_URL: api_url}):
+                asyncio.run(dispatch_until(runtime, 1))
+        finally:
+            EventsWorker.drain_all(timeout=10)
+            EventsWorker.set_client_override(None)
         with temporary_settings({PREFECT_API_URL: api_url}):
-            asyncio.run(dispatch_until(runtime, 1))
 
             async def task_run_id() -> str:
                 from prefect import get_client
