@@ -61,6 +61,14 @@ def receiver(received: list[dict[str, Any]]) -> Starlette:
     return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
 
 
+def lead_and_message(box: Sandbox) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The one Lead and the one Slack message the conversation may have produced."""
+    (lead,) = httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"]["Lead"]
+    (message,) = httpx.get(f"{box.slack_url.removesuffix('/api/')}/__sandbox/state"
+                           ).json()["messages"]
+    return lead, message
+
+
 def event_at(conversation: str, created_at: str, phone: str) -> dict[str, Any]:
     payload = generic_event(conversation, phone=phone)
     payload["createdAt"] = created_at
@@ -94,12 +102,9 @@ def test_an_older_event_after_a_newer_one_is_stale_for_every_target(
         assert all("14:30:09" in result["newer"] for result in detail["targets"].values())
 
         # The targets hold the newest data, written once each.
-        (lead,) = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()[
-            "records"]["Lead"]
+        lead, message = lead_and_message(clean_sandbox)
         assert lead["Phone"] == "+15550000009"
         assert len(calls(clean_sandbox.salesforce_url, "PATCH", "/Lead/")) == 1
-        (message,) = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}"
-                               "/__sandbox/state").json()["messages"]
         assert message["text"].endswith("+15550000009")
         assert calls(clean_sandbox.slack_url, "POST", "chat.update") == []
         assert [r["phone"] for r in received] == ["+15550000009"]
@@ -141,12 +146,9 @@ def test_events_inside_the_settle_window_merge_into_one_write_per_target(
             ("2026-11-28T14:30:05Z", "+15550000005"),  # arrives last, older
         ]]
         asyncio.run(dispatch_until(runtime, 3))
-    (lead,) = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()[
-        "records"]["Lead"]
+    lead, message = lead_and_message(clean_sandbox)
     assert lead["Phone"] == "+15550000009"
     assert len(calls(clean_sandbox.salesforce_url, "PATCH", "/Lead/")) == 1
-    (message,) = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}"
-                           "/__sandbox/state").json()["messages"]
     assert message["text"].endswith("+15550000009")
     assert calls(clean_sandbox.slack_url, "POST", "chat.update") == []
     assert [r["phone"] for r in received] == ["+15550000009"]
@@ -175,11 +177,8 @@ def test_concurrent_events_of_one_conversation_end_with_the_newest_data_everywhe
         older = enqueue(runtime.store, event_at(conversation, "2026-11-28T14:30:00Z",
                                                 "+15550000001"))
         asyncio.run(dispatch_until(runtime, 2, concurrency=2))
-    (lead,) = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()[
-        "records"]["Lead"]
+    lead, message = lead_and_message(clean_sandbox)
     assert lead["Phone"] == "+15550000009"
-    (message,) = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}"
-                           "/__sandbox/state").json()["messages"]
     assert message["text"].endswith("+15550000009")
     assert received[-1]["phone"] == "+15550000009"
     assert runtime.store.get_event(newer or 0).outcome == "delivered"  # type: ignore[union-attr]
