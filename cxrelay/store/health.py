@@ -25,10 +25,10 @@ from cxrelay.core.health import (
     target_key,
 )
 from cxrelay.store.engine import Database
-from cxrelay.store.models import Delivery, TargetHealth, bounded, utcnow
+from cxrelay.store.ledger import LEDGER, open_row
+from cxrelay.store.models import TargetHealth, bounded, utcnow
 
 HEALTH = TargetHealth.__table__  # type: ignore[attr-defined]
-LEDGER = Delivery.__table__  # type: ignore[attr-defined]
 _MUTABLE = ("state", "consecutive_failures", "failed_probes", "since", "last_error", "probe_at",
             "probe_owner", "probe_until")
 
@@ -129,11 +129,8 @@ class HealthQueries(Database):
         spent. Delivering it (`complete`) or `stop_waiting` clears the mark."""
         now = utcnow()
         with self.transaction() as conn:
-            conn.execute(
-                self._insert(LEDGER).on_conflict_do_nothing(
-                    index_elements=["conversation_id", "target", "action"]),
-                {"conversation_id": conversation_id, "target": target, "action": action,
-                 "status": "open", "deliveries": 0, "created_at": now, "updated_at": now})
+            open_row(self, conn, conversation_id=conversation_id, target=target,
+                     action=action, now=now)
             conn.execute(update(LEDGER).where(
                 LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
                 LEDGER.c.action == action, LEDGER.c.waiting_since.is_(None),

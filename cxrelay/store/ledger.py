@@ -13,9 +13,10 @@ both win, whichever arrives or finishes first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import String, and_, bindparam, case, func, select, update
+from sqlalchemy.engine import Connection
 
 from cxrelay.core.ordering import is_stale, newest
 from cxrelay.store.engine import Database
@@ -40,6 +41,16 @@ _COMPLETE = update(LEDGER).where(_LEDGER_KEY).values(
                             LEDGER.c.order_key),
     reserved_order_key=None, deliveries=LEDGER.c.deliveries + 1, updated_at=bindparam("p_now"),
     waiting_since=None)
+
+
+def open_row(db: Database, conn: Connection, *, conversation_id: str, target: str,
+             action: str, now: datetime) -> None:
+    """The (conversation, target, action) row, created `open` when it is not there yet."""
+    conn.execute(
+        db._insert(LEDGER).on_conflict_do_nothing(
+            index_elements=["conversation_id", "target", "action"]),
+        {"conversation_id": conversation_id, "target": target, "action": action,
+         "status": "open", "deliveries": 0, "created_at": now, "updated_at": now})
 
 
 @dataclass(frozen=True)
@@ -72,12 +83,8 @@ class LedgerQueries(Database):
         key = {"p_conversation": conversation_id, "p_target": target, "p_action": action}
         now = utcnow()
         with self.transaction() as conn:
-            conn.execute(
-                self._insert(LEDGER).on_conflict_do_nothing(
-                    index_elements=["conversation_id", "target", "action"]),
-                {"conversation_id": conversation_id, "target": target, "action": action,
-                 "status": "open", "deliveries": 0, "created_at": now, "updated_at": now},
-            )
+            open_row(self, conn, conversation_id=conversation_id, target=target,
+                     action=action, now=now)
             row = conn.execute(_RESERVE_READ, key).mappings().one()
             if row["status"] == "done" and row["payload_sha256"] == payload_sha256:
                 return Reservation(False, row["external_ref"], already_done=True)
