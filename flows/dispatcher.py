@@ -33,6 +33,7 @@ from cxrelay.store.inbox import ClaimedEvent
 
 logger = logging.getLogger("cxrelay.dispatcher")
 PRUNE_EVERY_SECONDS = 3600.0
+ALERT_FLUSH_SECONDS = 5.0
 
 
 class Deferred(Exception):
@@ -109,6 +110,7 @@ class Dispatcher:
                                         runtime.settings.yield_max_seconds)
         self._last_renew = time.monotonic()
         self._last_prune = 0.0
+        self._last_flush = 0.0
         self._wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -145,6 +147,7 @@ class Dispatcher:
                         task.add_done_callback(self._forget(event))
                 await self._renew_claims()
                 self._prune_now_and_then()
+                await self._flush_alerts()
                 if not claimed or len(self.running) >= self.concurrency:
                     self._wake.clear()
                     stopper = asyncio.create_task(stop.wait())
@@ -208,6 +211,18 @@ class Dispatcher:
             self._settle(event.id, task)
         return done
 
+    async def _flush_alerts(self) -> None:
+        """Dead-letter and drift summaries held back by the alert interval go out when it
+        ends, not only with the next dead letter (every few seconds; a failure is logged)."""
+        now = time.monotonic()
+        if now - self._last_flush < ALERT_FLUSH_SECONDS:
+            return
+        self._last_flush = now
+        try:
+            await (await self.runtime.health_gate()).alerts.flush()
+        except Exception:
+            logger.exception("sending alert summaries failed")
+
     def _prune_now_and_then(self) -> None:
         """Retention (CXRELAY_RETENTION_DAYS) once an hour, in a thread of its own: the store
         prunes in small transactions, and the dispatcher goes on claiming meanwhile."""
@@ -261,6 +276,7 @@ class Dispatcher:
             return
         self._last_renew = time.monotonic()
         self._last_prune = 0.0
+        self._last_flush = 0.0
         try:
             await asyncio.to_thread(self.store.renew, worker=self.worker_id,
                                     ids=list(self.running), lease_seconds=self.lease)

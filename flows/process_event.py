@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
 from prefect import flow, get_run_logger
@@ -24,7 +24,7 @@ from cxrelay.connectors.genesys import GenesysNotFound
 from cxrelay.core import ordering
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError
-from cxrelay.core.outcome import Outcome, event_outcome
+from cxrelay.core.outcome import WAITING, Outcome, event_outcome
 from cxrelay.flows import steps
 from cxrelay.flows.report import render_report
 from cxrelay.flows.runtime import Runtime, get_runtime
@@ -44,6 +44,9 @@ async def _dead_letter(runtime: Runtime, row: InboxEvent, target: str, exc: Base
                             conversation_id=row.conversation_id, target=target, reason=reason,
                             error_type=type(exc).__name__, attempts=attempts)
     get_run_logger().warning("dead letter for %s: %s", target, reason)
+    gate = await runtime.health_gate()  # a summary in the alert channel, rate-limited
+    await gate.alerts.dead_lettered(target=target, conversation_id=row.conversation_id,
+                                    error_type=type(exc).__name__, reason=reason)
     return {"status": "dead_lettered", "error": reason}
 
 
@@ -145,7 +148,9 @@ async def handle_settled(runtime: Runtime, rows: list[InboxEvent]) -> dict[str, 
         summary["merged"] = [row.event_id for row, _ in passing if row is not leader]
     result = await _deliver_event(runtime, leader, merged, summary, inline=True)
     for row, _ in passing:
-        if row is not leader:
+        if row is not leader and result["outcome"] is Outcome.WAITING:
+            await _wait(runtime, row, result)
+        elif row is not leader:
             await _finish(runtime, {**result, "inbox_id": row.id, "event_id": row.event_id,
                                     "event_type": row.event_type, "source": row.source,
                                     "merged_into": leader.event_id}, inline=True)
@@ -191,7 +196,20 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
             raise result
     summary["targets"] = dict(zip((t.name for t in targets), results, strict=True))
     summary["outcome"] = event_outcome(r["status"] for r in summary["targets"].values())
+    if summary["outcome"] is Outcome.WAITING:
+        await _wait(runtime, row, summary)
+        return summary
     return await _finish(runtime, summary, inline)
+
+
+async def _wait(runtime: Runtime, row: InboxEvent, summary: dict[str, Any]) -> None:
+    """A target is paused: give the event back until its next probe, unfinished and without
+    counting an attempt; the targets it reached are done in the ledger and are not repeated."""
+    untils = [datetime.fromisoformat(r["until"]) for r in summary["targets"].values()
+              if r.get("status") == WAITING and r.get("until")]
+    delay = max(0.0, (min(untils) - datetime.now(timezone.utc)).total_seconds()) if untils else 1.0
+    await asyncio.to_thread(runtime.store.release, row.id or 0, worker=row.claimed_by or "",
+                            delay_seconds=delay, count_attempt=False)
 
 
 async def _finish(runtime: Runtime, summary: dict[str, Any], inline: bool) -> dict[str, Any]:

@@ -7,6 +7,8 @@ variables. A missing setting raises `ConfigError` naming the variable, when the 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -17,8 +19,10 @@ from cxrelay.connectors.salesforce import SalesforceClient
 from cxrelay.connectors.slack import SlackClient
 from cxrelay.core.mapping import Mapper
 from cxrelay.core.pipeline import Pipeline
+from cxrelay.flows.alerts import Alerts
 from cxrelay.flows.cache import SharedCache
 from cxrelay.flows.customer import CustomerCache
+from cxrelay.flows.health import HealthGate, target_scope
 from cxrelay.flows.limits import Limits
 from cxrelay.settings import Settings, require
 from cxrelay.store.database import Store
@@ -34,6 +38,8 @@ class Runtime:
     _clients: dict[str, Any] = field(default_factory=dict)
     conversations: SharedCache[dict[str, Any]] = field(default_factory=SharedCache)  # enrichment
     customers: CustomerCache = field(default_factory=CustomerCache)  # Salesforce resolutions
+    _gate: HealthGate | None = None
+    _scopes: dict[str, str] = field(default_factory=dict)
     # Cleared by the dispatcher while the receiver is flooded (see `Dispatcher._yield_check`);
     # lanes in this process wait on it between events.
     ingest_calm: asyncio.Event = field(default_factory=asyncio.Event)
@@ -72,6 +78,19 @@ class Runtime:
         conversation that arrive together share one fetch, and a failed fetch is not kept."""
         conversation, _ = await self.conversations.get(conversation_id, seconds, fetch)
         return conversation
+
+    async def health_gate(self) -> HealthGate:
+        """The target-health gate of this process (issue 17): pauses, probes, alerts."""
+        if self._gate is None:
+            owner = f"{socket.gethostname()}:{os.getpid()}"
+            self._gate = HealthGate(self.store, await Alerts.from_runtime(self), owner)
+        return self._gate
+
+    async def target_scope(self, target: Any) -> str:
+        """The org or workspace a target's health is kept for (asked once per target)."""
+        if target.name not in self._scopes:
+            self._scopes[target.name] = await target_scope(self, target)
+        return self._scopes[target.name]
 
     async def genesys(self) -> GenesysClient:
         if "genesys" not in self._clients:

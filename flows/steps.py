@@ -27,10 +27,12 @@ from cxrelay.core.drift import detect_drift
 from cxrelay.core.envelope import CanonicalEvent, normalise
 from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
+from cxrelay.core.health import Action
 from cxrelay.core.jsonbody import BodyError, parse_body
+from cxrelay.core.outcome import WAITING
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target, render_target
-from cxrelay.flows.attempt import attempt, honour_retry_after
+from cxrelay.flows.attempt import InFlight, attempt, honour_retry_after
 from cxrelay.flows.customer import CustomerCache, log_conversation
 from cxrelay.flows.limits import Limits
 from cxrelay.flows.runtime import Runtime, get_runtime
@@ -124,6 +126,9 @@ async def _record_drift(runtime: Runtime, event: CanonicalEvent) -> list[str]:
                             [(f.field, f.kind, f.detail) for f in findings], event.event_id)
     logger().warning("schema drift in %s event %s: %s", event.envelope, event.event_id,
                      "; ".join(texts))
+    gate = await runtime.health_gate()  # a summary in the alert channel, rate-limited
+    await gate.alerts.drifted(contract=event.envelope, fields=[f.field for f in findings],
+                              event_id=event.event_id)
     return texts
 
 
@@ -146,9 +151,35 @@ async def fetch_conversation(runtime: Runtime, conversation_id: str) -> dict[str
         raise
 
 
+ACTIONS = {"salesforce": "upsert", "slack": "message", "http": "post"}
+
+
 async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner: str,
                   context: dict[str, Any]) -> dict[str, Any]:
-    """Map the target's payload from the context and deliver it exactly once."""
+    """Map the target's payload and deliver it exactly once — unless the target is paused
+    (issue 17): then the event waits for it, durably, and spends no retry; one event at a
+    time probes it. What the target answers is reported to its health."""
+    gate = await runtime.health_gate()
+    scope = await runtime.target_scope(target)
+    decision = await gate.decide(target.name, scope)
+    if decision.action is Action.WAIT:
+        await gate.waiting(conversation_id=event.conversation_id, target=target.name,
+                           action=ACTIONS[target.type])
+        return {"status": WAITING, "until": decision.until.isoformat() if decision.until
+                else None}
+    try:
+        result = await _deliver(runtime, target, event, owner, context)
+    except RetryableError as exc:
+        if not isinstance(exc, InFlight):  # another event's delivery is not the target's fault
+            await gate.failed(target.name, scope, exc)
+        raise
+    if result["status"] not in ("unchanged", "stale"):
+        await gate.succeeded(target.name, scope)
+    return result
+
+
+async def _deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner: str,
+                   context: dict[str, Any]) -> dict[str, Any]:
     store = runtime.store
     if isinstance(target, SalesforceTargetConfig):
         client: Any = await runtime.salesforce()

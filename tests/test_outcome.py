@@ -14,6 +14,8 @@ def test_event_outcome_from_target_statuses() -> None:
     assert event_outcome(["stale", "stale"]) is Outcome.STALE
     assert event_outcome(["stale", "updated"]) is Outcome.DELIVERED
     assert event_outcome(["stale", "dead_lettered"]) is Outcome.PARTIAL
+    assert event_outcome(["created", "waiting"]) is Outcome.WAITING
+    assert event_outcome(["dead_lettered", "waiting"]) is Outcome.WAITING
 
 
 def test_outcomes_are_stored_and_shown_as_their_plain_names() -> None:
