@@ -2,7 +2,7 @@
 resumes become alerts. The decisions are `cxrelay.core.health`'s, the shared state the store's.
 
 The event path calls, per event and target (see the report of issue 17):
-  decision = await gate.decide(target, scope)            # SEND | WAIT(until) | PROBE
+  decision = await gate.decide(target, scope, holder)    # SEND | WAIT(until) | PROBE
   WAIT  → await gate.waiting(conversation_id, target, action); keep the event, spend no retry
   SEND/PROBE → deliver; then gate.succeeded(target, scope) or gate.failed(target, scope, exc)
 """
@@ -10,16 +10,22 @@ The event path calls, per event and target (see the report of issue 17):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
 from cxrelay.core.errors import RetryableError
-from cxrelay.core.health import Action, Decision, HealthPolicy, TargetState, decide
+from cxrelay.core.health import Action, Decision, Health, HealthPolicy, TargetState, decide
 from cxrelay.flows.alerts import Alerts
 from cxrelay.store.database import Store
 from cxrelay.store.models import utcnow
 
 RECHECK_SECONDS = 1.0  # a lost probe race looks again this soon (the winner's answer is near)
+# How long this process trusts a healthy target's state without reading the store again: the
+# hot path (every delivery) then reads nothing, and a pause another dispatcher records reaches
+# this one within this many seconds.
+HEALTHY_TRUST_SECONDS = 1.0
 
 
 class HealthGate:
@@ -29,20 +35,39 @@ class HealthGate:
         self.alerts = alerts
         self.owner = owner  # a dispatcher's worker id: the probe slot is leased to it
         self.policy = policy or alerts.policy
+        # (target, scope) → monotonic time until which the target is known healthy with no
+        # failure counted; anything else is read from the store, which every dispatcher shares.
+        self._healthy_until: dict[tuple[str, str], float] = {}
 
-    async def decide(self, target: str, scope: str, now: datetime | None = None) -> Decision:
-        """What this event does for `target` now; `PROBE` only once this dispatcher holds the
-        target's probe slot, so one request probes a paused target, whoever asks."""
+    def _known_healthy(self, target: str, scope: str) -> bool:
+        return self._healthy_until.get((target, scope), 0.0) > time.monotonic()
+
+    def _remember(self, target: str, scope: str, health: Health | None) -> None:
+        if health is None or (health.state is TargetState.HEALTHY
+                              and health.consecutive_failures == 0):
+            self._healthy_until[(target, scope)] = time.monotonic() + HEALTHY_TRUST_SECONDS
+        else:
+            self._healthy_until.pop((target, scope), None)
+
+    async def decide(self, target: str, scope: str, holder: str,
+                     now: datetime | None = None) -> Decision:
+        """What this event does for `target` now. `holder` names the event: `PROBE` only once
+        it holds the target's probe slot, so one request probes a paused target, whoever
+        asks, in whichever dispatcher."""
+        if self._known_healthy(target, scope):
+            return Decision(Action.SEND)
         now = now or utcnow()
         health = await asyncio.to_thread(self.store.health_of, target=target, scope=scope)
-        decision = decide(health, now, self.owner, self.policy)
+        self._remember(target, scope, health)
+        owner = f"{self.owner}/{holder}"
+        decision = decide(health, now, owner, self.policy)
         if decision.action is not Action.PROBE:
             return decision
         assert health is not None
-        if health.state is TargetState.PROBING and health.probe_owner == self.owner:
+        if health.state is TargetState.PROBING and health.probe_owner == owner:
             return decision
         if await asyncio.to_thread(self.store.claim_probe, target=target, scope=scope,
-                                   owner=self.owner, policy=self.policy, now=now):
+                                   owner=owner, policy=self.policy, now=now):
             return decision
         return Decision(Action.WAIT, now + timedelta(seconds=RECHECK_SECONDS))
 
@@ -52,15 +77,25 @@ class HealthGate:
                                 target=target, action=action)
 
     async def succeeded(self, target: str, scope: str) -> None:
+        if self._known_healthy(target, scope):
+            return  # nothing to reset: no failure counted, not paused
         change = await asyncio.to_thread(self.store.record_target_success, target=target,
                                          scope=scope)
+        self._remember(target, scope, change.after if change else None)
         if change is not None:
             await self.alerts.target_changed(change, await self._waiting(target))
 
     async def failed(self, target: str, scope: str, exc: BaseException) -> None:
         """Report what the target's connector raised. Only its `RetryableError`s count toward
         a pause; the caller leaves out failures that are not the target's (a ledger row held
-        by another event, a mapping error)."""
+        by another event, a mapping error). One failure shared by several events (a customer
+        lookup they all waited for) counts once."""
+        if getattr(exc, "_cxrelay_health_reported", False):
+            return
+        # An exception without a __dict__ is counted each time it is reported.
+        with contextlib.suppress(AttributeError):
+            exc._cxrelay_health_reported = True  # type: ignore[attr-defined]
+        self._healthy_until.pop((target, scope), None)
         change = await asyncio.to_thread(
             self.store.record_target_failure, target=target, scope=scope,
             error=_error_text(exc), retryable=isinstance(exc, RetryableError),

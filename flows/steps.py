@@ -161,7 +161,7 @@ async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner
     time probes it. What the target answers is reported to its health."""
     gate = await runtime.health_gate()
     scope = await runtime.target_scope(target)
-    decision = await gate.decide(target.name, scope)
+    decision = await gate.decide(target.name, scope, holder=event.conversation_id)
     if decision.action is Action.WAIT:
         await gate.waiting(conversation_id=event.conversation_id, target=target.name,
                            action=ACTIONS[target.type])

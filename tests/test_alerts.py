@@ -117,18 +117,39 @@ async def test_a_pause_and_a_resume_each_post_once_and_emit_once(
     # Paused: events wait; once the probe is due exactly one dispatcher probes.
     health = store.health_of(target="salesforce", scope=SCOPE)
     assert health is not None and health.probe_at is not None
-    assert (await gate.decide("salesforce", SCOPE, now=health.probe_at - timedelta(seconds=1))
-            ).action is Action.WAIT
+    assert (await gate.decide("salesforce", SCOPE, "c1",
+                              now=health.probe_at - timedelta(seconds=1))).action is Action.WAIT
     other = HealthGate(store, alerts, owner="dispatcher-2")
-    assert (await gate.decide("salesforce", SCOPE, now=health.probe_at)).action is Action.PROBE
-    assert (await other.decide("salesforce", SCOPE, now=health.probe_at)).action is Action.WAIT
+    assert (await gate.decide("salesforce", SCOPE, "c1", now=health.probe_at)
+            ).action is Action.PROBE
+    assert (await gate.decide("salesforce", SCOPE, "c1", now=health.probe_at)
+            ).action is Action.PROBE  # the holder asking again keeps its slot
+    # One request probes: another event of the same dispatcher waits, as do other dispatchers.
+    assert (await gate.decide("salesforce", SCOPE, "c2", now=health.probe_at)
+            ).action is Action.WAIT
+    assert (await other.decide("salesforce", SCOPE, "c1", now=health.probe_at)
+            ).action is Action.WAIT
 
     await gate.succeeded("salesforce", SCOPE)
     await other.succeeded("salesforce", SCOPE)
     messages = slack_messages()
     assert len(messages) == 2 and "resumed" in messages[1]["text"]
     assert [e["event"] for e in events] == ["cxrelay.target.paused", "cxrelay.target.resumed"]
-    assert (await other.decide("salesforce", SCOPE)).action is Action.SEND
+    assert (await other.decide("salesforce", SCOPE, "c3")).action is Action.SEND
+
+
+@run_async
+async def test_one_failure_shared_by_many_events_counts_once(
+        store: Store, clean_sandbox: Sandbox, slack_messages: Any) -> None:
+    """Events that waited for the same customer lookup all see its one exception: the
+    target failed once, not once per event, and is not paused for it."""
+    gate = HealthGate(store, make_alerts(clean_sandbox, [], Clock()), owner="dispatcher-1")
+    shared = RetryableError("HTTP 503")
+    for _ in range(12):
+        await gate.failed("salesforce", SCOPE, shared)
+    health = store.health_of(target="salesforce", scope=SCOPE)
+    assert health is not None and health.consecutive_failures == 1 and not health.paused
+    assert slack_messages() == []
 
 
 @run_async
@@ -245,13 +266,14 @@ async def test_a_salesforce_outage_pauses_and_a_probe_resumes_a_bad_request_neve
         await attempt(f"c{n}", lead)
     health = store.health_of(target="salesforce", scope=scope)
     assert health is not None and health.paused and "503" in (health.last_error or "")
-    assert (await gate.decide("salesforce", scope)).action is Action.WAIT
+    assert (await gate.decide("salesforce", scope, "c0")).action is Action.WAIT
 
     httpx.delete(f"{box.salesforce_url}/__sandbox/faults").raise_for_status()
     assert health.probe_at is not None
-    assert (await gate.decide("salesforce", scope, now=health.probe_at)).action is Action.PROBE
+    assert (await gate.decide("salesforce", scope, "c0", now=health.probe_at)
+            ).action is Action.PROBE
     await attempt("c0", lead)
-    assert (await gate.decide("salesforce", scope)).action is Action.SEND
+    assert (await gate.decide("salesforce", scope, "c1")).action is Action.SEND
     assert [e["event"] for e in events] == ["cxrelay.target.paused", "cxrelay.target.resumed"]
     assert len(slack_messages()) == 2
 
