@@ -275,3 +275,24 @@ def test_prune_removes_what_is_finished_and_old(any_store: Store) -> None:
     assert {e.dedupe_key for e in any_store.events()} == {"new", "open"}
     assert any_store.get_dead_letter(open_letter) is not None  # open: waits for a person
     assert any_store.prune(before=cut["before"], ledger_before=now - timedelta(days=30)).ledger == 1
+
+
+def test_a_reservation_lapses_with_its_owners_claim(any_store: Store) -> None:
+    """A dispatcher that died mid-delivery leaves its reservation: the conversation's next
+    event waits while the owner's claim is live, and proceeds (looking first) once it has
+    run out, not when the reservation's own TTL ends minutes later."""
+    import time
+
+    ids = any_store.insert_events([row("a"), row("b")])
+    claimed = any_store.claim(worker="w1", limit=2, lease_seconds=0.5)
+    assert len(claimed) == 2
+    owner_a, owner_b = (f"inbox:{event_id}" for event_id in ids)
+    assert any_store.reserve(conversation_id="c1", target="sf", action="upsert",
+                             owner=owner_a, payload_sha256="h1", ttl_seconds=300).granted
+    any_store.renew(worker="w1", ids=[claimed[1].id], lease_seconds=60)
+    assert not any_store.reserve(conversation_id="c1", target="sf", action="upsert",
+                                 owner=owner_b, payload_sha256="h2").granted
+    time.sleep(0.6)  # w1 died: the lease of event a runs out, nobody renews it
+    after = any_store.reserve(conversation_id="c1", target="sf", action="upsert",
+                              owner=owner_b, payload_sha256="h2")
+    assert after.granted and after.uncertain

@@ -20,9 +20,11 @@ from sqlalchemy.engine import Connection
 
 from cxrelay.core.ordering import is_stale, newest
 from cxrelay.store.engine import Database
-from cxrelay.store.models import Delivery, utcnow
+from cxrelay.store.models import Delivery, InboxEvent, utcnow
 
 LEDGER = Delivery.__table__  # type: ignore[attr-defined]
+INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
+OWNER_PREFIX = "inbox:"  # an attempt's owner is the inbox row it delivers for
 
 # Built once: building and hashing a statement per call was a quarter of a batch run's CPU
 # per event (measured with py-spy).
@@ -89,7 +91,8 @@ class LedgerQueries(Database):
             if row["status"] == "done" and row["payload_sha256"] == payload_sha256:
                 return Reservation(False, row["external_ref"], already_done=True)
             busy = (row["status"] == "reserved" and row["owner"] != owner
-                    and row["reserved_until"] is not None and row["reserved_until"] > now)
+                    and row["reserved_until"] is not None and row["reserved_until"] > now
+                    and _owner_alive(conn, row["owner"], now))
             if order_key is not None:
                 maybe_held = row["status"] in ("reserved", "uncertain") and not busy
                 held = newest(row["order_key"],
@@ -144,3 +147,22 @@ class LedgerQueries(Database):
             stmt = stmt.where(LEDGER.c.conversation_id == conversation_id)
         with self.engine.connect() as conn:
             return [Delivery(**row) for row in conn.execute(stmt).mappings().all()]
+
+
+def _owner_alive(conn: Connection, owner: str | None, now: datetime) -> bool:
+    """Whether the attempt holding a reservation can still be running: its inbox row is
+    claimed under a lease that has not run out. A dispatcher that died leaves its reservations
+    behind; they lapse with its claims (a minute), not with the reservation's own TTL, so the
+    conversation's next event does not wait on the dead. The reservation still counts as
+    possibly delivered (`uncertain`): the next attempt looks before acting. An owner that is
+    not an inbox row, or a row that is gone, keeps its reservation until the TTL."""
+    if not owner or not owner.startswith(OWNER_PREFIX) or not owner[len(OWNER_PREFIX):].isdigit():
+        return True
+    claim = conn.execute(select(INBOX.c.status, INBOX.c.lease_until).where(
+        INBOX.c.id == int(owner[len(OWNER_PREFIX):]))).first()
+    if claim is None:
+        return True
+    lease_until = claim.lease_until
+    if lease_until is not None and lease_until.tzinfo is None:
+        lease_until = lease_until.replace(tzinfo=now.tzinfo)
+    return claim.status == "claimed" and lease_until is not None and lease_until > now
