@@ -113,7 +113,7 @@ class Dispatcher:
         self._last_prune = 0.0
         self._last_flush = 0.0
         self.gap_filler = GapFiller(runtime, self.worker_id)
-        self._gap_fill: asyncio.Task[int] | None = None
+        self._gap_fill: asyncio.Task[Any] | None = None
         self._last_gap_check = 0.0
         self._wake = asyncio.Event()
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 
 from cxrelay.core.errors import CxrelayError
@@ -109,9 +110,9 @@ class GapFiller:
         self.worker = worker
         self.filled = 0
 
-    async def fill_due(self) -> int:
+    async def fill_due(self) -> dict[int, State[Any]]:
         """Claim and fill every closed gap that ended at least the fill delay ago (the
-        analytics API learns of conversations late); how many were filled."""
+        analytics API learns of conversations late); the final state of each gap's run."""
         try:
             _, delay = gap_timing(self.runtime.settings)
             gaps = await asyncio.to_thread(
@@ -119,14 +120,14 @@ class GapFiller:
                 datetime.now(timezone.utc) - delay, CLAIM_SECONDS)
         except Exception:  # the database or the configuration: tried again next time
             log.exception("notification gaps not claimed")
-            return 0
-        filled = 0
+            return {}
+        states: dict[int, State[Any]] = {}
         for gap in gaps:
             assert gap.id is not None
-            state = await fill_notification_gap(gap.id, self.worker, return_state=True)
+            states[gap.id] = state = await fill_notification_gap(gap.id, self.worker,
+                                                                 return_state=True)
             if state.is_completed():
-                filled += 1
+                self.filled += 1
             else:
                 log.warning("notification gap %d not filled yet: %s", gap.id, state.message)
-        self.filled += filled
-        return filled
+        return states
