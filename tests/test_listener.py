@@ -298,6 +298,31 @@ def test_new_queues_are_subscribed_when_the_list_is_refreshed(clean_sandbox: San
     asyncio.run(scenario())
 
 
+def test_every_active_user_is_subscribed_and_new_users_on_refresh(clean_sandbox: Sandbox,
+                                                                   store: Store) -> None:
+    control(clean_sandbox, "notifications/users", {"count": 150})
+    control(clean_sandbox, "notifications/users", {"count": 2, "state": "inactive"})
+    control(clean_sandbox, "notifications/settings", {"heartbeat_seconds": 0.2})
+    users = clean_sandbox.genesys.notifications.users
+
+    async def scenario() -> None:
+        cfg = config(templates=["v2.users.{user}.conversations"], queue_refresh_seconds=0.2)
+        async with running(clean_sandbox, store, cfg) as consumer:
+            assert consumer.stats.topics == 150  # two pages; the inactive users are not
+            control(clean_sandbox, "notifications/users", [{"id": "u-new", "name": "New"}])
+            await poll(lambda: sandbox_state(clean_sandbox)["topics"] == 151, "the new user")
+            assert await asyncio.to_thread(control, clean_sandbox, "notifications/publish", {
+                "topic": "v2.users.u-new.conversations", "body": snapshot("of-new-user")}) == {
+                "delivered": 1}
+            await poll(lambda: inbox_keys(store) == [ended_dedupe_key("of-new-user")], "row")
+            inactive = next(u["id"] for u in users if u["state"] == "inactive")
+            assert (await asyncio.to_thread(control, clean_sandbox, "notifications/publish", {
+                "topic": f"v2.users.{inactive}.conversations", "body": snapshot("x")}))[
+                "delivered"] == 0
+
+    asyncio.run(scenario())
+
+
 def test_a_frame_that_is_not_an_event_is_quarantined_verbatim(store: Store) -> None:
     from cxrelay.connectors.genesys_notifications import Message
 
