@@ -1,5 +1,10 @@
 """Genesys Cloud emulator: the login host's client-credentials grant and the API host's
-conversation and analytics endpoints, with Genesys's error bodies and rate-limit answers."""
+conversation and analytics endpoints, with Genesys's error bodies and rate-limit answers.
+
+The analytics details query honours `segmentFilters` as the public docs describe them: each
+filter `{type: and|or, predicates, clauses}` must hold for some segment of a conversation,
+predicates are dimension predicates (`queueId`, `userId`, `purpose`, `mediaType`, …) with the
+operators `matches` (the default), `exists` and `notExists`; anything else is a 400."""
 
 from __future__ import annotations
 
