@@ -124,19 +124,25 @@ class GenesysClient:
         return await self.request("GET", f"/api/v2/conversations/{path_segment(conversation_id)}")
 
     async def ended_conversations(
-        self, start: str, end: str, page_size: int = 100
+        self, start: str, end: str, page_size: int = 100,
+        segment_filters: list[dict[str, Any]] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every conversation that ended in [start, end), through all result pages."""
+        """Every conversation that ended in [start, end), through all result pages; with
+        `segment_filters`, only those with a segment that matches them (e.g. in a queue)."""
         page = 1
         while True:
-            body = await self.request("POST", "/api/v2/analytics/conversations/details/query", {
+            query: dict[str, Any] = {
                 "interval": f"{start}/{end}",
                 "order": "asc",
                 "orderBy": "conversationStart",
                 "paging": {"pageSize": page_size, "pageNumber": page},
                 "conversationFilters": [{"type": "and", "predicates": [
                     {"type": "dimension", "dimension": "conversationEnd", "operator": "exists"}]}],
-            })
+            }
+            if segment_filters:
+                query["segmentFilters"] = segment_filters
+            body = await self.request("POST", "/api/v2/analytics/conversations/details/query",
+                                      query)
             conversations = body.get("conversations") or []
             for conversation in conversations:
                 yield conversation

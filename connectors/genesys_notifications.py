@@ -1,4 +1,4 @@
-"""The Genesys Notification API: channels, subscriptions, routing queues (paged) and the
+"""The Genesys Notification API: channels, subscriptions, routing queues and users (paged), and the
 channel's WebSocket. No Prefect; the REST calls go through `GenesysClient` (its token, its
 error mapping).
 
@@ -97,11 +97,19 @@ class NotificationsClient:
 
     async def queue_ids(self, page_size: int = 100) -> list[str]:
         """Every routing queue's id, through all pages."""
+        return await self._ids("/api/v2/routing/queues", page_size)
+
+    async def user_ids(self, page_size: int = 100) -> list[str]:
+        """Every active user's id, through all pages (inactive and deleted users take no
+        conversations)."""
+        return await self._ids("/api/v2/users", page_size, "&state=active")
+
+    async def _ids(self, path: str, page_size: int, query: str = "") -> list[str]:
         ids: list[str] = []
         page = 1
         while True:
             body = await self.genesys.request(
-                "GET", f"/api/v2/routing/queues?pageSize={page_size}&pageNumber={page}")
+                "GET", f"{path}?pageSize={page_size}&pageNumber={page}{query}")
             ids += [entity["id"] for entity in body.get("entities") or []]
             if page >= int(body.get("pageCount") or 0):
                 return ids

@@ -10,6 +10,7 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cxrelay.core.errors import ConfigError
+from cxrelay.core.notifications import NotificationSource, parse_templates
 from cxrelay.core.pipeline import Pipeline, parse_pipeline
 
 DEFAULT_PIPELINE = Path(__file__).with_name("default_pipeline.yaml")
@@ -174,6 +175,9 @@ class Settings(BaseSettings):
     notification_gap_lookback_seconds: float = Field(
         default=3600, ge=0, description="gap-fill looks this far before a gap for "
         "conversations that started earlier and ended inside it")
+    notification_gap_check_seconds: float = Field(
+        default=5, gt=0, description="how often the dispatcher looks for notification gaps "
+        "to fill")
     notification_gap_fill_delay_seconds: float = Field(
         default=60, ge=0, description="wait this long after a gap before asking the analytics "
         "API about it (it learns of conversations with a delay)")
@@ -186,6 +190,34 @@ class Settings(BaseSettings):
         except OSError as exc:
             raise ConfigError(f"CXRELAY_PIPELINE: cannot read {path}: {exc.strerror}") from exc
         return parse_pipeline(text, str(path))
+
+    @cached_property
+    def notification_source(self) -> NotificationSource | None:
+        """The Notification API source: CXRELAY_NOTIFICATION_TOPICS or the pipeline file's
+        `notifications` section (both: a ConfigError, since a list silently ignored would
+        subscribe to what nobody meant); None when neither names a topic. A
+        CXRELAY_NOTIFICATION_* number that is set wins over the pipeline's."""
+        section = self.pipeline_config.notifications
+        from_env = parse_templates(self.notification_topics)
+        if from_env and section is not None:
+            raise ConfigError("notification topics are set twice: CXRELAY_NOTIFICATION_TOPICS "
+                              "and `notifications.topics` in the pipeline file; keep one")
+        if not from_env and section is None:
+            return None
+
+        def number(name: str) -> float:
+            mine = getattr(section, name, None)
+            field = f"notification_{name}"
+            if mine is None or field in self.model_fields_set:
+                return float(getattr(self, field))
+            return float(mine)
+
+        return NotificationSource(
+            templates=from_env or list(section.topics if section else []),
+            heartbeat_seconds=number("heartbeat_seconds"),
+            queue_refresh_seconds=number("queue_refresh_seconds"),
+            gap_lookback_seconds=number("gap_lookback_seconds"),
+            gap_fill_delay_seconds=number("gap_fill_delay_seconds"))
 
     @property
     def settle_seconds(self) -> float:

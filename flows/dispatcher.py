@@ -26,6 +26,7 @@ import httpx
 from prefect import tags
 
 from cxrelay.flows.lanes import Lane, open_lane
+from cxrelay.flows.notification_gaps import GapFiller
 from cxrelay.flows.process_event import process_event
 from cxrelay.flows.runtime import Runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
@@ -111,6 +112,9 @@ class Dispatcher:
         self._last_renew = time.monotonic()
         self._last_prune = 0.0
         self._last_flush = 0.0
+        self.gap_filler = GapFiller(runtime, self.worker_id)
+        self._gap_fill: asyncio.Task[Any] | None = None
+        self._last_gap_check = 0.0
         self._wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -148,6 +152,7 @@ class Dispatcher:
                 await self._renew_claims()
                 self._prune_now_and_then()
                 await self._flush_alerts()
+                self._fill_gaps_now_and_then()
                 if not claimed or len(self.running) >= self.concurrency:
                     self._wake.clear()
                     stopper = asyncio.create_task(stop.wait())
@@ -160,6 +165,9 @@ class Dispatcher:
             self.runtime.ingest_calm.set()  # lanes finish their events while draining
             if self.lane is not None:
                 self.lane.close()
+            if self._gap_fill is not None:  # its claim is released or runs out
+                self._gap_fill.cancel()
+                await asyncio.gather(self._gap_fill, return_exceptions=True)
             await self._drain()
 
     def _claim(self, limit: int, settle: float) -> list[list[ClaimedEvent]]:
@@ -247,6 +255,16 @@ class Dispatcher:
                                                     in pruned.rows().items() if count))
 
         threading.Thread(target=prune, name="cxrelay-prune", daemon=True).start()
+
+    def _fill_gaps_now_and_then(self) -> None:
+        """Notification gaps (recorded by `cxrelay listen`) filled in flow runs of their own,
+        one look every CXRELAY_NOTIFICATION_GAP_CHECK_SECONDS, beside the claims."""
+        now = time.monotonic()
+        if (self._gap_fill is not None and not self._gap_fill.done()) or \
+                now - self._last_gap_check < self.runtime.settings.notification_gap_check_seconds:
+            return
+        self._last_gap_check = now
+        self._gap_fill = asyncio.create_task(self.gap_filler.fill_due())
 
     async def _yield_check(self) -> bool:
         """True while the receiver is flooded (see `IngestYield`); the inbox's newest id is

@@ -72,6 +72,45 @@ def test_routing_queues_are_listed_through_every_page(clean_sandbox: Sandbox) ->
     assert [int(r["query"]["pageNumber"]) for r in pages] == list(range(1, 13))
 
 
+def test_active_users_are_listed_through_every_page(clean_sandbox: Sandbox) -> None:
+    control(clean_sandbox, "notifications/users", {"count": 250})
+    control(clean_sandbox, "notifications/users", {"count": 5, "state": "inactive"})
+
+    async def scenario() -> list[str]:
+        client = notifications(clean_sandbox)
+        try:
+            return await client.user_ids(page_size=100)
+        finally:
+            await client.genesys.aclose()
+
+    ids = asyncio.run(scenario())
+    users = clean_sandbox.genesys.notifications.users
+    assert ids == [u["id"] for u in users if u["state"] == "active"] and len(ids) == 250
+    pages = [r for r in httpx.get(f"{clean_sandbox.genesys_url}/__sandbox/requests").json()
+             if r["path"] == "/api/v2/users"]
+    assert [(r["query"]["pageNumber"], r["query"]["state"]) for r in pages] == [
+        ("1", "active"), ("2", "active"), ("3", "active")]
+
+
+def test_the_analytics_query_refuses_a_malformed_segment_filter(clean_sandbox: Sandbox) -> None:
+    client = notifications(clean_sandbox).genesys
+
+    async def query(segment_filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [c async for c in client.ended_conversations(
+            "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z", segment_filters=segment_filters)]
+
+    async def scenario() -> None:
+        bad = [{"type": "or", "predicates": [{"dimension": "queueId", "operator": "contains",
+                                               "value": "q"}]}]
+        with pytest.raises(PermanentError, match="operator is one of"):
+            await query(bad)
+        assert await query([{"type": "or", "predicates": [
+            {"dimension": "queueId", "operator": "exists"}]}]) == []
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_the_21st_channel_replaces_the_oldest_unconnected_one(clean_sandbox: Sandbox) -> None:
     async def scenario() -> None:
         client = notifications(clean_sandbox)

@@ -9,20 +9,25 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 from pydantic import SecretStr
 
 from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.connectors.genesys_notifications import NotificationsClient
 from cxrelay.core.notifications import ended_dedupe_key as bare_key
+from cxrelay.flows.notification_gaps import GapFiller
+from cxrelay.flows.runtime import set_runtime
 from cxrelay.listener.consumer import ConsumerConfig, NotificationConsumer
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
 from cxrelay.store.database import Store
 from tests.conftest import sample
+from tests.flowkit import make_runtime, make_settings
 
 TEMPLATE = "v2.routing.queues.{queue}.conversations"
 SNAPSHOT = sample("notifications.json")["queue_conversation_ended"]["eventBody"]
@@ -77,8 +82,7 @@ def inbox_keys(store: Store) -> list[str]:
 def config(**overrides: Any) -> ConsumerConfig:
     values: dict[str, Any] = {
         "templates": [TEMPLATE], "heartbeat_seconds": 0.5, "backoff_initial_seconds": 0.1,
-        "backoff_max_seconds": 0.5, "gap_fill_delay_seconds": 0, "gap_fill_interval_seconds": 0.1,
-        "cursor_interval_seconds": 0.1, "gap_margin_seconds": 1,
+        "backoff_max_seconds": 0.5, "cursor_interval_seconds": 0.1,
     }
     return ConsumerConfig(**{**values, **overrides})
 
@@ -100,6 +104,30 @@ async def running(box: Sandbox, store: Store, cfg: ConsumerConfig
         stop.set()
         await asyncio.wait_for(task, 10)
         await genesys.aclose()
+
+
+@asynccontextmanager
+async def filling(tmp_path: Path, box: Sandbox) -> AsyncIterator[GapFiller]:
+    """What the dispatcher does for gaps, every 0.1 s: a `fill-notification-gap` flow run per
+    closed gap, against the session's Prefect test server (the `prefect_api` fixture)."""
+    runtime = make_runtime(make_settings(tmp_path, box, notification_gap_fill_delay_seconds=0))
+    set_runtime(runtime)
+    filler = GapFiller(runtime, "test-dispatcher")
+
+    stop = asyncio.Event()
+
+    async def loop() -> None:
+        while not stop.is_set():
+            await filler.fill_due()
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield filler
+    finally:
+        stop.set()  # a run under way finishes: a cancelled one would show as Crashed
+        await asyncio.wait_for(task, 30)
+        await runtime.aclose()
 
 
 def test_1200_queues_two_channels_ended_vs_connected_and_repeats(clean_sandbox: Sandbox,
@@ -152,34 +180,47 @@ def test_socket_closing_gets_a_replacement_first_and_loses_nothing(clean_sandbox
     asyncio.run(scenario())
 
 
-def ended_now(conversation_id: str) -> dict[str, Any]:
-    return sample_conversation(conversation_id, ended=datetime.now(timezone.utc))
+def ended_now(conversation_id: str, queue_id: str = "q-support") -> dict[str, Any]:
+    return sample_conversation(conversation_id, ended=datetime.now(timezone.utc),
+                               queue_id=queue_id)
 
 
-def test_a_drop_is_recorded_and_filled_from_analytics_once(clean_sandbox: Sandbox,
-                                                           store: Store) -> None:
+@pytest.mark.usefixtures("prefect_api")
+def test_a_10s_drop_is_filled_from_analytics_once_and_only_for_subscribed_queues(
+        tmp_path: Path, clean_sandbox: Sandbox, store: Store) -> None:
     (queue_id,) = queues(clean_sandbox, 1)
     control(clean_sandbox, "notifications/settings", {"heartbeat_seconds": 0.2})
 
     async def scenario() -> None:
-        async with running(clean_sandbox, store, config()) as consumer:
-            await asyncio.to_thread(control, clean_sandbox, "conversations", [ended_now("live")])
+        async with running(clean_sandbox, store, config()) as consumer, \
+                filling(tmp_path, clean_sandbox) as filler:
+            await asyncio.to_thread(control, clean_sandbox, "conversations",
+                                    [ended_now("live", queue_id)])
             await publish(clean_sandbox, queue_id, snapshot("live"))
             await poll(lambda: len(inbox_keys(store)) == 1, "the live conversation")
-            await asyncio.to_thread(control, clean_sandbox, "notifications/drop", {"seconds": 2})
+            # Every socket drops, and new ones are refused for 10 s.
+            await asyncio.to_thread(control, clean_sandbox, "notifications/drop", {"seconds": 10})
             await poll(lambda: consumer.stats.open_sockets == 0, "the drop")
             missed = [f"missed-{i}" for i in range(3)]
             for conversation_id in missed:  # they end while no socket listens: lost on the wire
                 await asyncio.to_thread(control, clean_sandbox, "conversations",
-                                        [ended_now(conversation_id)])
+                                        [ended_now(conversation_id, queue_id)])
                 assert await publish(clean_sandbox, queue_id, snapshot(conversation_id)) == 0
-            await poll(lambda: [g.status for g in store.gaps()] == ["filled"], "the gap filled")
+                await asyncio.sleep(2)  # spread over the drop
+            # A queue the consumer is not subscribed to: the gap-fill must not bring it.
+            await asyncio.to_thread(control, clean_sandbox, "conversations",
+                                    [ended_now("other-queue", "q-not-subscribed")])
+            await poll(lambda: [g.status for g in store.gaps()] == ["filled"], "the gap filled",
+                       seconds=30)
             # One of them also arrives on the new socket (a late wrap-up snapshot).
             assert await publish(clean_sandbox, queue_id, snapshot(missed[0])) == 1
             await poll(lambda: consumer.stats.duplicates >= 1, "the late snapshot")
             (gap,) = store.gaps()
-            assert gap.ended_at is not None and gap.started_at < gap.ended_at
+            assert gap.ended_at is not None
+            assert (gap.ended_at - gap.started_at).total_seconds() >= 9.5
             assert gap.queued == 3  # "live" was found too, but was already queued
+            # The store says filled first; the run's event and artifact follow.
+            await poll(lambda: filler.filled == 1, "the gap's flow run completed")
             keys = inbox_keys(store)
             assert sorted(keys) == sorted(ended_dedupe_key(c) for c in ["live", *missed])
             types = {e.conversation_id: e.event_type for e in store.events()}
@@ -190,21 +231,23 @@ def test_a_drop_is_recorded_and_filled_from_analytics_once(clean_sandbox: Sandbo
     asyncio.run(scenario())
 
 
-def test_a_restart_fills_the_time_it_was_down_without_duplicates(clean_sandbox: Sandbox,
-                                                                  store: Store) -> None:
+@pytest.mark.usefixtures("prefect_api")
+def test_a_restart_fills_the_time_it_was_down_without_duplicates(
+        tmp_path: Path, clean_sandbox: Sandbox, store: Store) -> None:
     (queue_id,) = queues(clean_sandbox, 1)
     control(clean_sandbox, "notifications/settings", {"heartbeat_seconds": 0.2})
 
     async def scenario() -> None:
         async with running(clean_sandbox, store, config()):
-            await asyncio.to_thread(control, clean_sandbox, "conversations", [ended_now("before")])
+            await asyncio.to_thread(control, clean_sandbox, "conversations", [ended_now("before", queue_id)])
             await publish(clean_sandbox, queue_id, snapshot("before"))
             await poll(lambda: len(inbox_keys(store)) == 1, "the first conversation")
         assert store.cursor("notifications") is not None
         down = f"down-{uuid.uuid4().hex[:6]}"
-        await asyncio.to_thread(control, clean_sandbox, "conversations", [ended_now(down)])
+        await asyncio.to_thread(control, clean_sandbox, "conversations", [ended_now(down, queue_id)])
         assert await publish(clean_sandbox, queue_id, snapshot(down)) == 0
-        async with running(clean_sandbox, store, config()) as consumer:
+        async with running(clean_sandbox, store, config()) as consumer, \
+                filling(tmp_path, clean_sandbox):
             await poll(lambda: any(g.status == "filled" and g.channel == "restart"
                                    for g in store.gaps()), "the restart gap filled")
             await publish(clean_sandbox, queue_id, snapshot("before"))  # Genesys repeats it
@@ -229,7 +272,7 @@ def test_a_silent_socket_is_dead_after_two_heartbeats(clean_sandbox: Sandbox, st
             assert "no message for 0.6 s" in gap.reason
             await asyncio.to_thread(control, clean_sandbox, "notifications/settings",
                                     {"silent": False})
-            await poll(lambda: [g.status for g in store.gaps()] == ["filled"], "the gap filled")
+            await poll(lambda: [g.status for g in store.gaps()] == ["closed"], "the gap closed")
             assert consumer.stats.reconnects >= 1
             assert await publish(clean_sandbox, queue_id, snapshot("after")) == 1
             await poll(lambda: inbox_keys(store) == [ended_dedupe_key("after")], "after")
@@ -254,6 +297,31 @@ def test_new_queues_are_subscribed_when_the_list_is_refreshed(clean_sandbox: San
             assert sandbox_state(clean_sandbox)["topics"] == 3
             assert await publish(clean_sandbox, new_queue, snapshot("on-new-queue")) == 1
             await poll(lambda: inbox_keys(store) == [ended_dedupe_key("on-new-queue")], "row")
+
+    asyncio.run(scenario())
+
+
+def test_every_active_user_is_subscribed_and_new_users_on_refresh(clean_sandbox: Sandbox,
+                                                                   store: Store) -> None:
+    control(clean_sandbox, "notifications/users", {"count": 150})
+    control(clean_sandbox, "notifications/users", {"count": 2, "state": "inactive"})
+    control(clean_sandbox, "notifications/settings", {"heartbeat_seconds": 0.2})
+    users = clean_sandbox.genesys.notifications.users
+
+    async def scenario() -> None:
+        cfg = config(templates=["v2.users.{user}.conversations"], queue_refresh_seconds=0.2)
+        async with running(clean_sandbox, store, cfg) as consumer:
+            assert consumer.stats.topics == 150  # two pages; the inactive users are not
+            control(clean_sandbox, "notifications/users", [{"id": "u-new", "name": "New"}])
+            await poll(lambda: sandbox_state(clean_sandbox)["topics"] == 151, "the new user")
+            assert await asyncio.to_thread(control, clean_sandbox, "notifications/publish", {
+                "topic": "v2.users.u-new.conversations", "body": snapshot("of-new-user")}) == {
+                "delivered": 1}
+            await poll(lambda: inbox_keys(store) == [ended_dedupe_key("of-new-user")], "row")
+            inactive = next(u["id"] for u in users if u["state"] == "inactive")
+            assert (await asyncio.to_thread(control, clean_sandbox, "notifications/publish", {
+                "topic": f"v2.users.{inactive}.conversations", "body": snapshot("x")}))[
+                "delivered"] == 0
 
     asyncio.run(scenario())
 

@@ -1,5 +1,6 @@
-"""`cxrelay serve` with CXRELAY_NOTIFICATION_TOPICS: the consumer runs beside the receiver, in
-its own process, and a restart resumes without losing or duplicating a conversation."""
+"""`cxrelay serve` with a notification source in the pipeline file (and nothing else): the
+consumer runs beside the receiver, in its own process, the dispatcher fills its gaps in Prefect,
+and a restart resumes without losing or duplicating a conversation."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import pytest
 from cxrelay.app.supervise import free_port, stop, wait_until
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
+from cxrelay.settings import DEFAULT_PIPELINE
 from cxrelay.store.database import Store
 from tests.test_listener import control, ended_dedupe_key, queues, sandbox_state, snapshot
 
 
 def start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "cxrelay", "serve", "--no-dispatcher", "--port", str(port)],
+        [sys.executable, "-m", "cxrelay", "serve", "--port", str(port)],
         env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
     assert wait_until(lambda: process.poll() is not None or _healthy(port), 60), log.read_text()
     assert process.poll() is None, log.read_text()[-2000:]
@@ -47,16 +49,20 @@ def keys(store: Store) -> list[str]:
 
 @pytest.mark.e2e
 def test_serve_runs_the_consumer_and_a_restart_resumes_without_duplicates(
-        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+        tmp_path: Path, clean_sandbox: Sandbox, prefect_api: str) -> None:
     (queue_id,) = queues(clean_sandbox, 1)
     control(clean_sandbox, "notifications/settings", {"heartbeat_seconds": 0.5})
     url = f"sqlite:///{tmp_path / 'cxrelay.db'}"
+    # The source in the pipeline file only: no CXRELAY_NOTIFICATION_* variable is set.
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(DEFAULT_PIPELINE.read_text() + "\nnotifications:\n"
+                        "  topics: ['v2.routing.queues.{queue}.conversations']\n"
+                        "  heartbeat_seconds: 0.5\n  gap_fill_delay_seconds: 0\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXRELAY_")}
     env.update(clean_sandbox.environment())
-    env.update({"CXRELAY_DATABASE_URL": url,
-                "CXRELAY_NOTIFICATION_TOPICS": "v2.routing.queues.{queue}.conversations",
-                "CXRELAY_NOTIFICATION_HEARTBEAT_SECONDS": "0.5",
-                "CXRELAY_NOTIFICATION_GAP_FILL_DELAY_SECONDS": "0"})
+    env.update({"CXRELAY_DATABASE_URL": url, "CXRELAY_PIPELINE": str(pipeline),
+                "CXRELAY_NOTIFICATION_GAP_CHECK_SECONDS": "0.2",
+                "PREFECT_API_URL": prefect_api})
     port = free_port()
     log = tmp_path / "serve.log"
     store = Store(url)
@@ -80,7 +86,8 @@ def test_serve_runs_the_consumer_and_a_restart_resumes_without_duplicates(
 
     # While nothing listens a conversation ends: Genesys sends it to no one.
     httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations", json=[
-        sample_conversation("while-down", ended=datetime.now(timezone.utc))]).raise_for_status()
+        sample_conversation("while-down", ended=datetime.now(timezone.utc), queue_id=queue_id),
+    ]).raise_for_status()
     assert publish(clean_sandbox, queue_id, "while-down") == 0
 
     process = start(env, port, log)

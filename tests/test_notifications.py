@@ -19,8 +19,10 @@ from cxrelay.core.notifications import (
     ended_within,
     expand_topics,
     gap_fill_event,
+    gap_scope,
     parse_templates,
     reshard,
+    scope_segment_filters,
     shard,
 )
 from tests.conftest import sample
@@ -41,6 +43,31 @@ def test_templates_expand_queue_placeholder_per_queue_and_keep_others() -> None:
     # A repeated template or queue id subscribes once.
     assert expand_topics([QUEUE_TEMPLATE, QUEUE_TEMPLATE], ["q1", "q1"]) == [
         "v2.routing.queues.q1.conversations"]
+
+
+def test_user_placeholder_expands_per_user_beside_queues() -> None:
+    templates = [QUEUE_TEMPLATE, "v2.users.{user}.conversations"]
+    assert expand_topics(templates, ["q1"], ["u1", "u2"]) == [
+        "v2.routing.queues.q1.conversations", "v2.users.u1.conversations",
+        "v2.users.u2.conversations"]
+    assert expand_topics(["v2.users.{user}.conversations"], ["q1"]) == []  # no users yet
+
+
+def test_a_gap_scope_names_the_queues_and_users_of_its_topics() -> None:
+    topics = ["v2.routing.queues.q1.conversations", "v2.users.u1.conversations",
+              "v2.routing.queues.q1.conversations", "v2.system.something", "channel.metadata"]
+    assert gap_scope(topics) == {"queues": ["q1"], "users": ["u1"]}
+    assert gap_scope([]) == {"queues": [], "users": []}
+
+
+def test_scope_filters_are_the_analytics_segment_filter_shape_in_bounded_queries() -> None:
+    (query,) = scope_segment_filters({"queues": ["q1"], "users": ["u1"]})
+    assert query == [{"type": "or", "predicates": [
+        {"type": "dimension", "dimension": "queueId", "operator": "matches", "value": "q1"},
+        {"type": "dimension", "dimension": "userId", "operator": "matches", "value": "u1"}]}]
+    queries = scope_segment_filters({"queues": [f"q{i}" for i in range(250)], "users": []})
+    assert [len(q[0]["predicates"]) for q in queries] == [100, 100, 50]
+    assert scope_segment_filters({"queues": [], "users": []}) == []  # nothing to ask about
 
 
 def test_1200_topics_make_two_channels_of_at_most_1000() -> None:

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from cxrelay.core.errors import ConfigError
 from cxrelay.core.pipeline import PipelineError, SalesforceTargetConfig, parse_pipeline
-from cxrelay.settings import DEFAULT_PIPELINE
+from cxrelay.settings import DEFAULT_PIPELINE, Settings
 
 
 def test_default_pipeline_is_valid() -> None:
@@ -54,3 +58,40 @@ def test_shorthand_template_fields() -> None:
     pipeline = parse_pipeline("targets:\n  - name: h\n    type: http\n    url: http://x\n"
                               "    body:\n      id: '{{ conversation_id }}'\n")
     assert pipeline.targets[0].body["id"].template == "{{ conversation_id }}"
+
+
+def notification_settings(tmp_path: Path, section: str, **env: Any) -> Settings:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(DEFAULT_PIPELINE.read_text() + section)
+    return Settings(pipeline=str(path), **env)
+
+
+def test_the_notification_source_from_the_pipeline_file(tmp_path: Path) -> None:
+    section = ("\nnotifications:\n  topics:\n    - 'v2.users.{user}.conversations'\n"
+               "  heartbeat_seconds: 10\n  gap_lookback_seconds: 600\n")
+    source = notification_settings(tmp_path, section).notification_source
+    assert source is not None
+    assert (source.templates, source.heartbeat_seconds, source.gap_lookback_seconds,
+            source.queue_refresh_seconds) == (["v2.users.{user}.conversations"], 10, 600, 300)
+    # A CXRELAY_NOTIFICATION_* number that is set wins over the pipeline's.
+    source = notification_settings(tmp_path, section,
+                                   notification_heartbeat_seconds=5).notification_source
+    assert source is not None and source.heartbeat_seconds == 5
+    assert Settings(pipeline=str(tmp_path / "pipeline.yaml"),
+                    notification_topics="").notification_source is not None
+    assert Settings().notification_source is None  # neither: no consumer
+
+
+def test_topics_in_both_places_are_a_config_error(tmp_path: Path) -> None:
+    section = "\nnotifications:\n  topics: ['v2.routing.queues.{queue}.conversations']\n"
+    settings = notification_settings(tmp_path, section,
+                                     notification_topics="v2.users.{user}.conversations")
+    with pytest.raises(ConfigError, match="set twice.*keep one"):
+        _ = settings.notification_source
+
+
+def test_a_notification_section_without_topics_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("settle_seconds: 0\nnotifications:\n  topics: []\n")
+    with pytest.raises(PipelineError, match=r"pipeline.yaml:3: notifications.topics"):
+        _ = Settings(pipeline=str(path)).notification_source

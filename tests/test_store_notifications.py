@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -47,3 +48,30 @@ def test_consumer_status_keeps_the_cursor_when_none_is_given(any_store: Store) -
     store.save_consumer_status("n", T0 + timedelta(seconds=3), channels=2, topics=1200,
                                open_sockets=2, reconnects=1)
     assert store.cursor("n") == T0 + timedelta(seconds=3)
+
+
+def test_a_gap_is_claimed_by_one_filler_and_reported_by_its_holder(any_store: Store) -> None:
+    store = any_store
+    scope = {"queues": ["q-1"], "users": ["u-1"]}
+    due = store.open_gap("n", "shard-0", T0, "closed", scope)
+    store.close_gaps("n", "shard-0", T0 + timedelta(seconds=10))
+    store.open_gap("n", "shard-1", T0, "still open")  # open: not due
+    late = store.open_gap("n", "shard-2", T0, "closed late")
+    store.close_gaps("n", "shard-2", T0 + timedelta(hours=1))  # ended after `ended_before`
+    before = T0 + timedelta(minutes=1)
+    (claimed,) = store.claim_gaps("a", before, lease_seconds=60)
+    assert (claimed.id, claimed.status, claimed.claimed_by) == (due, "filling", "a")
+    assert claimed.scope is not None and json.loads(claimed.scope) == scope
+    assert store.claim_gaps("b", before, lease_seconds=60) == []  # a holds it
+    assert not store.mark_gap_filled(due, found=1, queued=1, worker="b")
+    # a's fill failed: it gives the gap back. b's claim then runs out (b crashed): a takes
+    # the gap over, and b can no longer report it.
+    assert store.release_gap(due, "a")
+    assert [g.id for g in store.claim_gaps("b", before, lease_seconds=-1)] == [due]
+    assert [g.id for g in store.claim_gaps("a", before, lease_seconds=60)] == [due]
+    assert not store.mark_gap_filled(due, found=1, queued=1, worker="b")
+    assert store.mark_gap_filled(due, found=2, queued=1, worker="a")
+    assert not store.mark_gap_filled(due, found=2, queued=1, worker="a")  # once
+    assert store.claim_gaps("b", T0 + timedelta(days=1), lease_seconds=60)[0].id == late
+    assert store.release_gap(late, "b") and store.gap_counts() == {
+        "open": 1, "closed": 1, "filled": 1}

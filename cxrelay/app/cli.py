@@ -52,11 +52,12 @@ def serve(
     try:
         settings = load_settings()
         sources = build_sources(settings.pipeline_config, os.environ)
+        listening = settings.notification_source is not None
     except CxrelayError as exc:
         fail(str(exc), 2)
-    if not sources and not settings.notification_topics:
+    if not sources and not listening:
         fail("no webhook source is enabled: set CXRELAY_WEBHOOK_SECRET (or another source's "
-              "secret variable named in the pipeline file)", 2)
+              "secret variable named in the pipeline file), or notification topics", 2)
     if workers == 1 or reuse_port:
         sock = listen(host, port, reuse_port or workers > 1)
     Store(settings.database_url, synchronous=settings.sqlite_synchronous).close()  # create tables
@@ -73,7 +74,7 @@ def serve(
     if dispatching:
         children.append(subprocess.Popen([sys.executable, "-m", "cxrelay", "dispatch",
                                           "--parent-pid", str(os.getpid())], env=environment))
-    if settings.notification_topics and not reuse_port:
+    if listening and not reuse_port:
         children.append(subprocess.Popen([sys.executable, "-m", "cxrelay", "listen",
                                           "--parent-pid", str(os.getpid())]))
     if not reuse_port:
@@ -254,8 +255,9 @@ def demo(
 def listen(
     parent_pid: int | None = typer.Option(None, help="exit when this process is gone"),
 ) -> None:
-    """Listen to the Genesys Notification API (CXRELAY_NOTIFICATION_TOPICS) over WebSocket and
-    queue every conversation that ends; fill the gaps of lost sockets from the analytics API."""
+    """Listen to the Genesys Notification API (CXRELAY_NOTIFICATION_TOPICS, or `notifications`
+    in the pipeline file) over WebSocket and queue every conversation that ends; record the
+    gaps of lost sockets, which the dispatcher fills from the analytics API."""
     from cxrelay.listener.main import run_listener
 
     log_to_stderr("cxrelay.listener")

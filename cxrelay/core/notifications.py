@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
@@ -22,6 +23,10 @@ from cxrelay.core.backfill import backfill_event
 
 MAX_TOPICS_PER_CHANNEL = 1000
 QUEUE_PLACEHOLDER = "{queue}"
+USER_PLACEHOLDER = "{user}"
+# Predicates per analytics query when a gap-fill names queues and users one by one: the public
+# docs state no limit, and a bounded query keeps each one cheap for Genesys.
+MAX_SCOPE_PREDICATES = 100
 HEARTBEAT_TOPIC = "channel.metadata"
 SOCKET_CLOSING_TOPIC = "v2.system.socket_closing"
 
@@ -30,6 +35,17 @@ MEDIA_KINDS = ("calls", "callbacks", "chats", "cobrowsesessions", "emails", "mes
                "screenshares", "socialExpressions", "videos")
 ENDED_MEDIA_STATES = frozenset({"disconnected", "terminated"})
 SNAPSHOT_TOPIC = re.compile(r"^v2\.(?:routing\.queues|users)\.([^.]+)\.conversations$")
+
+
+@dataclass(frozen=True)
+class NotificationSource:
+    """The consumer's configuration, wherever it was written (environment or pipeline file)."""
+
+    templates: list[str]
+    heartbeat_seconds: float
+    queue_refresh_seconds: float
+    gap_lookback_seconds: float
+    gap_fill_delay_seconds: float
 
 
 class MessageKind(Enum):
@@ -48,16 +64,48 @@ def needs_queues(templates: Iterable[str]) -> bool:
     return any(QUEUE_PLACEHOLDER in template for template in templates)
 
 
-def expand_topics(templates: Sequence[str], queue_ids: Sequence[str]) -> list[str]:
-    """Every topic the templates name: `{queue}` once per routing queue; order kept, no repeats."""
+def needs_users(templates: Iterable[str]) -> bool:
+    return any(USER_PLACEHOLDER in template for template in templates)
+
+
+def expand_topics(templates: Sequence[str], queue_ids: Sequence[str],
+                  user_ids: Sequence[str] = ()) -> list[str]:
+    """Every topic the templates name: `{queue}` once per routing queue, `{user}` once per
+    active user; order kept, no repeats."""
     topics: dict[str, None] = {}
     for template in templates:
-        if QUEUE_PLACEHOLDER in template:
-            for queue_id in queue_ids:
-                topics[template.replace(QUEUE_PLACEHOLDER, queue_id)] = None
-        else:
-            topics[template] = None
+        expanded = [template]
+        for placeholder, ids in ((QUEUE_PLACEHOLDER, queue_ids), (USER_PLACEHOLDER, user_ids)):
+            if placeholder in template:
+                expanded = [topic.replace(placeholder, id_) for topic in expanded for id_ in ids]
+        topics.update(dict.fromkeys(expanded))
     return list(topics)
+
+
+def gap_scope(topics: Iterable[str]) -> dict[str, list[str]]:
+    """The queues and users whose conversation topics a channel held: what a gap in it lost,
+    so what its gap-fill asks the analytics API about. Other topics are not conversations the
+    analytics API can fill."""
+    scope: dict[str, dict[str, None]] = {"queues": {}, "users": {}}
+    for topic in topics:
+        found = SNAPSHOT_TOPIC.match(topic)
+        if found:
+            kind = "queues" if topic.startswith("v2.routing.queues.") else "users"
+            scope[kind][found.group(1)] = None
+    return {kind: list(ids) for kind, ids in scope.items()}
+
+
+def scope_segment_filters(scope: dict[str, list[str]], size: int = MAX_SCOPE_PREDICATES
+                          ) -> list[list[dict[str, Any]]]:
+    """The `segmentFilters` of each analytics details query a gap-fill makes: conversations
+    with a segment in one of the scope's queues or of one of its users, at most `size`
+    predicates a query. No queue and no user: no query."""
+    predicates = [{"type": "dimension", "dimension": dimension, "operator": "matches",
+                   "value": id_}
+                  for dimension, kind in (("queueId", "queues"), ("userId", "users"))
+                  for id_ in scope.get(kind) or []]
+    return [[{"type": "or", "predicates": predicates[start:start + size]}]
+            for start in range(0, len(predicates), size)]
 
 
 def shard(topics: Sequence[str], size: int = MAX_TOPICS_PER_CHANNEL) -> list[list[str]]:

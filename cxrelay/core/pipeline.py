@@ -124,6 +124,27 @@ class HttpTargetConfig(_TargetBase):
     body: Fields = Field(default_factory=dict)
 
 
+class NotificationsConfig(_Strict):
+    """The Notification API source (`cxrelay listen`, run by `cxrelay serve`): the pipeline
+    file's alternative to CXRELAY_NOTIFICATION_TOPICS. Unset numbers take the environment's
+    CXRELAY_NOTIFICATION_* value (or its default); a variable that is set wins over them."""
+
+    topics: list[str] = Field(min_length=1, description="topic templates; {queue}: every "
+                              "routing queue, {user}: every active user")
+    heartbeat_seconds: float | None = Field(default=None, gt=0)
+    queue_refresh_seconds: float | None = Field(default=None, gt=0)
+    gap_lookback_seconds: float | None = Field(default=None, ge=0)
+    gap_fill_delay_seconds: float | None = Field(default=None, ge=0)
+
+    @field_validator("topics")
+    @classmethod
+    def _not_blank(cls, topics: list[str]) -> list[str]:
+        cleaned = [topic.strip() for topic in topics]
+        if not all(cleaned):
+            raise ValueError("a topic is blank")
+        return cleaned
+
+
 TargetConfig = Annotated[
     SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig, Field(discriminator="type")
 ]
@@ -139,6 +160,7 @@ class Pipeline(_Strict):
     # are merged (core.ordering.merge_events) and delivered once. CXRELAY_SETTLE_SECONDS
     # overrides it.
     settle_seconds: float = Field(default=0, ge=0, le=3600)
+    notifications: NotificationsConfig | None = None
 
     @field_validator("targets", "sources")
     @classmethod

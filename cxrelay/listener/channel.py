@@ -24,7 +24,7 @@ from cxrelay.connectors.genesys_notifications import (
     SocketClosed,
 )
 from cxrelay.core.errors import CxrelayError
-from cxrelay.core.notifications import MessageKind, backoff_delay
+from cxrelay.core.notifications import MessageKind, backoff_delay, gap_scope
 
 if TYPE_CHECKING:
     from cxrelay.listener.consumer import NotificationConsumer
@@ -73,7 +73,7 @@ class ChannelRunner:
             if not gap_open:
                 started = self.last_message_at or utcnow()
                 await asyncio.to_thread(self.consumer.store.open_gap, self.consumer.config.consumer,
-                                        self.name, started, reason)
+                                        self.name, started, reason, gap_scope(self.topics))
                 self.consumer.stats.gaps_opened += 1
                 gap_open = True
                 log.warning("notification %s: no live socket since %s (%s)", self.name,

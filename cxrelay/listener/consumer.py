@@ -1,9 +1,9 @@
 """The notification consumer: Genesys conversation snapshots over WebSocket into the inbox.
 
 One `ChannelRunner` per channel (≤ 1,000 topics each; see `channel`). The consumer lists the
-topics, refreshes the queue list so new queues are subscribed, fills closed gaps from the
-analytics API (`gapfill`), saves its status (the cursor a restart starts its gap from), and
-handles every message its runners read.
+topics, refreshes the queue and user lists so new ones are subscribed, saves its status (the
+cursor a restart starts its gap from), and handles every message its runners read. The gaps it
+records are filled by the dispatcher (`gapfill`, run in a Prefect flow run per gap).
 
 Events enter the inbox as the receiver's do: the same normaliser, `inbox_row`, dedupe key and
 quarantine. Only ended snapshots are queued; the others only prove the socket is alive.
@@ -14,16 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 
 from cxrelay.connectors.genesys_notifications import Message, NotificationsClient
 from cxrelay.core.envelope import normalise
 from cxrelay.core.errors import CxrelayError, EnvelopeError
-from cxrelay.core.notifications import MessageKind, classify, expand_topics, needs_queues, reshard
+from cxrelay.core.notifications import (
+    MessageKind,
+    classify,
+    expand_topics,
+    gap_scope,
+    needs_queues,
+    needs_users,
+    reshard,
+)
 from cxrelay.listener.channel import ChannelRunner, utcnow
-from cxrelay.listener.gapfill import GapFilled, fill_closed_gaps
 from cxrelay.store.database import Store
 from cxrelay.store.inbox import inbox_row
 
@@ -42,10 +49,6 @@ class ConsumerConfig:
     queue_refresh_seconds: float = 300.0
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
-    gap_lookback_seconds: float = 3600.0
-    gap_margin_seconds: float = 5.0
-    gap_fill_delay_seconds: float = 60.0
-    gap_fill_interval_seconds: float = 5.0
     cursor_interval_seconds: float = 5.0
 
 
@@ -58,15 +61,12 @@ class ConsumerStats:
     reconnects: int = 0
     replacements: int = 0
     gaps_opened: int = 0
-    gaps_filled: int = 0
-    gap_fill_queued: int = 0
     snapshots: int = 0
     ended: int = 0
     queued: int = 0
     duplicates: int = 0
     quarantined: int = 0
     last_message: float | None = None  # monotonic
-    filled: list[GapFilled] = field(default_factory=list)
 
     def last_message_age(self) -> float | None:
         return None if self.last_message is None else time.monotonic() - self.last_message
@@ -82,8 +82,10 @@ class NotificationConsumer:
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def topics(self) -> list[str]:
-        queues = await self.client.queue_ids() if needs_queues(self.config.templates) else []
-        return expand_topics(self.config.templates, queues)
+        templates = self.config.templates
+        queues = await self.client.queue_ids() if needs_queues(templates) else []
+        users = await self.client.user_ids() if needs_users(templates) else []
+        return expand_topics(templates, queues, users)
 
     async def handle(self, message: Message) -> MessageKind:
         """Queue what a message says, if it is an ended conversation; its kind."""
@@ -137,29 +139,6 @@ class NotificationConsumer:
             except Exception as exc:  # the current topics stay subscribed
                 log.warning("notification topics not refreshed: %s: %s", type(exc).__name__, exc)
 
-    async def _fill(self) -> None:
-        config = self.config
-        while True:
-            try:
-                filled = await fill_closed_gaps(
-                    self.client.genesys, self.store, config.consumer,
-                    timedelta(seconds=config.gap_lookback_seconds),
-                    timedelta(seconds=config.gap_margin_seconds),
-                    timedelta(seconds=config.gap_fill_delay_seconds))
-            except CxrelayError as exc:
-                log.warning("notification gaps not filled yet: %s", exc)
-                filled = []
-            except Exception:  # the database, most likely: the gaps stay closed, tried again
-                log.exception("notification gaps not filled yet")
-                filled = []
-            for gap in filled:
-                self.stats.gaps_filled += 1
-                self.stats.gap_fill_queued += gap.queued
-                self.stats.filled.append(gap)
-                log.info("notification gap %d (%s, %s) filled: %d ended, %d queued", gap.gap_id,
-                         gap.channel, gap.interval, gap.found, gap.queued)
-            await asyncio.sleep(config.gap_fill_interval_seconds)
-
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(self.config.cursor_interval_seconds)
@@ -181,8 +160,9 @@ class NotificationConsumer:
 
     async def _restart_gap(self, started: datetime) -> None:
         """A previous run heard Genesys last at `started`: one gap until every runner is live."""
+        topics = [topic for runner in self.runners for topic in runner.topics]
         gap = await asyncio.to_thread(self.store.open_gap, self.config.consumer, RESTART,
-                                      started, "consumer not running")
+                                      started, "consumer not running", gap_scope(topics))
         self.stats.gaps_opened += 1
         await asyncio.gather(*(runner.connected_once.wait() for runner in self.runners))
         await asyncio.to_thread(self.store.close_gaps, self.config.consumer, RESTART, utcnow())
@@ -201,7 +181,7 @@ class NotificationConsumer:
                 await asyncio.sleep(self.config.backoff_max_seconds / 10)
         await self._apply(topics)
         helpers = [asyncio.create_task(coroutine) for coroutine in (
-            self._refresh(), self._fill(), self._report(),
+            self._refresh(), self._report(),
             *([self._restart_gap(cursor)] if cursor else []))]
         log.info("notification consumer: %d topic(s) on %d channel(s)", len(topics),
                  len(self.runners))

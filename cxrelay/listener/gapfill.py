@@ -1,9 +1,14 @@
-"""Fill the notification gaps: ask the analytics API which conversations ended while a channel
+"""Fill one notification gap: ask the analytics API which conversations ended while a channel
 had no live socket, and queue each of them in the inbox under the same dedupe key an ended
 snapshot gets, so a conversation seen both ways is queued once.
 
-The analytics details query matches conversations by their start, so the query looks back
-`lookback` before the gap for conversations that started earlier and ended inside it.
+The query asks only about the queues and users whose conversation topics the channel held
+(`segmentFilters`), so a gap never delivers a conversation of a queue nobody subscribed to.
+The analytics details query matches conversations by their start, so it looks back `lookback`
+before the gap for conversations that started earlier and ended inside it.
+
+No Prefect here: the dispatcher claims each gap and runs this in a flow run of its own
+(`cxrelay.flows.notification_gaps`), which records what it found.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import asyncio
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.core.envelope import normalise
-from cxrelay.core.notifications import ended_within, gap_fill_event
+from cxrelay.core.notifications import ended_within, gap_fill_event, scope_segment_filters
 from cxrelay.store.database import Store
 from cxrelay.store.inbox import inbox_row
 from cxrelay.store.models import NotificationGap
@@ -32,6 +38,7 @@ class GapFilled:
     interval: str
     found: int
     queued: int
+    conversations: tuple[str, ...] = ()  # the ids queued
 
 
 def iso(moment: datetime) -> str:
@@ -39,33 +46,33 @@ def iso(moment: datetime) -> str:
         "+00:00", "Z")
 
 
+def segment_filter_sets(gap: NotificationGap) -> list[list[dict[str, Any]] | None]:
+    """One entry per analytics query: its `segmentFilters` (None: unfiltered, for gaps
+    recorded before their scope was)."""
+    if not gap.scope:
+        return [None]
+    return list(scope_segment_filters(json.loads(gap.scope)))
+
+
 async def fill_gap(genesys: GenesysClient, store: Store, gap: NotificationGap,
                    lookback: timedelta, margin: timedelta) -> GapFilled:
+    """Queue every conversation of the gap's scope that ended inside it; marks nothing."""
     assert gap.id is not None and gap.ended_at is not None
     start, end = gap.started_at - margin, gap.ended_at + margin
     now = datetime.now(timezone.utc)
-    found = []
-    async for conversation in genesys.ended_conversations(iso(gap.started_at - lookback),
-                                                          iso(min(end, now))):
-        if ended_within(conversation, start, end):
-            found.append(conversation)
+    found: dict[str, dict[str, Any]] = {}
+    for filters in segment_filter_sets(gap):
+        async for conversation in genesys.ended_conversations(
+                iso(gap.started_at - lookback), iso(min(end, now)), segment_filters=filters):
+            if ended_within(conversation, start, end):
+                found[conversation["conversationId"]] = conversation  # in several queries
     rows = []
-    for conversation in found:
+    for conversation in found.values():
         payload = gap_fill_event(conversation)
         body = json.dumps(payload, separators=(",", ":")).encode()
         rows.append(inbox_row(normalise(payload, SOURCE, body), SOURCE, body))
     inserted = await asyncio.to_thread(store.insert_events, rows) if rows else []
-    queued = sum(1 for new in inserted if new is not None)
-    await asyncio.to_thread(store.mark_gap_filled, gap.id, len(found), queued)
-    return GapFilled(gap.id, gap.channel, f"{iso(start)}/{iso(end)}", len(found), queued)
-
-
-async def fill_closed_gaps(genesys: GenesysClient, store: Store, consumer: str,
-                           lookback: timedelta, margin: timedelta, delay: timedelta
-                           ) -> list[GapFilled]:
-    """Every closed gap of `consumer` that ended at least `delay` ago (the analytics API
-    needs a moment to know about a conversation), filled."""
-    now = datetime.now(timezone.utc)
-    gaps = await asyncio.to_thread(store.gaps, consumer, "closed")
-    return [await fill_gap(genesys, store, gap, lookback, margin) for gap in gaps
-            if gap.ended_at is not None and gap.ended_at + delay <= now]
+    queued = tuple(row["conversation_id"] for row, new in zip(rows, inserted, strict=True)
+                   if new is not None)
+    return GapFilled(gap.id, gap.channel, f"{iso(start)}/{iso(end)}", len(found), len(queued),
+                     queued)

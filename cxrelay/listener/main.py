@@ -7,22 +7,20 @@ import asyncio
 from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.connectors.genesys_notifications import NotificationsClient
 from cxrelay.core.errors import ConfigError
-from cxrelay.core.notifications import parse_templates
 from cxrelay.listener.consumer import ConsumerConfig, NotificationConsumer
 from cxrelay.settings import Settings, require
 from cxrelay.store.database import Store
 
 
 def consumer_config(settings: Settings) -> ConsumerConfig:
-    templates = parse_templates(settings.notification_topics)
-    if not templates:
-        raise ConfigError("CXRELAY_NOTIFICATION_TOPICS names no topic")
+    source = settings.notification_source
+    if source is None:
+        raise ConfigError("no notification topic: set CXRELAY_NOTIFICATION_TOPICS or "
+                          "`notifications.topics` in the pipeline file")
     return ConsumerConfig(
-        templates=templates,
-        heartbeat_seconds=settings.notification_heartbeat_seconds,
-        queue_refresh_seconds=settings.notification_queue_refresh_seconds,
-        gap_lookback_seconds=settings.notification_gap_lookback_seconds,
-        gap_fill_delay_seconds=settings.notification_gap_fill_delay_seconds,
+        templates=source.templates,
+        heartbeat_seconds=source.heartbeat_seconds,
+        queue_refresh_seconds=source.queue_refresh_seconds,
     )
 
 

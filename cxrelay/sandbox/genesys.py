@@ -1,5 +1,10 @@
 """Genesys Cloud emulator: the login host's client-credentials grant and the API host's
-conversation and analytics endpoints, with Genesys's error bodies and rate-limit answers."""
+conversation and analytics endpoints, with Genesys's error bodies and rate-limit answers.
+
+The analytics details query honours `segmentFilters` as the public docs describe them: each
+filter `{type: and|or, predicates, clauses}` must hold for some segment of a conversation,
+predicates are dimension predicates (`queueId`, `userId`, `purpose`, `mediaType`, …) with the
+operators `matches` (the default), `exists` and `notExists`; anything else is a 400."""
 
 from __future__ import annotations
 
@@ -38,12 +43,18 @@ def analytics_view(conversation: dict[str, Any]) -> dict[str, Any]:
     """A conversation as the analytics details query returns it."""
     participants = []
     for participant in conversation.get("participants", []):
-        participants.append({
+        segment: dict[str, Any] = {"segmentType": "interact"}
+        if participant.get("queueId"):
+            segment["queueId"] = participant["queueId"]
+        view_participant = {
             "participantId": participant.get("id"),
             "purpose": participant.get("purpose"),
             "sessions": [{"mediaType": "voice", "ani": participant.get("ani"),
-                          "dnis": participant.get("dnis")}],
-        })
+                          "dnis": participant.get("dnis"), "segments": [segment]}],
+        }
+        if participant.get("userId"):
+            view_participant["userId"] = participant["userId"]
+        participants.append(view_participant)
     view = {
         "conversationId": conversation["id"],
         "conversationStart": conversation.get("startTime"),
@@ -53,6 +64,67 @@ def analytics_view(conversation: dict[str, Any]) -> dict[str, Any]:
     if conversation.get("endTime"):
         view["conversationEnd"] = conversation["endTime"]
     return view
+
+
+PREDICATE_OPERATORS = ("matches", "exists", "notExists")
+
+
+def _segments(view: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every segment of an analytics conversation with the dimensions a segment filter sees:
+    the segment's own (queueId, segmentType), its session's (mediaType) and its
+    participant's (userId, purpose)."""
+    found = []
+    for participant in view.get("participants", []):
+        for session in participant.get("sessions", []):
+            for segment in session.get("segments", []):
+                found.append({"userId": participant.get("userId"),
+                              "purpose": participant.get("purpose"),
+                              "mediaType": session.get("mediaType"), **segment})
+    return found
+
+
+def filter_problem(spec: Any) -> str | None:
+    """Why a detail query filter (`{type: and|or, predicates, clauses}`) is malformed."""
+    if not isinstance(spec, dict) or spec.get("type") not in ("and", "or"):
+        return "a filter needs type 'and' or 'or'"
+    if not spec.get("predicates") and not spec.get("clauses"):
+        return "a filter needs predicates or clauses"
+    for predicate in spec.get("predicates") or []:
+        operator = predicate.get("operator", "matches")
+        if operator not in PREDICATE_OPERATORS:
+            return f"operator is one of {', '.join(PREDICATE_OPERATORS)}"
+        if predicate.get("type", "dimension") != "dimension" or not predicate.get("dimension"):
+            return "this emulator knows dimension predicates only"
+        if operator == "matches" and predicate.get("value") is None:
+            return "a matches predicate needs a value"
+    for clause in spec.get("clauses") or []:
+        problem = filter_problem(clause)
+        if problem:
+            return problem
+    return None
+
+
+def _holds(predicate: dict[str, Any], segment: dict[str, Any]) -> bool:
+    value = segment.get(predicate["dimension"])
+    operator = predicate.get("operator", "matches")
+    if operator == "exists":
+        return value is not None
+    if operator == "notExists":
+        return value is None
+    return value is not None and str(value) == str(predicate["value"])
+
+
+def _segment_matches(spec: dict[str, Any], segment: dict[str, Any]) -> bool:
+    results = [_holds(p, segment) for p in spec.get("predicates") or []]
+    results += [_segment_matches(c, segment) for c in spec.get("clauses") or []]
+    return all(results) if spec["type"] == "and" else any(results)
+
+
+def matches_segment_filters(view: dict[str, Any], filters: list[dict[str, Any]]) -> bool:
+    """Every segment filter holds for some segment of the conversation (the filters of a
+    query are combined with 'and', each on its own)."""
+    segments = _segments(view)
+    return all(any(_segment_matches(spec, segment) for segment in segments) for spec in filters)
 
 
 class GenesysEmulator(Emulator):
@@ -168,17 +240,25 @@ class GenesysEmulator(Emulator):
             start, end = (_parse(part) for part in payload["interval"].split("/", 1))
         except ValueError:
             return genesys_error(400, "bad.request", "interval is not ISO 8601 start/end")
+        segment_filters = payload.get("segmentFilters") or []
+        if not isinstance(segment_filters, list):
+            return genesys_error(400, "bad.request", "segmentFilters is a list of filters")
+        for spec in segment_filters:
+            problem = filter_problem(spec)
+            if problem:
+                return genesys_error(400, "bad.request", f"segmentFilters: {problem}")
         paging = payload.get("paging") or {}
         size = max(1, min(int(paging.get("pageSize", 25)), 100))
         number = max(1, int(paging.get("pageNumber", 1)))
         with self.lock:
-            found = [c for c in self.conversations.values() if c.get("endTime")
+            found = [analytics_view(c) for c in self.conversations.values() if c.get("endTime")
                      and start <= _parse(c["endTime"]) < end]
-        found.sort(key=lambda c: (c.get("startTime") or "", c["id"]))
+        found = [view for view in found if matches_segment_filters(view, segment_filters)]
+        found.sort(key=lambda c: (c.get("conversationStart") or "", c["conversationId"]))
         page = found[(number - 1) * size: number * size]
         body: dict[str, Any] = {"totalHits": len(found)}
         if page:
-            body["conversations"] = [analytics_view(c) for c in page]
+            body["conversations"] = page
         return JSONResponse(body)
 
     # --- control ----------------------------------------------------------------------
@@ -208,7 +288,8 @@ class GenesysEmulator(Emulator):
 
 
 def sample_conversation(conversation_id: str, phone: str = "+15550001234",
-                        ended: datetime | None = None) -> dict[str, Any]:
+                        ended: datetime | None = None, queue_id: str = "q-support",
+                        user_id: str = "u-3b4c") -> dict[str, Any]:
     """A realistic completed voice conversation, for seeding the emulator."""
     end = ended or datetime.now(timezone.utc)
     start = end.timestamp() - 412
@@ -224,7 +305,7 @@ def sample_conversation(conversation_id: str, phone: str = "+15550001234",
              "purpose": "customer", "ani": f"tel:{phone}", "dnis": "tel:+18005550100",
              "attributes": {"caseRef": "CASE-" + conversation_id[:4]}},
             {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, conversation_id + "/agent")),
-             "purpose": "agent", "userId": "u-3b4c", "queueId": "q-support",
+             "purpose": "agent", "userId": user_id, "queueId": queue_id,
              "wrapup": {"code": "wc-resolved", "name": "Resolved", "notes": "Refund issued",
                         "durationSeconds": 35}},
         ],

@@ -6,13 +6,15 @@ channel WebSocket, written from the public docs (developer.genesys.cloud, "Notif
   first.
 - `PUT|GET /api/v2/notifications/channels/{id}/subscriptions`: more than 1,000 topics → 400.
 - `GET /api/v2/routing/queues`: paged (`pageSize`, `pageNumber` → `entities`, `pageCount`).
+- `GET /api/v2/users`: paged the same way; `state` (`active`, the default, `inactive`,
+  `deleted`, `any`) selects users by state.
 - The socket at `connectUri`: one per channel (a second connection closes the first), a
   `channel.metadata` heartbeat every `heartbeat_seconds`, `{"message": "ping"}` answered with a
   pong, `v2.system.socket_closing` before maintenance.
 
 Control, under `/__sandbox/notifications/`: `settings` (heartbeat, channel lifetime, `silent`:
 sockets stay open but send nothing, as a half-open connection does),
-`queues` (seed routing queues), `publish` (a topic's event to every subscribed socket),
+`queues` (seed routing queues), `users` (seed users), `publish` (a topic's event to every subscribed socket),
 `drop` (close every socket and refuse new ones for `seconds`), `closing` (announce maintenance
 and close every socket `after_seconds` later).
 """
@@ -40,6 +42,7 @@ MAX_TOPICS_PER_CHANNEL = 1000
 MAX_CHANNELS_PER_CLIENT = 20
 HEARTBEAT = {"topicName": "channel.metadata", "eventBody": {"message": "WebSocket Heartbeat"}}
 PONG = {"topicName": "channel.metadata", "eventBody": {"message": "pong"}}
+USER_STATES = ("active", "inactive", "deleted", "any")
 SOCKET_CLOSING = {"topicName": "v2.system.socket_closing",
                   "eventBody": {"message": "Socket is closing in 1 minute"}}
 
@@ -73,6 +76,7 @@ class NotificationService:
         self._error = error
         self.channels: dict[str, Channel] = {}
         self.queues: list[dict[str, Any]] = []
+        self.users: list[dict[str, Any]] = []
         self.heartbeat_seconds = 30.0
         self.channel_lifetime_seconds = 24 * 3600.0
         self.refuse_until = 0.0
@@ -90,9 +94,11 @@ class NotificationService:
             route("/api/v2/notifications/channels/{channel_id}/subscriptions",
                   self.get_subscriptions, ["GET"]),
             route("/api/v2/routing/queues", self.routing_queues, ["GET"]),
+            route("/api/v2/users", self.list_users, ["GET"]),
             WebSocketRoute("/channels/{channel_id}", self.socket),
             Route("/__sandbox/notifications/settings", self._settings, methods=["POST"]),
             Route("/__sandbox/notifications/queues", self._seed_queues, methods=["POST"]),
+            Route("/__sandbox/notifications/users", self._seed_users, methods=["POST"]),
             Route("/__sandbox/notifications/publish", self._publish, methods=["POST"]),
             Route("/__sandbox/notifications/drop", self._drop, methods=["POST"]),
             Route("/__sandbox/notifications/closing", self._closing, methods=["POST"]),
@@ -104,6 +110,7 @@ class NotificationService:
             self._close(channel)
         self.channels.clear()
         self.queues.clear()
+        self.users.clear()
         self.heartbeat_seconds = 30.0
         self.channel_lifetime_seconds = 24 * 3600.0
         self.refuse_until = 0.0
@@ -118,6 +125,7 @@ class NotificationService:
             "connections": self.connections,
             "refused": self.refused,
             "queues": len(self.queues),
+            "users": len(self.users),
         }
 
     # --- REST ---------------------------------------------------------------------------
@@ -189,6 +197,18 @@ class NotificationService:
         denied = self._authorize(request)
         if denied is not None:
             return denied
+        return self._page(request, self.queues)
+
+    async def list_users(self, request: Request, payload: Any) -> Response:
+        denied = self._authorize(request)
+        if denied is not None:
+            return denied
+        state = request.query_params.get("state", "active")
+        if state not in USER_STATES:
+            return self._error(400, "bad.request", f"state is one of {', '.join(USER_STATES)}")
+        return self._page(request, [u for u in self.users if state in ("any", u["state"])])
+
+    def _page(self, request: Request, items: list[dict[str, Any]]) -> Response:
         try:
             size = int(request.query_params.get("pageSize", 25))
             number = int(request.query_params.get("pageNumber", 1))
@@ -196,9 +216,9 @@ class NotificationService:
             return self._error(400, "bad.request", "pageSize and pageNumber are integers")
         if not 1 <= size <= 500 or number < 1:
             return self._error(400, "bad.request", "pageSize is 1..500, pageNumber ≥ 1")
-        total = len(self.queues)
+        total = len(items)
         return JSONResponse({
-            "entities": self.queues[(number - 1) * size: number * size],
+            "entities": items[(number - 1) * size: number * size],
             "pageSize": size, "pageNumber": number, "total": total,
             "pageCount": math.ceil(total / size),
         })
@@ -276,6 +296,17 @@ class NotificationService:
                     for i in range(int(spec.get("count", 0)))]
         self.queues.extend(spec)
         return JSONResponse({"queues": len(self.queues)}, status_code=201)
+
+    async def _seed_users(self, request: Request) -> Response:
+        """`{"count": 3, "state": "inactive"}` makes that many users (active by default); a list
+        of `{id, name, state}` adds those."""
+        spec = await request.json()
+        if isinstance(spec, dict):
+            spec = [{"id": str(uuid.uuid4()), "name": f"Agent {len(self.users) + i + 1}",
+                     "state": spec.get("state", "active")}
+                    for i in range(int(spec.get("count", 0)))]
+        self.users.extend({"state": "active", **user} for user in spec)
+        return JSONResponse({"users": len(self.users)}, status_code=201)
 
     async def _publish(self, request: Request) -> Response:
         """`{"topic", "body"}` (or `"bodies"`: several, in order): the events every socket

@@ -53,12 +53,21 @@ def _ledger_waiting_since(conn: Connection) -> None:
                       " WHERE waiting_since IS NOT NULL"))
 
 
+def _gap_scope_and_claims(conn: Connection) -> None:
+    # Gap-fill runs in the dispatcher's flow runs (issue 18): a gap is claimed by one of them,
+    # and asks only about the queues and users its channel was subscribed to.
+    _add_column(conn, "notification_gaps", "scope", "TEXT")
+    _add_column(conn, "notification_gaps", "claimed_by", "VARCHAR(128)")
+    _add_column(conn, "notification_gaps", "claimed_until", "TIMESTAMP")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "drop the full inbox conversation index", _drop_full_conversation_index),
     (2, "scope inbox dedupe keys by source", _scope_dedupe_keys_by_source),
     (3, "a table for the write probe of /readyz", _write_probe_table),
     (4, "ledger order keys (newest data wins)", _ledger_order_keys),
     (5, "ledger rows say since when they wait for a paused target", _ledger_waiting_since),
+    (6, "notification gaps: scope and claims", _gap_scope_and_claims),
 ]
 LATEST = MIGRATIONS[-1][0]
 

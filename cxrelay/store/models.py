@@ -153,10 +153,16 @@ class NotificationGap(SQLModel, table=True):
     started_at: datetime
     ended_at: datetime | None = None
     reason: str = Field(max_length=255)
-    status: str = Field(default="open", max_length=16)  # open | closed | filled
+    status: str = Field(default="open", max_length=16)  # open | closed | filling | filled
     found: int = 0
     queued: int = 0
     filled_at: datetime | None = None
+    # JSON {"queues": [...], "users": [...]}: whose conversation topics the channel held, so
+    # the gap-fill asks only about them. NULL (gaps recorded before it existed): everything.
+    scope: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # A gap being filled is claimed by one dispatcher until `claimed_until`.
+    claimed_by: str | None = Field(default=None, max_length=128)
+    claimed_until: datetime | None = None
 
 
 class NotificationConsumerStatus(SQLModel, table=True):

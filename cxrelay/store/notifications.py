@@ -3,9 +3,10 @@ cursor (when it last heard from Genesys). A mixin of `Store`."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import json
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from cxrelay.store.engine import Database
 from cxrelay.store.models import NotificationConsumerStatus, NotificationGap, utcnow
@@ -23,16 +24,20 @@ def _gap(row: object) -> NotificationGap:
     gap = NotificationGap(**dict(row._mapping))  # type: ignore[attr-defined]
     gap.started_at = aware(gap.started_at)
     gap.ended_at = aware(gap.ended_at) if gap.ended_at else None
+    gap.claimed_until = aware(gap.claimed_until) if gap.claimed_until else None
     return gap
 
 
 class NotificationQueries(Database):
-    def open_gap(self, consumer: str, channel: str, started_at: datetime, reason: str) -> int:
-        """Record that `channel` has had no live socket since `started_at`; its id."""
+    def open_gap(self, consumer: str, channel: str, started_at: datetime, reason: str,
+                 scope: dict[str, list[str]] | None = None) -> int:
+        """Record that `channel` has had no live socket since `started_at`; its id. `scope`:
+        the queues and users whose conversations it was subscribed to."""
         with self.transaction() as conn:
             return int(conn.execute(GAPS.insert().returning(GAPS.c.id), {
                 "consumer": consumer, "channel": channel, "started_at": started_at,
                 "reason": reason[:255], "status": "open", "found": 0, "queued": 0,
+                "scope": None if scope is None else json.dumps(scope, separators=(",", ":")),
             }).scalar_one())
 
     def close_gaps(self, consumer: str, channel: str, ended_at: datetime) -> int:
@@ -52,10 +57,51 @@ class NotificationQueries(Database):
         with self.engine.connect() as conn:
             return [_gap(row) for row in conn.execute(query)]
 
-    def mark_gap_filled(self, gap_id: int, found: int, queued: int) -> None:
+    def get_gap(self, gap_id: int) -> NotificationGap | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(GAPS).where(GAPS.c.id == gap_id)).first()
+        return _gap(row) if row is not None else None
+
+    def claim_gaps(self, worker: str, ended_before: datetime, lease_seconds: float,
+                   limit: int = 10) -> list[NotificationGap]:
+        """Closed gaps that ended before `ended_before` (and gaps whose filler's claim ran
+        out), each claimed for `worker` by a conditional update: of several dispatchers
+        asking at once, one gets each gap."""
+        now = utcnow()
+        claimable = or_(GAPS.c.status == "closed",
+                        (GAPS.c.status == "filling") & (GAPS.c.claimed_until < now))
+        with self.engine.connect() as conn:
+            ids = list(conn.execute(select(GAPS.c.id).where(
+                claimable, GAPS.c.ended_at <= ended_before).order_by(GAPS.c.id).limit(limit)
+            ).scalars())
+        claimed = []
+        for gap_id in ids:
+            with self.transaction() as conn:
+                won = conn.execute(update(GAPS).where(GAPS.c.id == gap_id, claimable).values(
+                    status="filling", claimed_by=worker,
+                    claimed_until=now + timedelta(seconds=lease_seconds))).rowcount
+            if won:
+                claimed.append(gap_id)
+        return [gap for gap_id in claimed if (gap := self.get_gap(gap_id)) is not None]
+
+    def mark_gap_filled(self, gap_id: int, found: int, queued: int,
+                        worker: str | None = None) -> bool:
+        """The gap is filled; with `worker`, only if it still holds the claim. Whether it
+        was marked (exactly one filler reports each gap)."""
+        condition = [GAPS.c.id == gap_id, GAPS.c.status != "filled"]
+        if worker is not None:
+            condition += [GAPS.c.status == "filling", GAPS.c.claimed_by == worker]
         with self.transaction() as conn:
-            conn.execute(update(GAPS).where(GAPS.c.id == gap_id).values(
-                status="filled", found=found, queued=queued, filled_at=utcnow()))
+            return bool(conn.execute(update(GAPS).where(*condition).values(
+                status="filled", found=found, queued=queued, filled_at=utcnow(),
+                claimed_until=None)).rowcount)
+
+    def release_gap(self, gap_id: int, worker: str) -> bool:
+        """A filler that failed gives its claim back: the next one tries the gap again."""
+        with self.transaction() as conn:
+            return bool(conn.execute(update(GAPS).where(
+                GAPS.c.id == gap_id, GAPS.c.status == "filling", GAPS.c.claimed_by == worker,
+            ).values(status="closed", claimed_by=None, claimed_until=None)).rowcount)
 
     def gap_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:

@@ -1,0 +1,124 @@
+"""Notification gaps filled by the dispatcher's side in Prefect: one `fill-notification-gap`
+flow run, one Prefect event and one artifact per gap, even with two dispatchers at once; the
+analytics query asks only about the queues and users the channel was subscribed to."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cxrelay.flows.notification_gaps import GAP_FILLED_EVENT, GapFiller, gap_resource
+from cxrelay.flows.runtime import set_runtime
+from cxrelay.sandbox.genesys import sample_conversation
+from cxrelay.sandbox.server import Sandbox
+from cxrelay.store.database import Store
+from tests.flowkit import calls, make_runtime, make_settings
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def gap(store: Store, channel: str, started: datetime, seconds: float,
+        scope: dict[str, list[str]]) -> int:
+    gap_id = store.open_gap("notifications", channel, started, "SocketClosed: test", scope)
+    store.close_gaps("notifications", channel, started + timedelta(seconds=seconds))
+    return gap_id
+
+
+async def gap_events(since: datetime, count: int) -> list[dict[str, object]]:
+    """The gap-filled events the server has recorded since `since` (the event persister
+    writes a moment after the client sent them). The client's default limit (100) is more
+    than the server accepts (50)."""
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    async with get_client() as client:
+        for _ in range(60):
+            page = await client.read_events(filter=EventFilter(
+                occurred=EventOccurredFilter(since=since),
+                event=EventNameFilter(name=[GAP_FILLED_EVENT])), limit=50)
+            if len(page.events) >= count:
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1)  # a duplicate would have had as long to arrive
+        page = await client.read_events(filter=EventFilter(
+            occurred=EventOccurredFilter(since=since),
+            event=EventNameFilter(name=[GAP_FILLED_EVENT])), limit=50)
+    return [{"resource": e.resource.id, **e.payload} for e in page.events]
+
+
+def test_two_dispatchers_fill_each_gap_once_with_an_event_and_an_artifact(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    now = datetime.now(timezone.utc)
+    begun = now - timedelta(seconds=1)
+    started = now - timedelta(minutes=10)
+    inside = started + timedelta(seconds=30)
+    settings = make_settings(tmp_path, clean_sandbox, notification_gap_fill_delay_seconds=0)
+    first, second = make_runtime(settings), make_runtime(settings)  # two stores, two "processes"
+    queue_gap = gap(first.store, "shard-0", started, 60, {"queues": ["q-sub"], "users": []})
+    user_gap = gap(first.store, "shard-1", started, 60, {"queues": [], "users": ["u-sub"]})
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations", json=[
+        sample_conversation("in-queue", ended=inside, queue_id="q-sub", user_id="u-other"),
+        sample_conversation("other-queue", ended=inside, queue_id="q-other",
+                            user_id="u-other"),
+        sample_conversation("of-user", ended=inside, queue_id="q-other", user_id="u-sub"),
+        sample_conversation("after-gap", ended=now, queue_id="q-sub", user_id="u-sub"),
+    ]).raise_for_status()
+
+    async def scenario() -> list[dict[int, object]]:
+        set_runtime(first)
+        fillers = [GapFiller(first, "dispatcher-a"), GapFiller(second, "dispatcher-b")]
+        try:
+            results = await asyncio.gather(*(f.fill_due() for f in fillers))
+            assert await fillers[0].fill_due() == {}  # nothing is left to claim
+            return list(results)
+        finally:
+            await first.aclose()
+            await second.aclose()
+
+    results = asyncio.run(scenario())
+    # Each gap was claimed by exactly one of them, and its flow run completed.
+    assert sorted(gap_id for states in results for gap_id in states) == [queue_gap, user_gap]
+    states = {gap_id: state for result in results for gap_id, state in result.items()}
+    assert all(state.is_completed() for state in states.values())  # type: ignore[attr-defined]
+
+    gaps = {g.id: g for g in first.store.gaps()}
+    assert (gaps[queue_gap].status, gaps[queue_gap].found, gaps[queue_gap].queued) == (
+        "filled", 1, 1)
+    assert (gaps[user_gap].status, gaps[user_gap].found, gaps[user_gap].queued) == (
+        "filled", 1, 1)
+    assert sorted(e.conversation_id for e in first.store.events()) == ["in-queue", "of-user"]
+    # The queries named the subscribed queue and user (the real API's filter shape).
+    bodies = [c["body"] for c in calls(clean_sandbox.genesys_url, "POST", "/details/query")]
+    assert {str(b["segmentFilters"]) for b in bodies} == {
+        str([{"type": "or", "predicates": [{"type": "dimension", "dimension": dimension,
+                                            "operator": "matches", "value": value}]}])
+        for dimension, value in (("queueId", "q-sub"), ("userId", "u-sub"))}
+
+    async def prefect_records() -> tuple[list[dict[str, object]], dict[int, str]]:
+        from prefect import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        events = await gap_events(begun, 2)
+        artifacts = {}
+        async with get_client() as client:
+            for gap_id, state in states.items():
+                run_id = state.state_details.flow_run_id  # type: ignore[attr-defined]
+                run = await client.read_flow_run(run_id)
+                assert run.name == f"gap-{gap_id}"
+                (artifact,) = [a for a in await client.read_artifacts(
+                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                        any_=[f"notification-gap-{gap_id}"]))) if a.flow_run_id == run_id]
+                artifacts[gap_id] = str(artifact.data)
+        return events, artifacts
+
+    events, artifacts = asyncio.run(prefect_records())
+    assert sorted((e["resource"], e["found"], e["queued"]) for e in events) == sorted(
+        (gap_resource(gap_id), 1, 1) for gap_id in (queue_gap, user_gap))
+    assert "| in-queue |" in artifacts[queue_gap] and "other-queue" not in artifacts[queue_gap]
+    assert "| of-user |" in artifacts[user_gap] and "`shard-1`" in artifacts[user_gap]
+    first.store.close()
+    second.store.close()
