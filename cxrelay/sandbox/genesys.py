@@ -208,8 +208,9 @@ class GenesysEmulator(Emulator):
 
 
 def sample_conversation(conversation_id: str, phone: str = "+15550001234",
-                        ended: datetime | None = None) -> dict[str, Any]:
-    """A realistic completed voice conversation, for seeding the emulator."""
+                        ended: datetime | None = None, queue: str = "Support") -> dict[str, Any]:
+    """A realistic completed voice conversation, for seeding the emulator; the agent took it
+    from `queue` (the participant's queueId and queueName, as the API answers them)."""
     end = ended or datetime.now(timezone.utc)
     start = end.timestamp() - 412
     iso = lambda t: datetime.fromtimestamp(t, tz=timezone.utc).strftime(  # noqa: E731
@@ -224,7 +225,8 @@ def sample_conversation(conversation_id: str, phone: str = "+15550001234",
              "purpose": "customer", "ani": f"tel:{phone}", "dnis": "tel:+18005550100",
              "attributes": {"caseRef": "CASE-" + conversation_id[:4]}},
             {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, conversation_id + "/agent")),
-             "purpose": "agent", "userId": "u-3b4c", "queueId": "q-support",
+             "purpose": "agent", "userId": "u-3b4c",
+             "queueId": "q-" + queue.lower().replace(" ", "-"), "queueName": queue,
              "wrapup": {"code": "wc-resolved", "name": "Resolved", "notes": "Refund issued",
                         "durationSeconds": 35}},
         ],
