@@ -209,10 +209,12 @@ class Limits:
         if not limit.active or limit.bucket is None:
             return
         wait = limit.bucket.take()
-        limit.unbooked += 1
-        self._account(limit)
         if wait > 0:
             await asyncio.sleep(wait)
+        # Booked when used, not when taken on credit: Prefect's limit decays as this bucket
+        # refills, so this process's own use never finds it full.
+        limit.unbooked += 1
+        self._account(limit)
 
     async def genesys(self) -> None:
         await self._rate(GENESYS, *DEFAULTS[GENESYS])  # type: ignore[arg-type]
