@@ -15,6 +15,7 @@ looks before it acts), waits what the remote asked (Retry-After), and re-raises.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,6 +32,26 @@ MAX_RETRY_AFTER_SECONDS = 300.0
 
 class InFlight(RetryableError):
     """Another event of the same conversation is delivering to this target right now."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 released: asyncio.Event | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.released = released
+
+    async def wait(self) -> None:
+        """Until the holder lets go: at once when it runs in this process (its attempt sets
+        `released`), else after `retry_after` (a holder elsewhere, or one that crashed)."""
+        if self.released is None:
+            await asyncio.sleep(self.retry_after or 0.5)
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.released.wait(), timeout=MAX_RETRY_AFTER_SECONDS)
+
+
+# (conversation, target, action) → set when the attempt of this process that holds it ends.
+# A fixed pause instead made an event that met another of its conversation in flight wait a
+# whole second or more after the holder had finished (the demo's EventBridge repeats).
+_holders: dict[tuple[str, str, str], asyncio.Event] = {}
 
 
 async def honour_retry_after(exc: BaseException) -> None:
@@ -83,20 +104,27 @@ async def attempt(store: Store, event: CanonicalEvent, target: str, action: str,
     order_key = fence_key(event)
     reservation = await asyncio.to_thread(store.reserve, **key, payload_sha256=digest,
                                           order_key=order_key)
+    hold = (event.conversation_id, target, action)
     if not (reservation.granted or reservation.already_done or reservation.stale):
         raise InFlight(f"{target}: another event of conversation {event.conversation_id} "
-                       "is being delivered", retry_after=1.0)
+                       "is being delivered", retry_after=1.0, released=_holders.get(hold))
     delivery = Delivery(reservation)
     if delivery.skipped:
         yield delivery
         return
+    released = _holders[hold] = asyncio.Event()
     try:
-        yield delivery
-    except BaseException as exc:
-        await asyncio.to_thread(store.unreserve, **key,
-                                uncertain=isinstance(exc, OutcomeUnknown))
-        await honour_retry_after(exc)
-        raise
-    await asyncio.to_thread(store.complete, **key, external_ref=delivery.ref,
-                            payload_sha256=digest, event_id=event.event_id,
-                            order_key=order_key)
+        try:
+            yield delivery
+        except BaseException as exc:
+            await asyncio.to_thread(store.unreserve, **key,
+                                    uncertain=isinstance(exc, OutcomeUnknown))
+            await honour_retry_after(exc)
+            raise
+        await asyncio.to_thread(store.complete, **key, external_ref=delivery.ref,
+                                payload_sha256=digest, event_id=event.event_id,
+                                order_key=order_key)
+    finally:
+        if _holders.get(hold) is released:
+            del _holders[hold]
+        released.set()

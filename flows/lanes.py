@@ -108,7 +108,7 @@ async def conversation_task(conversation_id: str, inbox_ids: list[int]) -> dict[
             # a moment, and the ledger makes the targets already done a no-op on the retry.
             if wait == IN_FLIGHT_WAITS:
                 raise
-            await asyncio.sleep(exc.retry_after or 0.5)
+            await exc.wait()
     raise AssertionError("unreachable")
 
 

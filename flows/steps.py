@@ -291,15 +291,16 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
                                               target.name)
             ref = f"{found.channel}|{found.ts}" if found else None
         message = None
-        await limits.slack(payload["channel"])
         if ref:
             channel, _, ts = ref.partition("|")
+            await limits.slack_update()
             try:
                 message = await client.update_message(channel, ts, payload["text"])
                 status = "updated"
             except SlackMessageGone:
                 message = None  # deleted in Slack: post it again
         if message is None:
+            await limits.slack(payload["channel"])
             message = await client.post_message(payload["channel"], payload["text"],
                                                 metadata=delivery_metadata(event, target.name))
             status = "posted"

@@ -70,3 +70,50 @@ def test_older_data_than_the_target_holds_is_stale_and_sends_nothing(store: Stor
                               digest="old"))
     assert result["status"] == "stale"
     assert store.ledger("c1")[0].deliveries == 1
+
+
+def test_an_event_in_flight_behind_a_holder_of_this_process_wakes_when_it_ends(
+        store: Store) -> None:
+    """The waiter is woken by the holder's end, not by a fixed pause: a holder that takes
+    longer than the fallback pause still releases the waiter only when it is done."""
+
+    async def scenario() -> list[str]:
+        steps: list[str] = []
+        holding, finish = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with attempt(store, event(), "slack", "message", "holder", "d1") as delivery:
+                holding.set()
+                await finish.wait()
+                delivery.ref = "C1|1.0"
+                steps.append("holder done")
+
+        async def waiter() -> None:
+            await holding.wait()
+            newer = event(created="2026-11-30T10:00:05Z")  # not stale behind the holder's
+            with pytest.raises(InFlight) as raised:
+                await send(store, newer, owner="waiter", digest="d2")
+            assert raised.value.released is not None and not raised.value.released.is_set()
+            raised.value.retry_after = 0.01  # the fallback pause, were the wake-up missing
+            await raised.value.wait()
+            steps.append("waiter woke")
+            steps.append(str((await send(store, newer, owner="waiter", digest="d2"))["status"]))
+
+        async def release_later() -> None:
+            await holding.wait()
+            await asyncio.sleep(0.3)  # far beyond the waiter's fallback pause
+            steps.append("releasing")
+            finish.set()
+
+        await asyncio.gather(holder(), waiter(), release_later())
+        return steps
+
+    assert asyncio.run(scenario()) == ["releasing", "holder done", "waiter woke", "posted"]
+
+
+def test_a_holder_elsewhere_is_waited_for_by_the_fallback_pause(store: Store) -> None:
+    store.reserve(conversation_id="c1", target="slack", action="message", owner="elsewhere",
+                  payload_sha256="d0")
+    with pytest.raises(InFlight) as raised:
+        asyncio.run(send(store, event()))
+    assert raised.value.released is None and raised.value.retry_after

@@ -138,3 +138,22 @@ def test_slack_text_escapes_values_but_keeps_the_templates_markup() -> None:
                     "a&lt;b&gt; 3")
     # Other targets get the values as they are.
     assert Mapper().render("{{ event.note }}", context) == "<!channel> & <https://evil.example|click>"
+
+
+def test_a_slack_channel_template_picks_the_queues_channel_or_falls_back() -> None:
+    """A conversation goes to the channel of the queue it came in on (the participant's
+    `queueName`, as Genesys answers it); without a queue, the default channel."""
+    from cxrelay.core.pipeline import SlackTargetConfig
+    from cxrelay.core.render import render_target
+    from cxrelay.sandbox.genesys import sample_conversation
+
+    target = SlackTargetConfig(
+        name="slack", type="slack",
+        channel="{% set q = get('conversation.participants[purpose=agent].queueName') %}"
+                "{% if q %}#cc-{{ q | lower | replace(' ', '-') }}{% endif %}")
+    conversation = sample_conversation("c-1", queue="Premium Billing")
+    payload = render_target(Mapper(), target, {"conversation": conversation}, "#everything")
+    assert payload["channel"] == "#cc-premium-billing"
+    conversation["participants"][1].pop("queueName")
+    payload = render_target(Mapper(), target, {"conversation": conversation}, "#everything")
+    assert payload["channel"] == "#everything"

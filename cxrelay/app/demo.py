@@ -13,9 +13,10 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,13 @@ from cxrelay.app.sending import encode, eventbridge_event, generic_event, hmac_h
 from cxrelay.app.supervise import answers, free_port, local_prefect_server, stop, wait_until
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
+from cxrelay.sandbox.slack import channel_id
+from cxrelay.settings import DEFAULT_PIPELINE
 from cxrelay.store.database import Store
 
 DEMO_DIR = Path(".cxrelay") / "demo"
 PREFECT_PORT = 4200
+DISPATCHER_STARTED = "started (concurrency"  # what `cxrelay dispatch` logs once it claims
 
 
 @dataclass
@@ -63,6 +67,28 @@ KNOWN_CONTACT = {"attributes": {"type": "Contact"}, "FirstName": "Ada", "LastNam
 
 def caller_phone(index: int, conversations: int) -> str:
     return "+15550001999" if index >= conversations - REPEAT_CALLS else f"+1555000{1000 + index}"
+
+
+# Each conversation came in on one of these queues, and each queue has its Slack channel, as a
+# contact center's teams usually do: Slack takes about one message a second per channel (short
+# bursts allowed), so a dozen calls ending at once in one channel would take ~10 s to post.
+QUEUES = ("Support", "Billing", "Sales", "Retention")
+QUEUE_CHANNEL = "#cc-{{ get('conversation.participants[purpose=agent].queueName', " \
+                "'general') | lower | replace(' ', '-') }}"
+
+
+def queue_of(index: int) -> str:
+    return QUEUES[index % len(QUEUES)]
+
+
+def demo_pipeline(path: Path) -> Path:
+    """The shipped pipeline with the Slack target posting to each queue's channel."""
+    text = DEFAULT_PIPELINE.read_text()
+    marker = "    type: slack\n"
+    if marker not in text:
+        raise RuntimeError(f"{DEFAULT_PIPELINE} has no Slack target to post per queue")
+    path.write_text(text.replace(marker, marker + f"    channel: \"{QUEUE_CHANNEL}\"\n", 1))
+    return path
 
 
 def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, str]]],
@@ -110,6 +136,7 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
         "CXRELAY_DATABASE_URL": f"sqlite:///{DEMO_DIR / 'cxrelay.db'}",
         "CXRELAY_WEBHOOK_SECRET": secrets.token_urlsafe(24),
         "CXRELAY_EVENTBRIDGE_TOKEN": secrets.token_urlsafe(24),
+        "CXRELAY_PIPELINE": str(demo_pipeline(DEMO_DIR / "pipeline.yaml")),
     }
     os.environ.update({k: environment[k] for k in
                        ("CXRELAY_WEBHOOK_SECRET", "CXRELAY_EVENTBRIDGE_TOKEN")})
@@ -123,19 +150,25 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
             [sys.executable, "-m", "cxrelay", "serve", "--port", str(port)], env=environment,
             stdout=(DEMO_DIR / "serve.log").open("wb"), stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
-        if not wait_until(lambda: answers(f"{base}/healthz") or receiver.poll() is not None, 60) \
+        serve_log = DEMO_DIR / "serve.log"
+        # The receiver answers at once; the dispatcher (its own process) is ready once it says
+        # it started. The timing below is of a running service, not of its start-up.
+        if not wait_until(lambda: (answers(f"{base}/healthz")
+                                   and DISPATCHER_STARTED in serve_log.read_text(errors="replace"))
+                          or receiver.poll() is not None, 120) \
                 or receiver.poll() is not None:
             log = (DEMO_DIR / "serve.log").read_text(errors="replace").splitlines()[-15:]
             raise RuntimeError("cxrelay serve did not start; the end of its log:\n"
                                + "\n".join(log))
         plan, completed = plan_events(conversations)
         httpx.post(f"{box.genesys_url}/__sandbox/conversations",
-                   json=[sample_conversation(c, phone=caller_phone(i, len(completed)))
+                   json=[sample_conversation(c, phone=caller_phone(i, len(completed)),
+                                             queue=queue_of(i))
                          for i, c in enumerate(completed)]).raise_for_status()
         httpx.post(f"{box.salesforce_url}/__sandbox/records",
                    json=[KNOWN_CONTACT]).raise_for_status()
         console.print(f"Sending {len(plan)} requests to {base}/webhooks/… ")
-        started = time.monotonic()
+        started = datetime.now(timezone.utc)
         with httpx.Client(timeout=10) as client:
             for sent, body, headers in plan:
                 path = "eventbridge" if "Authorization" in headers else "genesys"
@@ -146,7 +179,12 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
         accepted = sum(1 for s, _, _ in plan if s.answer.get("status") == "accepted")
         done = wait_until(lambda: store.status_counts().get("done", 0)
                      + store.status_counts().get("failed", 0) >= accepted, 180)
-        elapsed = time.monotonic() - started
+        # From the first request to the last event's finish as the inbox recorded it (the
+        # polling above only notices it up to 0.2 s later).
+        finished = [e.finished_at.replace(tzinfo=timezone.utc) for e in store.events(10_000)
+                    if e.finished_at is not None]
+        elapsed = ((max(finished) - started).total_seconds() if finished and done
+                   else (datetime.now(timezone.utc) - started).total_seconds())
         return _report(console, plan, store, box, done, elapsed, prefect_url, server, keep_server)
     finally:
         stop(receiver)
@@ -211,10 +249,17 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
     dead = store.dead_letters("open")
     if dead:
         failures.append(f"{len(dead)} dead letter(s): {dead[0].reason}")
+    channels = {channel_id(f"#cc-{queue.lower()}"): f"#cc-{queue.lower()}" for queue in QUEUES}
+    per_channel = Counter(channels.get(m["channel"], m["channel"]) for m in messages)
+    accepted = sum(1 for s, _, _ in plan if s.answer.get("status") == "accepted")
     console.print(f"Salesforce holds {len(records)} Tasks (one per conversation) on "
                   f"{len(leads)} Leads and 1 existing Contact (a repeat caller has one Lead "
-                  f"and {REPEAT_CALLS} Tasks); Slack received {len(messages)} messages. "
-                  f"All processed {elapsed:.1f} s after the first request.")
+                  f"and {REPEAT_CALLS} Tasks); Slack received {len(messages)} messages, in "
+                  f"each queue's channel: "
+                  + ", ".join(f"{name} {count}" for name, count in sorted(per_channel.items()))
+                  + ".")
+    console.print(f"All {len(plan)} requests answered and the {accepted} events they "
+                  f"brought processed {elapsed:.1f} s after the first request.")
     if records:
         sample = {k: v for k, v in records[0].items() if not k.startswith("_")}
         console.print("A Task as Salesforce stored it:", sample, highlight=False)

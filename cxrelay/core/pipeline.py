@@ -112,7 +112,8 @@ class SalesforceTargetConfig(_TargetBase):
 
 class SlackTargetConfig(_TargetBase):
     type: Literal["slack"]
-    channel: str | None = Field(default=None, description="default: CXRELAY_SLACK_CHANNEL")
+    channel: str | None = Field(default=None, description="a template, e.g. per queue; "
+                                "default (or when it renders empty): CXRELAY_SLACK_CHANNEL")
     text: str = "Conversation {{ conversation_id }} ended"
     fields: Fields = Field(default_factory=dict, description="rendered into the message context")
 

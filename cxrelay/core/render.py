@@ -27,7 +27,10 @@ def render_target(mapper: Mapper, target: Target, context: dict[str, Any],
         return {"external_id": external_id, "fields": mapped.fields, "warnings": mapped.warnings}
     if isinstance(target, SlackTargetConfig):
         mapped = mapper.map_fields(target.fields, context)
-        channel = target.channel or default_channel
+        # A template, so that a conversation can go to its queue's channel: Slack allows about
+        # one message a second per channel, and a contact center's queues each have theirs.
+        channel = (mapper.render(target.channel, {**context, "fields": mapped.fields})
+                   if target.channel else None) or default_channel
         if not channel:
             raise ConfigError("CXRELAY_SLACK_CHANNEL is not set; it is needed to post to Slack")
         text = mapper.render(target.text, {**context, "fields": mapped.fields}, slack=True)

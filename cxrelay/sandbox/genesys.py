@@ -288,9 +288,11 @@ class GenesysEmulator(Emulator):
 
 
 def sample_conversation(conversation_id: str, phone: str = "+15550001234",
-                        ended: datetime | None = None, queue_id: str = "q-support",
-                        user_id: str = "u-3b4c") -> dict[str, Any]:
-    """A realistic completed voice conversation, for seeding the emulator."""
+                        ended: datetime | None = None, queue: str = "Support",
+                        queue_id: str | None = None, user_id: str = "u-3b4c") -> dict[str, Any]:
+    """A realistic completed voice conversation, for seeding the emulator; the agent took it
+    from `queue` (the participant's queueId and queueName, as the API answers them)."""
+    queue_id = queue_id or "q-" + queue.lower().replace(" ", "-")
     end = ended or datetime.now(timezone.utc)
     start = end.timestamp() - 412
     iso = lambda t: datetime.fromtimestamp(t, tz=timezone.utc).strftime(  # noqa: E731
@@ -305,7 +307,7 @@ def sample_conversation(conversation_id: str, phone: str = "+15550001234",
              "purpose": "customer", "ani": f"tel:{phone}", "dnis": "tel:+18005550100",
              "attributes": {"caseRef": "CASE-" + conversation_id[:4]}},
             {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, conversation_id + "/agent")),
-             "purpose": "agent", "userId": user_id, "queueId": queue_id,
+             "purpose": "agent", "userId": user_id, "queueId": queue_id, "queueName": queue,
              "wrapup": {"code": "wc-resolved", "name": "Resolved", "notes": "Refund issued",
                         "durationSeconds": 35}},
         ],
