@@ -169,6 +169,14 @@ class Dispatcher:
                 self._gap_fill.cancel()
                 await asyncio.gather(self._gap_fill, return_exceptions=True)
             await self._drain()
+            await self._close_lanes()
+
+    async def _close_lanes(self, grace_seconds: float = 10.0) -> None:
+        """Wait for the lanes' flow runs to record their end: a lane task left to the loop's
+        shutdown is cancelled, and Prefect marks its flow run Crashed."""
+        runs = {lane.run for lane in self.lanes if lane.run is not None and not lane.run.done()}
+        if runs:
+            await asyncio.wait(runs, timeout=grace_seconds)
 
     def _claim(self, limit: int, settle: float) -> list[list[ClaimedEvent]]:
         """Up to `limit` events, each a unit of its own; with a settle window, the events of

@@ -236,3 +236,44 @@ def test_a_dispatcher_whose_serve_is_killed_exits(tmp_path: Path, clean_sandbox:
     assert time.monotonic() - killed_at < 60
     assert claimed() == 0  # released, not left to expire: a restarted serve takes them at once
     httpx.delete(f"{clean_sandbox.genesys_url}/__sandbox/faults")
+
+
+@pytest.mark.e2e
+def test_sigterm_drains_the_lanes_and_they_end_completed(tmp_path: Path, clean_sandbox: Sandbox,
+                                                         prefect_api: str) -> None:
+    """SIGTERM asks the dispatcher to drain: its lanes finish what they hold and their flow
+    runs end Completed in the Prefect UI, not Crashed (Prefect's own SIGTERM handler, which a
+    flow run installs in the main thread, never sees the signal)."""
+    from datetime import datetime, timezone
+
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(c) for c in ids]).raise_for_status()
+    env = {**os.environ, **clean_sandbox.environment(), "PREFECT_API_URL": prefect_api,
+           "CXRELAY_WEBHOOK_SECRET": SECRET, "CXRELAY_PREFECT_LIMITS": "false",
+           "CXRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'cxrelay.db'}"}
+    since = datetime.now(timezone.utc).isoformat()
+    port = free_port()
+    process = start(env, port, tmp_path / "serve.log")
+    try:
+        for conversation in ids:
+            body = encode(generic_event(conversation))
+            httpx.post(f"http://127.0.0.1:{port}/webhooks/genesys", content=body,
+                       headers=hmac_headers(body, SECRET)).raise_for_status()
+        store = Store(f"sqlite:///{tmp_path / 'cxrelay.db'}")
+        deadline = time.monotonic() + 120
+        while store.status_counts().get("done", 0) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        store.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+    def lanes() -> list[dict[str, object]]:
+        return list(httpx.post(f"{prefect_api}/flow_runs/filter", timeout=30, json={
+            "flow_runs": {"name": {"like_": "lane-"}, "start_time": {"after_": since}}}).json())
+
+    runs = lanes()
+    assert runs, "no lane flow run started"
+    assert {run["state_type"] for run in runs} == {"COMPLETED"}, \
+        [(run["name"], run["state_name"]) for run in runs]

@@ -1,10 +1,15 @@
 """A target that is down pauses; its events wait without spending retries; the other targets
-go on; alerts say so; when a probe succeeds everything waiting is delivered, once. (Issue 17's
-150 s outage, scaled down through the pause and probe settings.)"""
+go on; alerts say so; when a probe succeeds everything waiting is delivered, once.
+
+Issue 17 asks for a 150 s Salesforce outage; the suite runs it scaled down to 10 s (pause after
+3 failures, probes at most 2 s apart) to keep its time. `CXRELAY_TEST_OUTAGE_SECONDS=150` runs
+the full one with the shipped pause and probe settings (5 failures, probes up to 30 s apart);
+the figures of that run are in bench/README.md."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import uuid
@@ -14,6 +19,7 @@ import httpx
 import pytest
 
 from cxrelay.app.sending import generic_event
+from cxrelay.core.health import HealthPolicy, probe_delay
 from cxrelay.sandbox.server import Sandbox
 from tests.flowkit import calls, dispatch_until, enqueue, make_runtime, make_settings
 from tests.test_flow import seed
@@ -23,28 +29,36 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 def test_an_outage_pauses_the_target_its_events_wait_and_all_arrive_once(
         tmp_path: Path, clean_sandbox: Sandbox) -> None:
-    ids = [str(uuid.uuid4()) for _ in range(6)]
+    outage_seconds = float(os.environ.get("CXRELAY_TEST_OUTAGE_SECONDS", "10"))
+    scaled = outage_seconds < 150
+    policy = HealthPolicy(pause_after=3, max_probe_seconds=2) if scaled else HealthPolicy()
+    # Events arrive throughout the outage, one every few seconds.
+    count = max(6, int(outage_seconds // 5))
+    ids = [str(uuid.uuid4()) for _ in range(count)]
     seed(clean_sandbox, *ids)
-    outage_seconds = 10
     httpx.post(f"{clean_sandbox.salesforce_url}/__sandbox/faults",
                json={"status": 503, "seconds": outage_seconds, "path": "/services/data"}
                ).raise_for_status()
     outage_ends = time.monotonic() + outage_seconds
     runtime = make_runtime(make_settings(
-        tmp_path, clean_sandbox, target_pause_after=3, target_probe_max_seconds=2,
-        alert_slack_channel="#cx-alerts"))
+        tmp_path, clean_sandbox, target_pause_after=policy.pause_after,
+        target_probe_max_seconds=policy.max_probe_seconds, alert_slack_channel="#cx-alerts"))
     for conversation in ids[:3]:
         enqueue(runtime.store, generic_event(conversation))
 
-    def later() -> None:  # events keep arriving during the outage
-        time.sleep(3)
+    def later() -> None:
+        spacing = (outage_seconds - 2) / (count - 3)
         for conversation in ids[3:]:
+            time.sleep(spacing)
             enqueue(runtime.store, generic_event(conversation))
 
     sender = threading.Thread(target=later)
     sender.start()
-    asyncio.run(dispatch_until(runtime, 6, timeout=120))
+    asyncio.run(dispatch_until(runtime, count, timeout=outage_seconds + 120))
     sender.join()
+    # Everything waiting went out soon after the target came back.
+    after_outage = time.monotonic() - outage_ends
+    assert after_outage <= 60
 
     tasks = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()[
         "records"].get("Task", [])
@@ -55,15 +69,24 @@ def test_an_outage_pauses_the_target_its_events_wait_and_all_arrive_once(
     messages = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}/__sandbox/state"
                          ).json()["messages"]
     delivered = [m for m in messages if any(c in m["text"] for c in ids)]
-    assert len(delivered) == 6
+    assert len(delivered) == count
     posts = [r for r in calls(clean_sandbox.slack_url, "POST", "chat.postMessage")
              if r["body"].get("channel") != "#cx-alerts"]
-    assert len(posts) == 6
+    assert len(posts) == count
     # One paused and one resumed alert.
     alerts = [m["text"] for m in messages if m["channel"] != delivered[0]["channel"]]
     assert sum("paused" in text for text in alerts) == 1, alerts
     assert sum("resumed" in text for text in alerts) == 1, alerts
-    # Paused, the target got probes, not a request per waiting event per retry.
+    # Paused, the target got probes, not a request per waiting event per retry: the failures
+    # that paused it, then one probe at a time on the probe schedule (+1 for a request in
+    # flight when the pause began).
     refused = [r for r in calls(clean_sandbox.salesforce_url) if r.get("status") == 503]
-    assert len(refused) <= 3 + outage_seconds, len(refused)
-    assert time.monotonic() >= outage_ends
+    probes, at = 0, 0.0
+    while at < outage_seconds:
+        at += probe_delay(policy, probes)
+        probes += 1
+    print(f"\n[outage {outage_seconds:g} s] {count} events, {len(refused)} Salesforce requests "
+          f"refused, all delivered {after_outage:.1f} s after it ended, no dead letters")
+    assert len(refused) <= policy.pause_after + probes + 1, len(refused)
+    if not scaled:  # the issue's figure: at most one Salesforce request per event
+        assert len(refused) <= count, (len(refused), count)

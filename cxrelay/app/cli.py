@@ -113,7 +113,8 @@ def serve(
 def dispatch(
     parent_pid: int | None = typer.Option(None, help="exit when this process is gone"),
 ) -> None:
-    """Claim events from the inbox and start a `process-event` flow run for each."""
+    """Claim events from the inbox and run each the moment it is claimed (in a lane)."""
+    from cxrelay.app.supervise import stop_on_signals
     from cxrelay.flows.dispatcher import Dispatcher
     from cxrelay.flows.runtime import Runtime, set_runtime
 
@@ -130,8 +131,7 @@ def dispatch(
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(lambda: loop.call_soon_threadsafe(stop.set))
         runtime = Runtime.from_settings(settings)
         set_runtime(runtime)
 

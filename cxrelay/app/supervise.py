@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -201,3 +202,29 @@ def start_prefect_server(log: Path, port: int | None = None, home: Path | None =
         stop(process)
         raise RuntimeError(f"the Prefect server did not start; see {log}") from None
     return url, process
+
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def stop_on_signals(set_stop: Callable[[], None]) -> None:
+    """SIGTERM or SIGINT calls `set_stop` (from a thread: it must be thread-safe); a second one
+    exits at once.
+
+    The signals are blocked in every thread and taken by one thread that waits for them. A
+    Python handler would not do: while a flow run is open, Prefect's flow engine installs its
+    own SIGTERM handler in the main thread, which raises into the run and marks it Crashed —
+    a stop must be a drain (the lanes finish what they hold and end Completed). Call this
+    before any other thread starts: threads inherit the blocked mask from their creator."""
+    if threading.active_count() > 1:
+        print(f"cxrelay: {threading.active_count() - 1} thread(s) started before the signals "
+              "were blocked may still receive them", file=sys.stderr)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def wait() -> None:
+        signal.sigwait(STOP_SIGNALS)
+        set_stop()
+        received = signal.sigwait(STOP_SIGNALS)
+        os._exit(128 + int(received))  # asked twice: the claims lapse with their lease
+
+    threading.Thread(target=wait, name="cxrelay-signals", daemon=True).start()
