@@ -25,9 +25,10 @@ from typing import Any
 import httpx
 from prefect import tags
 
+from cxrelay.core.outcome import Next, Outcome, Stage, after_failure
 from cxrelay.flows.lanes import Lane, open_lane
 from cxrelay.flows.notification_gaps import GapFiller
-from cxrelay.flows.process_event import process_event
+from cxrelay.flows.process_event import dead_letter, process_event
 from cxrelay.flows.runtime import Runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.inbox import ClaimedEvent
@@ -359,28 +360,26 @@ class Dispatcher:
         current = await asyncio.to_thread(self.store.get_event, event.id)
         if current is None or current.status != "claimed":
             return  # it finished after all
-        infrastructure = _infrastructure_failure(exc)
-        if not infrastructure and event.attempts >= self.max_attempts:
-            logger.error("event %s failed %d times, dead-lettered: %s", event.id,
-                         event.attempts, exc)
+        decision = after_failure(Stage.LANE if isinstance(exc, Deferred) else Stage.RUN,
+                                 infrastructure=_infrastructure_failure(exc),
+                                 attempts=event.attempts, max_attempts=self.max_attempts)
+        if decision.next is Next.DEAD_LETTER:
             reason = f"the process-event run failed {event.attempts} times; last: {exc!r}"
-            await asyncio.to_thread(
-                self.store.dead_letter, inbox_id=event.id, event_id=current.event_id,
-                conversation_id=event.conversation_id, target=WHOLE_EVENT, reason=reason,
-                error_type=type(exc).__name__, attempts=event.attempts)
-            await asyncio.to_thread(self.store.finish, event.id, outcome="failed",
+            await dead_letter(self.runtime, inbox_id=event.id, event_id=current.event_id,
+                              conversation_id=event.conversation_id, target=WHOLE_EVENT,
+                              exc=exc, attempts=event.attempts, reason=reason)
+            await asyncio.to_thread(self.store.finish, event.id, outcome=Outcome.FAILED.value,
                                     detail={"reason": reason})
             return
-        # A handed-back event goes straight to a run of its own, whose task retries back off.
-        delay = 0.0 if isinstance(exc, Deferred) else min(60.0, 2.0 ** min(event.attempts, 6))
-        if isinstance(exc, Deferred):
+        if decision.next is Next.RUN_OF_ITS_OWN:
             logger.info("event %s handed back by its lane (%s): a run of its own takes it",
                         event.id, exc)
         else:
             logger.warning("event %s: run failed (%s), retrying in %.0f s", event.id,
-                           type(exc).__name__, delay)
+                           type(exc).__name__, decision.delay_seconds)
         await asyncio.to_thread(self.store.release, event.id, worker=self.worker_id,
-                                delay_seconds=delay, count_attempt=not infrastructure)
+                                delay_seconds=decision.delay_seconds,
+                                count_attempt=decision.next is not Next.RETRY_NOT_COUNTED)
 
 
 def _handed_back(exc: BaseException) -> Exception:

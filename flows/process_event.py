@@ -11,6 +11,7 @@ Replays and the `deployment` dispatcher mode use `process-event` too.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
@@ -18,36 +19,59 @@ from typing import Any, cast
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import INPUTS
+from prefect.exceptions import MissingContextError
 from prefect.utilities.annotations import quote
 
 from cxrelay.connectors.genesys import GenesysNotFound
 from cxrelay.core import ordering
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError
-from cxrelay.core.outcome import WAITING, Outcome, event_outcome
+from cxrelay.core.outcome import WAITING, Next, Outcome, Stage, after_failure, event_outcome
 from cxrelay.flows import steps
 from cxrelay.flows.report import render_report
 from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.models import InboxEvent
 
+logger = logging.getLogger("cxrelay.dispatcher")
+
 
 def _error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, CxrelayError) else f"{type(exc).__name__}: {exc}"
 
 
-async def _dead_letter(runtime: Runtime, row: InboxEvent, target: str, exc: BaseException,
-                       attempts: int) -> dict[str, Any]:
-    reason = _error_text(exc)
-    assert row.id is not None
-    await asyncio.to_thread(runtime.store.dead_letter, inbox_id=row.id, event_id=row.event_id,
-                            conversation_id=row.conversation_id, target=target, reason=reason,
+async def dead_letter(runtime: Runtime, *, inbox_id: int, event_id: str, conversation_id: str,
+                      target: str, exc: BaseException, attempts: int,
+                      reason: str | None = None) -> dict[str, Any]:
+    """Record a dead letter (one target, or `WHOLE_EVENT`), log it, and add it to the rate-
+    limited summary in the alert channel. What decides that a failure dead-letters is
+    `cxrelay.core.outcome.after_failure`; this is the one place that writes it."""
+    reason = reason or _error_text(exc)
+    await asyncio.to_thread(runtime.store.dead_letter, inbox_id=inbox_id, event_id=event_id,
+                            conversation_id=conversation_id, target=target, reason=reason,
                             error_type=type(exc).__name__, attempts=attempts)
-    get_run_logger().warning("dead letter for %s: %s", target, reason)
-    gate = await runtime.health_gate()  # a summary in the alert channel, rate-limited
-    await gate.alerts.dead_lettered(target=target, conversation_id=row.conversation_id,
+    try:
+        get_run_logger().warning("dead letter for %s: %s", target, reason)
+    except MissingContextError:  # the dispatcher, outside any run
+        logger.error("event %s dead-lettered for %s: %s", inbox_id, target, reason)
+    gate = await runtime.health_gate()
+    await gate.alerts.dead_lettered(target=target, conversation_id=conversation_id,
                                     error_type=type(exc).__name__, reason=reason)
     return {"status": "dead_lettered", "error": reason}
+
+
+async def _dead_letter_row(runtime: Runtime, row: InboxEvent, target: str, exc: BaseException,
+                           attempts: int) -> dict[str, Any]:
+    assert row.id is not None
+    return await dead_letter(runtime, inbox_id=row.id, event_id=row.event_id,
+                             conversation_id=row.conversation_id, target=target, exc=exc,
+                             attempts=attempts)
+
+
+def _raise_in_lane(inline: bool) -> bool:
+    """A failed step: in a lane the event leaves for a run of its own (raise); in that run the
+    step's retries are spent and it dead-letters."""
+    return after_failure(Stage.LANE if inline else Stage.STEP).next is Next.RUN_OF_ITS_OWN
 
 
 _enrich_tasks: dict[int, Any] = {}
@@ -83,7 +107,8 @@ async def _deliver(runtime: Runtime, row: InboxEvent, event: CanonicalEvent, tar
         return await steps.deliver_task_for(target)(target.name, quote(event), owner,
                                                     quote(context))
     except Exception as exc:
-        return await _dead_letter(runtime, row, target.name, exc, attempts=target.retries + 1)
+        return await _dead_letter_row(runtime, row, target.name, exc,
+                                      attempts=target.retries + 1)
 
 
 @flow(name="process-event", flow_run_name="conversation-{conversation_id}",
@@ -111,10 +136,10 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
         checked = await (steps.check(runtime, row, plan=False) if inline
                          else steps.verify_task(cast(Any, quote(row))))
     except Exception as exc:
-        if inline:
+        if _raise_in_lane(inline):
             raise
         summary.update(outcome=Outcome.DEAD_LETTERED, reason=_error_text(exc))
-        await _dead_letter(runtime, row, WHOLE_EVENT, exc, row.attempts)
+        await _dead_letter_row(runtime, row, WHOLE_EVENT, exc, row.attempts)
         return await _finish(runtime, summary, inline)
 
     event = checked.event
@@ -177,10 +202,10 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
             not_found = isinstance(exc, GenesysNotFound)
             if not_found and enrich.on_not_found != "dead_letter":
                 pass  # deliver without the conversation
-            elif inline:
+            elif _raise_in_lane(inline):
                 raise
             else:
-                summary["targets"]["genesys"] = await _dead_letter(
+                summary["targets"]["genesys"] = await _dead_letter_row(
                     runtime, row, "genesys", exc,
                     attempts=1 if not_found else (steps.enrich_task.retries or 0) + 1)
                 summary.update(outcome=Outcome.DEAD_LETTERED, reason=_error_text(exc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -37,3 +38,50 @@ def event_outcome(target_statuses: Iterable[str]) -> Outcome:
         stale = bool(statuses) and all(status == STALE for status in statuses)
         return Outcome.STALE if stale else Outcome.DELIVERED
     return Outcome.DEAD_LETTERED if failed == len(statuses) else Outcome.PARTIAL
+
+
+class Stage(str, Enum):
+    """Where an event's failure happened."""
+
+    LANE = "lane"  # its steps, run as a task run of a lane (no retries there)
+    STEP = "step"  # a step of its own `process-event` run, after that step's task retries
+    RUN = "run"    # its `process-event` run as a whole (crashed, or never started)
+
+
+class Next(str, Enum):
+    """What becomes of an event after a failure."""
+
+    RUN_OF_ITS_OWN = "run_of_its_own"        # now, a `process-event` run with step retries
+    RETRY = "retry"                          # back to the inbox after a backoff; counted
+    RETRY_NOT_COUNTED = "retry_not_counted"  # the run never got going (Prefect unavailable)
+    DEAD_LETTER = "dead_letter"              # retries spent: the dead letters, to replay
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    next: Next
+    delay_seconds: float = 0.0
+
+
+MAX_BACKOFF_SECONDS = 60.0
+
+
+def run_backoff(attempts: int) -> float:
+    """Seconds before an event whose run failed is tried again: doubling, capped."""
+    return min(MAX_BACKOFF_SECONDS, 2.0 ** min(max(attempts, 0), 6))
+
+
+def after_failure(stage: Stage, *, infrastructure: bool = False, attempts: int = 1,
+                  max_attempts: int = 1) -> AfterFailure:
+    """The one place that decides whether a failure dead-letters. A step's own retries are
+    spent when it fails in a run of its own, so that target (or the event) dead-letters; a
+    lane has no retries, so the event gets a run of its own at once; a run that failed as a
+    whole is tried again with backoff until `max_attempts`. Infrastructure failures (the
+    Prefect API unreachable: nothing of the event ran) never count and never dead-letter."""
+    if infrastructure:
+        return AfterFailure(Next.RETRY_NOT_COUNTED, run_backoff(attempts))
+    if stage is Stage.LANE:
+        return AfterFailure(Next.RUN_OF_ITS_OWN)
+    if stage is Stage.STEP or attempts >= max_attempts:
+        return AfterFailure(Next.DEAD_LETTER)
+    return AfterFailure(Next.RETRY, run_backoff(attempts))

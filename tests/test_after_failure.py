@@ -1,0 +1,34 @@
+"""The one decision of what a failure does to an event (`cxrelay.core.outcome.after_failure`),
+without Prefect: where it failed, whether anything of it ran, how often it was tried."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cxrelay.core.outcome import MAX_BACKOFF_SECONDS, Next, Stage, after_failure
+
+
+def test_a_lane_has_no_retries_so_the_event_gets_a_run_of_its_own_at_once() -> None:
+    assert after_failure(Stage.LANE, attempts=1, max_attempts=1).next is Next.RUN_OF_ITS_OWN
+    assert after_failure(Stage.LANE).delay_seconds == 0
+
+
+def test_a_step_whose_retries_are_spent_dead_letters() -> None:
+    assert after_failure(Stage.STEP, attempts=1, max_attempts=5).next is Next.DEAD_LETTER
+
+
+def test_a_failed_run_backs_off_until_its_attempts_are_spent() -> None:
+    delays = [after_failure(Stage.RUN, attempts=n, max_attempts=5) for n in range(1, 5)]
+    assert [d.next for d in delays] == [Next.RETRY] * 4
+    assert [d.delay_seconds for d in delays] == [2, 4, 8, 16]
+    assert after_failure(Stage.RUN, attempts=5, max_attempts=5).next is Next.DEAD_LETTER
+
+
+@given(st.sampled_from(list(Stage)), st.integers(0, 1000), st.integers(1, 1000))
+def test_infrastructure_failures_never_count_and_never_dead_letter(
+        stage: Stage, attempts: int, max_attempts: int) -> None:
+    decision = after_failure(stage, infrastructure=True, attempts=attempts,
+                             max_attempts=max_attempts)
+    assert decision.next is Next.RETRY_NOT_COUNTED
+    assert 0 < decision.delay_seconds <= MAX_BACKOFF_SECONDS
