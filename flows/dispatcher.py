@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 from prefect import tags
 
+from cxrelay.core.errors import PermanentError
 from cxrelay.core.outcome import Next, Outcome, Stage, after_failure
 from cxrelay.flows.lanes import Lane, open_lane
 from cxrelay.flows.notification_gaps import GapFiller
@@ -361,6 +362,7 @@ class Dispatcher:
         if current is None or current.status != "claimed":
             return  # it finished after all
         decision = after_failure(Stage.LANE if isinstance(exc, Deferred) else Stage.RUN,
+                                 permanent=isinstance(exc, PermanentError),
                                  infrastructure=_infrastructure_failure(exc),
                                  attempts=event.attempts, max_attempts=self.max_attempts)
         if decision.next is Next.DEAD_LETTER:

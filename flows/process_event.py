@@ -68,10 +68,11 @@ async def _dead_letter_row(runtime: Runtime, row: InboxEvent, target: str, exc: 
                              attempts=attempts)
 
 
-def _raise_in_lane(inline: bool) -> bool:
-    """A failed step: in a lane the event leaves for a run of its own (raise); in that run the
-    step's retries are spent and it dead-letters."""
-    return after_failure(Stage.LANE if inline else Stage.STEP).next is Next.RUN_OF_ITS_OWN
+def _raise_in_lane(inline: bool, exc: BaseException) -> bool:
+    """A failed step: in a lane the event leaves for a run of its own (raise) unless no retry
+    can help; in that run the step's retries are spent and it dead-letters."""
+    return after_failure(Stage.LANE if inline else Stage.STEP,
+                         permanent=isinstance(exc, PermanentError)).next is Next.RUN_OF_ITS_OWN
 
 
 _enrich_tasks: dict[int, Any] = {}
@@ -102,7 +103,12 @@ async def _deliver(runtime: Runtime, row: InboxEvent, event: CanonicalEvent, tar
     """Map and deliver one target; any failure ends in the dead letters, never in the others."""
     owner = f"inbox:{row.id}"
     if inline:
-        return await steps.deliver(runtime, target, event, owner, context)
+        try:
+            return await steps.deliver(runtime, target, event, owner, context)
+        except Exception as exc:
+            if _raise_in_lane(inline, exc):
+                raise
+            return await _dead_letter_row(runtime, row, target.name, exc, attempts=1)
     try:
         return await steps.deliver_task_for(target)(target.name, quote(event), owner,
                                                     quote(context))
@@ -136,7 +142,7 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
         checked = await (steps.check(runtime, row, plan=False) if inline
                          else steps.verify_task(cast(Any, quote(row))))
     except Exception as exc:
-        if _raise_in_lane(inline):
+        if _raise_in_lane(inline, exc):
             raise
         summary.update(outcome=Outcome.DEAD_LETTERED, reason=_error_text(exc))
         await _dead_letter_row(runtime, row, WHOLE_EVENT, exc, row.attempts)
@@ -202,7 +208,7 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
             not_found = isinstance(exc, GenesysNotFound)
             if not_found and enrich.on_not_found != "dead_letter":
                 pass  # deliver without the conversation
-            elif _raise_in_lane(inline):
+            elif _raise_in_lane(inline, exc):
                 raise
             else:
                 summary["targets"]["genesys"] = await _dead_letter_row(

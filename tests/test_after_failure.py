@@ -14,6 +14,13 @@ def test_a_lane_has_no_retries_so_the_event_gets_a_run_of_its_own_at_once() -> N
     assert after_failure(Stage.LANE).delay_seconds == 0
 
 
+@given(st.sampled_from(list(Stage)), st.integers(0, 1000), st.integers(1, 1000))
+def test_a_permanent_error_dead_letters_at_once_wherever_it_happened(
+        stage: Stage, attempts: int, max_attempts: int) -> None:
+    assert after_failure(stage, permanent=True, attempts=attempts,
+                         max_attempts=max_attempts).next is Next.DEAD_LETTER
+
+
 def test_a_step_whose_retries_are_spent_dead_letters() -> None:
     assert after_failure(Stage.STEP, attempts=1, max_attempts=5).next is Next.DEAD_LETTER
 

@@ -90,3 +90,34 @@ def test_an_outage_pauses_the_target_its_events_wait_and_all_arrive_once(
     assert len(refused) <= policy.pause_after + probes + 1, len(refused)
     if not scaled:  # the issue's figure: at most one Salesforce request per event
         assert len(refused) <= count, (len(refused), count)
+
+
+def test_a_4xx_that_no_retry_can_fix_dead_letters_at_once(tmp_path: Path,
+                                                          clean_sandbox: Sandbox) -> None:
+    """Salesforce refuses every upsert with a 400 (a field it does not know): each event's
+    Salesforce target dead-letters on its first request, in its lane — no run of its own, no
+    retry, no pause — while Slack gets every message."""
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    seed(clean_sandbox, *ids)
+    httpx.post(f"{clean_sandbox.salesforce_url}/__sandbox/faults", json={
+        "status": 400, "path": "/services/data", "method": "PATCH",
+        "body": [{"message": "No such column 'Genesys_Customer_Key__c' on sobject of type Lead",
+                  "errorCode": "INVALID_FIELD"}]}).raise_for_status()
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, target_pause_after=2))
+    for conversation in ids:
+        enqueue(runtime.store, generic_event(conversation))
+    dispatcher = asyncio.run(dispatch_until(runtime, len(ids)))
+
+    assert dispatcher.started_runs == 0  # no event left its lane
+    refused = [r for r in calls(clean_sandbox.salesforce_url, "PATCH") if r.get("status") == 400]
+    # At most one request each, nothing retried a 400 (events of one customer may share the
+    # one lookup that was refused).
+    assert 1 <= len(refused) <= len(ids)
+    dead = runtime.store.dead_letters()
+    assert sorted(d.conversation_id for d in dead) == sorted(ids)
+    assert {d.target for d in dead} == {"salesforce"} and {d.attempts for d in dead} == {1}
+    assert {event.outcome for event in runtime.store.events()} == {"partial"}
+    assert all(not health.paused for health in runtime.store.target_health())
+    messages = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}/__sandbox/state"
+                         ).json()["messages"]
+    assert sum(1 for m in messages if any(c in m["text"] for c in ids)) == len(ids)

@@ -71,15 +71,19 @@ def run_backoff(attempts: int) -> float:
     return min(MAX_BACKOFF_SECONDS, 2.0 ** min(max(attempts, 0), 6))
 
 
-def after_failure(stage: Stage, *, infrastructure: bool = False, attempts: int = 1,
-                  max_attempts: int = 1) -> AfterFailure:
-    """The one place that decides whether a failure dead-letters. A step's own retries are
-    spent when it fails in a run of its own, so that target (or the event) dead-letters; a
-    lane has no retries, so the event gets a run of its own at once; a run that failed as a
-    whole is tried again with backoff until `max_attempts`. Infrastructure failures (the
-    Prefect API unreachable: nothing of the event ran) never count and never dead-letter."""
+def after_failure(stage: Stage, *, permanent: bool = False, infrastructure: bool = False,
+                  attempts: int = 1, max_attempts: int = 1) -> AfterFailure:
+    """The one place that decides whether a failure dead-letters. A permanent error (a 4xx
+    that no retry can fix, an event that cannot be mapped) dead-letters at once, wherever it
+    happened; a step's own retries are spent when it fails in a run of its own, so that target
+    (or the event) dead-letters; a lane has no retries, so the event gets a run of its own at
+    once; a run that failed as a whole is tried again with backoff until `max_attempts`.
+    Infrastructure failures (the Prefect API unreachable: nothing of the event ran) never
+    count and never dead-letter."""
     if infrastructure:
         return AfterFailure(Next.RETRY_NOT_COUNTED, run_backoff(attempts))
+    if permanent:
+        return AfterFailure(Next.DEAD_LETTER)
     if stage is Stage.LANE:
         return AfterFailure(Next.RUN_OF_ITS_OWN)
     if stage is Stage.STEP or attempts >= max_attempts:
