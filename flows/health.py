@@ -99,7 +99,7 @@ class HealthGate:
         change = await asyncio.to_thread(
             self.store.record_target_failure, target=target, scope=scope,
             error=_error_text(exc), retryable=isinstance(exc, RetryableError),
-            policy=self.policy)
+            policy=self.policy, retry_after=getattr(exc, "retry_after", None))
         if change is not None:
             await self.alerts.target_changed(change, await self._waiting(target))
 

@@ -234,13 +234,14 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
 
 
 async def _wait(runtime: Runtime, row: InboxEvent, summary: dict[str, Any]) -> None:
-    """A target is paused: give the event back until its next probe, unfinished and without
-    counting an attempt; the targets it reached are done in the ledger and are not repeated."""
+    """A target is paused: give the event back until its next probe, unfinished, as a first
+    attempt again (it runs in a lane when it looks again); the targets it reached are done in
+    the ledger and are not repeated."""
     untils = [datetime.fromisoformat(r["until"]) for r in summary["targets"].values()
               if r.get("status") == WAITING and r.get("until")]
     delay = max(0.0, (min(untils) - datetime.now(timezone.utc)).total_seconds()) if untils else 1.0
     await asyncio.to_thread(runtime.store.release, row.id or 0, worker=row.claimed_by or "",
-                            delay_seconds=delay, count_attempt=False)
+                            delay_seconds=delay, waiting=True)
 
 
 async def _finish(runtime: Runtime, summary: dict[str, Any], inline: bool) -> dict[str, Any]:

@@ -36,7 +36,10 @@ TOKEN = "fault-token"
 
 @pytest.fixture
 def system(tmp_path: Path, clean_sandbox: Sandbox) -> Iterator[tuple[Runtime, str, Sandbox]]:
-    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    # Probes at most 5 s apart (30 s as shipped): these scenarios are about effects — nothing
+    # lost, nothing twice — and the suite's time; tests/test_target_health_flow.py runs the
+    # shipped pause/probe cadence.
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, target_probe_max_seconds=5))
     sources = {"genesys": Source("genesys", HmacVerifier([SECRET])),
                "eventbridge": Source("eventbridge", StaticCredentialVerifier([TOKEN]))}
     with serve(create_app(runtime.store, sources)) as url:

@@ -110,6 +110,24 @@ def test_failed_probes_back_off_up_to_the_cap() -> None:
         assert health.probe_at == now + timedelta(seconds=expected)
 
 
+def test_a_rate_limit_is_probed_when_the_target_said_not_on_the_backoff() -> None:
+    """A 429 with Retry-After pauses like any failure, but the probe comes when the target
+    said it takes requests again (capped), so a short storm is a short pause."""
+    health = fresh()
+    for _ in range(POLICY.pause_after):
+        health, transition = after_failure(health, POLICY, T0, "HTTP 429", True, retry_after=1)
+    assert transition is Transition.PAUSED and health.probe_at == T0 + timedelta(seconds=1)
+    probing = claim_probe(health, POLICY, "a", T0 + timedelta(seconds=1))
+    assert probing is not None
+    for _ in range(6):  # failed probes that asked again: no doubling
+        now = probing.probe_at or T0 + timedelta(seconds=1)
+        health, _ = after_failure(probing, POLICY, now, "HTTP 429", True, retry_after=3)
+        assert health.probe_at == now + timedelta(seconds=3)
+        probing = claim_probe(health, POLICY, "a", health.probe_at) or health
+    health, _ = after_failure(probing, POLICY, T0, "HTTP 429", True, retry_after=3600)
+    assert health.probe_at == T0 + timedelta(seconds=POLICY.max_probe_seconds)  # capped
+
+
 def test_a_successful_probe_resumes_once() -> None:
     paused, _ = fail(fresh(), 5)
     probing = claim_probe(paused, POLICY, "a", T0 + timedelta(seconds=2))

@@ -117,9 +117,20 @@ def after_success(health: Health, now: datetime) -> tuple[Health, Transition | N
     return healthy, Transition.RESUMED if resumed else None
 
 
+def next_probe(policy: HealthPolicy, failed_probes: int, retry_after: float | None) -> float:
+    """Seconds to the next probe: what the target asked for (`Retry-After`, a rate limit:
+    it says when it takes requests again), else the doubling backoff; capped either way."""
+    if retry_after is not None and retry_after >= 0:
+        return min(policy.max_probe_seconds, max(retry_after, 0.1))
+    return probe_delay(policy, failed_probes)
+
+
 def after_failure(health: Health, policy: HealthPolicy, now: datetime, error: str,
-                  retryable: bool) -> tuple[Health, Transition | None]:
-    """A delivery (or the probe) failed. Only retryable failures count toward a pause."""
+                  retryable: bool, retry_after: float | None = None
+                  ) -> tuple[Health, Transition | None]:
+    """A delivery (or the probe) failed. Only retryable failures count toward a pause. A
+    failure that said when to come back (`retry_after`) is probed then, not on the backoff:
+    a Slack 429 storm of a few seconds must not keep the target paused for half a minute."""
     if not retryable:
         return health, None
     failures = health.consecutive_failures + 1
@@ -129,15 +140,15 @@ def after_failure(health: Health, policy: HealthPolicy, now: datetime, error: st
         probes = health.failed_probes + 1
         return replace(health, state=TargetState.PAUSED, consecutive_failures=failures,
                        failed_probes=probes, last_error=error, probe_owner=None,
-                       probe_until=None,
-                       probe_at=now + timedelta(seconds=probe_delay(policy, probes))), None
+                       probe_until=None, probe_at=now + timedelta(
+                           seconds=next_probe(policy, probes, retry_after))), None
     if failures < policy.pause_after:
         return replace(health, consecutive_failures=failures, last_error=error,
                        since=health.since or now), None
     return replace(health, state=TargetState.PAUSED, consecutive_failures=failures,
                    failed_probes=0, since=now, last_error=error, probe_owner=None,
-                   probe_until=None,
-                   probe_at=now + timedelta(seconds=probe_delay(policy, 0))), Transition.PAUSED
+                   probe_until=None, probe_at=now + timedelta(
+                       seconds=next_probe(policy, 0, retry_after))), Transition.PAUSED
 
 
 def may_claim_probe(health: Health, now: datetime) -> bool:

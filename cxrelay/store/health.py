@@ -76,14 +76,15 @@ class HealthQueries(Database):
 
     def record_target_failure(self, *, target: str, scope: str, error: str, retryable: bool,
                               policy: HealthPolicy | None = None,
-                              now: datetime | None = None) -> Change | None:
+                              now: datetime | None = None,
+                              retry_after: float | None = None) -> Change | None:
         """A delivery or the probe failed; `PAUSED` for the one failure that paused it.
         Permanent errors change nothing (they dead-letter the event, not the target)."""
         if not retryable:
             return None
         rules = policy or HealthPolicy()
         return self._change(target, scope, lambda health: after_failure(
-            health, rules, now or utcnow(), error, retryable=True))
+            health, rules, now or utcnow(), error, retryable=True, retry_after=retry_after))
 
     def claim_probe(self, *, target: str, scope: str, owner: str,
                     policy: HealthPolicy | None = None, now: datetime | None = None) -> bool:

@@ -135,9 +135,13 @@ class InboxQueries(Database):
             )
 
     def release(self, inbox_id: int, *, worker: str, delay_seconds: float,
-                count_attempt: bool = True) -> None:
+                count_attempt: bool = True, waiting: bool = False) -> None:
         """Give a claimed event back for a later attempt. An attempt that never ran (the
-        Prefect API was unreachable, the dispatcher stopped) does not count."""
+        Prefect API was unreachable, the dispatcher stopped) does not count. An event that
+        `waiting` for a paused target starts over as a first attempt: it failed nothing, and
+        a first attempt runs as a task run of a lane, not as a flow run of its own each time
+        it looks again."""
+        attempts = 0 if waiting else INBOX.c.attempts - (0 if count_attempt else 1)
         with self.transaction() as conn:
             conn.execute(
                 update(INBOX)
@@ -145,7 +149,7 @@ class InboxQueries(Database):
                        INBOX.c.status == "claimed")
                 .values(status="pending", claimed_by=None, lease_until=None,
                         available_at=utcnow() + timedelta(seconds=delay_seconds),
-                        attempts=INBOX.c.attempts - (0 if count_attempt else 1))
+                        attempts=attempts)
             )
 
     def finish(self, inbox_id: int, *, outcome: str, detail: dict[str, Any]) -> None:
