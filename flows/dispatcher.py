@@ -123,6 +123,7 @@ class Dispatcher:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
         in_lanes = self.runtime.settings.dispatcher == "inprocess"
         settle = self.runtime.settings.settle_seconds if in_lanes else 0.0
+        await self.runtime.artifacts.start()
         try:
             while not stop.is_set():
                 claimed: list[ClaimedEvent] = []
@@ -172,6 +173,7 @@ class Dispatcher:
                 await asyncio.gather(self._gap_fill, return_exceptions=True)
             await self._drain()
             await self._close_lanes()
+            await self.runtime.artifacts.aclose()
 
     async def _close_lanes(self, grace_seconds: float = 10.0) -> None:
         """Wait for the lanes' flow runs to record their end: a lane task left to the loop's

@@ -248,10 +248,14 @@ async def _finish(runtime: Runtime, summary: dict[str, Any], inline: bool) -> di
     await asyncio.to_thread(runtime.store.finish, summary["inbox_id"],
                             outcome=summary["outcome"], detail=summary)
     # Keyed by conversation: the Artifacts page finds every event of a conversation by its id,
-    # and the key's history lists them in order.
-    await acreate_markdown_artifact(key=artifact_key(summary["conversation_id"]),
-                                    markdown=render_report(summary),
-                                    description=f"cxrelay: {summary['outcome']}")
+    # and the key's history lists them in order. A lane's is queued (see flows/artifacts.py);
+    # a run of its own writes its own before it ends.
+    key = artifact_key(summary["conversation_id"])
+    report, description = render_report(summary), f"cxrelay: {summary['outcome']}"
+    if inline:
+        await runtime.artifacts.markdown(key, report, description)
+    else:
+        await acreate_markdown_artifact(key=key, markdown=report, description=description)
     return summary
 
 

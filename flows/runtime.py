@@ -20,6 +20,7 @@ from cxrelay.connectors.slack import SlackClient
 from cxrelay.core.mapping import Mapper
 from cxrelay.core.pipeline import Pipeline
 from cxrelay.flows.alerts import Alerts
+from cxrelay.flows.artifacts import ArtifactWriter
 from cxrelay.flows.cache import SharedCache
 from cxrelay.flows.customer import CustomerCache
 from cxrelay.flows.health import HealthGate, target_scope
@@ -38,6 +39,7 @@ class Runtime:
     _clients: dict[str, Any] = field(default_factory=dict)
     conversations: SharedCache[dict[str, Any]] = field(default_factory=SharedCache)  # enrichment
     customers: CustomerCache = field(default_factory=CustomerCache)  # Salesforce resolutions
+    artifacts: ArtifactWriter = field(default_factory=ArtifactWriter)  # in the background
     _gate: HealthGate | None = None
     _scopes: dict[str, str] = field(default_factory=dict)
     # Cleared by the dispatcher while the receiver is flooded (see `Dispatcher._yield_check`);
@@ -62,6 +64,7 @@ class Runtime:
     async def aclose(self) -> None:
         """Close the clients, which belong to the event loop they were made on; the runtime
         makes new ones if it is used again on another loop. The store stays open."""
+        await self.artifacts.aclose()
         clients, self._clients = list(self._clients.values()), {}
         # Fetches in flight belong to this loop; finished results stay cached.
         self.conversations.forget_in_flight()
