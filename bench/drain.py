@@ -13,7 +13,8 @@ claimed twice and no conversation got two Salesforce records or Slack messages.
 
 "API req/event" counts the dispatcher's HTTP requests to the Prefect API (task-run states travel
 on the events websocket, not counted); "CPU ms/event" is the dispatcher processes' user+system
-CPU over the drain, divided by the events.
+CPU over the drain, divided by the events. "artifacts +s" is how long after the last event finished
+the last of the events' artifacts was on the server (lanes write them in the background).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from bench.e2e import postgres_database  # noqa: E402
 from cxrelay.app.sending import encode, generic_event  # noqa: E402
 from cxrelay.app.supervise import start_prefect_server, stop  # noqa: E402
 from cxrelay.core.envelope import normalise  # noqa: E402
+from cxrelay.flows.process_event import artifact_key  # noqa: E402
 from cxrelay.sandbox.genesys import sample_conversation  # noqa: E402
 from cxrelay.sandbox.server import Sandbox  # noqa: E402
 from cxrelay.store.database import Store  # noqa: E402
@@ -99,6 +101,15 @@ def drain(box: Sandbox, prefect_url: str, database_url: str, work: Path, events:
             time.sleep(0.25)
         elapsed = time.monotonic() - started
         cpu = cpu_seconds([pid for p in processes for pid in process_tree(p.pid)])
+        # Lanes write their events' artifacts in the background: how long after the drain
+        # the last one is on the server (the dispatcher keeps running meanwhile).
+        artifacts_lag = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if count_artifacts(prefect_url, conversations) >= events:
+                artifacts_lag = time.monotonic() - started - elapsed
+                break
+            time.sleep(0.5)
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -116,10 +127,23 @@ def drain(box: Sandbox, prefect_url: str, database_url: str, work: Path, events:
     api_calls = sum(int(c.read_text()) for c in counts if c.exists())
     store.close()
     return {"events": events, "seconds": elapsed, "per_second": events / elapsed,
+            "artifacts_lag": artifacts_lag,
             "api_per_event": api_calls / events, "cpu_ms_per_event": cpu * 1000 / events,
             "records": sum(1 for c in upserts if c in wanted),
             "duplicate_records": sum(n - 1 for c, n in upserts.items() if c in wanted and n > 1),
             "messages": posts, "claimed_twice": claimed_twice}
+
+
+def count_artifacts(prefect_url: str, conversations: list[str]) -> int:
+    """Artifacts keyed by these conversations on the server (the latest of each key)."""
+    keys = [artifact_key(c) for c in conversations]
+    found = 0
+    for start in range(0, len(keys), 500):
+        response = httpx.post(f"{prefect_url}/artifacts/latest/count", timeout=60,
+                              json={"artifacts": {"key": {"any_": keys[start:start + 500]}}})
+        response.raise_for_status()
+        found += int(response.json())
+    return found
 
 
 def fresh_postgres(name: str) -> str:
@@ -159,13 +183,16 @@ def main() -> int:
             print(rows[-1], flush=True)
         print(f"\nPrefect server on {args.prefect_db}, inbox on {args.inbox}; sandbox targets")
         print(f"{'mode':28}{'events':>8}{'seconds':>9}{'events/s':>10}{'API req/ev':>11}"
-              f"{'CPU ms/ev':>10}{'records':>9}{'dup':>5}{'messages':>10}{'claimed 2x':>11}")
+              f"{'CPU ms/ev':>10}{'records':>9}{'dup':>5}{'messages':>10}{'claimed 2x':>11}"
+              f"{'artifacts +s':>13}")
         for name, r in rows:
             print(f"{name:28}{r['events']:>8}{r['seconds']:>9.1f}{r['per_second']:>10.1f}"
                   f"{r['api_per_event']:>11.2f}{r['cpu_ms_per_event']:>10.1f}{r['records']:>9}"
-                  f"{r['duplicate_records']:>5}{r['messages']:>10}{r['claimed_twice']:>11}")
+                  f"{r['duplicate_records']:>5}{r['messages']:>10}{r['claimed_twice']:>11}"
+                  f"{'—' if r['artifacts_lag'] is None else format(r['artifacts_lag'], '.1f'):>13}")
         clean = all(r["records"] == r["events"] and r["duplicate_records"] == 0
-                    and r["messages"] == r["events"] for _, r in rows)
+                    and r["messages"] == r["events"] and r["artifacts_lag"] is not None
+                    for _, r in rows)
         return 0 if clean else 1
     finally:
         box.stop()
