@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/drain.py [--events 10000] [--per-event 150] [--prefect-db sqlite|postgres]
     .venv/bin/python bench/drain.py --inbox postgres --dispatchers 1,2 [--events 3000]
+    .venv/bin/python bench/drain.py --events 2000 --per-event 0 --baseline 2000
 
 Each dispatcher is a `cxrelay dispatch` process of its own (as `cxrelay serve` starts it), with
 the sandbox targets and a Prefect server of the bench's own; Prefect global limits off (the
@@ -29,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BIN, ROOT, cpu_seconds, process_tree  # noqa: E402
 from bench.e2e import postgres_database  # noqa: E402
+from bench.throughput import run_baseline  # noqa: E402
 from cxrelay.app.sending import encode, generic_event  # noqa: E402
 from cxrelay.app.supervise import start_prefect_server, stop  # noqa: E402
 from cxrelay.core.envelope import normalise  # noqa: E402
@@ -158,6 +161,9 @@ def main() -> int:
     parser.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--inbox", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--dispatchers", default="1")
+    parser.add_argument("--baseline", type=int, default=0,
+                        help="first run throughput.py's bare-flow baseline with this many events "
+                             "against the same server, and compare each drain to it")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cxrelay-drain-"))
     (work / "prefect").mkdir()
@@ -166,30 +172,49 @@ def main() -> int:
                                                home=work / "prefect", database_url=db)
     box = Sandbox().start()
     rows: list[tuple[str, dict[str, Any]]] = []
+
+    def with_server_cpu(events: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The Prefect server's CPU per event over `run` (its artifacts included)."""
+        before = cpu_seconds(process_tree(server.pid))
+        result = run()
+        result["server_ms_per_event"] = (cpu_seconds(process_tree(server.pid)) - before) * 1000 / events
+        return result
+
     try:
+        base: dict[str, Any] | None = None
+        if args.baseline:
+            base = with_server_cpu(args.baseline, lambda: run_baseline(box, prefect_url,
+                                                                       args.baseline))
+            print(f"baseline (bare flow, same calls, 16 in flight): {base['per_second']:.1f} "
+                  f"events/s, Prefect server CPU {base['server_ms_per_event']:.1f} ms/event",
+                  flush=True)
+
         def inbox(tag: str) -> str:
             if args.inbox == "postgres":
                 return fresh_postgres(f"cxrelay_drain_{tag}")
             return f"sqlite:///{work / f'inbox-{tag}.db'}"
 
         if args.per_event:
-            rows.append(("a flow run per event", drain(box, prefect_url, inbox("single"), work,
-                                                       args.per_event, lanes=False)))
+            rows.append(("a flow run per event", with_server_cpu(args.per_event, lambda: drain(
+                box, prefect_url, inbox("single"), work, args.per_event, lanes=False))))
             print(rows[-1], flush=True)
         for count in (int(n) for n in args.dispatchers.split(",") if args.events):
-            rows.append((f"lanes, {count} dispatcher(s)",
-                         drain(box, prefect_url, inbox(f"lanes{count}"), work, args.events,
-                               lanes=True, dispatchers=count)))
+            rows.append((f"lanes, {count} dispatcher(s)", with_server_cpu(
+                args.events, lambda count=count: drain(
+                    box, prefect_url, inbox(f"lanes{count}"), work, args.events, lanes=True,
+                    dispatchers=count))))
             print(rows[-1], flush=True)
         print(f"\nPrefect server on {args.prefect_db}, inbox on {args.inbox}; sandbox targets")
         print(f"{'mode':28}{'events':>8}{'seconds':>9}{'events/s':>10}{'API req/ev':>11}"
               f"{'CPU ms/ev':>10}{'records':>9}{'dup':>5}{'messages':>10}{'claimed 2x':>11}"
-              f"{'artifacts +s':>13}")
+              f"{'artifacts +s':>13}{'server ms/ev':>13}{'vs baseline':>12}")
         for name, r in rows:
             print(f"{name:28}{r['events']:>8}{r['seconds']:>9.1f}{r['per_second']:>10.1f}"
                   f"{r['api_per_event']:>11.2f}{r['cpu_ms_per_event']:>10.1f}{r['records']:>9}"
                   f"{r['duplicate_records']:>5}{r['messages']:>10}{r['claimed_twice']:>11}"
-                  f"{'—' if r['artifacts_lag'] is None else format(r['artifacts_lag'], '.1f'):>13}")
+                  f"{'—' if r['artifacts_lag'] is None else format(r['artifacts_lag'], '.1f'):>13}"
+                  f"{r['server_ms_per_event']:>13.1f}"
+                  f"{'—' if base is None else format(r['per_second'] / base['per_second'], '.2f'):>12}")
         clean = all(r["records"] == r["events"] and r["duplicate_records"] == 0
                     and r["messages"] == r["events"] and r["artifacts_lag"] is not None
                     for _, r in rows)
