@@ -158,8 +158,10 @@ class Settings(BaseSettings):
         "this interval; what comes in between is counted in the next")
     target_pause_after: int = Field(
         default=5, ge=1, description="consecutive retryable failures that pause a target")
+    # 10 s: one request every 10 s is nothing to a target that is down, and a target that is
+    # back waits at most this long to be used again (with 30 s, a 20 s outage cost 10 s more).
     target_probe_max_seconds: float = Field(
-        default=30, ge=1, description="a paused target is probed with one request at most this "
+        default=10, ge=1, description="a paused target is probed with one request at most this "
         "far apart (backing off from 2 s)")
     claim_lease_seconds: float = Field(default=60, gt=0)
     poll_interval_seconds: float = Field(default=0.05, gt=0)

@@ -3,7 +3,7 @@ go on; alerts say so; when a probe succeeds everything waiting is delivered, onc
 
 Issue 17 asks for a 150 s Salesforce outage; the suite runs it scaled down to 10 s (pause after
 3 failures, probes at most 2 s apart) to keep its time. `CXRELAY_TEST_OUTAGE_SECONDS=150` runs
-the full one with the shipped pause and probe settings (5 failures, probes up to 30 s apart);
+the full one with the shipped pause and probe settings (5 failures, probes up to 10 s apart);
 the figures of that run are in bench/README.md."""
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def start_prefect_server(log: Path, port: int | None = None, home: Path | None =
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
-def stop_on_signals(set_stop: Callable[[], None]) -> None:
+def stop_on_signals(set_stop: Callable[[], object]) -> None:
     """SIGTERM or SIGINT calls `set_stop` (from a thread: it must be thread-safe); a second one
     exits at once.
 

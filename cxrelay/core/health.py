@@ -40,7 +40,7 @@ class Action(str, enum.Enum):
 class HealthPolicy:
     pause_after: int = 5  # consecutive retryable failures that pause a target
     first_probe_seconds: float = 2.0  # the first probe after a pause
-    max_probe_seconds: float = 30.0  # the probe interval doubles up to this
+    max_probe_seconds: float = 10.0  # the probe interval doubles up to this
     probe_lease_seconds: float = 60.0  # a probe holder that died frees the slot after this
 
     def __post_init__(self) -> None:
