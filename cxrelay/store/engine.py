@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -63,6 +63,16 @@ def make_private(path: Path) -> None:
 def sqlite_datetime(moment: datetime) -> str:
     """The text SQLAlchemy's SQLite DateTime type stores, so raw inserts compare alike."""
     return moment.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+@overload
+def aware(moment: datetime) -> datetime: ...
+@overload
+def aware(moment: None) -> None: ...
+def aware(moment: datetime | None) -> datetime | None:
+    """SQLite, and PostgreSQL `timestamp` columns, give datetimes back without their zone;
+    every one stored here is UTC."""
+    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 WAL_AUTOCHECKPOINT_PAGES = 10_000

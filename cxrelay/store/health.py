@@ -8,7 +8,7 @@ and no write.
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -24,7 +24,7 @@ from cxrelay.core.health import (
     claim_probe,
     target_key,
 )
-from cxrelay.store.engine import Database
+from cxrelay.store.engine import Database, aware
 from cxrelay.store.ledger import LEDGER, open_row
 from cxrelay.store.models import TargetHealth, bounded, utcnow
 
@@ -33,20 +33,13 @@ _MUTABLE = ("state", "consecutive_failures", "failed_probes", "since", "last_err
             "probe_owner", "probe_until")
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    # SQLite and PostgreSQL `timestamp` columns give naive datetimes back; they hold UTC.
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=timezone.utc)
-
-
 def _health(row: Any) -> Health:
     return Health(key=row["key"], target=row["target"], scope=row["scope"],
                   state=TargetState(row["state"]),
                   consecutive_failures=row["consecutive_failures"],
-                  failed_probes=row["failed_probes"], since=_aware(row["since"]),
-                  last_error=row["last_error"], probe_at=_aware(row["probe_at"]),
-                  probe_owner=row["probe_owner"], probe_until=_aware(row["probe_until"]))
+                  failed_probes=row["failed_probes"], since=aware(row["since"]),
+                  last_error=row["last_error"], probe_at=aware(row["probe_at"]),
+                  probe_owner=row["probe_owner"], probe_until=aware(row["probe_until"]))
 
 
 class HealthQueries(Database):

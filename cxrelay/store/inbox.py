@@ -7,13 +7,13 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta, timezone
+from datetime import timedelta
 from typing import Any, Literal
 
 from sqlalchemy import and_, bindparam, func, or_, select, update
 
 from cxrelay.core.envelope import CanonicalEvent
-from cxrelay.store.engine import Database, sqlite_datetime
+from cxrelay.store.engine import Database, aware, sqlite_datetime
 from cxrelay.store.models import InboxEvent, utcnow
 
 INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
@@ -224,9 +224,7 @@ class InboxQueries(Database):
                 .where(INBOX.c.status == "pending", INBOX.c.available_at <= now)).one()
         if oldest is None:
             return int(count), 0.0
-        if oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=timezone.utc)
-        return int(count), max(0.0, (now - oldest).total_seconds())
+        return int(count), max(0.0, (now - aware(oldest)).total_seconds())
 
     def backlog(self) -> int:
         counts = self.status_counts()

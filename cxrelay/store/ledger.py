@@ -19,7 +19,7 @@ from sqlalchemy import String, and_, bindparam, case, func, select, update
 from sqlalchemy.engine import Connection
 
 from cxrelay.core.ordering import is_stale, newest
-from cxrelay.store.engine import Database
+from cxrelay.store.engine import Database, aware
 from cxrelay.store.models import Delivery, InboxEvent, utcnow
 
 LEDGER = Delivery.__table__  # type: ignore[attr-defined]
@@ -162,7 +162,5 @@ def _owner_alive(conn: Connection, owner: str | None, now: datetime) -> bool:
         INBOX.c.id == int(owner[len(OWNER_PREFIX):]))).first()
     if claim is None:
         return True
-    lease_until = claim.lease_until
-    if lease_until is not None and lease_until.tzinfo is None:
-        lease_until = lease_until.replace(tzinfo=now.tzinfo)
+    lease_until = aware(claim.lease_until)
     return claim.status == "claimed" and lease_until is not None and lease_until > now

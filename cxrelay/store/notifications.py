@@ -4,27 +4,22 @@ cursor (when it last heard from Genesys). A mixin of `Store`."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
 
-from cxrelay.store.engine import Database
+from cxrelay.store.engine import Database, aware
 from cxrelay.store.models import NotificationConsumerStatus, NotificationGap, utcnow
 
 GAPS = NotificationGap.__table__  # type: ignore[attr-defined]
 CONSUMERS = NotificationConsumerStatus.__table__  # type: ignore[attr-defined]
 
 
-def aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone; every one stored here is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 def _gap(row: object) -> NotificationGap:
     gap = NotificationGap(**dict(row._mapping))  # type: ignore[attr-defined]
     gap.started_at = aware(gap.started_at)
-    gap.ended_at = aware(gap.ended_at) if gap.ended_at else None
-    gap.claimed_until = aware(gap.claimed_until) if gap.claimed_until else None
+    gap.ended_at = aware(gap.ended_at)
+    gap.claimed_until = aware(gap.claimed_until)
     return gap
 
 
@@ -127,7 +122,7 @@ class NotificationQueries(Database):
         with self.engine.connect() as conn:
             found = conn.execute(select(CONSUMERS.c.last_message_at).where(
                 CONSUMERS.c.consumer == consumer)).scalar()
-        return aware(found) if found is not None else None
+        return aware(found)
 
     def consumer_statuses(self) -> list[NotificationConsumerStatus]:
         with self.engine.connect() as conn:
