@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,21 @@ def lead_and_message(box: Sandbox) -> tuple[dict[str, Any], dict[str, Any]]:
     return lead, message
 
 
+@contextmanager
+def hooked(tmp_path: Path, box: Sandbox, extra: str = ""
+           ) -> Iterator[tuple[str, list[dict[str, Any]], Path]]:
+    """A conversation in the Genesys emulator, the pipeline file whose HTTP target posts to
+    a receiver of this test's own, and what that receiver got."""
+    conversation = str(uuid.uuid4())
+    httpx.post(f"{box.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(conversation)]).raise_for_status()
+    received: list[dict[str, Any]] = []
+    with serve(receiver(received)) as base:
+        pipeline = tmp_path / "pipeline.yaml"
+        pipeline.write_text(PIPELINE.replace("URL", f"{base}/hook") + extra)
+        yield conversation, received, pipeline
+
+
 def event_at(conversation: str, created_at: str, phone: str) -> dict[str, Any]:
     payload = generic_event(conversation, phone=phone)
     payload["createdAt"] = created_at
@@ -77,13 +94,7 @@ def event_at(conversation: str, created_at: str, phone: str) -> dict[str, Any]:
 
 def test_an_older_event_after_a_newer_one_is_stale_for_every_target(
         tmp_path: Path, clean_sandbox: Sandbox) -> None:
-    conversation = str(uuid.uuid4())
-    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
-               json=[sample_conversation(conversation)]).raise_for_status()
-    received: list[dict[str, Any]] = []
-    with serve(receiver(received)) as base:
-        pipeline = tmp_path / "pipeline.yaml"
-        pipeline.write_text(PIPELINE.replace("URL", f"{base}/hook"))
+    with hooked(tmp_path, clean_sandbox) as (conversation, received, pipeline):
         runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
         enqueue(runtime.store, event_at(conversation, "2026-11-28T14:30:09Z", "+15550000009"))
         asyncio.run(dispatch_until(runtime, 1))
@@ -131,13 +142,8 @@ def test_events_inside_the_settle_window_merge_into_one_write_per_target(
     """customer.end, then two acw events (the last with the wrap-up's newest phone), all
     inside the window: each target is written once, with the newest values; every event
     finishes, the older ones merged into the newest."""
-    conversation = str(uuid.uuid4())
-    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
-               json=[sample_conversation(conversation)]).raise_for_status()
-    received: list[dict[str, Any]] = []
-    with serve(receiver(received)) as base:
-        pipeline = tmp_path / "pipeline.yaml"
-        pipeline.write_text(PIPELINE.replace("URL", f"{base}/hook") + "settle_seconds: 2\n")
+    with hooked(tmp_path, clean_sandbox, "settle_seconds: 2\n") as (
+            conversation, received, pipeline):
         runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
         assert runtime.settings.settle_seconds == 2
         ids = [enqueue(runtime.store, event_at(conversation, at, phone)) for at, phone in [
@@ -164,13 +170,7 @@ def test_concurrent_events_of_one_conversation_end_with_the_newest_data_everywhe
     """An older and a newer event of one conversation claimed at the same moment and run side
     by side in the lane: whichever finishes first, every target ends with the newest data,
     and the older one is either stale or overwritten — never the last word."""
-    conversation = str(uuid.uuid4())
-    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
-               json=[sample_conversation(conversation)]).raise_for_status()
-    received: list[dict[str, Any]] = []
-    with serve(receiver(received)) as base:
-        pipeline = tmp_path / "pipeline.yaml"
-        pipeline.write_text(PIPELINE.replace("URL", f"{base}/hook"))
+    with hooked(tmp_path, clean_sandbox) as (conversation, received, pipeline):
         runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
         newer = enqueue(runtime.store, event_at(conversation, "2026-11-28T14:30:09Z",
                                                 "+15550000009"))
