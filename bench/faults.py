@@ -23,9 +23,7 @@ letters, nothing left unfinished.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,26 +36,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BIN  # noqa: E402
-from bench.throughput import SECRET, seed  # noqa: E402
+from bench.throughput import SECRET, seed, start_serve  # noqa: E402
 from cxrelay.app.sending import encode, generic_event, hmac_headers  # noqa: E402
-from cxrelay.app.supervise import free_port, start_prefect_server, stop, wait_http  # noqa: E402
+from cxrelay.app.supervise import free_port, start_prefect_server, stop  # noqa: E402
 from cxrelay.sandbox.server import Sandbox  # noqa: E402
 from cxrelay.store.database import Store  # noqa: E402
 
 COPIES = 3
 FINISH_TIMEOUT_SECONDS = 900.0
-
-
-def start_serve(box: Sandbox, prefect_url: str, db: Path, port: int, log: Path
-                ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
-           "CXRELAY_WEBHOOK_SECRET": SECRET, "CXRELAY_DATABASE_URL": f"sqlite:///{db}",
-           "CXRELAY_PREFECT_LIMITS": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    serve = subprocess.Popen([str(BIN / "cxrelay"), "serve", "--port", str(port)], env=env,
-                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    wait_http(f"http://127.0.0.1:{port}/healthz", 60, serve)
-    return serve
 
 
 def post_all(client: httpx.Client, url: str, conversations: list[str]) -> None:

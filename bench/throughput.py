@@ -58,6 +58,23 @@ def seed(box: Sandbox, conversations: list[str]) -> None:
                    ).raise_for_status()
 
 
+def start_serve(box: Sandbox, prefect_url: str, db: Path, port: int, log: Path
+                ) -> subprocess.Popen[bytes]:
+    """`cxrelay serve` as shipped on a SQLite inbox, against the sandbox and the bench's
+    Prefect server (limits off), once it answers."""
+    env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
+           "CXRELAY_WEBHOOK_SECRET": SECRET, "CXRELAY_DATABASE_URL": f"sqlite:///{db}",
+           "CXRELAY_PREFECT_LIMITS": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    serve = subprocess.Popen([str(BIN / "cxrelay"), "serve", "--port", str(port)], env=env,
+                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", 60, serve)
+    except BaseException:
+        stop(serve)
+        raise
+    return serve
+
+
 def salesforce_received(box: Sandbox, wanted: dict[str, float]) -> dict[str, float]:
     """Conversation → when the Salesforce emulator accepted its upsert."""
     received: dict[str, float] = {}
@@ -152,17 +169,11 @@ def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: f
     seed(box, [warm, *conversations])
     db = work / f"cxrelay-{rate:g}.db"
     port = free_port()
-    env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
-           "CXRELAY_WEBHOOK_SECRET": SECRET, "CXRELAY_DATABASE_URL": f"sqlite:///{db}",
-           "CXRELAY_PREFECT_LIMITS": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    serve = subprocess.Popen([str(BIN / "cxrelay"), "serve", "--port", str(port)], env=env,
-                             stdout=(work / f"serve-{rate:g}.log").open("wb"),
-                             stderr=subprocess.STDOUT)
+    serve = start_serve(box, prefect_url, db, port, work / f"serve-{rate:g}.log")
     samples: list[tuple[float, int]] = []
     stop_flag = threading.Event()
     try:
         url = f"http://127.0.0.1:{port}/webhooks/genesys"
-        wait_http(f"http://127.0.0.1:{port}/healthz", 60, serve)
         body = encode(generic_event(warm))
         httpx.post(url, content=body, headers=hmac_headers(body, SECRET)).raise_for_status()
         deadline = time.monotonic() + 120
