@@ -185,6 +185,11 @@ def ended_now(conversation_id: str, queue_id: str = "q-support") -> dict[str, An
                                queue_id=queue_id)
 
 
+async def end_now(box: Sandbox, conversation_id: str, queue_id: str) -> None:
+    """The conversation ends in the Genesys emulator now (its analytics API knows it)."""
+    await asyncio.to_thread(control, box, "conversations", [ended_now(conversation_id, queue_id)])
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_a_10s_drop_is_filled_from_analytics_once_and_only_for_subscribed_queues(
         tmp_path: Path, clean_sandbox: Sandbox, store: Store) -> None:
@@ -194,8 +199,7 @@ def test_a_10s_drop_is_filled_from_analytics_once_and_only_for_subscribed_queues
     async def scenario() -> None:
         async with running(clean_sandbox, store, config()) as consumer, \
                 filling(tmp_path, clean_sandbox) as filler:
-            await asyncio.to_thread(control, clean_sandbox, "conversations",
-                                    [ended_now("live", queue_id)])
+            await end_now(clean_sandbox, "live", queue_id)
             await publish(clean_sandbox, queue_id, snapshot("live"))
             await poll(lambda: len(inbox_keys(store)) == 1, "the live conversation")
             # Every socket drops, and new ones are refused for 10 s.
@@ -203,13 +207,11 @@ def test_a_10s_drop_is_filled_from_analytics_once_and_only_for_subscribed_queues
             await poll(lambda: consumer.stats.open_sockets == 0, "the drop")
             missed = [f"missed-{i}" for i in range(3)]
             for conversation_id in missed:  # they end while no socket listens: lost on the wire
-                await asyncio.to_thread(control, clean_sandbox, "conversations",
-                                        [ended_now(conversation_id, queue_id)])
+                await end_now(clean_sandbox, conversation_id, queue_id)
                 assert await publish(clean_sandbox, queue_id, snapshot(conversation_id)) == 0
                 await asyncio.sleep(2)  # spread over the drop
             # A queue the consumer is not subscribed to: the gap-fill must not bring it.
-            await asyncio.to_thread(control, clean_sandbox, "conversations",
-                                    [ended_now("other-queue", "q-not-subscribed")])
+            await end_now(clean_sandbox, "other-queue", "q-not-subscribed")
             await poll(lambda: [g.status for g in store.gaps()] == ["filled"], "the gap filled",
                        seconds=30)
             # One of them also arrives on the new socket (a late wrap-up snapshot).
@@ -239,12 +241,12 @@ def test_a_restart_fills_the_time_it_was_down_without_duplicates(
 
     async def scenario() -> None:
         async with running(clean_sandbox, store, config()):
-            await asyncio.to_thread(control, clean_sandbox, "conversations", [ended_now("before", queue_id)])
+            await end_now(clean_sandbox, "before", queue_id)
             await publish(clean_sandbox, queue_id, snapshot("before"))
             await poll(lambda: len(inbox_keys(store)) == 1, "the first conversation")
         assert store.cursor("notifications") is not None
         down = f"down-{uuid.uuid4().hex[:6]}"
-        await asyncio.to_thread(control, clean_sandbox, "conversations", [ended_now(down, queue_id)])
+        await end_now(clean_sandbox, down, queue_id)
         assert await publish(clean_sandbox, queue_id, snapshot(down)) == 0
         async with running(clean_sandbox, store, config()) as consumer, \
                 filling(tmp_path, clean_sandbox):
