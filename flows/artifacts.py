@@ -1,101 +1,164 @@
-"""Event artifacts written beside a lane's events, not in their way.
+"""Event artifacts: written from the store when the dispatcher has CPU to spare.
 
-An artifact is one blocking `POST /artifacts/`. In a lane it was the event's last step: under a
-burst of 2,000 it waited 380 ms on average (p99 2.5 s) on a Prefect server busy recording task
-runs — two thirds of the time an event held one of the dispatcher's slots. So a running
-dispatcher queues its lanes' artifacts, linked to the task run and flow run they belong to as
-Prefect would link them, and a few writers of its own send them while the next events run. The
-inbox row, finished before, stays the record; the UI shows the artifact a moment later, as it
-shows the task run itself.
+An artifact costs the Prefect server more than the event's task run does: measured in a burst of
+2,000 through `cxrelay serve` on 2 cores, the server spent 30 ms of CPU per event with artifacts
+and 14 ms without, and the burst drained at 26.7 events/s with them against 37 without. The
+server shares the machine with the dispatcher, so every artifact written during a burst is CPU
+the deliveries do not get.
 
-The queue is bounded (a full queue makes events wait for the server, as before), and closing
-the writer sends what is queued for a bounded time.
+So a lane's event records its artifact as pending in the transaction that records its outcome
+(`cxrelay.store.artifacts`), linked to its task run and flow run as Prefect would link it, and
+this writer sends pending artifacts while the dispatcher has free slots — at once at a steady
+load, after the backlog while a burst keeps every slot busy. Nothing is lost to a stop or a
+crash: what was not written is written by the next dispatcher. `cxrelay status` and /metrics
+say how many are pending. A `process-event` run still writes its own before it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from typing import TYPE_CHECKING
 
-from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import ArtifactCreate
 from prefect.utilities.context import get_task_and_flow_run_ids
+
+from cxrelay.flows.report import artifact_key, render_report
+from cxrelay.store.artifacts import ArtifactLink, DueArtifact
+
+if TYPE_CHECKING:
+    from cxrelay.store.database import Store
 
 logger = logging.getLogger("cxrelay.artifacts")
 # Measured with bench/drain.py (2,000 events): 2 writers wrote ~13 artifacts/s beside the
 # drain, 4 kept up within seconds of its end.
 WRITERS = 4
-MAX_QUEUED = 1_000
+BATCH = 32
+LEASE_SECONDS = 60.0
+# Rows of other dispatchers (or of one that died) are looked for this often when nothing wakes
+# the writer.
+IDLE_LOOK_SECONDS = 5.0
 # A stopping dispatcher also waits for its events and lanes: together well inside the 30 s
-# that `cxrelay serve` gives its children after SIGTERM.
+# that `cxrelay serve` gives its children after SIGTERM. What is left stays pending.
 CLOSE_SECONDS = 5.0
 
 
+def description(outcome: str) -> str:
+    return f"cxrelay: {outcome}"
+
+
 class ArtifactWriter:
-    def __init__(self, writers: int = WRITERS, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, writers: int = WRITERS, batch: int = BATCH) -> None:
         self.writers = writers
-        self.max_queued = max_queued
+        self.batch = batch
         self.written = 0
         self.failed = 0
-        self._queue: asyncio.Queue[ArtifactCreate] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        # Set by the dispatcher while every slot is taken (a backlog): artifacts wait.
+        self.busy = False
+        self._store: Store | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self._client: PrefectClient | None = None
 
     @property
-    def queued(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+    def running(self) -> bool:
+        return self._task is not None
 
-    async def start(self) -> None:
-        """Write in the background from now on (on the running loop) until `aclose`."""
-        if self._queue is not None:
+    async def start(self, store: Store) -> None:
+        """Write pending artifacts from now on (on the running loop) until `aclose`."""
+        if self._task is not None:
             return
+        self._store = store
         # Its own client: a flow run's client closes with its run.
         self._client = get_client()
         await self._client.__aenter__()
-        self._queue = asyncio.Queue(self.max_queued)
-        self._tasks = [asyncio.create_task(self._write(self._queue, self._client),
-                                           name=f"cxrelay-artifacts-{n}")
-                       for n in range(self.writers)]
+        self._wake = asyncio.Event()
+        self._wake.set()  # what an earlier dispatcher left
+        self._task = asyncio.create_task(self._run(), name="cxrelay-artifacts")
 
-    async def markdown(self, key: str, markdown: str, description: str) -> None:
-        """The markdown artifact `key` of the current task or flow run: queued while the
-        writer runs, else written now."""
-        if self._queue is None:
-            await acreate_markdown_artifact(key=key, markdown=markdown, description=description)
-            return
+    def link(self) -> ArtifactLink | None:
+        """The current task run's and flow run's ids, for an artifact this writer will write
+        from the store; None when it does not run (the caller writes its artifact itself)."""
+        if self._task is None:
+            return None
         task_run_id, flow_run_id = get_task_and_flow_run_ids()
-        await self._queue.put(ArtifactCreate(key=key, type="markdown", description=description,
-                                             data=markdown, task_run_id=task_run_id,
-                                             flow_run_id=flow_run_id))
+        return ArtifactLink(str(task_run_id) if task_run_id else None,
+                            str(flow_run_id) if flow_run_id else None)
 
-    async def _write(self, queue: asyncio.Queue[ArtifactCreate], client: PrefectClient) -> None:
-        # The queue and client as they were at start: `aclose` unhooks them before it drains.
+    def wake(self) -> None:
+        """An artifact is pending (or the dispatcher has slots free again)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
         while True:
-            artifact = await queue.get()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_LOOK_SECONDS)
+            self._wake.clear()
             try:
-                await client.create_artifact(artifact)
+                while not self.busy and await self._write_due() == self.batch:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store is unavailable: the rows stay pending
+                logger.exception("writing pending artifacts failed")
+                await asyncio.sleep(1)
+
+    async def _write_due(self) -> int:
+        """Take a batch of due artifacts and write it, `writers` at a time; how many it took."""
+        assert self._store is not None and self._client is not None
+        due = await asyncio.to_thread(self._store.take_artifacts, limit=self.batch,
+                                      lease_seconds=LEASE_SECONDS)
+        gate = asyncio.Semaphore(self.writers)
+        client = self._client
+
+        async def write(artifact: DueArtifact) -> int | None:
+            async with gate:
+                try:
+                    await client.create_artifact(ArtifactCreate(
+                        key=artifact_key(artifact.conversation_id), type="markdown",
+                        description=description(artifact.outcome),
+                        data=render_report(artifact.detail),
+                        task_run_id=artifact.link.task_run_id,
+                        flow_run_id=artifact.link.flow_run_id))
+                except Exception as exc:  # due again when its lease ends
+                    self.failed += 1
+                    logger.warning("artifact of event %s not written (tried again later): %s",
+                                   artifact.inbox_id, exc)
+                    return None
                 self.written += 1
-            except Exception as exc:  # the inbox row keeps the same summary
-                self.failed += 1
-                logger.warning("artifact %s not written: %s", artifact.key, exc)
-            finally:
-                queue.task_done()
+                return artifact.inbox_id
+
+        done = await asyncio.gather(*(write(artifact) for artifact in due))
+        await asyncio.to_thread(self._store.artifacts_written,
+                                [inbox_id for inbox_id in done if inbox_id is not None])
+        return len(due)
 
     async def aclose(self, timeout: float = CLOSE_SECONDS) -> None:
-        """Send what is queued (for at most `timeout` s), then stop."""
-        queue, self._queue = self._queue, None
-        if queue is None:
+        """Write what is pending for at most `timeout` s, then stop; the rest stays pending
+        for the next dispatcher."""
+        task, self._task = self._task, None
+        if task is None:
             return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.busy = False
         try:
-            await asyncio.wait_for(queue.join(), timeout)
+            await asyncio.wait_for(self._flush(), timeout)
         except asyncio.TimeoutError:
-            logger.warning("%d artifacts not written: the Prefect API did not take them "
-                           "within %g s", queue.qsize(), timeout)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+            assert self._store is not None
+            left = await asyncio.to_thread(self._store.pending_artifacts)
+            logger.warning("%d artifacts not written yet: the Prefect API did not take them "
+                           "within %g s; they stay pending for the next dispatcher", left,
+                           timeout)
+        except Exception:
+            logger.exception("writing pending artifacts failed; they stay pending")
         client, self._client = self._client, None
         if client is not None:
             await client.__aexit__(None, None, None)
+
+    async def _flush(self) -> None:
+        failed = self.failed
+        while await self._write_due() and self.failed == failed:
+            pass

@@ -123,11 +123,12 @@ class Dispatcher:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
         in_lanes = self.runtime.settings.dispatcher == "inprocess"
         settle = self.runtime.settings.settle_seconds if in_lanes else 0.0
-        await self.runtime.artifacts.start()
+        await self.runtime.artifacts.start(self.store)
         try:
             while not stop.is_set():
                 claimed: list[ClaimedEvent] = []
                 if await self._yield_check():
+                    self._artifacts_wait(True)
                     await self._renew_claims()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=0.5)
@@ -152,6 +153,7 @@ class Dispatcher:
                         task = asyncio.create_task(self._run_one(event))
                         self.running[event.id] = task
                         task.add_done_callback(self._forget(event))
+                self._artifacts_wait(len(self.running) >= self.concurrency)
                 await self._renew_claims()
                 self._prune_now_and_then()
                 await self._flush_alerts()
@@ -174,6 +176,14 @@ class Dispatcher:
             await self._drain()
             await self._close_lanes()
             await self.runtime.artifacts.aclose()
+
+    def _artifacts_wait(self, busy: bool) -> None:
+        """Artifacts are written while a slot is free: during a backlog the Prefect server's
+        CPU goes to the events' task runs (see flows/artifacts.py)."""
+        writer = self.runtime.artifacts
+        if writer.busy and not busy:
+            writer.wake()
+        writer.busy = busy
 
     async def _close_lanes(self, grace_seconds: float = 10.0) -> None:
         """Wait for the lanes' flow runs to record their end: a lane task left to the loop's

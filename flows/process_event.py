@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
@@ -28,7 +27,8 @@ from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError
 from cxrelay.core.outcome import WAITING, Next, Outcome, Stage, after_failure, event_outcome
 from cxrelay.flows import steps
-from cxrelay.flows.report import render_report
+from cxrelay.flows.artifacts import description
+from cxrelay.flows.report import artifact_key, render_report
 from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.models import InboxEvent
@@ -245,20 +245,16 @@ async def _wait(runtime: Runtime, row: InboxEvent, summary: dict[str, Any]) -> N
 
 
 async def _finish(runtime: Runtime, summary: dict[str, Any], inline: bool) -> dict[str, Any]:
+    """Record the outcome. A lane's artifact is recorded as pending with it and written by the
+    dispatcher's writer when it has CPU to spare (see flows/artifacts.py); a run of its own
+    writes its own before it ends."""
+    link = runtime.artifacts.link() if inline else None
     await asyncio.to_thread(runtime.store.finish, summary["inbox_id"],
-                            outcome=summary["outcome"], detail=summary)
-    # Keyed by conversation: the Artifacts page finds every event of a conversation by its id,
-    # and the key's history lists them in order. A lane's is queued (see flows/artifacts.py);
-    # a run of its own writes its own before it ends.
-    key = artifact_key(summary["conversation_id"])
-    report, description = render_report(summary), f"cxrelay: {summary['outcome']}"
-    if inline:
-        await runtime.artifacts.markdown(key, report, description)
+                            outcome=summary["outcome"], detail=summary, artifact=link)
+    if link is not None:
+        runtime.artifacts.wake()
     else:
-        await acreate_markdown_artifact(key=key, markdown=report, description=description)
+        await acreate_markdown_artifact(key=artifact_key(summary["conversation_id"]),
+                                        markdown=render_report(summary),
+                                        description=description(summary["outcome"]))
     return summary
-
-
-def artifact_key(conversation_id: str) -> str:
-    """`conversation-<id>` as an artifact key may be written: lowercase letters, digits, dashes."""
-    return "conversation-" + re.sub(r"[^a-z0-9-]", "-", conversation_id.lower())[:200]

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+
+def artifact_key(conversation_id: str) -> str:
+    """`conversation-<id>` as an artifact key may be written: lowercase letters, digits, dashes.
+    Keyed by conversation, the Artifacts page finds every event of a conversation by its id,
+    and the key's history lists them in order."""
+    return "conversation-" + re.sub(r"[^a-z0-9-]", "-", conversation_id.lower())[:200]
 
 
 def render_report(summary: dict[str, Any]) -> str:

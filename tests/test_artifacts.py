@@ -1,5 +1,6 @@
-"""The artifact writer: a lane's artifacts are queued, written beside the events and linked to
-their task run as Prefect links them; closing writes what is queued, for a bounded time."""
+"""Event artifacts: recorded as pending with the event's outcome, written from the store while
+the dispatcher has a free slot, linked to their task run as Prefect links them; nothing pending
+is lost to a stop, and two writers never take the same row."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from prefect import flow, task
@@ -16,86 +18,187 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.context import TaskRunContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from cxrelay.app.sending import generic_event
 from cxrelay.app.supervise import free_port
 from cxrelay.flows.artifacts import ArtifactWriter
+from cxrelay.flows.report import artifact_key
+from cxrelay.store.artifacts import ArtifactLink
+from cxrelay.store.database import Store
+from tests.flowkit import enqueue
 
 
-def keys(n: int) -> list[str]:
-    return [f"conversation-{uuid.uuid4()}" for _ in range(n)]
+def events(store: Store, n: int) -> dict[int, str]:
+    """n inbox events: inbox id → conversation id."""
+    found = {}
+    for _ in range(n):
+        conversation = str(uuid.uuid4())
+        inbox_id = enqueue(store, generic_event(conversation))
+        assert inbox_id is not None
+        found[inbox_id] = conversation
+    return found
 
 
-async def artifacts(wanted: list[str]) -> dict[str, tuple[object, object, str]]:
+async def artifacts(conversations: list[str]) -> dict[str, tuple[object, object, str]]:
     async with get_client() as client:
-        found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=wanted)))
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[artifact_key(c) for c in conversations])))
     return {a.key or "": (a.task_run_id, a.flow_run_id, str(a.data)) for a in found}
 
 
-@pytest.mark.usefixtures("prefect_api")
-def test_queued_artifacts_are_linked_to_their_task_run_and_written_by_close() -> None:
-    wanted = keys(12)
-    writer = ArtifactWriter(writers=2)
+async def finish_in_a_lane(store: Store, writer: ArtifactWriter, inbox: dict[int, str]
+                          ) -> list[str]:
+    """Each event finished by a task run of one flow run, as a lane finishes it; the task
+    runs' ids."""
 
     @task(name="conversation", cache_policy=NO_CACHE, persist_result=False)
-    async def one(key: str) -> str:
-        await writer.markdown(key, f"report of {key}", "cxrelay: delivered")
+    async def one(inbox_id: int) -> str:
+        link = writer.link()
+        assert link is not None
+        await asyncio.to_thread(store.finish, inbox_id, outcome="delivered", artifact=link,
+                                detail={"conversation_id": inbox[inbox_id], "outcome": "delivered",
+                                        "event_id": f"event-{inbox_id}"})
+        writer.wake()
         run = TaskRunContext.get()
         assert run is not None
         return str(run.task_run.id)
 
     @flow(name="lane", persist_result=False)
     async def lane() -> list[str]:
-        return list(await asyncio.gather(*(one(key) for key in wanted)))
+        return list(await asyncio.gather(*(one(inbox_id) for inbox_id in inbox)))
 
-    async def main() -> tuple[list[str], dict[str, tuple[object, object, str]]]:
-        await writer.start()
-        runs = await lane()
-        await writer.aclose(timeout=60)  # at once: what is queued is written by the close
-        return runs, await artifacts(wanted)
-
-    runs, found = asyncio.run(main())
-    assert writer.written == 12 and writer.failed == 0
-    assert sorted(found) == sorted(wanted)
-    for key, run in zip(wanted, runs, strict=True):
-        task_run_id, flow_run_id, data = found[key]
-        assert str(task_run_id) == run and flow_run_id is not None
-        assert data == f"report of {key}"
+    return await lane()
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_a_writer_not_started_writes_at_once() -> None:
-    (key,) = keys(1)
+def test_pending_artifacts_are_written_linked_to_their_task_run(store: Store) -> None:
+    inbox = events(store, 6)
+    writer = ArtifactWriter(writers=2, batch=4)
 
-    @flow(name="process-event", persist_result=False)
-    async def own_run() -> None:
-        await ArtifactWriter().markdown(key, "written now", "cxrelay: delivered")
+    async def main() -> tuple[list[str], dict[str, tuple[object, object, str]], int]:
+        await writer.start(store)
+        runs = await finish_in_a_lane(store, writer, inbox)
+        deadline = time.monotonic() + 30
+        while store.pending_artifacts() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # written while the writer runs, not by its close
+        pending = store.pending_artifacts()
+        await writer.aclose()
+        return runs, await artifacts(list(inbox.values())), pending
 
-    async def main() -> dict[str, tuple[object, object, str]]:
-        await own_run()
-        return await artifacts([key])
+    runs, found, pending = asyncio.run(main())
+    assert pending == 0 and writer.written == 6 and writer.failed == 0
+    for (inbox_id, conversation), run in zip(inbox.items(), runs, strict=True):
+        task_run_id, flow_run_id, data = found[artifact_key(conversation)]
+        assert str(task_run_id) == run and flow_run_id is not None
+        assert conversation in data and f"event-{inbox_id}" in data and "delivered" in data
 
-    found = asyncio.run(main())
-    assert found[key][1] is not None and found[key][2] == "written now"
+
+@pytest.mark.usefixtures("prefect_api")
+def test_artifacts_wait_while_the_dispatcher_is_busy_and_follow_when_it_is_not(
+        store: Store) -> None:
+    inbox = events(store, 5)
+    writer = ArtifactWriter()
+
+    async def main() -> tuple[int, int]:
+        await writer.start(store)
+        writer.busy = True
+        for inbox_id, conversation in inbox.items():
+            await asyncio.to_thread(store.finish, inbox_id, outcome="delivered",
+                                    detail={"conversation_id": conversation},
+                                    artifact=ArtifactLink(None, None))
+            writer.wake()
+        await asyncio.sleep(1.0)
+        while_busy = store.pending_artifacts()
+        writer.busy = False
+        writer.wake()
+        deadline = time.monotonic() + 30
+        while store.pending_artifacts() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        after = store.pending_artifacts()
+        await writer.aclose()
+        return while_busy, after
+
+    while_busy, after = asyncio.run(main())
+    assert while_busy == 5 and after == 0
+    assert sorted(asyncio.run(artifacts(list(inbox.values())))) == sorted(
+        artifact_key(c) for c in inbox.values())
 
 
-def test_queued_artifacts_never_wait_for_an_unreachable_api_and_close_is_bounded(
-        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_stop_with_the_api_unreachable_is_bounded_and_loses_no_artifact(
+        store: Store, caplog: pytest.LogCaptureFixture, prefect_api: str) -> None:
+    inbox = events(store, 20)
+    for inbox_id, conversation in inbox.items():
+        store.finish(inbox_id, outcome="delivered", detail={"conversation_id": conversation},
+                     artifact=ArtifactLink(None, None))
     writer = ArtifactWriter(writers=1)
 
-    async def main() -> tuple[float, float]:
-        await writer.start()
-        started = time.monotonic()
-        for key in keys(20):
-            await writer.markdown(key, "report", "cxrelay: delivered")
-        queued = time.monotonic() - started
+    async def stop_at_once() -> float:
+        await writer.start(store)
         started = time.monotonic()
         await writer.aclose(timeout=1.0)
-        return queued, time.monotonic() - started
+        return time.monotonic() - started
 
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}), \
             caplog.at_level(logging.WARNING, logger="cxrelay.artifacts"):
-        queued, closing = asyncio.run(main())
-    # Generous bounds: only a wait on the API (its retries back off for many seconds) fails them.
-    assert queued < 0.5 and closing < 5
-    assert writer.written == 0
-    assert "artifacts not written" in caplog.text
+        closing = asyncio.run(stop_at_once())
+    # Generous bound: only a wait on the API (its retries back off for many seconds) fails it.
+    assert closing < 5 and writer.written == 0
+    assert store.pending_artifacts() == 20
+    assert "stay pending" in caplog.text
+
+    # The next dispatcher writes them (once the lease of the failed attempt has run out).
+    with store.transaction() as conn:
+        conn.exec_driver_sql("UPDATE pending_artifacts SET due_at = '2000-01-01 00:00:00'")
+    later = ArtifactWriter()
+
+    async def next_dispatcher() -> None:
+        await later.start(store)
+        await later.aclose(timeout=60)
+
+    asyncio.run(next_dispatcher())
+    assert later.written == 20 and store.pending_artifacts() == 0
+    assert len(asyncio.run(artifacts(list(inbox.values())))) == 20
+
+
+@pytest.mark.parametrize("any_store", ["sqlite", "postgres"], indirect=True)
+def test_pending_artifacts_are_leased_to_one_writer(any_store: Store) -> None:
+    inbox = events(any_store, 5)
+    for inbox_id, conversation in inbox.items():
+        any_store.finish(inbox_id, outcome="delivered", detail={"conversation_id": conversation},
+                         artifact=ArtifactLink("task", "flow"))
+    # Finished again (a replay) before its artifact was written: still one pending row.
+    first = next(iter(inbox))
+    any_store.finish(first, outcome="stale", detail={"conversation_id": inbox[first]},
+                     artifact=ArtifactLink("task-2", "flow-2"))
+    assert any_store.pending_artifacts() == 5
+
+    taken = any_store.take_artifacts(limit=3, lease_seconds=60)
+    assert [a.inbox_id for a in taken] == sorted(inbox)[:3]
+    assert taken[0].outcome == "stale" and taken[0].link == ArtifactLink("task-2", "flow-2")
+    assert taken[0].detail == {"conversation_id": inbox[first]}
+    rest = any_store.take_artifacts(limit=10, lease_seconds=60)
+    assert [a.inbox_id for a in rest] == sorted(inbox)[3:]  # not those leased above
+    assert any_store.take_artifacts(limit=10, lease_seconds=60) == []
+    any_store.artifacts_written([a.inbox_id for a in taken])
+    assert any_store.pending_artifacts() == 2
+
+    # A writer that died: its rows are due again when their lease runs out.
+    with any_store.transaction() as conn:
+        conn.exec_driver_sql("UPDATE pending_artifacts SET due_at = '2000-01-01 00:00:00'")
+    assert [a.inbox_id for a in any_store.take_artifacts(limit=10, lease_seconds=60)] == \
+        sorted(inbox)[3:]
+
+
+def test_a_pruned_event_leaves_no_artifact_to_write(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'cxrelay.db'}")
+    try:
+        inbox = events(store, 2)
+        for inbox_id, conversation in inbox.items():
+            store.finish(inbox_id, outcome="delivered", detail={"conversation_id": conversation},
+                         artifact=ArtifactLink(None, None))
+        gone = min(inbox)
+        with store.transaction() as conn:
+            conn.exec_driver_sql(f"DELETE FROM inbox WHERE id = {gone}")
+        assert [a.inbox_id for a in store.take_artifacts(limit=10, lease_seconds=60)] == [max(inbox)]
+        assert store.pending_artifacts() == 1  # the one taken; the pruned one is gone
+    finally:
+        store.close()

@@ -190,6 +190,7 @@ def test_health_readiness_and_metrics(receiver: str) -> None:
     assert 'cxrelay_webhooks_duplicate_total{source="genesys"} 1.0' in metrics
     assert 'cxrelay_webhooks_rejected_total{reason="unauthorized",source="genesys"} 1.0' in metrics
     assert "cxrelay_inbox_depth 1.0" in metrics
+    assert "cxrelay_artifacts_pending 0.0" in metrics
 
 
 def test_readyz_fails_when_the_database_is_unreachable(tmp_path) -> None:  # type: ignore[no-untyped-def]

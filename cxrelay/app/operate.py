@@ -39,6 +39,7 @@ def status() -> None:
         add_row(table, f"inbox {name}", count)
     table.add_row("dead letters (open)", str(len(store.dead_letters("open"))))
     table.add_row("quarantined (open)", str(len(store.quarantined("open"))))
+    table.add_row("Prefect artifacts to write", str(store.pending_artifacts()))
     for name, count in sorted(store.gap_counts().items()):
         table.add_row(f"notification gaps {name}", str(count))
     for consumer in store.consumer_statuses():

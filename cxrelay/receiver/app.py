@@ -145,6 +145,8 @@ class Receiver:
         # On a database error the gauge keeps its last value; /readyz reports the database.
         with contextlib.suppress(Exception):
             self.metrics.inbox_depth.set(await anyio.to_thread.run_sync(self.store.backlog))
+            self.metrics.artifacts_pending.set(
+                await anyio.to_thread.run_sync(self.store.pending_artifacts))
             for record in await anyio.to_thread.run_sync(self.store.drift):
                 self.metrics.drift.labels(record.contract, record.field, record.kind).set(
                     record.count)

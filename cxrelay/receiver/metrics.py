@@ -30,6 +30,9 @@ class ReceiverMetrics:
                            "by field", ["contract", "field", "kind"], registry=self.registry)
         self.inbox_depth = Gauge("cxrelay_inbox_depth", "Events waiting or in progress",
                                  registry=self.registry)
+        self.artifacts_pending = Gauge(
+            "cxrelay_artifacts_pending", "Finished events whose Prefect artifact is not written "
+            "yet (written while the dispatcher has a free slot)", registry=self.registry)
         # The notification consumer runs in its own process: these are read from the status it
         # saves in the store every few seconds.
         self.notification = {

@@ -6,6 +6,7 @@ Each concept's queries live in a module of their own; `Store` combines them.
 
 from __future__ import annotations
 
+from cxrelay.store.artifacts import ArtifactQueries
 from cxrelay.store.dead_letters import DeadLetterQueries
 from cxrelay.store.drift import DriftQueries
 from cxrelay.store.health import HealthQueries
@@ -18,5 +19,5 @@ from cxrelay.store.settle import SettleQueries
 
 
 class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries,
-            SettleQueries, NotificationQueries, HealthQueries, SelectionQueries):
+            SettleQueries, NotificationQueries, HealthQueries, SelectionQueries, ArtifactQueries):
     """SQLite (WAL) by default, PostgreSQL for scale-out; see `cxrelay.store.engine`."""

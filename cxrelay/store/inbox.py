@@ -13,6 +13,7 @@ from typing import Any, Literal
 from sqlalchemy import and_, bindparam, func, or_, select, update
 
 from cxrelay.core.envelope import CanonicalEvent
+from cxrelay.store.artifacts import ArtifactLink, record_pending
 from cxrelay.store.engine import Database, aware, sqlite_datetime
 from cxrelay.store.models import InboxEvent, utcnow
 
@@ -152,11 +153,16 @@ class InboxQueries(Database):
                         attempts=attempts)
             )
 
-    def finish(self, inbox_id: int, *, outcome: str, detail: dict[str, Any]) -> None:
+    def finish(self, inbox_id: int, *, outcome: str, detail: dict[str, Any],
+               artifact: ArtifactLink | None = None) -> None:
+        """Record the event's outcome; with `artifact`, its Prefect artifact is pending in the
+        same transaction (see `cxrelay.store.artifacts`)."""
         status = "failed" if outcome == "failed" else "done"
         with self.transaction() as conn:
             conn.execute(_FINISH, {"p_id": inbox_id, "p_status": status, "p_outcome": outcome,
                                    "p_detail": json.dumps(detail, default=str), "p_now": utcnow()})
+            if artifact is not None:
+                record_pending(conn, inbox_id, artifact)
 
     def requeue(self, inbox_id: int) -> None:
         """Make a finished event runnable again (replay)."""

@@ -55,6 +55,20 @@ class InboxEvent(SQLModel, table=True):
     finished_at: datetime | None = None
 
 
+class PendingArtifact(SQLModel, table=True):
+    """An event's Prefect artifact not yet written. It is recorded with the event's outcome
+    (one transaction), so a dispatcher that stops or dies loses none; the report itself is
+    rendered from the inbox row's detail when it is written."""
+
+    __tablename__ = "pending_artifacts"
+
+    inbox_id: int = Field(primary_key=True)
+    task_run_id: str | None = Field(default=None, max_length=36)
+    flow_run_id: str | None = Field(default=None, max_length=36)
+    # taken by a writer until then; due again (written anew) if it did not finish by then
+    due_at: datetime = Field(default_factory=utcnow, index=True)
+
+
 class Delivery(SQLModel, table=True):
     """One row per (conversation, target, action): the exactly-once ledger."""
 

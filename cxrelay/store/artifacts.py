@@ -1,0 +1,97 @@
+"""Pending artifacts: the events whose Prefect artifact is still to be written.
+
+A finished event records its artifact as pending in the transaction that records its outcome
+(`InboxQueries.finish`); the dispatcher's artifact writer takes them in batches, with a lease,
+when it has CPU to spare, and deletes what it wrote. Two dispatchers on one PostgreSQL inbox
+never take the same row while its lease holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from cxrelay.store.engine import Database
+from cxrelay.store.models import InboxEvent, PendingArtifact, utcnow
+
+PENDING = PendingArtifact.__table__  # type: ignore[attr-defined]
+INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
+
+
+def _upsert(dialect: Any) -> Any:
+    # An event finished again (a replay) before its first artifact was written: one pending
+    # row, linked to the newest run.
+    stmt = dialect.insert(PENDING)
+    return stmt.on_conflict_do_update(index_elements=["inbox_id"], set_={
+        column: stmt.excluded[column] for column in ("task_run_id", "flow_run_id", "due_at")})
+
+
+_RECORD = {"sqlite": _upsert(sqlite), "postgresql": _upsert(postgresql)}
+
+
+@dataclass(frozen=True)
+class ArtifactLink:
+    """The Prefect runs an event's artifact belongs to (its task run in a lane)."""
+
+    task_run_id: str | None
+    flow_run_id: str | None
+
+
+@dataclass(frozen=True)
+class DueArtifact:
+    inbox_id: int
+    conversation_id: str
+    outcome: str
+    detail: dict[str, Any]
+    link: ArtifactLink
+
+
+def record_pending(conn: Any, inbox_id: int, link: ArtifactLink) -> None:
+    """In the caller's transaction (the one that finishes the event)."""
+    conn.execute(_RECORD[conn.dialect.name], {"inbox_id": inbox_id, "task_run_id": link.task_run_id,
+                           "flow_run_id": link.flow_run_id, "due_at": utcnow()})
+
+
+class ArtifactQueries(Database):
+    def take_artifacts(self, *, limit: int, lease_seconds: float) -> list[DueArtifact]:
+        """Up to `limit` due artifacts, oldest event first, each leased for `lease_seconds`
+        (a writer that dies leaves them due again)."""
+        now = utcnow()
+        with self.transaction() as conn:
+            ids = list(conn.execute(
+                select(PENDING.c.inbox_id).where(PENDING.c.due_at <= now)
+                .order_by(PENDING.c.inbox_id).limit(limit)
+                .with_for_update(skip_locked=True)).scalars())
+            if not ids:
+                return []
+            conn.execute(update(PENDING).where(PENDING.c.inbox_id.in_(ids))
+                         .values(due_at=now + timedelta(seconds=lease_seconds)))
+            rows = conn.execute(
+                select(PENDING.c.inbox_id, PENDING.c.task_run_id, PENDING.c.flow_run_id,
+                       INBOX.c.conversation_id, INBOX.c.outcome, INBOX.c.detail)
+                .join(INBOX, INBOX.c.id == PENDING.c.inbox_id)
+                .where(PENDING.c.inbox_id.in_(ids)).order_by(PENDING.c.inbox_id)).all()
+            # An event pruned (or requeued) meanwhile has no report left to write.
+            gone = set(ids) - {row.inbox_id for row in rows if row.outcome is not None}
+            if gone:
+                conn.execute(delete(PENDING).where(PENDING.c.inbox_id.in_(list(gone))))
+        return [DueArtifact(row.inbox_id, row.conversation_id, row.outcome,
+                            json.loads(row.detail or "{}"),
+                            ArtifactLink(row.task_run_id, row.flow_run_id))
+                for row in rows if row.outcome is not None]
+
+    def artifacts_written(self, inbox_ids: Sequence[int]) -> None:
+        if not inbox_ids:
+            return
+        with self.transaction() as conn:
+            conn.execute(delete(PENDING).where(PENDING.c.inbox_id.in_(list(inbox_ids))))
+
+    def pending_artifacts(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(PENDING)).scalar_one())
