@@ -92,12 +92,21 @@ async def offer(url: str, conversations: list[str], rate: float,
     not delay the next event). Returns when each was sent; raises if one was not accepted."""
     sent_at: dict[str, float] = {}
     failures: list[str] = []
+    resent = [0]
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
 
         async def post(conversation: str) -> None:
             body = encode(generic_event(conversation))
             sent_at[conversation] = time.time()
-            response = await client.post(url, content=body, headers=hmac_headers(body, SECRET))
+            for attempt in range(3):
+                try:
+                    response = await client.post(url, content=body,
+                                                 headers=hmac_headers(body, SECRET))
+                    break
+                except httpx.TransportError:  # a kept-alive connection closed under us: resend
+                    if attempt == 2:
+                        raise
+                    resent[0] += 1
             acks.append((time.time() - sent_at[conversation]) * 1000)
             if response.status_code != 202:
                 failures.append(f"{response.status_code} {response.text[:200]}")
@@ -113,6 +122,9 @@ async def offer(url: str, conversations: list[str], rate: float,
         await asyncio.gather(*pending)
     if failures:
         raise RuntimeError(f"{len(failures)} events not accepted, e.g. {failures[0]}")
+    if resent[0]:
+        print(f"{resent[0]} requests sent again after a transport error (the inbox dedupes)",
+              file=sys.stderr)
     return sent_at
 
 

@@ -107,6 +107,7 @@ class Dispatcher:
         self.running: dict[int, asyncio.Future[None]] = {}
         self.target_tags = [f"target:{t.name}" for t in runtime.pipeline.enabled_targets]
         self.lane: Lane | None = None
+        self.next_lane: Lane | None = None  # opened to replace `lane`, not running yet
         self.lanes: list[Lane] = []
         self.started_runs = 0
         self.ingest_yield = IngestYield(runtime.settings.yield_above_events_per_second,
@@ -153,7 +154,8 @@ class Dispatcher:
                         task = asyncio.create_task(self._run_one(event))
                         self.running[event.id] = task
                         task.add_done_callback(self._forget(event))
-                self._artifacts_wait(len(self.running) >= self.concurrency)
+                # A backlog: every slot was taken, or the inbox had as many as were free.
+                self._artifacts_wait(free <= 0 or len(units) >= free)
                 await self._renew_claims()
                 self._prune_now_and_then()
                 await self._flush_alerts()
@@ -168,8 +170,9 @@ class Dispatcher:
                     waker.cancel()
         finally:
             self.runtime.ingest_calm.set()  # lanes finish their events while draining
-            if self.lane is not None:
-                self.lane.close()
+            for lane in (self.lane, self.next_lane):
+                if lane is not None:
+                    lane.close()
             if self._gap_fill is not None:  # its claim is released or runs out
                 self._gap_fill.cancel()
                 await asyncio.gather(self._gap_fill, return_exceptions=True)
@@ -203,21 +206,30 @@ class Dispatcher:
             settle_seconds=settle)]
 
     def _to_lane(self, events: list[ClaimedEvent]) -> None:
-        """Into the open lane; a new lane when it has run long enough."""
+        """Into the open lane. One that has run long enough gets a successor, and takes the
+        events until the successor's flow run runs (see cxrelay.flows.lanes)."""
         settings = self.runtime.settings
-        lane = self.lane
-        if lane is None or lane.events >= settings.lane_max_events or \
-                time.monotonic() - lane.opened > settings.lane_max_seconds:
-            if lane is not None:
-                lane.close()
-            with tags("lane", *self.target_tags):
-                lane = self.lane = open_lane(self.worker_id.rsplit(":", 1)[-1],
-                                             self._lane_done)
-            self.lanes.append(lane)
-            self.lanes = self.lanes[-100:]
+        lane, successor = self.lane, self.next_lane
+        if successor is not None and successor.run is not None and successor.run.done():
+            successor = self.next_lane = None  # it could not start: a new one is tried
+        if lane is None:
+            lane = self.lane = self._open_lane()
+        elif successor is None and (lane.events >= settings.lane_max_events or
+                                    time.monotonic() - lane.opened > settings.lane_max_seconds):
+            successor = self.next_lane = self._open_lane()
+        if successor is not None and successor.started.is_set():
+            lane.close()
+            lane, self.lane, self.next_lane = successor, successor, None
         for event in events:
             self.running[event.id] = asyncio.get_running_loop().create_future()
         lane.put(events)
+
+    def _open_lane(self) -> Lane:
+        with tags("lane", *self.target_tags):
+            lane = open_lane(self.worker_id.rsplit(":", 1)[-1], self._lane_done)
+        self.lanes.append(lane)
+        self.lanes = self.lanes[-100:]
+        return lane
 
     def _lane_done(self, event: ClaimedEvent, result: dict[str, Any] | BaseException) -> None:
         waiter = self.running.get(event.id)

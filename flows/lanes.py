@@ -9,7 +9,10 @@ one service queue (a burst of 2,000 tagged events drained at 7.9 events/s, a ten
 ceiling). The conversation id is the task run's name and its artifact's key; the source, the
 event type and each target's result are in that artifact.
 A lane is rotated after `lane_max_events` events or `lane_max_seconds`, so that Prefect's
-per-run memory and the UI's run graph stay bounded.
+per-run memory and the UI's run graph stay bounded. The old lane takes events until its
+successor's flow run runs: creating a flow run is a blocking API call, and a busy SQLite Prefect
+server answers it 503 ("database is locked") and the client backs off for up to a minute (seen
+in a burst of 2,000: the events of a new lane waited 60 s).
 
 An event whose steps fail in a lane is handed back to the dispatcher, which gives it a
 `process-event` run of its own (Prefect's per-step retries, dead letters).
@@ -51,6 +54,8 @@ class Lane:
     opened: float = field(default_factory=time.monotonic)
     events: int = 0
     run: asyncio.Task[Any] | None = None
+    # set once its flow run runs: the lane it replaces takes events until then
+    started: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, events: list[ClaimedEvent]) -> None:
         self.events += len(events)
@@ -132,6 +137,7 @@ async def lane_flow(lane_id: str) -> dict[str, int]:
     """Events of the inbox, each run the moment it is claimed as a task run
     `conversation-<id>`; the run ends when the dispatcher rotates or closes the lane."""
     lane = _OPEN[lane_id]
+    lane.started.set()
     outcomes: Counter[str] = Counter()
     running: set[asyncio.Task[None]] = set()
     while (unit := await lane.queue.get()) is not None:
