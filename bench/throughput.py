@@ -8,7 +8,9 @@ targets and one Prefect server of the bench's own; events are offered open-loop 
 `--seconds`, then the bench waits until each reached Salesforce. It prints events processed per
 second, POST → Salesforce-received latency p50/p99, the largest backlog (acknowledged, not yet
 finished), Genesys API calls per event, the lanes (flow runs whose task runs are the events)
-and the flow runs of their own (events handed back) it took. `--burst N` adds a round of N
+and the flow runs of their own (events handed back) it took, and how long after the last
+delivery the last event artifact was on the server ("artifacts +s": they are written while the
+dispatcher has a free slot, so after a burst's backlog). `--burst N` adds a round of N
 events offered within two seconds: how fast a backlog drains.
 
 The baseline, measured in the same run against the same Prefect server and sandbox: a bare
@@ -175,6 +177,14 @@ def count_flow_runs(prefect_url: str, name_like: str) -> int:
     return int(response.json())
 
 
+def count_artifacts(prefect_url: str) -> int:
+    """cxrelay's event artifacts on the server (keyed `conversation-<id>`)."""
+    response = httpx.post(f"{prefect_url}/artifacts/count", timeout=30,
+                          json={"artifacts": {"key": {"like_": "conversation-"}}})
+    response.raise_for_status()
+    return int(response.json())
+
+
 def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: float) -> dict[str, Any]:
     conversations = [str(uuid.uuid4()) for _ in range(int(rate * seconds))]
     warm = str(uuid.uuid4())
@@ -195,6 +205,7 @@ def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: f
             time.sleep(0.1)
         genesys_before = len(box.genesys.requests)
         lanes_before = count_flow_runs(prefect_url, "lane-")
+        artifacts_before = count_artifacts(prefect_url)
         singles_before = count_flow_runs(prefect_url, "conversation-")
 
         watcher = threading.Thread(target=watch_backlog, args=(db, stop_flag, samples), daemon=True)
@@ -210,6 +221,11 @@ def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: f
         while len(received) < len(conversations) and time.monotonic() < deadline:
             time.sleep(0.5)
             received = salesforce_received(box, sent_at)
+        # Artifacts are written while the dispatcher has a free slot: after a backlog.
+        while count_artifacts(prefect_url) - artifacts_before < len(received) and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)
+        artifacts_after = time.time() - max(received.values(), default=time.time())
         stop_flag.set()
         watcher.join()
         latencies = [(received[c] - sent_at[c]) * 1000 for c in received]
@@ -228,6 +244,7 @@ def run_rate(box: Sandbox, prefect_url: str, work: Path, rate: float, seconds: f
             / max(1, len(conversations)),
             "lanes": count_flow_runs(prefect_url, "lane-") - lanes_before,
             "event_runs": count_flow_runs(prefect_url, "conversation-") - singles_before,
+            "artifacts_done_after_s": artifacts_after,
         }
     finally:
         stop_flag.set()
@@ -338,14 +355,14 @@ def main() -> int:
         print(f"\nPrefect server on {args.prefect_db}; {args.seconds:g} s per rate; work in {work}")
         print(f"{'offered/s':>9} {'events':>7} {'reached':>8} {'processed/s':>12} {'vs base':>8} "
               f"{'p50 ms':>8} {'p99 ms':>8} {'max backlog':>12} {'backlog@end':>12} "
-              f"{'Genesys/ev':>11} {'lanes/own runs':>15}")
+              f"{'Genesys/ev':>11} {'lanes/own runs':>15} {'artifacts +s':>13}")
         for r in results:
             print(f"{r['rate']:>9g} {r['events']:>7} {r['reached']:>8} "
                   f"{r['processed_per_second']:>12.1f} "
                   f"{r['processed_per_second'] / base['per_second']:>8.2f} {r['p50_ms']:>8.0f} "
                   f"{r['p99_ms']:>8.0f} {r['largest_backlog']:>12} "
                   f"{r['backlog_at_end_of_offer']:>12} {r['genesys_calls_per_event']:>11.2f} "
-                  f"{r['lanes']:>7}/{r['event_runs']:<7}")
+                  f"{r['lanes']:>7}/{r['event_runs']:<7} {r['artifacts_done_after_s']:>13.1f}")
         print(f"baseline: {base['per_second']:.1f} events/s in one flow run; "
               f"{per_run['per_second']:.1f} bare flow runs/s")
         return 0 if all(r["reached"] == r["events"] for r in results) else 1
