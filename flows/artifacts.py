@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from uuid import UUID
 from typing import TYPE_CHECKING
 
 from prefect.client.orchestration import PrefectClient, get_client
@@ -38,7 +40,8 @@ WRITERS = 4
 BATCH = 32
 LEASE_SECONDS = 60.0
 # Rows of other dispatchers (or of one that died) are looked for this often when nothing wakes
-# the writer.
+# the writer; and while the dispatcher stays busy, one batch is written this often, so that a
+# load that never lets up still gets its artifacts (a few a second, a small share of the CPU).
 IDLE_LOOK_SECONDS = 5.0
 # A stopping dispatcher also waits for its events and lanes: together well inside the 30 s
 # that `cxrelay serve` gives its children after SIGTERM. What is left stays pending.
@@ -47,6 +50,17 @@ CLOSE_SECONDS = 5.0
 
 def description(outcome: str) -> str:
     return f"cxrelay: {outcome}"
+
+
+def _uuid(value: str | None) -> UUID | None:
+    return UUID(value) if value else None
+
+
+def _refused(exc: BaseException) -> bool:
+    """A 4xx other than 429: the artifact itself is refused (too large, say)."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status != 429
 
 
 class ArtifactWriter:
@@ -92,13 +106,17 @@ class ArtifactWriter:
         self._wake.set()
 
     async def _run(self) -> None:
+        last_write = time.monotonic()
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_LOOK_SECONDS)
             self._wake.clear()
             try:
+                if self.busy and time.monotonic() - last_write >= IDLE_LOOK_SECONDS:
+                    last_write = time.monotonic()
+                    await self._write_due()
                 while not self.busy and await self._write_due() == self.batch:
-                    pass
+                    last_write = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the store is unavailable: the rows stay pending
@@ -111,28 +129,37 @@ class ArtifactWriter:
         due = await asyncio.to_thread(self._store.take_artifacts, limit=self.batch,
                                       lease_seconds=LEASE_SECONDS)
         gate = asyncio.Semaphore(self.writers)
-        client = self._client
+        client, store = self._client, self._store
+        done: list[DueArtifact] = []
 
-        async def write(artifact: DueArtifact) -> int | None:
+        async def write(artifact: DueArtifact) -> None:
             async with gate:
                 try:
                     await client.create_artifact(ArtifactCreate(
                         key=artifact_key(artifact.conversation_id), type="markdown",
                         description=description(artifact.outcome),
                         data=render_report(artifact.detail),
-                        task_run_id=artifact.link.task_run_id,
-                        flow_run_id=artifact.link.flow_run_id))
-                except Exception as exc:  # due again when its lease ends
+                        task_run_id=_uuid(artifact.link.task_run_id),
+                        flow_run_id=_uuid(artifact.link.flow_run_id)))
+                except Exception as exc:
                     self.failed += 1
-                    logger.warning("artifact of event %s not written (tried again later): %s",
-                                   artifact.inbox_id, exc)
-                    return None
+                    if _refused(exc):  # no retry makes the API take it: not tried again
+                        logger.error("artifact of event %s refused by the Prefect API, not "
+                                     "written: %s", artifact.inbox_id, exc)
+                        done.append(artifact)
+                        return
+                    logger.warning("artifact of event %s not written (tried again when its "
+                                   "lease ends): %s", artifact.inbox_id, exc)
+                    return
                 self.written += 1
-                return artifact.inbox_id
+                done.append(artifact)
 
-        done = await asyncio.gather(*(write(artifact) for artifact in due))
-        await asyncio.to_thread(self._store.artifacts_written,
-                                [inbox_id for inbox_id in done if inbox_id is not None])
+        try:
+            await asyncio.gather(*(write(artifact) for artifact in due))
+        finally:
+            # Also when a stop cancels the batch: what was written is not written again.
+            if done:
+                await asyncio.shield(asyncio.to_thread(store.artifacts_written, done))
         return len(due)
 
     async def aclose(self, timeout: float = CLOSE_SECONDS) -> None:

@@ -210,8 +210,12 @@ class Dispatcher:
         events until the successor's flow run runs (see cxrelay.flows.lanes)."""
         settings = self.runtime.settings
         lane, successor = self.lane, self.next_lane
-        if successor is not None and successor.run is not None and successor.run.done():
+        if successor is not None and successor.ended:
             successor = self.next_lane = None  # it could not start: a new one is tried
+        if lane is not None and lane.ended:  # it crashed: its successor, or a new lane
+            lane, self.lane = None, None
+            if successor is not None:
+                lane, self.lane, successor, self.next_lane = successor, successor, None, None
         if lane is None:
             lane = self.lane = self._open_lane()
         elif successor is None and (lane.events >= settings.lane_max_events or

@@ -57,7 +57,15 @@ class Lane:
     # set once its flow run runs: the lane it replaces takes events until then
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def ended(self) -> bool:
+        return self.run is not None and self.run.done()
+
     def put(self, events: list[ClaimedEvent]) -> None:
+        if self.ended:  # its flow run is over: nothing would run them
+            for event in events:
+                self.done(event, RuntimeError(f"lane {self.id} ended before running this event"))
+            return
         self.events += len(events)
         self.queue.put_nowait(events)
 

@@ -143,7 +143,7 @@ def test_a_stop_with_the_api_unreachable_is_bounded_and_loses_no_artifact(
     # Generous bound: only a wait on the API (its retries back off for many seconds) fails it.
     assert closing < 5 and writer.written == 0
     assert store.pending_artifacts() == 20
-    assert "stay pending" in caplog.text
+    assert "not written" in caplog.text
 
     # The next dispatcher writes them (once the lease of the failed attempt has run out).
     with store.transaction() as conn:
@@ -178,7 +178,14 @@ def test_pending_artifacts_are_leased_to_one_writer(any_store: Store) -> None:
     rest = any_store.take_artifacts(limit=10, lease_seconds=60)
     assert [a.inbox_id for a in rest] == sorted(inbox)[3:]  # not those leased above
     assert any_store.take_artifacts(limit=10, lease_seconds=60) == []
-    any_store.artifacts_written([a.inbox_id for a in taken])
+    # Finished again while its artifact was being written: its newer outcome stays pending.
+    refinished = taken[1].inbox_id
+    any_store.finish(refinished, outcome="stale", detail={"conversation_id": inbox[refinished]},
+                     artifact=ArtifactLink("task-3", "flow-3"))
+    any_store.artifacts_written(taken)
+    assert any_store.pending_artifacts() == 3
+    # A replayed event: its earlier report is not written; a run of its own writes its own.
+    any_store.requeue(refinished)
     assert any_store.pending_artifacts() == 2
 
     # A writer that died: its rows are due again when their lease runs out.

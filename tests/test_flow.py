@@ -395,10 +395,10 @@ def test_events_run_as_task_runs_of_rotating_lanes_with_the_same_guarantees(
             return by_lane
 
     by_lane = asyncio.run(task_runs_by_lane())
-    # Rotated: a lane takes events past 10 only until its successor's flow run runs (a
-    # successor opened last may have had none).
-    assert set(by_lane) <= lane_names and len(by_lane) >= 2
-    assert all(len(names) < 26 for names in by_lane.values())
+    # Rotated (a successor was opened above); a lane takes events past 10 until its
+    # successor's flow run runs, which may be after this test's last event (the rotation
+    # itself: test_a_lane_takes_events_until_its_successor_runs).
+    assert set(by_lane) <= lane_names
     ran = sorted(name.removeprefix("conversation-") for names in by_lane.values()
                  for name in names)
     assert ran == sorted([*ids, ids[0], connected])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -50,12 +50,19 @@ class DueArtifact:
     outcome: str
     detail: dict[str, Any]
     link: ArtifactLink
+    leased_until: datetime
 
 
-def record_pending(conn: Any, inbox_id: int, link: ArtifactLink) -> None:
-    """In the caller's transaction (the one that finishes the event)."""
-    conn.execute(_RECORD[conn.dialect.name], {"inbox_id": inbox_id, "task_run_id": link.task_run_id,
-                           "flow_run_id": link.flow_run_id, "due_at": utcnow()})
+def record_pending(conn: Any, inbox_id: int, link: ArtifactLink | None) -> None:
+    """In the caller's transaction (the one that finishes or requeues the event): the event's
+    artifact is pending, or (None) not this writer's to write — a `process-event` run writes
+    its own, and a replayed event's earlier report is not written after the replay."""
+    if link is None:
+        conn.execute(delete(PENDING).where(PENDING.c.inbox_id == inbox_id))
+        return
+    conn.execute(_RECORD[conn.dialect.name], {
+        "inbox_id": inbox_id, "task_run_id": link.task_run_id,
+        "flow_run_id": link.flow_run_id, "due_at": utcnow()})
 
 
 class ArtifactQueries(Database):
@@ -63,6 +70,7 @@ class ArtifactQueries(Database):
         """Up to `limit` due artifacts, oldest event first, each leased for `lease_seconds`
         (a writer that dies leaves them due again)."""
         now = utcnow()
+        until = now + timedelta(seconds=lease_seconds)
         with self.transaction() as conn:
             ids = list(conn.execute(
                 select(PENDING.c.inbox_id).where(PENDING.c.due_at <= now)
@@ -71,7 +79,7 @@ class ArtifactQueries(Database):
             if not ids:
                 return []
             conn.execute(update(PENDING).where(PENDING.c.inbox_id.in_(ids))
-                         .values(due_at=now + timedelta(seconds=lease_seconds)))
+                         .values(due_at=until))
             rows = conn.execute(
                 select(PENDING.c.inbox_id, PENDING.c.task_run_id, PENDING.c.flow_run_id,
                        INBOX.c.conversation_id, INBOX.c.outcome, INBOX.c.detail)
@@ -83,14 +91,20 @@ class ArtifactQueries(Database):
                 conn.execute(delete(PENDING).where(PENDING.c.inbox_id.in_(list(gone))))
         return [DueArtifact(row.inbox_id, row.conversation_id, row.outcome,
                             json.loads(row.detail or "{}"),
-                            ArtifactLink(row.task_run_id, row.flow_run_id))
+                            ArtifactLink(row.task_run_id, row.flow_run_id), until)
                 for row in rows if row.outcome is not None]
 
-    def artifacts_written(self, inbox_ids: Sequence[int]) -> None:
-        if not inbox_ids:
+    def artifacts_written(self, written: Sequence[DueArtifact]) -> None:
+        """Delete the rows written, unless the event was finished again meanwhile (a new
+        pending row for its newer outcome, not leased)."""
+        if not written:
             return
         with self.transaction() as conn:
-            conn.execute(delete(PENDING).where(PENDING.c.inbox_id.in_(list(inbox_ids))))
+            for leased_until in {artifact.leased_until for artifact in written}:
+                conn.execute(delete(PENDING).where(
+                    PENDING.c.inbox_id.in_([a.inbox_id for a in written
+                                            if a.leased_until == leased_until]),
+                    PENDING.c.due_at == leased_until))
 
     def pending_artifacts(self) -> int:
         with self.engine.connect() as conn:

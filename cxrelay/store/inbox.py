@@ -161,8 +161,7 @@ class InboxQueries(Database):
         with self.transaction() as conn:
             conn.execute(_FINISH, {"p_id": inbox_id, "p_status": status, "p_outcome": outcome,
                                    "p_detail": json.dumps(detail, default=str), "p_now": utcnow()})
-            if artifact is not None:
-                record_pending(conn, inbox_id, artifact)
+            record_pending(conn, inbox_id, artifact)
 
     def requeue(self, inbox_id: int) -> None:
         """Make a finished event runnable again (replay)."""
@@ -173,6 +172,7 @@ class InboxQueries(Database):
                     outcome=None, finished_at=None,
                 )
             )
+            record_pending(conn, inbox_id, None)
 
     def get_event(self, inbox_id: int) -> InboxEvent | None:
         with self.engine.connect() as conn:
