@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from uuid import UUID
 from typing import TYPE_CHECKING
+from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import ArtifactCreate
