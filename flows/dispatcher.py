@@ -44,12 +44,22 @@ class Deferred(Exception):
 
 
 def _infrastructure_failure(exc: BaseException) -> bool:
-    """The run never got going: the Prefect API (or the network to it) was unavailable."""
+    """The run never got going: the Prefect API (or the network to it) was unavailable. Also
+    behind Prefect's own `RuntimeError("Failed to reach API at …") from <the transport error>`,
+    which a new client raises when the server is gone: counted as the event's failure, it
+    dead-lettered every waiting event within a minute of the Prefect server's going."""
     from prefect.exceptions import PrefectHTTPStatusError
 
-    if isinstance(exc, PrefectHTTPStatusError):
-        return exc.response.status_code >= 500 or exc.response.status_code == 429
-    return isinstance(exc, (httpx.TransportError, ConnectionError))
+    seen: BaseException | None = exc
+    for _ in range(5):  # the exception and what raised it
+        if seen is None:
+            return False
+        if isinstance(seen, PrefectHTTPStatusError):
+            return seen.response.status_code >= 500 or seen.response.status_code == 429
+        if isinstance(seen, (httpx.TransportError, ConnectionError)):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 class IngestYield:
@@ -119,6 +129,9 @@ class Dispatcher:
         self._gap_fill: asyncio.Task[Any] | None = None
         self._last_gap_check = 0.0
         self._wake = asyncio.Event()
+        # The Prefect API unavailable: since when, and no claims before `_claim_after`.
+        self._outage_since: float | None = None
+        self._claim_after = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
@@ -134,7 +147,8 @@ class Dispatcher:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=0.5)
                     continue
-                free = self.concurrency - len(self.running)
+                free = self.concurrency - len(self.running) \
+                    if time.monotonic() >= self._claim_after else 0
                 units: list[list[ClaimedEvent]] = []
                 if free > 0:
                     try:
@@ -237,6 +251,8 @@ class Dispatcher:
 
     def _lane_done(self, event: ClaimedEvent, result: dict[str, Any] | BaseException) -> None:
         waiter = self.running.get(event.id)
+        if not isinstance(result, BaseException):
+            self._outage_since = None
         if isinstance(result, BaseException):
             # Handed back: the claim is released (or dead-lettered) before the slot frees.
             task = asyncio.create_task(self._after_failure(event, _handed_back(result)))
@@ -359,6 +375,7 @@ class Dispatcher:
                 else:
                     await process_event(inbox_id=event.id,
                                         conversation_id=event.conversation_id)
+            self._outage_since = None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -389,10 +406,17 @@ class Dispatcher:
         current = await asyncio.to_thread(self.store.get_event, event.id)
         if current is None or current.status != "claimed":
             return  # it finished after all
+        infrastructure = _infrastructure_failure(exc)
+        now = time.monotonic()
+        if infrastructure and self._outage_since is None:
+            self._outage_since = now
         decision = after_failure(Stage.LANE if isinstance(exc, Deferred) else Stage.RUN,
                                  permanent=isinstance(exc, PermanentError),
-                                 infrastructure=_infrastructure_failure(exc),
-                                 attempts=event.attempts, max_attempts=self.max_attempts)
+                                 infrastructure=infrastructure,
+                                 attempts=event.attempts, max_attempts=self.max_attempts,
+                                 outage_seconds=now - (self._outage_since or now))
+        if decision.next is Next.RETRY_NOT_COUNTED:  # claim nothing meanwhile either
+            self._claim_after = max(self._claim_after, now + decision.delay_seconds)
         if decision.next is Next.DEAD_LETTER:
             reason = f"the process-event run failed {event.attempts} times; last: {exc!r}"
             await dead_letter(self.runtime, inbox_id=event.id, event_id=current.event_id,

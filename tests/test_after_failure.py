@@ -39,3 +39,26 @@ def test_infrastructure_failures_never_count_and_never_dead_letter(
                              max_attempts=max_attempts)
     assert decision.next is Next.RETRY_NOT_COUNTED
     assert 0 < decision.delay_seconds <= MAX_BACKOFF_SECONDS
+
+
+def test_infrastructure_retries_are_spaced_by_the_outage_so_far() -> None:
+    delays = [after_failure(Stage.RUN, infrastructure=True, attempts=1, max_attempts=5,
+                            outage_seconds=seconds).delay_seconds
+              for seconds in (0, 10, 30, 120, 3600)]
+    assert delays == [2, 5, 15, 60, 60]
+
+
+def test_prefect_failing_to_reach_its_api_is_an_infrastructure_failure() -> None:
+    import httpx
+
+    from cxrelay.flows.dispatcher import _infrastructure_failure
+
+    try:  # what a new Prefect client raises when its server is gone
+        try:
+            raise httpx.ConnectError("All connection attempts failed")
+        except httpx.ConnectError as exc:
+            raise RuntimeError("Failed to reach API at http://127.0.0.1:4200/api/") from exc
+    except RuntimeError as exc:
+        assert _infrastructure_failure(exc)
+    assert not _infrastructure_failure(RuntimeError("a bug of ours"))
+    assert _infrastructure_failure(httpx.ReadTimeout("slow"))

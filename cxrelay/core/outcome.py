@@ -71,17 +71,26 @@ def run_backoff(attempts: int) -> float:
     return min(MAX_BACKOFF_SECONDS, 2.0 ** min(max(attempts, 0), 6))
 
 
+def outage_backoff(outage_seconds: float) -> float:
+    """Seconds before trying again while the Prefect API has been unavailable this long: half
+    the outage so far, 2 s at first, at most a minute. Infrastructure failures count no
+    attempt, so the event's attempts cannot space the retries: a dispatcher whose Prefect server
+    was gone retried every event every 4 s, for as long as it was gone (30 % of a core)."""
+    return min(MAX_BACKOFF_SECONDS, max(2.0, outage_seconds / 2))
+
+
 def after_failure(stage: Stage, *, permanent: bool = False, infrastructure: bool = False,
-                  attempts: int = 1, max_attempts: int = 1) -> AfterFailure:
+                  attempts: int = 1, max_attempts: int = 1,
+                  outage_seconds: float = 0.0) -> AfterFailure:
     """The one place that decides whether a failure dead-letters. A permanent error (a 4xx
     that no retry can fix, an event that cannot be mapped) dead-letters at once, wherever it
     happened; a step's own retries are spent when it fails in a run of its own, so that target
     (or the event) dead-letters; a lane has no retries, so the event gets a run of its own at
     once; a run that failed as a whole is tried again with backoff until `max_attempts`.
     Infrastructure failures (the Prefect API unreachable: nothing of the event ran) never
-    count and never dead-letter."""
+    count and never dead-letter; they wait longer the longer the outage (`outage_seconds`)."""
     if infrastructure:
-        return AfterFailure(Next.RETRY_NOT_COUNTED, run_backoff(attempts))
+        return AfterFailure(Next.RETRY_NOT_COUNTED, outage_backoff(outage_seconds))
     if permanent:
         return AfterFailure(Next.DEAD_LETTER)
     if stage is Stage.LANE:
