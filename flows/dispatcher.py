@@ -26,7 +26,7 @@ import httpx
 from prefect import tags
 
 from cxrelay.core.errors import PermanentError
-from cxrelay.core.outcome import Next, Outcome, Stage, after_failure
+from cxrelay.core.outcome import EventSummary, Next, Outcome, Stage, after_failure
 from cxrelay.flows.lanes import Lane, open_lane
 from cxrelay.flows.notification_gaps import GapFiller
 from cxrelay.flows.process_event import dead_letter, process_event
@@ -249,7 +249,7 @@ class Dispatcher:
         self.lanes = self.lanes[-100:]
         return lane
 
-    def _lane_done(self, event: ClaimedEvent, result: dict[str, Any] | BaseException) -> None:
+    def _lane_done(self, event: ClaimedEvent, result: EventSummary | BaseException) -> None:
         waiter = self.running.get(event.id)
         if not isinstance(result, BaseException):
             self._outage_since = None

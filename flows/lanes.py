@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TagsContext
 
 from cxrelay.core.errors import PermanentError
+from cxrelay.core.outcome import EventSummary
 from cxrelay.flows.attempt import InFlight
 from cxrelay.flows.process_event import handle, handle_settled
 from cxrelay.flows.runtime import get_runtime
@@ -40,7 +41,7 @@ from cxrelay.store.inbox import ClaimedEvent
 
 # What the dispatcher learns of an event it put in a lane: its summary, or the error that
 # hands it back.
-Done = Callable[[ClaimedEvent, dict[str, Any] | BaseException], None]
+Done = Callable[[ClaimedEvent, EventSummary | BaseException], None]
 
 
 @dataclass
@@ -100,7 +101,7 @@ def _ended(lane: Lane, run: asyncio.Task[Any]) -> None:
 
 @task(name="conversation", task_run_name="conversation-{conversation_id}",
       cache_policy=NO_CACHE, persist_result=False)
-async def conversation_task(conversation_id: str, inbox_ids: list[int]) -> dict[str, Any]:
+async def conversation_task(conversation_id: str, inbox_ids: list[int]) -> EventSummary:
     """All the steps of one event (verify, deduplicate, filter, enrich, map, deliver), or of
     a conversation's events merged after its settle window, as one task run named by its
     conversation; its artifact `conversation-<id>` says what happened."""
@@ -135,7 +136,7 @@ async def _run_one(lane: Lane, events: list[ClaimedEvent], outcomes: Counter[str
         for event in events:
             lane.done(event, exc)
         return
-    outcomes[str(summary.get("outcome"))] += len(events)
+    outcomes[str(summary.outcome)] += len(events)
     for event in events:
         lane.done(event, summary)
 

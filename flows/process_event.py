@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
@@ -25,7 +26,7 @@ from cxrelay.connectors.genesys import GenesysNotFound
 from cxrelay.core import ordering
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError
-from cxrelay.core.outcome import WAITING, Next, Outcome, Stage, after_failure, event_outcome
+from cxrelay.core.outcome import WAITING, EventSummary, Next, Outcome, Stage, after_failure
 from cxrelay.flows import steps
 from cxrelay.flows.artifacts import description
 from cxrelay.flows.report import artifact_key, render_report
@@ -130,10 +131,10 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
     row = await asyncio.to_thread(runtime.store.get_event, inbox_id)
     if row is None:
         raise PermanentError(f"inbox event {inbox_id} does not exist")
-    return await handle(runtime, row)
+    return (await handle(runtime, row)).as_dict()
 
 
-async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dict[str, Any]:
+async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> EventSummary:
     """The steps of one event. As task runs of its own `process-event` run, failures end in
     the dead letters; `inline` (in a lane) any failure is raised, for a run of its own to retry.
     """
@@ -144,58 +145,60 @@ async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> dic
     except Exception as exc:
         if _raise_in_lane(inline, exc):
             raise
-        summary.update(outcome=Outcome.DEAD_LETTERED, reason=_error_text(exc))
+        summary.outcome, summary.reason = Outcome.DEAD_LETTERED, _error_text(exc)
         await _dead_letter_row(runtime, row, WHOLE_EVENT, exc, row.attempts)
         return await _finish(runtime, summary, inline)
 
     event = checked.event
-    summary.update(drift=checked.drift, plan=checked.plan)
+    summary.drift, summary.plan = checked.drift, checked.plan
     if checked.filtered_by is not None:
-        summary.update(outcome=Outcome.FILTERED, filtered_by=checked.filtered_by)
+        summary.outcome, summary.filtered_by = Outcome.FILTERED, checked.filtered_by
         return await _finish(runtime, summary, inline)
     return await _deliver_event(runtime, row, event, summary, inline)
 
 
-async def handle_settled(runtime: Runtime, rows: list[InboxEvent]) -> dict[str, Any]:
+async def handle_settled(runtime: Runtime, rows: list[InboxEvent]) -> EventSummary:
     """The events of one conversation claimed together after its settle window (in a lane):
     each is verified and filtered on its own; those that pass are merged (per field, the
     newest non-empty value wins) and delivered once, and every one of them finishes with the
     outcome of that delivery. Any failure is raised, for runs of their own to retry."""
     passing: list[tuple[InboxEvent, steps.Checked]] = []
+    last_filtered: EventSummary | None = None
     for row in rows:
         checked = await steps.check(runtime, row, plan=False)
         if checked.filtered_by is None:
             passing.append((row, checked))
             continue
-        await _finish(runtime, {**_summary(row), "outcome": Outcome.FILTERED,
-                                "filtered_by": checked.filtered_by,
-                                "drift": checked.drift}, inline=True)
+        last_filtered = replace(_summary(row), outcome=Outcome.FILTERED,
+                                filtered_by=checked.filtered_by, drift=checked.drift)
+        await _finish(runtime, last_filtered, inline=True)
     if not passing:
-        return {"outcome": Outcome.FILTERED, "events": len(rows)}
+        assert last_filtered is not None
+        return last_filtered
     merged = ordering.merge_events([checked.event for _, checked in passing])
     leader = next(row for row, checked in passing if checked.event.event_id == merged.event_id)
-    summary = {**_summary(leader), "drift": [d for _, c in passing for d in c.drift]}
+    summary = replace(_summary(leader), drift=[d for _, c in passing for d in c.drift])
     if len(passing) > 1:
-        summary["merged"] = [row.event_id for row, _ in passing if row is not leader]
+        summary.merged = [row.event_id for row, _ in passing if row is not leader]
     result = await _deliver_event(runtime, leader, merged, summary, inline=True)
     for row, _ in passing:
-        if row is not leader and result["outcome"] is Outcome.WAITING:
+        if row is not leader and result.outcome is Outcome.WAITING:
             await _wait(runtime, row, result)
         elif row is not leader:
-            await _finish(runtime, {**result, "inbox_id": row.id, "event_id": row.event_id,
-                                    "event_type": row.event_type, "source": row.source,
-                                    "merged_into": leader.event_id}, inline=True)
+            await _finish(runtime, replace(result, inbox_id=row.id, event_id=row.event_id,
+                                           event_type=row.event_type, source=row.source,
+                                           merged=None, merged_into=leader.event_id),
+                          inline=True)
     return result
 
 
-def _summary(row: InboxEvent) -> dict[str, Any]:
-    return {"inbox_id": row.id, "conversation_id": row.conversation_id,
-            "event_id": row.event_id, "event_type": row.event_type, "source": row.source,
-            "targets": {}}
+def _summary(row: InboxEvent) -> EventSummary:
+    return EventSummary(inbox_id=row.id, conversation_id=row.conversation_id,
+                        event_id=row.event_id, event_type=row.event_type, source=row.source)
 
 
 async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEvent,
-                         summary: dict[str, Any], inline: bool) -> dict[str, Any]:
+                         summary: EventSummary, inline: bool) -> EventSummary:
     """Enrich, then map and deliver to every target, then finish the inbox row."""
     targets = runtime.pipeline.enabled_targets
     context = event.context()
@@ -211,10 +214,10 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
             elif _raise_in_lane(inline, exc):
                 raise
             else:
-                summary["targets"]["genesys"] = await _dead_letter_row(
+                summary.targets["genesys"] = await _dead_letter_row(
                     runtime, row, "genesys", exc,
                     attempts=1 if not_found else (steps.enrich_task.retries or 0) + 1)
-                summary.update(outcome=Outcome.DEAD_LETTERED, reason=_error_text(exc))
+                summary.outcome, summary.reason = Outcome.DEAD_LETTERED, _error_text(exc)
                 return await _finish(runtime, summary, inline)
 
     # Every target runs to its end before a failure is raised: nothing is left half-sent
@@ -222,39 +225,41 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
     results = await asyncio.gather(
         *(_deliver(runtime, row, event, target, context, inline) for target in targets),
         return_exceptions=True)
-    for result in results:
+    delivered: dict[str, dict[str, Any]] = {}
+    for target, result in zip(targets, results, strict=True):
         if isinstance(result, BaseException):
             raise result
-    summary["targets"] = dict(zip((t.name for t in targets), results, strict=True))
-    summary["outcome"] = event_outcome(r["status"] for r in summary["targets"].values())
-    if summary["outcome"] is Outcome.WAITING:
+        delivered[target.name] = result
+    if summary.decided(delivered) is Outcome.WAITING:
         await _wait(runtime, row, summary)
         return summary
     return await _finish(runtime, summary, inline)
 
 
-async def _wait(runtime: Runtime, row: InboxEvent, summary: dict[str, Any]) -> None:
+async def _wait(runtime: Runtime, row: InboxEvent, summary: EventSummary) -> None:
     """A target is paused: give the event back until its next probe, unfinished, as a first
     attempt again (it runs in a lane when it looks again); the targets it reached are done in
     the ledger and are not repeated."""
-    untils = [datetime.fromisoformat(r["until"]) for r in summary["targets"].values()
+    untils = [datetime.fromisoformat(r["until"]) for r in summary.targets.values()
               if r.get("status") == WAITING and r.get("until")]
     delay = max(0.0, (min(untils) - datetime.now(timezone.utc)).total_seconds()) if untils else 1.0
     await asyncio.to_thread(runtime.store.release, row.id or 0, worker=row.claimed_by or "",
                             delay_seconds=delay, waiting=True)
 
 
-async def _finish(runtime: Runtime, summary: dict[str, Any], inline: bool) -> dict[str, Any]:
+async def _finish(runtime: Runtime, summary: EventSummary, inline: bool) -> EventSummary:
     """Record the outcome. A lane's artifact is recorded as pending with it and written by the
     dispatcher's writer when it has CPU to spare (see flows/artifacts.py); a run of its own
     writes its own before it ends."""
+    assert summary.inbox_id is not None and summary.outcome is not None
     link = runtime.artifacts.link() if inline else None
-    await asyncio.to_thread(runtime.store.finish, summary["inbox_id"],
-                            outcome=summary["outcome"], detail=summary, artifact=link)
+    detail = summary.as_dict()
+    await asyncio.to_thread(runtime.store.finish, summary.inbox_id,
+                            outcome=summary.outcome, detail=detail, artifact=link)
     if link is not None:
         runtime.artifacts.wake()
     else:
-        await acreate_markdown_artifact(key=artifact_key(summary["conversation_id"]),
-                                        markdown=render_report(summary),
-                                        description=description(summary["outcome"]))
+        await acreate_markdown_artifact(key=artifact_key(summary.conversation_id),
+                                        markdown=render_report(detail),
+                                        description=description(summary.outcome))
     return summary

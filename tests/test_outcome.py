@@ -21,3 +21,20 @@ def test_event_outcome_from_target_statuses() -> None:
 def test_outcomes_are_stored_and_shown_as_their_plain_names() -> None:
     assert json.dumps({"outcome": Outcome.PARTIAL}) == '{"outcome": "partial"}'
     assert f"{Outcome.FILTERED}" == "filtered" and Outcome("failed") is Outcome.FAILED
+
+
+def test_an_event_summary_decides_its_outcome_from_its_targets_and_stores_what_was_set() -> None:
+    from cxrelay.core.outcome import EventSummary
+
+    summary = EventSummary(inbox_id=7, conversation_id="c-1", event_id="e-1",
+                           event_type="conversation.ended", source="genesys", drift=[])
+    assert summary.decided({"salesforce": {"status": "updated"},
+                            "slack": {"status": "dead_lettered", "error": "400"}}) \
+        is Outcome.PARTIAL
+    assert summary.as_dict() == {
+        "inbox_id": 7, "conversation_id": "c-1", "event_id": "e-1",
+        "event_type": "conversation.ended", "source": "genesys", "outcome": Outcome.PARTIAL,
+        "drift": [], "targets": {"salesforce": {"status": "updated"},
+                                 "slack": {"status": "dead_lettered", "error": "400"}}}
+    assert summary.decided({"salesforce": {"status": "waiting", "until": None}}) \
+        is Outcome.WAITING

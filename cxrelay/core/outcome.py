@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class Outcome(str, Enum):
@@ -38,6 +39,46 @@ def event_outcome(target_statuses: Iterable[str]) -> Outcome:
         stale = bool(statuses) and all(status == STALE for status in statuses)
         return Outcome.STALE if stale else Outcome.DELIVERED
     return Outcome.DEAD_LETTERED if failed == len(statuses) else Outcome.PARTIAL
+
+
+@dataclass
+class EventSummary:
+    """What became of one event (or of a conversation's events merged after its settle
+    window): its outcome and each target's result. The inbox row keeps it as its detail and
+    the artifact renders it (`as_dict`, the stored shape)."""
+
+    inbox_id: int | None
+    conversation_id: str
+    event_id: str
+    event_type: str
+    source: str
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outcome: Outcome | None = None
+    reason: str | None = None           # why it dead-lettered
+    filtered_by: str | None = None      # the filter rule that dropped it
+    drift: list[str] | None = None      # how it departed from its envelope's contract
+    plan: dict[str, str] | None = None  # what each target already had (a run of its own)
+    merged: list[str] | None = None     # events merged into this one (settle window)
+    merged_into: str | None = None      # the event this one was merged into
+
+    def decided(self, targets: dict[str, dict[str, Any]]) -> Outcome:
+        """Record each target's result; the event's outcome follows from them."""
+        self.targets = targets
+        self.outcome = event_outcome(result["status"] for result in targets.values())
+        return self.outcome
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stored form: every field that was set."""
+        found: dict[str, Any] = {"inbox_id": self.inbox_id,
+                                 "conversation_id": self.conversation_id,
+                                 "event_id": self.event_id, "event_type": self.event_type,
+                                 "source": self.source, "targets": self.targets}
+        for name in ("outcome", "reason", "filtered_by", "drift", "plan", "merged",
+                     "merged_into"):
+            value = getattr(self, name)
+            if value is not None:
+                found[name] = value
+        return found
 
 
 class Stage(str, Enum):
