@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -22,6 +23,7 @@ from cxrelay.app.sending import generic_event
 from cxrelay.app.supervise import free_port
 from cxrelay.flows.artifacts import ArtifactWriter
 from cxrelay.flows.report import artifact_key
+from cxrelay.sandbox.server import Sandbox
 from cxrelay.store.artifacts import ArtifactLink
 from cxrelay.store.database import Store
 from tests.flowkit import enqueue
@@ -209,3 +211,44 @@ def test_a_pruned_event_leaves_no_artifact_to_write(tmp_path: Path) -> None:
         assert store.pending_artifacts() == 1  # the one taken; the pruned one is gone
     finally:
         store.close()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_dispatcher_with_a_backlog_writes_artifacts_after_it(tmp_path: Path,
+                                                               clean_sandbox: Sandbox) -> None:
+    """Every slot taken (30 events, 2 slots): the events' artifacts wait as pending rows while
+    the backlog lasts, and are all written once it is gone."""
+    from cxrelay.flows.dispatcher import Dispatcher
+    from cxrelay.flows.runtime import set_runtime
+    from cxrelay.sandbox.genesys import sample_conversation
+    from tests.flowkit import finished, make_runtime, make_settings
+
+    conversations = [str(uuid.uuid4()) for _ in range(30)]
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
+               json=[sample_conversation(c) for c in conversations]).raise_for_status()
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    for conversation in conversations:
+        enqueue(runtime.store, generic_event(conversation))
+
+    async def main() -> tuple[int, int]:
+        set_runtime(runtime)
+        stop = asyncio.Event()
+        task = asyncio.create_task(Dispatcher(runtime, concurrency=2).run(stop))
+        most_pending, deadline = 0, time.monotonic() + 120
+        while finished(runtime.store) < 30 and time.monotonic() < deadline:
+            most_pending = max(most_pending, runtime.store.pending_artifacts())
+            await asyncio.sleep(0.05)
+        while runtime.store.pending_artifacts() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # written by the running dispatcher, not by its stop
+        left = runtime.store.pending_artifacts()
+        stop.set()
+        await task
+        await runtime.aclose()
+        return most_pending, left
+
+    most_pending, left = asyncio.run(main())
+    assert finished(runtime.store) == 30
+    # While the backlog lasted nearly every finished event's artifact waited (one batch may go
+    # out every 5 s); none was left once it was gone.
+    assert most_pending >= 15 and left == 0
+    assert len(asyncio.run(artifacts(conversations))) == 30
