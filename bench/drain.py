@@ -44,7 +44,7 @@ from bench.throughput import run_baseline  # noqa: E402
 from cxrelay.app.sending import encode, generic_event  # noqa: E402
 from cxrelay.app.supervise import start_prefect_server, stop  # noqa: E402
 from cxrelay.core.envelope import normalise  # noqa: E402
-from cxrelay.flows.process_event import artifact_key  # noqa: E402
+from cxrelay.flows.report import artifact_key  # noqa: E402
 from cxrelay.sandbox.genesys import sample_conversation  # noqa: E402
 from cxrelay.sandbox.server import Sandbox  # noqa: E402
 from cxrelay.store.database import Store  # noqa: E402

@@ -76,10 +76,6 @@ class ArtifactWriter:
         self._task: asyncio.Task[None] | None = None
         self._client: PrefectClient | None = None
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None
-
     async def start(self, store: Store) -> None:
         """Write pending artifacts from now on (on the running loop) until `aclose`."""
         if self._task is not None:
@@ -117,8 +113,6 @@ class ArtifactWriter:
                     await self._write_due()
                 while not self.busy and await self._write_due() == self.batch:
                     last_write = time.monotonic()
-            except asyncio.CancelledError:
-                raise
             except Exception:  # the store is unavailable: the rows stay pending
                 logger.exception("writing pending artifacts failed")
                 await asyncio.sleep(1)

@@ -223,24 +223,22 @@ class Dispatcher:
         """Into the open lane. One that has run long enough gets a successor, and takes the
         events until the successor's flow run runs (see cxrelay.flows.lanes)."""
         settings = self.runtime.settings
-        lane, successor = self.lane, self.next_lane
-        if successor is not None and successor.ended:
-            successor = self.next_lane = None  # it could not start: a new one is tried
-        if lane is not None and lane.ended:  # it crashed: its successor, or a new lane
-            lane, self.lane = None, None
-            if successor is not None:
-                lane, self.lane, successor, self.next_lane = successor, successor, None, None
-        if lane is None:
-            lane = self.lane = self._open_lane()
-        elif successor is None and (lane.events >= settings.lane_max_events or
-                                    time.monotonic() - lane.opened > settings.lane_max_seconds):
-            successor = self.next_lane = self._open_lane()
-        if successor is not None and successor.started.is_set():
-            lane.close()
-            lane, self.lane, self.next_lane = successor, successor, None
+        if self.next_lane is not None and self.next_lane.ended:
+            self.next_lane = None  # it could not start: a new one is tried
+        if self.lane is not None and self.lane.ended:  # it crashed: its successor, or a new one
+            self.lane, self.next_lane = self.next_lane, None
+        if self.lane is None:
+            self.lane = self._open_lane()
+        elif self.next_lane is None and (
+                self.lane.events >= settings.lane_max_events
+                or time.monotonic() - self.lane.opened > settings.lane_max_seconds):
+            self.next_lane = self._open_lane()
+        if self.next_lane is not None and self.next_lane.started.is_set():
+            self.lane.close()
+            self.lane, self.next_lane = self.next_lane, None
         for event in events:
             self.running[event.id] = asyncio.get_running_loop().create_future()
-        lane.put(events)
+        self.lane.put(events)
 
     def _open_lane(self) -> Lane:
         with tags("lane", *self.target_tags):
@@ -251,13 +249,12 @@ class Dispatcher:
 
     def _lane_done(self, event: ClaimedEvent, result: EventSummary | BaseException) -> None:
         waiter = self.running.get(event.id)
-        if not isinstance(result, BaseException):
-            self._outage_since = None
         if isinstance(result, BaseException):
             # Handed back: the claim is released (or dead-lettered) before the slot frees.
             task = asyncio.create_task(self._after_failure(event, _handed_back(result)))
             task.add_done_callback(lambda _: self._settle(event.id, waiter))
             return
+        self._outage_since = None  # a lane ran an event: the Prefect API is there
         self._settle(event.id, waiter)
 
     def _settle(self, inbox_id: int, waiter: asyncio.Future[None] | None) -> None:

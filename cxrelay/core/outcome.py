@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -69,16 +69,8 @@ class EventSummary:
 
     def as_dict(self) -> dict[str, Any]:
         """The stored form: every field that was set."""
-        found: dict[str, Any] = {"inbox_id": self.inbox_id,
-                                 "conversation_id": self.conversation_id,
-                                 "event_id": self.event_id, "event_type": self.event_type,
-                                 "source": self.source, "targets": self.targets}
-        for name in ("outcome", "reason", "filtered_by", "drift", "plan", "merged",
-                     "merged_into"):
-            value = getattr(self, name)
-            if value is not None:
-                found[name] = value
-        return found
+        return {each.name: value for each in fields(self)
+                if (value := getattr(self, each.name)) is not None}
 
 
 class Stage(str, Enum):
