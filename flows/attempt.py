@@ -24,6 +24,7 @@ from typing import Any
 from cxrelay.core import ordering
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import OutcomeUnknown, RetryableError
+from cxrelay.core.outcome import DELIVERED, STALE, UNCHANGED
 from cxrelay.store.database import Store
 from cxrelay.store.ledger import Reservation
 
@@ -71,6 +72,7 @@ class Delivery:
     """What the ledger granted this attempt; the caller sets `ref` once the target has it."""
 
     reservation: Reservation
+    event_id: str = ""  # the event this attempt delivers
     ref: str | None = None
 
     @property
@@ -87,11 +89,16 @@ class Delivery:
     def skipped(self) -> dict[str, Any] | None:
         """The result when nothing is to be sent: the target has this payload, or newer data."""
         if self.reservation.stale:
-            return {"status": "stale", "ref": self.previous_ref,
+            return {"status": STALE, "ref": self.previous_ref,
                     "newer": self.reservation.newer}
-        if self.reservation.already_done:
-            return {"status": "unchanged", "ref": self.previous_ref}
-        return None
+        if not self.reservation.already_done:
+            return None
+        if self.reservation.event_id == self.event_id:
+            # This event's own earlier attempt delivered it, then its run ended before the
+            # outcome was recorded (a crash, a lost answer): delivered, not "unchanged".
+            return {"status": DELIVERED, "ref": self.previous_ref, "earlier_attempt": True}
+        return {"status": UNCHANGED, "ref": self.previous_ref,
+                "by_event": self.reservation.event_id}
 
 
 @asynccontextmanager
@@ -108,7 +115,7 @@ async def attempt(store: Store, event: CanonicalEvent, target: str, action: str,
     if not (reservation.granted or reservation.already_done or reservation.stale):
         raise InFlight(f"{target}: another event of conversation {event.conversation_id} "
                        "is being delivered", retry_after=1.0, released=_holders.get(hold))
-    delivery = Delivery(reservation)
+    delivery = Delivery(reservation, event.event_id)
     if delivery.skipped:
         yield delivery
         return

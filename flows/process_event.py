@@ -182,7 +182,7 @@ async def handle_settled(runtime: Runtime, rows: list[InboxEvent]) -> EventSumma
         summary.merged = [row.event_id for row, _ in passing if row is not leader]
     result = await _deliver_event(runtime, leader, merged, summary, inline=True)
     for row, _ in passing:
-        if row is not leader and result.outcome is Outcome.WAITING:
+        if row is not leader and result.outcome is Outcome.RETRY_LATER:
             await _wait(runtime, row, result)
         elif row is not leader:
             await _finish(runtime, replace(result, inbox_id=row.id, event_id=row.event_id,
@@ -230,7 +230,7 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
         if isinstance(result, BaseException):
             raise result
         delivered[target.name] = result
-    if summary.decided(delivered) is Outcome.WAITING:
+    if summary.decided(delivered) is Outcome.RETRY_LATER:
         await _wait(runtime, row, summary)
         return summary
     return await _finish(runtime, summary, inline)

@@ -29,7 +29,7 @@ from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
 from cxrelay.core.health import Action
 from cxrelay.core.jsonbody import BodyError, parse_body
-from cxrelay.core.outcome import WAITING
+from cxrelay.core.outcome import STALE, UNCHANGED, WAITING
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target, render_target
 from cxrelay.flows.attempt import InFlight, attempt, honour_retry_after
@@ -173,7 +173,7 @@ async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner
         if not isinstance(exc, InFlight):  # another event's delivery is not the target's fault
             await gate.failed(target.name, scope, exc)
         raise
-    if result["status"] not in ("unchanged", "stale"):
+    if result["status"] not in (UNCHANGED, STALE) and not result.get("earlier_attempt"):
         await gate.succeeded(target.name, scope)
     return result
 

@@ -35,7 +35,21 @@ def test_success_completes_with_the_ref_and_a_repeat_is_unchanged(store: Store) 
     assert asyncio.run(send(store, ev)) == {"status": "posted", "ref": "C1|1.0"}
     (row,) = store.ledger("c1")
     assert (row.status, row.external_ref, row.deliveries) == ("done", "C1|1.0", 1)
-    assert asyncio.run(send(store, ev, owner="o2")) == {"status": "unchanged", "ref": "C1|1.0"}
+    # Another event of the conversation with the same payload: the target already has it.
+    other = event(created="2026-11-30T10:00:01Z")
+    assert asyncio.run(send(store, other, owner="o2")) == {
+        "status": "unchanged", "ref": "C1|1.0", "by_event": ev.event_id}
+    assert store.ledger("c1")[0].deliveries == 1
+
+
+def test_the_same_event_again_after_its_delivery_is_delivered_not_unchanged(
+        store: Store) -> None:
+    """A run that delivered and then crashed before recording the outcome: its retry finds its
+    own delivery in the ledger. That event was delivered (by its earlier attempt)."""
+    ev = event()
+    asyncio.run(send(store, ev))
+    assert asyncio.run(send(store, ev, owner="o2")) == {
+        "status": "delivered", "ref": "C1|1.0", "earlier_attempt": True}
     assert store.ledger("c1")[0].deliveries == 1
 
 

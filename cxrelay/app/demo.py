@@ -37,7 +37,7 @@ PREFECT_PORT = 4200
 DISPATCHER_STARTED = "started (concurrency"  # what `cxrelay dispatch` logs once it claims
 
 
-DELIVERED_OR_STALE = "delivered|stale"
+DELIVERED_OR_STALE = "delivered|stale|unchanged"
 
 
 @dataclass
@@ -104,8 +104,8 @@ def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, s
     completed = [str(uuid.uuid4()) for _ in range(conversations)]
     # The first two conversations also come through EventBridge, a moment later: that copy's
     # data is as new or newer, so whichever copy reaches the targets second is delivered again
-    # only if it is newer, else `stale` (newest wins). Which goes first is a race; both orders
-    # are right, and the targets hold one Task and one message either way.
+    # only if it is newer, else `stale` (newest wins) or `unchanged` (the same data). Which goes
+    # first is a race; every order is right, and the targets hold one Task and one message.
     through_eventbridge = completed[:2]
     for index, conversation_id in enumerate(completed):
         payload = generic_event(conversation_id, phone=caller_phone(index, conversations))

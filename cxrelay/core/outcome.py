@@ -11,13 +11,14 @@ from typing import Any
 class Outcome(str, Enum):
     """The outcome of one event, as the inbox, the artifact and the metrics record it."""
 
-    DELIVERED = "delivered"          # every target got it (or already had it)
+    DELIVERED = "delivered"          # a target got it; none failed
+    UNCHANGED = "unchanged"          # every target already had this data, from another event
     STALE = "stale"                  # every target holds newer data of the conversation
     PARTIAL = "partial"              # some targets dead-lettered, the others delivered
     DEAD_LETTERED = "dead_lettered"  # nothing delivered: every target (or the event) failed
     FILTERED = "filtered"            # a filter rule dropped it
     FAILED = "failed"                # its runs crashed too often (dead-lettered as a whole)
-    WAITING = "waiting"              # a target is paused: the event waits for it, unfinished
+    RETRY_LATER = "retry-later"      # a target is paused: the event waits for it, unfinished
 
     def __str__(self) -> str:
         return self.value
@@ -26,19 +27,27 @@ class Outcome(str, Enum):
 DEAD_LETTERED = "dead_lettered"  # a target's status when it went to the dead letters
 STALE = "stale"  # a target's status when it already holds newer data (cxrelay.core.ordering)
 WAITING = "waiting"  # a target's status while it is paused (cxrelay.core.health)
+# A target's status when another event already delivered the same payload (the ledger's digest
+# matched). What this event's own earlier attempt delivered before it crashed is `delivered`.
+UNCHANGED = "unchanged"
+DELIVERED = "delivered"
 
 
 def event_outcome(target_statuses: Iterable[str]) -> Outcome:
-    """waiting while any target is paused; else delivered when no target dead-lettered (stale
-    when every target held newer data), dead_lettered when all did, partial between."""
+    """retry-later while any target is paused; else, when no target dead-lettered: stale when
+    every target held newer data, unchanged when no target changed (each had this data, or
+    newer), delivered when one did. dead_lettered when every target failed, partial between."""
     statuses = list(target_statuses)
     if WAITING in statuses:
-        return Outcome.WAITING
+        return Outcome.RETRY_LATER
     failed = sum(1 for status in statuses if status == DEAD_LETTERED)
-    if not failed:
-        stale = bool(statuses) and all(status == STALE for status in statuses)
-        return Outcome.STALE if stale else Outcome.DELIVERED
-    return Outcome.DEAD_LETTERED if failed == len(statuses) else Outcome.PARTIAL
+    if failed:
+        return Outcome.DEAD_LETTERED if failed == len(statuses) else Outcome.PARTIAL
+    if statuses and all(status == STALE for status in statuses):
+        return Outcome.STALE
+    if statuses and all(status in (STALE, UNCHANGED) for status in statuses):
+        return Outcome.UNCHANGED
+    return Outcome.DELIVERED
 
 
 @dataclass

@@ -203,8 +203,8 @@ class InboxQueries(Database):
                 handled.update(conn.execute(
                     select(INBOX.c.conversation_id).where(
                         INBOX.c.conversation_id.in_(ordered[start:start + 500]),
-                        INBOX.c.outcome.in_(["delivered", "partial", "dead_lettered", "failed",
-                                              "stale"]))
+                        INBOX.c.outcome.in_(["delivered", "unchanged", "partial",
+                                              "dead_lettered", "failed", "stale"]))
                 ).scalars())
         return handled
 

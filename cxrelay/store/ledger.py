@@ -69,6 +69,9 @@ class Reservation:
     # nothing is sent, the outcome is `stale`. `newer` is that data's order key.
     stale: bool = False
     newer: str | None = None
+    # The event whose delivery the row records (with `already_done`): this attempt's own
+    # event after a crash, or another event that carried the same payload.
+    event_id: str | None = None
 
 
 class LedgerQueries(Database):
@@ -89,7 +92,8 @@ class LedgerQueries(Database):
                      action=action, now=now)
             row = conn.execute(_RESERVE_READ, key).mappings().one()
             if row["status"] == "done" and row["payload_sha256"] == payload_sha256:
-                return Reservation(False, row["external_ref"], already_done=True)
+                return Reservation(False, row["external_ref"], already_done=True,
+                                   event_id=row["event_id"])
             busy = (row["status"] == "reserved" and row["owner"] != owner
                     and row["reserved_until"] is not None and row["reserved_until"] > now
                     and _owner_alive(conn, row["owner"], now))
