@@ -241,8 +241,8 @@ class Dispatcher:
         self.lane.put(events)
 
     def _open_lane(self) -> Lane:
-        with tags("lane", *self.target_tags):
-            lane = open_lane(self.worker_id.rsplit(":", 1)[-1], self._lane_done)
+        lane = open_lane(self.worker_id.rsplit(":", 1)[-1], self._lane_done,
+                         [t.name for t in self.runtime.pipeline.enabled_targets])
         self.lanes.append(lane)
         self.lanes = self.lanes[-100:]
         return lane

@@ -2,12 +2,15 @@
 
 A flow run costs 5–7 blocking API calls and a few hundred ms of CPU under load; a task run
 costs none (its states travel on the events websocket). So the dispatcher keeps a lane open —
-one `lane` flow run, tagged with the targets — and runs every new event in it as one task run
-`conversation-<id>`, with no wait to form a batch. The task runs carry no tags: Prefect asks
-the API for a concurrency slot of every tag of a task run, one blocking call per event through
-one service queue (a burst of 2,000 tagged events drained at 7.9 events/s, a tenth of the
-ceiling). The conversation id is the task run's name and its artifact's key; the source, the
-event type and each target's result are in that artifact.
+one `lane` flow run, whose `targets` parameter names the targets — and runs every new event in
+it as one task run `conversation-<id>`, with no wait to form a batch. Neither carries tags:
+Prefect asks the API for a concurrency slot of every tag of a task run, one blocking call per
+event through one service queue (a burst of 2,000 tagged events drained at 7.9 events/s, a
+tenth of the ceiling); and each tag of the lane's flow run is a related resource of all three
+state events of every task run in it, a row the Prefect server writes each time (the lane's
+three tags cost the server ~2 ms of CPU per event, measured with bench/drain.py). The
+conversation id is the task run's name and its artifact's key; the source, the event type and
+each target's result are in that artifact.
 A lane is rotated after `lane_max_events` events or `lane_max_seconds`, so that Prefect's
 per-run memory and the UI's run graph stay bounded. The old lane takes events until its
 successor's flow run runs: creating a flow run is a blocking API call, and a busy SQLite Prefect
@@ -80,11 +83,12 @@ IN_FLIGHT_WAITS = 10
 _NUMBERS = itertools.count(1)
 
 
-def open_lane(prefix: str, done: Done) -> Lane:
+def open_lane(prefix: str, done: Done, targets: list[str]) -> Lane:
     """Start a `lane` flow run on the running loop and return the lane that feeds it."""
     lane = Lane(f"{prefix}-{next(_NUMBERS)}", done)
     _OPEN[lane.id] = lane
-    lane.run = asyncio.create_task(lane_flow(lane_id=lane.id))
+    with TagsContext(current_tags=set()):  # see the module docstring
+        lane.run = asyncio.create_task(lane_flow(lane_id=lane.id, targets=targets))
     lane.run.add_done_callback(lambda run: _ended(lane, run))
     return lane
 
@@ -142,9 +146,10 @@ async def _run_one(lane: Lane, events: list[ClaimedEvent], outcomes: Counter[str
 
 
 @flow(name="lane", flow_run_name="lane-{lane_id}", persist_result=False, log_prints=False)
-async def lane_flow(lane_id: str) -> dict[str, int]:
+async def lane_flow(lane_id: str, targets: list[str]) -> dict[str, int]:
     """Events of the inbox, each run the moment it is claimed as a task run
-    `conversation-<id>`; the run ends when the dispatcher rotates or closes the lane."""
+    `conversation-<id>` delivering to `targets`; the run ends when the dispatcher rotates or
+    closes the lane."""
     lane = _OPEN[lane_id]
     lane.started.set()
     outcomes: Counter[str] = Counter()
