@@ -120,7 +120,7 @@ class ArtifactWriter:
     async def _write_due(self) -> int:
         """Take a batch of due artifacts and write it, `writers` at a time; how many it took."""
         assert self._store is not None and self._client is not None
-        due = await asyncio.to_thread(self._store.take_artifacts, limit=self.batch,
+        due = await self._store.calls(self._store.take_artifacts, limit=self.batch,
                                       lease_seconds=LEASE_SECONDS)
         gate = asyncio.Semaphore(self.writers)
         client, store = self._client, self._store
@@ -153,7 +153,7 @@ class ArtifactWriter:
         finally:
             # Also when a stop cancels the batch: what was written is not written again.
             if done:
-                await asyncio.shield(asyncio.to_thread(store.artifacts_written, done))
+                await asyncio.shield(store.calls(store.artifacts_written, done))
         return len(due)
 
     async def aclose(self, timeout: float = CLOSE_SECONDS) -> None:
@@ -169,7 +169,7 @@ class ArtifactWriter:
             await asyncio.wait_for(self._flush(), timeout)
         except asyncio.TimeoutError:
             assert self._store is not None
-            left = await asyncio.to_thread(self._store.pending_artifacts)
+            left = await self._store.calls(self._store.pending_artifacts)
             logger.warning("%d artifacts not written yet: the Prefect API did not take them "
                            "within %g s; they stay pending for the next dispatcher", left,
                            timeout)

@@ -109,7 +109,7 @@ async def attempt(store: Store, event: CanonicalEvent, target: str, action: str,
     key: dict[str, Any] = {"conversation_id": event.conversation_id, "target": target,
                            "action": action, "owner": owner}
     order_key = fence_key(event)
-    reservation = await asyncio.to_thread(store.reserve, **key, payload_sha256=digest,
+    reservation = await store.calls(store.reserve, **key, payload_sha256=digest,
                                           order_key=order_key)
     hold = (event.conversation_id, target, action)
     if not (reservation.granted or reservation.already_done or reservation.stale):
@@ -124,11 +124,11 @@ async def attempt(store: Store, event: CanonicalEvent, target: str, action: str,
         try:
             yield delivery
         except BaseException as exc:
-            await asyncio.to_thread(store.unreserve, **key,
+            await store.calls(store.unreserve, **key,
                                     uncertain=isinstance(exc, OutcomeUnknown))
             await honour_retry_after(exc)
             raise
-        await asyncio.to_thread(store.complete, **key, external_ref=delivery.ref,
+        await store.calls(store.complete, **key, external_ref=delivery.ref,
                                 payload_sha256=digest, event_id=event.event_id,
                                 order_key=order_key)
     finally:

@@ -152,7 +152,7 @@ class Dispatcher:
                 units: list[list[ClaimedEvent]] = []
                 if free > 0:
                     try:
-                        units = await asyncio.to_thread(self._claim, free, settle)
+                        units = await self.store.calls(self._claim, free, settle)
                     except Exception:  # the database is unavailable: keep trying
                         logger.exception("claiming from the inbox failed")
                         await asyncio.sleep(1)
@@ -326,7 +326,7 @@ class Dispatcher:
         now = time.monotonic()
         if gate.due(now):
             try:
-                last = await asyncio.to_thread(self.store.last_inbox_id)
+                last = await self.store.calls(self.store.last_inbox_id)
             except Exception:  # the database is unavailable: the claims will say so
                 return gate.yielding
             episodes = gate.episodes
@@ -347,7 +347,7 @@ class Dispatcher:
         self._last_prune = 0.0
         self._last_flush = 0.0
         try:
-            await asyncio.to_thread(self.store.renew, worker=self.worker_id,
+            await self.store.calls(self.store.renew, worker=self.worker_id,
                                     ids=list(self.running), lease_seconds=self.lease)
         except Exception:
             logger.exception("renewing claims failed")
@@ -360,7 +360,7 @@ class Dispatcher:
         for inbox_id, task in pending:
             if task in still:
                 task.cancel()
-                await asyncio.to_thread(self.store.release, inbox_id, worker=self.worker_id,
+                await self.store.calls(self.store.release, inbox_id, worker=self.worker_id,
                                         delay_seconds=0, count_attempt=False)
 
     async def _run_one(self, event: ClaimedEvent) -> None:
@@ -387,7 +387,7 @@ class Dispatcher:
         """
         from prefect.deployments.flow_runs import arun_deployment
 
-        row = await asyncio.to_thread(self.store.get_event, event.id)
+        row = await self.store.calls(self.store.get_event, event.id)
         if row is None:
             return None
         key = row.dedupe_key if event.attempts <= 1 else f"{row.dedupe_key}:attempt-{event.attempts}"
@@ -395,12 +395,12 @@ class Dispatcher:
             self.runtime.settings.deployment, timeout=0, idempotency_key=key, as_subflow=False,
             flow_run_name=f"conversation-{event.conversation_id}",
             parameters={"inbox_id": event.id, "conversation_id": event.conversation_id})
-        await asyncio.to_thread(self.store.renew, worker=self.worker_id, ids=[event.id],
+        await self.store.calls(self.store.renew, worker=self.worker_id, ids=[event.id],
                                 lease_seconds=self.runtime.settings.submitted_lease_seconds)
         return flow_run
 
     async def _after_failure(self, event: ClaimedEvent, exc: Exception) -> None:
-        current = await asyncio.to_thread(self.store.get_event, event.id)
+        current = await self.store.calls(self.store.get_event, event.id)
         if current is None or current.status != "claimed":
             return  # it finished after all
         infrastructure = _infrastructure_failure(exc)
@@ -419,7 +419,7 @@ class Dispatcher:
             await dead_letter(self.runtime, inbox_id=event.id, event_id=current.event_id,
                               conversation_id=event.conversation_id, target=WHOLE_EVENT,
                               exc=exc, attempts=event.attempts, reason=reason)
-            await asyncio.to_thread(self.store.finish, event.id, outcome=Outcome.FAILED.value,
+            await self.store.calls(self.store.finish, event.id, outcome=Outcome.FAILED.value,
                                     detail={"reason": reason})
             return
         if decision.next is Next.RUN_OF_ITS_OWN:
@@ -428,7 +428,7 @@ class Dispatcher:
         else:
             logger.warning("event %s: run failed (%s), retrying in %.0f s", event.id,
                            type(exc).__name__, decision.delay_seconds)
-        await asyncio.to_thread(self.store.release, event.id, worker=self.worker_id,
+        await self.store.calls(self.store.release, event.id, worker=self.worker_id,
                                 delay_seconds=decision.delay_seconds,
                                 count_attempt=decision.next is not Next.RETRY_NOT_COUNTED)
 

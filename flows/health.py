@@ -9,7 +9,6 @@ The event path calls, per event and target (see the report of issue 17):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from datetime import datetime, timedelta
@@ -57,7 +56,7 @@ class HealthGate:
         if self._known_healthy(target, scope):
             return Decision(Action.SEND)
         now = now or utcnow()
-        health = await asyncio.to_thread(self.store.health_of, target=target, scope=scope)
+        health = await self.store.calls(self.store.health_of, target=target, scope=scope)
         self._remember(target, scope, health)
         owner = f"{self.owner}/{holder}"
         decision = decide(health, now, owner, self.policy)
@@ -66,20 +65,20 @@ class HealthGate:
         assert health is not None
         if health.state is TargetState.PROBING and health.probe_owner == owner:
             return decision
-        if await asyncio.to_thread(self.store.claim_probe, target=target, scope=scope,
+        if await self.store.calls(self.store.claim_probe, target=target, scope=scope,
                                    owner=owner, policy=self.policy, now=now):
             return decision
         return Decision(Action.WAIT, now + timedelta(seconds=RECHECK_SECONDS))
 
     async def waiting(self, *, conversation_id: str, target: str, action: str) -> None:
         """The event waits for its paused target: counted (status, /metrics), durable."""
-        await asyncio.to_thread(self.store.mark_waiting, conversation_id=conversation_id,
+        await self.store.calls(self.store.mark_waiting, conversation_id=conversation_id,
                                 target=target, action=action)
 
     async def succeeded(self, target: str, scope: str) -> None:
         if self._known_healthy(target, scope):
             return  # nothing to reset: no failure counted, not paused
-        change = await asyncio.to_thread(self.store.record_target_success, target=target,
+        change = await self.store.calls(self.store.record_target_success, target=target,
                                          scope=scope)
         self._remember(target, scope, change.after if change else None)
         if change is not None:
@@ -96,7 +95,7 @@ class HealthGate:
         with contextlib.suppress(AttributeError):
             exc._cxrelay_health_reported = True  # type: ignore[attr-defined]
         self._healthy_until.pop((target, scope), None)
-        change = await asyncio.to_thread(
+        change = await self.store.calls(
             self.store.record_target_failure, target=target, scope=scope,
             error=_error_text(exc), retryable=isinstance(exc, RetryableError),
             policy=self.policy, retry_after=getattr(exc, "retry_after", None))
@@ -104,7 +103,7 @@ class HealthGate:
             await self.alerts.target_changed(change, await self._waiting(target))
 
     async def _waiting(self, target: str) -> int:
-        counts = await asyncio.to_thread(self.store.waiting_by_target)
+        counts = await self.store.calls(self.store.waiting_by_target)
         return counts.get(target, 0)
 
 

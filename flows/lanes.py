@@ -110,7 +110,7 @@ async def conversation_task(conversation_id: str, inbox_ids: list[int]) -> Event
     a conversation's events merged after its settle window, as one task run named by its
     conversation; its artifact `conversation-<id>` says what happened."""
     runtime = get_runtime()
-    rows = await asyncio.to_thread(runtime.store.get_events, inbox_ids)
+    rows = await runtime.store.calls(runtime.store.get_events, inbox_ids)
     missing = [inbox_id for inbox_id in inbox_ids if inbox_id not in rows]
     if missing:
         raise PermanentError(f"inbox events {missing} do not exist")

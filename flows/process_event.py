@@ -48,7 +48,7 @@ async def dead_letter(runtime: Runtime, *, inbox_id: int, event_id: str, convers
     limited summary in the alert channel. What decides that a failure dead-letters is
     `cxrelay.core.outcome.after_failure`; this is the one place that writes it."""
     reason = reason or _error_text(exc)
-    await asyncio.to_thread(runtime.store.dead_letter, inbox_id=inbox_id, event_id=event_id,
+    await runtime.store.calls(runtime.store.dead_letter, inbox_id=inbox_id, event_id=event_id,
                             conversation_id=conversation_id, target=target, reason=reason,
                             error_type=type(exc).__name__, attempts=attempts)
     try:
@@ -128,7 +128,7 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
     """
     runtime = get_runtime()
     await runtime.ingest_calm.wait()  # the receiver is flooded: its steps wait (see IngestYield)
-    row = await asyncio.to_thread(runtime.store.get_event, inbox_id)
+    row = await runtime.store.calls(runtime.store.get_event, inbox_id)
     if row is None:
         raise PermanentError(f"inbox event {inbox_id} does not exist")
     return (await handle(runtime, row)).as_dict()
@@ -243,7 +243,7 @@ async def _wait(runtime: Runtime, row: InboxEvent, summary: EventSummary) -> Non
     untils = [datetime.fromisoformat(r["until"]) for r in summary.targets.values()
               if r.get("status") == WAITING and r.get("until")]
     delay = max(0.0, (min(untils) - datetime.now(timezone.utc)).total_seconds()) if untils else 1.0
-    await asyncio.to_thread(runtime.store.release, row.id or 0, worker=row.claimed_by or "",
+    await runtime.store.calls(runtime.store.release, row.id or 0, worker=row.claimed_by or "",
                             delay_seconds=delay, waiting=True)
 
 
@@ -254,7 +254,7 @@ async def _finish(runtime: Runtime, summary: EventSummary, inline: bool) -> Even
     assert summary.inbox_id is not None and summary.outcome is not None
     link = runtime.artifacts.link() if inline else None
     detail = summary.as_dict()
-    await asyncio.to_thread(runtime.store.finish, summary.inbox_id,
+    await runtime.store.calls(runtime.store.finish, summary.inbox_id,
                             outcome=summary.outcome, detail=detail, artifact=link)
     if link is not None:
         runtime.artifacts.wake()

@@ -7,7 +7,6 @@ and `store`. Retries are Prefect task retries (visible in the UI), only for `Ret
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -100,7 +99,7 @@ async def check(runtime: Runtime, row: InboxEvent, plan: bool = True) -> Checked
     drift = await _record_drift(runtime, event)
     planned: dict[str, str] = {}
     if plan:
-        rows = await asyncio.to_thread(runtime.store.ledger, event.conversation_id)
+        rows = await runtime.store.calls(runtime.store.ledger, event.conversation_id)
         delivered = {r.target: r for r in rows if r.payload_sha256}
         planned = {t.name: (f"update {delivered[t.name].external_ref or ''}".strip()
                             if t.name in delivered else "create")
@@ -122,7 +121,7 @@ async def _record_drift(runtime: Runtime, event: CanonicalEvent) -> list[str]:
         if affected:
             text += f"; a source of required field {affected}"
         texts.append(text)
-    await asyncio.to_thread(runtime.store.record_drift, event.envelope,
+    await runtime.store.calls(runtime.store.record_drift, event.envelope,
                             [(f.field, f.kind, f.detail) for f in findings], event.event_id)
     logger().warning("schema drift in %s event %s: %s", event.envelope, event.event_id,
                      "; ".join(texts))

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlmodel import SQLModel
 
+from cxrelay.store.calls import StoreCalls
 from cxrelay.store.migrations import migrate
 
 try:
@@ -120,11 +121,15 @@ class Database:
         # Opened at the first write: a store that only reads (most CLI commands) holds nothing.
         self._lock_path = f"{path}.writer-lock" if path is not None and fcntl else None
         self._lock_file: Any = None
+        # The transaction `joined()` opened on this thread: `transaction()` takes part in it.
+        self._joined = threading.local()
+        self.calls = StoreCalls(self)  # the dispatcher's calls from its event loop
         if create:
             SQLModel.metadata.create_all(self.engine)
             migrate(self.engine)
 
     def close(self) -> None:
+        self.calls.close()
         self.engine.dispose()
         if self._lock_file is not None:
             self._lock_file.close()
@@ -139,7 +144,14 @@ class Database:
         dispatcher writing back to back: the receiver's group commits starved and its
         acknowledgements took seconds at 200 events/s. So writers queue instead: the threads
         of a process on a lock of their own, processes on an exclusive `flock` of
-        `<database>.writer-lock`, which the kernel hands over the moment it is released."""
+        `<database>.writer-lock`, which the kernel hands over the moment it is released.
+
+        Inside `joined()` on the same thread it is that transaction, which commits or rolls
+        back as a whole."""
+        joined = getattr(self._joined, "conn", None)
+        if joined is not None:
+            yield joined
+            return
         with self._writer, self._file_lock(), self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -149,6 +161,18 @@ class Database:
                 conn.rollback()
                 raise
             conn.commit()
+
+    @contextmanager
+    def joined(self) -> Iterator[Connection]:
+        """One write transaction for every `transaction()` this thread opens until it ends
+        (`cxrelay.store.calls`): it commits when the block ends, and rolls everything back
+        when the block raises."""
+        with self.transaction() as conn:
+            self._joined.conn = conn
+            try:
+                yield conn
+            finally:
+                self._joined.conn = None
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
