@@ -162,7 +162,9 @@ def test_an_event_delivered_twice_gives_one_task(runtime: Runtime,
                 for _ in range(2)]
 
     first, second = asyncio.run(scenario())
-    assert first["status"] == "created" and second["status"] == "unchanged"
+    # The second time, the ledger shows this event's own delivery: delivered (not sent again).
+    assert first["status"] == "created"
+    assert second["status"] == "delivered" and second["earlier_attempt"] is True
     assert len(records(clean_sandbox, "Task")) == 1
     assert len(calls(clean_sandbox.salesforce_url, "PATCH", "/Task/")) == 1
 
