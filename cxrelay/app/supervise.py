@@ -143,7 +143,11 @@ def is_prefect_server(api_url: str) -> bool:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now. With SO_REUSEADDR, as uvicorn binds: the
+    connections of a server stopped a moment ago, still in TIME_WAIT, do not make it taken
+    (without it a restarted `cxrelay serve` put its Prefect UI on a random port)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
