@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import String, and_, bindparam, case, func, select, update
 from sqlalchemy.engine import Connection
@@ -45,14 +46,19 @@ _COMPLETE = update(LEDGER).where(_LEDGER_KEY).values(
     waiting_since=None)
 
 
+_OPEN_ROW: dict[str, Any] = {}  # by dialect, built once (as the statements above)
+
+
 def open_row(db: Database, conn: Connection, *, conversation_id: str, target: str,
              action: str, now: datetime) -> None:
     """The (conversation, target, action) row, created `open` when it is not there yet."""
-    conn.execute(
-        db._insert(LEDGER).on_conflict_do_nothing(
-            index_elements=["conversation_id", "target", "action"]),
-        {"conversation_id": conversation_id, "target": target, "action": action,
-         "status": "open", "deliveries": 0, "created_at": now, "updated_at": now})
+    statement = _OPEN_ROW.get(db.dialect)
+    if statement is None:
+        statement = _OPEN_ROW[db.dialect] = db._insert(LEDGER).on_conflict_do_nothing(
+            index_elements=["conversation_id", "target", "action"])
+    conn.execute(statement, {"conversation_id": conversation_id, "target": target,
+                             "action": action, "status": "open", "deliveries": 0,
+                             "created_at": now, "updated_at": now})
 
 
 @dataclass(frozen=True)
