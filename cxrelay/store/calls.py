@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MAX_BATCH = 64
-_STOP = object()
+STOP = object()  # put on a queue of `next_batch`: its reader ends
 _Call = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
@@ -61,26 +61,14 @@ class StoreCalls:
     def close(self) -> None:
         thread, self._thread = self._thread, None
         if thread is not None:
-            self._queue.put(_STOP)
+            self._queue.put(STOP)
             thread.join(timeout=10)
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            calls: list[_Call] = [item]
-            stop = False
-            while len(calls) < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop = True
-                    break
-                calls.append(more)
-            self._settle(self._results(calls))
+            calls, stop = next_batch(self._queue, self.max_batch)
+            if calls:
+                self._settle(self._results(calls))
             if stop:
                 return
 
@@ -111,6 +99,24 @@ class StoreCalls:
         for loop, settled in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(_set, settled)
+
+
+def next_batch(source: queue.SimpleQueue[Any], limit: int) -> tuple[list[Any], bool]:
+    """Wait for one item, then take what else is waiting, `limit` in all: the batch, and
+    whether `STOP` came (nothing after it is taken)."""
+    first = source.get()
+    if first is STOP:
+        return [], True
+    batch = [first]
+    while len(batch) < limit:
+        try:
+            more = source.get_nowait()
+        except queue.Empty:
+            break
+        if more is STOP:
+            return batch, True
+        batch.append(more)
+    return batch, False
 
 
 def _set(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

@@ -15,9 +15,8 @@ import queue
 import threading
 from typing import Any
 
+from cxrelay.store.calls import STOP, next_batch
 from cxrelay.store.database import Store
-
-_STOP = object()
 
 
 class GroupCommitWriter:
@@ -49,7 +48,7 @@ class GroupCommitWriter:
 
     def close(self) -> None:
         self._closed.set()
-        self._queue.put(_STOP)
+        self._queue.put(STOP)
         self._thread.join(timeout=10)
         if self._checkpointer is not None:
             self._checkpointer.join(timeout=10)
@@ -62,21 +61,9 @@ class GroupCommitWriter:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop = True
-                    break
-                batch.append(more)
-            self._commit(batch)
+            batch, stop = next_batch(self._queue, self.max_batch)
+            if batch:
+                self._commit(batch)
             if stop:
                 return
 
