@@ -197,14 +197,25 @@ def sandbox(
     genesys_port: int = typer.Option(8101), salesforce_port: int = typer.Option(8102),
     slack_port: int = typer.Option(8103),
 ) -> None:
-    """Run the Genesys, Salesforce and Slack emulators alone (Ctrl-C stops them)."""
+    """Run the Genesys, Salesforce and Slack emulators alone (Ctrl-C stops them). The
+    Genesys emulator knows a few ended conversations, which `cxrelay send` can name: like
+    the real API, it answers 404 for any other, and such an event ends in the dead letters."""
+    from cxrelay.sandbox.genesys import sample_conversation
     from cxrelay.sandbox.server import Sandbox
 
     box = Sandbox(genesys_port=genesys_port, salesforce_port=salesforce_port,
                   slack_port=slack_port)
+    known = [f"00000000-0000-4000-8000-00000000000{n}" for n in range(1, 4)]
+    for number, conversation_id in enumerate(known, start=1):
+        box.genesys.conversations[conversation_id] = sample_conversation(
+            conversation_id, phone=f"+1555201000{number}")
     console.print("Sandbox emulators are up. Point cxrelay at them with:")
     for key, value in box.environment().items():
         console.print(f"  export {key}='{value}'", highlight=False, soft_wrap=True)
+    console.print("The Genesys emulator knows these conversations; send their events with:")
+    for conversation_id in known:
+        console.print(f"  cxrelay send --conversation-id {conversation_id}", highlight=False,
+                      soft_wrap=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(box.serve())
 
