@@ -25,7 +25,7 @@ def test_event_outcome_from_target_statuses() -> None:
 def test_outcomes_are_stored_and_shown_as_their_plain_names() -> None:
     assert json.dumps({"outcome": Outcome.PARTIAL}) == '{"outcome": "partial"}'
     assert f"{Outcome.FILTERED}" == "filtered" and Outcome("failed") is Outcome.FAILED
-    assert f"{Outcome.RETRY_LATER}" == "retry-later"
+    assert f"{Outcome.RETRY_LATER}" == "retry_later"
 
 
 def test_an_event_summary_decides_its_outcome_from_its_targets_and_stores_what_was_set() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import threading
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from cxrelay.app.sending import encode, generic_event
@@ -73,3 +74,61 @@ def test_a_call_that_raises_fails_alone_and_its_writes_are_undone(any_store: Sto
     assert {e.status for e in any_store.events() if e.id in ids} == {"done"}
     assert _probes(any_store) == before
     assert any_store.calls.batches == 0  # that batch was rolled back and run call by call
+
+
+def test_a_read_inside_a_batch_sees_the_writes_before_it(store: Store) -> None:
+    """A target's failure and then its success, in one transaction: the success reads the
+    failure (it resets the count), as it would one after the other."""
+    calls: list[tuple[Any, ...]] = [
+        (lambda: store.record_target_failure(target="slack", scope="T1", error="503",
+                                             retryable=True),),
+        (lambda: store.record_target_success(target="slack", scope="T1"),)]
+    asyncio.run(_together(store, calls))
+    assert store.calls.batches == 1
+    health = store.health_of(target="slack", scope="T1")
+    assert health is not None and health.consecutive_failures == 0
+
+
+class Stop(BaseException):
+    pass
+
+
+def _raise_base() -> None:
+    raise Stop()
+
+
+def test_a_call_that_raises_a_base_exception_leaves_the_store_usable(store: Store) -> None:
+    ids = _events(store, 1)
+
+    async def scenario() -> None:
+        with pytest.raises(Stop):
+            await store.calls(_raise_base)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await store.calls(_raise_stop_iteration)
+        await asyncio.wait_for(store.calls(_finish, store, ids[0]), 10)
+
+    asyncio.run(scenario())
+    assert store.get_event(ids[0]).status == "done"  # type: ignore[union-attr]
+
+
+def _raise_stop_iteration() -> None:
+    raise StopIteration
+
+
+def test_a_call_whose_caller_was_cancelled_before_it_ran_is_not_made(store: Store) -> None:
+    ids = _events(store, 1)
+
+    async def scenario() -> None:
+        busy = threading.Event()
+        first = asyncio.ensure_future(store.calls(busy.wait, 5))
+        await asyncio.sleep(0.1)
+        queued = asyncio.ensure_future(store.calls(_finish, store, ids[0]))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        await asyncio.sleep(0.05)
+        busy.set()
+        await first
+        await store.calls(lambda: None)  # the queue has been worked through
+
+    asyncio.run(scenario())
+    assert store.get_event(ids[0]).status == "pending"  # type: ignore[union-attr]

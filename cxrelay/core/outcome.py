@@ -18,7 +18,7 @@ class Outcome(str, Enum):
     DEAD_LETTERED = "dead_lettered"  # nothing delivered: every target (or the event) failed
     FILTERED = "filtered"            # a filter rule dropped it
     FAILED = "failed"                # its runs crashed too often (dead-lettered as a whole)
-    RETRY_LATER = "retry-later"      # a target is paused: the event waits for it, unfinished
+    RETRY_LATER = "retry_later"      # a target is paused: the event waits for it, unfinished
 
     def __str__(self) -> str:
         return self.value
@@ -34,7 +34,7 @@ DELIVERED = "delivered"
 
 
 def event_outcome(target_statuses: Iterable[str]) -> Outcome:
-    """retry-later while any target is paused; else, when no target dead-lettered: stale when
+    """retry_later while any target is paused; else, when no target dead-lettered: stale when
     every target held newer data, unchanged when no target changed (each had this data, or
     newer), delivered when one did. dead_lettered when every target failed, partial between."""
     statuses = list(target_statuses)

@@ -107,5 +107,5 @@ class ArtifactQueries(Database):
                     PENDING.c.due_at == leased_until))
 
     def pending_artifacts(self) -> int:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return int(conn.execute(select(func.count()).select_from(PENDING)).scalar_one())

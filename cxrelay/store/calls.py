@@ -10,14 +10,16 @@ anyway; here they run back to back in one transaction and come back to the loop 
 wake-up. A call that raises rolls the batch back, and each call of that batch then runs again
 on its own, so only its own caller hears of the failure.
 
-On PostgreSQL calls are not batched (they would hold each other's row locks): they run one
-after another in the thread, each in its own transaction as before.
+On PostgreSQL calls are not batched (they would hold each other's row locks, and the server
+takes them side by side): each runs through `asyncio.to_thread` in a transaction of its own.
+Reads made inside a batch see its writes (`Database.reading`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from cxrelay.store.engine import Database
 
+logger = logging.getLogger("cxrelay.store")
 T = TypeVar("T")
 MAX_BATCH = 64
 STOP = object()  # put on a queue of `next_batch`: its reader ends
@@ -40,9 +43,15 @@ class StoreCalls:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """`fn(*args, **kwargs)` in the store's thread; its result, or what it raised."""
+        """`fn(*args, **kwargs)` in the store's thread; its result, or what it raised. A call
+        whose caller is cancelled before it starts is not made (as with `asyncio.to_thread`)."""
+        if self.db.dialect != "sqlite" or self._closed:
+            # PostgreSQL takes calls side by side; a closed store's late calls (a lane still
+            # finishing) must not start a thread nobody joins.
+            return await asyncio.to_thread(fn, *args, **kwargs)
         self._start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -50,15 +59,17 @@ class StoreCalls:
         return await future
 
     def _start(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
         with self._lock:
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="cxrelay-store-calls",
                                                 daemon=True)
                 self._thread.start()
 
     def close(self) -> None:
+        """Finish the calls queued so far, then stop; later calls run in threads of their own."""
+        self._closed = True
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(STOP)
@@ -67,26 +78,40 @@ class StoreCalls:
     def _run(self) -> None:
         while True:
             calls, stop = next_batch(self._queue, self.max_batch)
+            calls = [call for call in calls if not call[1].cancelled()]
             if calls:
-                self._settle(self._results(calls))
+                try:
+                    results = self._results(calls)
+                except BaseException as exc:  # nothing may leave a caller waiting forever
+                    logger.exception("store calls failed")
+                    results = [(call, False, exc) for call in calls]
+                self._settle(results)
             if stop:
                 return
 
     def _results(self, calls: list[_Call]) -> list[tuple[_Call, bool, Any]]:
-        if len(calls) > 1 and self.db.dialect == "sqlite":
+        if len(calls) > 1:
+            values: list[Any] | None = None
             try:
                 with self.db.joined():
                     values = [call[0]() for call in calls]
-            except Exception:  # rolled back: each again on its own, so one failure stays one
-                pass
+            except BaseException:
+                if values is not None and self.db.joined_committed():
+                    # Committed; what failed was letting go of the locks after it. Running
+                    # the calls again would apply them twice.
+                    logger.exception("the store's locks after a commit")
+                    return [(call, True, value)
+                            for call, value in zip(calls, values, strict=True)]
+                # Rolled back: each again on its own, so that one failure stays one.
             else:
+                assert values is not None
                 self.batches += 1
                 return [(call, True, value) for call, value in zip(calls, values, strict=True)]
         results: list[tuple[_Call, bool, Any]] = []
         for call in calls:
             try:
                 results.append((call, True, call[0]()))
-            except Exception as exc:
+            except BaseException as exc:
                 results.append((call, False, exc))
         return results
 
@@ -125,5 +150,7 @@ def _set(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             continue
         if ok:
             future.set_result(value)
+        elif isinstance(value, StopIteration):  # a future refuses it: it would end a coroutine
+            future.set_exception(RuntimeError(f"a store call raised {value!r}"))
         else:
             future.set_exception(value)

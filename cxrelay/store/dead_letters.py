@@ -37,11 +37,11 @@ class DeadLetterQueries(Database):
         stmt = select(DEAD).order_by(DEAD.c.id)
         if status:
             stmt = stmt.where(DEAD.c.status == status)
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return [DeadLetter(**row) for row in conn.execute(stmt).mappings().all()]
 
     def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             row = conn.execute(select(DEAD).where(DEAD.c.id == dead_letter_id)).mappings().first()
         return DeadLetter(**row) if row else None
 
@@ -54,11 +54,11 @@ class DeadLetterQueries(Database):
         stmt = select(QUARANTINE).order_by(QUARANTINE.c.id)
         if status:
             stmt = stmt.where(QUARANTINE.c.status == status)
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return [QuarantinedEvent(**row) for row in conn.execute(stmt).mappings().all()]
 
     def get_quarantined(self, quarantine_id: int) -> QuarantinedEvent | None:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             row = conn.execute(
                 select(QUARANTINE).where(QUARANTINE.c.id == quarantine_id)
             ).mappings().first()

@@ -46,7 +46,7 @@ class DriftQueries(Database):
                                     "example_event_id": bounded(event_id, 255)})
 
     def drift(self) -> list[DriftRecord]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(select(DRIFT).order_by(DRIFT.c.contract, DRIFT.c.field)
                                 ).mappings().all()
         return [DriftRecord(**row) for row in rows]

@@ -152,6 +152,7 @@ class Database:
         if joined is not None:
             yield joined
             return
+        self._joined.committed = False
         with self._writer, self._file_lock(), self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -161,6 +162,7 @@ class Database:
                 conn.rollback()
                 raise
             conn.commit()
+            self._joined.committed = True
 
     @contextmanager
     def joined(self) -> Iterator[Connection]:
@@ -173,6 +175,22 @@ class Database:
                 yield conn
             finally:
                 self._joined.conn = None
+
+    def joined_committed(self) -> bool:
+        """Whether this thread's last transaction committed (for `joined()`'s caller when
+        letting go of the locks after the commit raised)."""
+        return bool(getattr(self._joined, "committed", False))
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A connection to read with: inside `joined()` the batch's own, so that a read sees
+        the writes made before it in the batch; else one of the pool's."""
+        joined = getattr(self._joined, "conn", None)
+        if joined is not None:
+            yield joined
+            return
+        with self.engine.connect() as conn:
+            yield conn
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:

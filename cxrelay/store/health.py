@@ -47,12 +47,12 @@ class HealthQueries(Database):
 
     def target_health(self) -> list[Health]:
         """Every target that has ever failed, healthy again or not (for status and metrics)."""
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(select(HEALTH).order_by(HEALTH.c.key)).mappings().all()
         return [_health(row) for row in rows]
 
     def health_of(self, *, target: str, scope: str) -> Health | None:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             row = conn.execute(select(HEALTH).where(
                 HEALTH.c.key == target_key(target, scope))).mappings().first()
         return _health(row) if row else None
@@ -140,7 +140,7 @@ class HealthQueries(Database):
 
     def waiting_by_target(self) -> dict[str, int]:
         """Conversations whose newest event waits, per target name."""
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(select(LEDGER.c.target, func.count())
                                 .where(LEDGER.c.waiting_since.is_not(None))
                                 .group_by(LEDGER.c.target)).all()

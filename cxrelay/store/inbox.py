@@ -183,17 +183,17 @@ class InboxQueries(Database):
             record_pending(conn, inbox_id, None)
 
     def get_event(self, inbox_id: int) -> InboxEvent | None:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             row = conn.execute(_GET_EVENT, {"p_id": inbox_id}).mappings().first()
         return InboxEvent(**row) if row else None
 
     def get_events(self, inbox_ids: Sequence[int]) -> dict[int, InboxEvent]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(_GET_EVENTS, {"p_ids": list(inbox_ids)}).mappings()
             return {row["id"]: InboxEvent(**row) for row in rows}
 
     def events(self, limit: int = 1000) -> list[InboxEvent]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(select(INBOX).order_by(INBOX.c.id).limit(limit)).mappings().all()
         return [InboxEvent(**row) for row in rows]
 
@@ -201,7 +201,7 @@ class InboxQueries(Database):
         """Of these conversations, those with an event in progress or one that reached its
         targets (delivered, partly delivered or dead-lettered). Filtered-only ones are not."""
         ids = set(conversation_ids)
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             # Events in progress: a range of the status index (the backlog), not the inbox.
             handled = {conversation for conversation in conn.execute(
                 select(INBOX.c.conversation_id).where(INBOX.c.status.in_(["pending", "claimed"]))
@@ -217,7 +217,7 @@ class InboxQueries(Database):
         return handled
 
     def status_counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(
                 select(INBOX.c.status, func.count()).group_by(INBOX.c.status)
             ).all()
@@ -225,14 +225,14 @@ class InboxQueries(Database):
 
     def last_inbox_id(self) -> int:
         """The newest inbox id (0 when empty): its growth is the rate of accepted events."""
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return int(conn.execute(select(func.max(INBOX.c.id))).scalar() or 0)
 
     def waiting(self) -> tuple[int, float]:
         """Runnable events that no one has claimed, and how long the oldest of them has
         waited, in seconds (an index range, not a scan of the whole inbox)."""
         now = utcnow()
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             count, oldest = conn.execute(
                 select(func.count(), func.min(INBOX.c.available_at))
                 .where(INBOX.c.status == "pending", INBOX.c.available_at <= now)).one()

@@ -155,7 +155,7 @@ class LedgerQueries(Database):
         stmt = select(LEDGER).order_by(LEDGER.c.id)
         if conversation_id:
             stmt = stmt.where(LEDGER.c.conversation_id == conversation_id)
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return [Delivery(**row) for row in conn.execute(stmt).mappings().all()]
 
 

@@ -49,11 +49,11 @@ class NotificationQueries(Database):
             query = query.where(GAPS.c.consumer == consumer)
         if status is not None:
             query = query.where(GAPS.c.status == status)
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return [_gap(row) for row in conn.execute(query)]
 
     def get_gap(self, gap_id: int) -> NotificationGap | None:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             row = conn.execute(select(GAPS).where(GAPS.c.id == gap_id)).first()
         return _gap(row) if row is not None else None
 
@@ -65,7 +65,7 @@ class NotificationQueries(Database):
         now = utcnow()
         claimable = or_(GAPS.c.status == "closed",
                         (GAPS.c.status == "filling") & (GAPS.c.claimed_until < now))
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             ids = list(conn.execute(select(GAPS.c.id).where(
                 claimable, GAPS.c.ended_at <= ended_before).order_by(GAPS.c.id).limit(limit)
             ).scalars())
@@ -99,7 +99,7 @@ class NotificationQueries(Database):
             ).values(status="closed", claimed_by=None, claimed_until=None)).rowcount)
 
     def gap_counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(select(GAPS.c.status, func.count()).group_by(GAPS.c.status))
             return {str(status): int(count) for status, count in rows}
 
@@ -119,13 +119,13 @@ class NotificationQueries(Database):
 
     def cursor(self, consumer: str) -> datetime | None:
         """When `consumer` last heard from Genesys, as far as it recorded."""
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             found = conn.execute(select(CONSUMERS.c.last_message_at).where(
                 CONSUMERS.c.consumer == consumer)).scalar()
         return aware(found)
 
     def consumer_statuses(self) -> list[NotificationConsumerStatus]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(select(CONSUMERS).order_by(CONSUMERS.c.consumer)).mappings()
             statuses = [NotificationConsumerStatus(**row) for row in rows]
         for status in statuses:

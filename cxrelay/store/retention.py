@@ -54,7 +54,7 @@ class RetentionQueries(Database):
         return Pruned(*counts)
 
     def _count(self, table: Any, where: Any) -> int:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return int(conn.execute(select(func.count()).select_from(table).where(where))
                        .scalar_one())
 

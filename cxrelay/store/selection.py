@@ -29,7 +29,7 @@ class SelectionQueries(Database):
             stmt = stmt.where(or_(
                 func.lower(DEAD.c.error_type) == error.lower(),
                 func.lower(DEAD.c.reason).contains(error.lower(), autoescape=True)))
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return [DeadLetter(**row) for row in conn.execute(stmt).mappings().all()]
 
     def select_quarantined(self, *, status: str | None = "open", since: datetime | None = None,
@@ -43,5 +43,5 @@ class SelectionQueries(Database):
         if error:
             stmt = stmt.where(
                 func.lower(QUARANTINE.c.reason).contains(error.lower(), autoescape=True))
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return [QuarantinedEvent(**row) for row in conn.execute(stmt).mappings().all()]
