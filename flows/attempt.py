@@ -110,7 +110,7 @@ async def attempt(store: Store, event: CanonicalEvent, target: str, action: str,
                            "action": action, "owner": owner}
     order_key = fence_key(event)
     reservation = await store.calls(store.reserve, **key, payload_sha256=digest,
-                                          order_key=order_key)
+                                    order_key=order_key)
     hold = (event.conversation_id, target, action)
     if not (reservation.granted or reservation.already_done or reservation.stale):
         raise InFlight(f"{target}: another event of conversation {event.conversation_id} "
@@ -125,12 +125,12 @@ async def attempt(store: Store, event: CanonicalEvent, target: str, action: str,
             yield delivery
         except BaseException as exc:
             await store.calls(store.unreserve, **key,
-                                    uncertain=isinstance(exc, OutcomeUnknown))
+                              uncertain=isinstance(exc, OutcomeUnknown))
             await honour_retry_after(exc)
             raise
         await store.calls(store.complete, **key, external_ref=delivery.ref,
-                                payload_sha256=digest, event_id=event.event_id,
-                                order_key=order_key)
+                          payload_sha256=digest, event_id=event.event_id,
+                          order_key=order_key)
     finally:
         if _holders.get(hold) is released:
             del _holders[hold]

@@ -348,7 +348,7 @@ class Dispatcher:
         self._last_flush = 0.0
         try:
             await self.store.calls(self.store.renew, worker=self.worker_id,
-                                    ids=list(self.running), lease_seconds=self.lease)
+                                   ids=list(self.running), lease_seconds=self.lease)
         except Exception:
             logger.exception("renewing claims failed")
 
@@ -361,7 +361,7 @@ class Dispatcher:
             if task in still:
                 task.cancel()
                 await self.store.calls(self.store.release, inbox_id, worker=self.worker_id,
-                                        delay_seconds=0, count_attempt=False)
+                                       delay_seconds=0, count_attempt=False)
 
     async def _run_one(self, event: ClaimedEvent) -> None:
         self.started_runs += 1
@@ -396,7 +396,7 @@ class Dispatcher:
             flow_run_name=f"conversation-{event.conversation_id}",
             parameters={"inbox_id": event.id, "conversation_id": event.conversation_id})
         await self.store.calls(self.store.renew, worker=self.worker_id, ids=[event.id],
-                                lease_seconds=self.runtime.settings.submitted_lease_seconds)
+                               lease_seconds=self.runtime.settings.submitted_lease_seconds)
         return flow_run
 
     async def _after_failure(self, event: ClaimedEvent, exc: Exception) -> None:
@@ -420,7 +420,7 @@ class Dispatcher:
                               conversation_id=event.conversation_id, target=WHOLE_EVENT,
                               exc=exc, attempts=event.attempts, reason=reason)
             await self.store.calls(self.store.finish, event.id, outcome=Outcome.FAILED.value,
-                                    detail={"reason": reason})
+                                   detail={"reason": reason})
             return
         if decision.next is Next.RUN_OF_ITS_OWN:
             logger.info("event %s handed back by its lane (%s): a run of its own takes it",
@@ -429,8 +429,8 @@ class Dispatcher:
             logger.warning("event %s: run failed (%s), retrying in %.0f s", event.id,
                            type(exc).__name__, decision.delay_seconds)
         await self.store.calls(self.store.release, event.id, worker=self.worker_id,
-                                delay_seconds=decision.delay_seconds,
-                                count_attempt=decision.next is not Next.RETRY_NOT_COUNTED)
+                               delay_seconds=decision.delay_seconds,
+                               count_attempt=decision.next is not Next.RETRY_NOT_COUNTED)
 
 
 def _handed_back(exc: BaseException) -> Exception:

@@ -66,20 +66,20 @@ class HealthGate:
         if health.state is TargetState.PROBING and health.probe_owner == owner:
             return decision
         if await self.store.calls(self.store.claim_probe, target=target, scope=scope,
-                                   owner=owner, policy=self.policy, now=now):
+                                  owner=owner, policy=self.policy, now=now):
             return decision
         return Decision(Action.WAIT, now + timedelta(seconds=RECHECK_SECONDS))
 
     async def waiting(self, *, conversation_id: str, target: str, action: str) -> None:
         """The event waits for its paused target: counted (status, /metrics), durable."""
         await self.store.calls(self.store.mark_waiting, conversation_id=conversation_id,
-                                target=target, action=action)
+                               target=target, action=action)
 
     async def succeeded(self, target: str, scope: str) -> None:
         if self._known_healthy(target, scope):
             return  # nothing to reset: no failure counted, not paused
         change = await self.store.calls(self.store.record_target_success, target=target,
-                                         scope=scope)
+                                        scope=scope)
         self._remember(target, scope, change.after if change else None)
         if change is not None:
             await self.alerts.target_changed(change, await self._waiting(target))

@@ -49,8 +49,8 @@ async def dead_letter(runtime: Runtime, *, inbox_id: int, event_id: str, convers
     `cxrelay.core.outcome.after_failure`; this is the one place that writes it."""
     reason = reason or _error_text(exc)
     await runtime.store.calls(runtime.store.dead_letter, inbox_id=inbox_id, event_id=event_id,
-                            conversation_id=conversation_id, target=target, reason=reason,
-                            error_type=type(exc).__name__, attempts=attempts)
+                              conversation_id=conversation_id, target=target, reason=reason,
+                              error_type=type(exc).__name__, attempts=attempts)
     try:
         get_run_logger().warning("dead letter for %s: %s", target, reason)
     except MissingContextError:  # the dispatcher, outside any run
@@ -244,7 +244,7 @@ async def _wait(runtime: Runtime, row: InboxEvent, summary: EventSummary) -> Non
               if r.get("status") == WAITING and r.get("until")]
     delay = max(0.0, (min(untils) - datetime.now(timezone.utc)).total_seconds()) if untils else 1.0
     await runtime.store.calls(runtime.store.release, row.id or 0, worker=row.claimed_by or "",
-                            delay_seconds=delay, waiting=True)
+                              delay_seconds=delay, waiting=True)
 
 
 async def _finish(runtime: Runtime, summary: EventSummary, inline: bool) -> EventSummary:
@@ -255,7 +255,7 @@ async def _finish(runtime: Runtime, summary: EventSummary, inline: bool) -> Even
     link = runtime.artifacts.link() if inline else None
     detail = summary.as_dict()
     await runtime.store.calls(runtime.store.finish, summary.inbox_id,
-                            outcome=summary.outcome, detail=detail, artifact=link)
+                              outcome=summary.outcome, detail=detail, artifact=link)
     if link is not None:
         runtime.artifacts.wake()
     else:

@@ -122,7 +122,7 @@ async def _record_drift(runtime: Runtime, event: CanonicalEvent) -> list[str]:
             text += f"; a source of required field {affected}"
         texts.append(text)
     await runtime.store.calls(runtime.store.record_drift, event.envelope,
-                            [(f.field, f.kind, f.detail) for f in findings], event.event_id)
+                              [(f.field, f.kind, f.detail) for f in findings], event.event_id)
     logger().warning("schema drift in %s event %s: %s", event.envelope, event.event_id,
                      "; ".join(texts))
     gate = await runtime.health_gate()  # a summary in the alert channel, rate-limited
