@@ -34,14 +34,32 @@ def _probe_and_fail(store: Store) -> None:
         raise ValueError("refused")
 
 
+class Hold:
+    """A call that keeps the store's thread busy until `release()`; `entered()` waits until
+    the thread is inside it."""
+
+    def __init__(self) -> None:
+        self._inside, self._released = threading.Event(), threading.Event()
+
+    def __call__(self) -> None:
+        self._inside.set()
+        assert self._released.wait(10)
+
+    async def entered(self) -> None:
+        assert await asyncio.to_thread(self._inside.wait, 10)
+
+    def release(self) -> None:
+        self._released.set()
+
+
 async def _together(store: Store, calls: list[tuple[Any, ...]]) -> list[Any]:
     """The calls queued while the store's thread is busy, so that they wait together."""
-    busy = threading.Event()
-    first = asyncio.ensure_future(store.calls(busy.wait, 5))
-    await asyncio.sleep(0.1)  # the thread is inside the first call
+    hold = Hold()
+    first = asyncio.ensure_future(store.calls(hold))
+    await hold.entered()
     waiting = [asyncio.ensure_future(store.calls(fn, *args)) for fn, *args in calls]
-    await asyncio.sleep(0.05)
-    busy.set()
+    await asyncio.sleep(0)  # each task runs to its queued call
+    hold.release()
     await first
     return await asyncio.gather(*waiting, return_exceptions=True)
 
@@ -119,14 +137,15 @@ def test_a_call_whose_caller_was_cancelled_before_it_ran_is_not_made(store: Stor
     ids = _events(store, 1)
 
     async def scenario() -> None:
-        busy = threading.Event()
-        first = asyncio.ensure_future(store.calls(busy.wait, 5))
-        await asyncio.sleep(0.1)
+        hold = Hold()
+        first = asyncio.ensure_future(store.calls(hold))
+        await hold.entered()
         queued = asyncio.ensure_future(store.calls(_finish, store, ids[0]))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the task runs to its queued call
         queued.cancel()
-        await asyncio.sleep(0.05)
-        busy.set()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        hold.release()
         await first
         await store.calls(lambda: None)  # the queue has been worked through
 
