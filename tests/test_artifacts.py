@@ -21,6 +21,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from cxrelay.app.sending import generic_event
 from cxrelay.app.supervise import free_port
+from cxrelay.flows import artifacts as artifacts_module
 from cxrelay.flows.artifacts import ArtifactWriter
 from cxrelay.flows.report import artifact_key
 from cxrelay.sandbox.server import Sandbox
@@ -123,6 +124,37 @@ def test_artifacts_wait_while_the_dispatcher_is_busy_and_follow_when_it_is_not(
     assert while_busy == 5 and after == 0
     assert sorted(asyncio.run(artifacts(list(inbox.values())))) == sorted(
         artifact_key(c) for c in inbox.values())
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_backlog_that_outlasts_the_grace_still_gets_its_artifacts_a_batch_at_a_time(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(artifacts_module, "BUSY_GRACE_SECONDS", 1.5)
+    monkeypatch.setattr(artifacts_module, "IDLE_LOOK_SECONDS", 0.3)
+    inbox = events(store, 6)
+    for inbox_id, conversation in inbox.items():
+        store.finish(inbox_id, outcome="delivered", detail={"conversation_id": conversation},
+                     artifact=ArtifactLink(None, None))
+    writer = ArtifactWriter(batch=2)
+
+    async def main() -> tuple[int, int, float]:
+        writer.busy = True  # before it starts: what an earlier dispatcher left waits too
+        busy_from = time.monotonic()
+        await writer.start(store)
+        await asyncio.sleep(1.0)
+        within_grace = store.pending_artifacts()
+        deadline = time.monotonic() + 30
+        while store.pending_artifacts() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            writer.busy = True  # the dispatcher says so after every claim
+        left, busy_for = store.pending_artifacts(), time.monotonic() - busy_from
+        await writer.aclose()
+        return within_grace, left, busy_for
+
+    within_grace, left, busy_for = asyncio.run(main())
+    # A batch of 2 per look after the grace: 3 looks, the last at least 0.6 s after it.
+    assert within_grace == 6 and left == 0 and busy_for >= 1.5 + 2 * 0.3
+    assert writer.written == 6
 
 
 def test_a_stop_with_the_api_unreachable_is_bounded_and_loses_no_artifact(
