@@ -2,11 +2,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 from cxrelay.store.database import Store
+from cxrelay.store.inbox import INBOX
+from cxrelay.store.models import InboxEvent
 
 
 def row(key: str, conversation: str = "c1") -> dict:
@@ -296,3 +300,29 @@ def test_a_reservation_lapses_with_its_owners_claim(any_store: Store) -> None:
     after = any_store.reserve(conversation_id="c1", target="sf", action="upsert",
                               owner=owner_b, payload_sha256="h2")
     assert after.granted and after.uncertain
+
+
+def test_rows_read_back_are_the_models_a_constructor_makes(any_store: Store) -> None:
+    any_store.insert_events([row("k1"), row("k2", conversation="c2")])
+    read = any_store.get_events([1, 2])
+    with any_store.reading() as conn:
+        rows = conn.execute(INBOX.select().order_by(INBOX.c.id)).mappings().all()
+    built = {r["id"]: InboxEvent(**r) for r in rows}
+    assert read == built and read[2].conversation_id == "c2"
+    assert [e.model_dump() for e in any_store.events()] == [e.model_dump() for e in built.values()]
+    assert any_store.get_event(1) == built[1] and any_store.get_events([2]) == {2: built[2]}
+
+
+def test_a_process_that_only_reads_gets_usable_rows(tmp_path: Path) -> None:
+    """Models built without their constructor need the mappers configured: a process whose
+    first model is one read back (a dispatcher's lane) must see its attributes."""
+    url = f"sqlite:///{tmp_path / 'cxrelay.db'}"
+    store = Store(url)
+    store.insert_events([row("k1", conversation="c7")])
+    store.close()
+    script = ("import sys; from cxrelay.store.database import Store; s = Store(sys.argv[1]); "
+              "e = s.get_events([1])[1]; print(e.conversation_id, e.status, e.body_sha256[:8])")
+    done = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:2] == ["c7", "pending"]

@@ -15,7 +15,7 @@ from sqlalchemy import Integer, and_, bindparam, func, or_, select, update
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.store.artifacts import ArtifactLink, record_pending
 from cxrelay.store.engine import Database, aware, sqlite_datetime
-from cxrelay.store.models import InboxEvent, utcnow
+from cxrelay.store.models import InboxEvent, stored, utcnow
 
 INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
 
@@ -185,17 +185,20 @@ class InboxQueries(Database):
     def get_event(self, inbox_id: int) -> InboxEvent | None:
         with self.reading() as conn:
             row = conn.execute(_GET_EVENT, {"p_id": inbox_id}).mappings().first()
-        return InboxEvent(**row) if row else None
+        return stored(InboxEvent, row) if row else None
 
     def get_events(self, inbox_ids: Sequence[int]) -> dict[int, InboxEvent]:
         with self.reading() as conn:
-            rows = conn.execute(_GET_EVENTS, {"p_ids": list(inbox_ids)}).mappings()
-            return {row["id"]: InboxEvent(**row) for row in rows}
+            # One id (a lane's event) by the statement compiled once; an expanding IN is
+            # compiled again for each call's number of ids.
+            rows = (conn.execute(_GET_EVENT, {"p_id": inbox_ids[0]}) if len(inbox_ids) == 1
+                    else conn.execute(_GET_EVENTS, {"p_ids": list(inbox_ids)})).mappings()
+            return {row["id"]: stored(InboxEvent, row) for row in rows}
 
     def events(self, limit: int = 1000) -> list[InboxEvent]:
         with self.reading() as conn:
             rows = conn.execute(select(INBOX).order_by(INBOX.c.id).limit(limit)).mappings().all()
-        return [InboxEvent(**row) for row in rows]
+        return [stored(InboxEvent, row) for row in rows]
 
     def conversations_handled(self, conversation_ids: Sequence[str]) -> set[str]:
         """Of these conversations, those with an event in progress or one that reached its

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 
 from cxrelay.core.ordering import is_stale, newest
 from cxrelay.store.engine import Database, aware
-from cxrelay.store.models import Delivery, InboxEvent, utcnow
+from cxrelay.store.models import Delivery, InboxEvent, stored, utcnow
 
 LEDGER = Delivery.__table__  # type: ignore[attr-defined]
 INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
@@ -156,7 +156,7 @@ class LedgerQueries(Database):
         if conversation_id:
             stmt = stmt.where(LEDGER.c.conversation_id == conversation_id)
         with self.reading() as conn:
-            return [Delivery(**row) for row in conn.execute(stmt).mappings().all()]
+            return [stored(Delivery, row) for row in conn.execute(stmt).mappings().all()]
 
 
 def _owner_alive(conn: Connection, owner: str | None, now: datetime) -> bool:
