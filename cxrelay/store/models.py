@@ -14,7 +14,7 @@ from sqlmodel import Field, SQLModel
 M = TypeVar("M", bound=SQLModel)
 
 
-def stored(model: type[M], row: Mapping[str, Any]) -> M:
+def stored(model: type[M], row: Mapping[Any, Any]) -> M:
     """A model of a row read back from the store, without running its constructor: the
     values come from the database through the columns' types already, and a table model's
     `__init__` (SQLAlchemy's instance bookkeeping, a setattr per field) cost ~65 µs of the
