@@ -50,6 +50,20 @@ def test_e164_rejects(value: object) -> None:
         formatters.format_e164(value)
 
 
+def test_e164_answers_the_same_when_asked_again_by_region() -> None:
+    """Numbers are remembered per region: the same text is another number elsewhere, and
+    one that failed fails again with its own reason."""
+    for _ in range(2):
+        assert formatters.format_e164("020 7946 0958", "GB") == "+442079460958"
+        assert formatters.format_e164("(555) 000-1234", "US") == "+15550001234"
+        with pytest.raises(MappingError, match="not a possible phone number"):
+            formatters.format_e164("12", "US")
+        with pytest.raises(MappingError, match="is not a phone number"):
+            formatters.format_e164("abc", "US")
+    with pytest.raises(MappingError):
+        formatters.format_e164("020 7946 0958", "US")
+
+
 def test_cut_and_lookup() -> None:
     assert formatters.cut("abcdef", 3) == "abc"
     assert formatters.lookup("Resolved", {"Resolved": "Closed"}) == "Closed"

@@ -6,6 +6,7 @@ format, so a bad value becomes a clear dead letter rather than a crash or a sile
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -98,12 +99,25 @@ def format_e164(value: Any, region: str = "US") -> str:
     if text.lower().startswith("tel:"):
         text = text[4:]
     text = text.split(";", 1)[0]
-    try:
-        number = phonenumbers.parse(text, region.upper())
-    except phonenumbers.NumberParseException as exc:
-        raise MappingError(f"{value!r} is not a phone number") from exc
-    if not phonenumbers.is_possible_number(number):
+    formatted = _e164(text, region.upper())
+    if formatted is None:
+        raise MappingError(f"{value!r} is not a phone number")
+    if not formatted:
         raise MappingError(f"{value!r} is not a possible phone number")
+    return formatted
+
+
+# A conversation's events (customer.end, an acw per agent, the wrap-up) and a caller's next
+# conversations carry the same numbers; parsing one cost ~0.1 ms, a fifth of mapping an event.
+@functools.lru_cache(maxsize=4096)
+def _e164(text: str, region: str) -> str | None:
+    """E.164 of `text`; None when it does not parse, "" when it is not a possible number."""
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return ""
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
