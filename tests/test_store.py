@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from cxrelay.store.database import Store
+from cxrelay.store.engine import aware
 from cxrelay.store.inbox import INBOX
+from cxrelay.store.ledger import Reservation
 from cxrelay.store.models import InboxEvent
 
 
@@ -132,6 +134,28 @@ def test_ledger_reservation(any_store: Store) -> None:
     any_store.unreserve(conversation_id="c1", target="slack", action="message", owner="inbox:2")
     (entry,) = any_store.ledger("c1")
     assert entry.status == "done" and entry.deliveries == 1
+
+
+def test_the_first_reservation_creates_the_row_as_a_reservation_would_leave_it(
+        any_store: Store) -> None:
+    fresh = any_store.reserve(conversation_id="c5", target="sf", action="upsert",
+                              owner="inbox:7", payload_sha256="h", ttl_seconds=120,
+                              order_key="k-5")
+    assert fresh == Reservation(True, None, already_done=False)
+    (row,) = any_store.ledger("c5")
+    assert (row.status, row.owner, row.reserved_order_key, row.order_key, row.deliveries,
+            row.payload_sha256, row.external_ref) == ("reserved", "inbox:7", "k-5", None, 0,
+                                                      None, None)
+    assert row.reserved_until is not None and row.created_at is not None
+    held_for = (aware(row.reserved_until) - aware(row.updated_at)).total_seconds()
+    assert 119 <= held_for <= 121
+    # Another attempt meets it as one in flight, with its order key as the fence.
+    older = any_store.reserve(conversation_id="c5", target="sf", action="upsert",
+                              owner="inbox:8", payload_sha256="h2", order_key="k-4")
+    assert older.stale and older.newer == "k-5"
+    again = any_store.reserve(conversation_id="c5", target="sf", action="upsert",
+                              owner="inbox:8", payload_sha256="h2", order_key="k-6")
+    assert not again.granted and not again.stale
 
 
 def test_unreserve_before_any_delivery_reopens(any_store: Store) -> None:

@@ -61,6 +61,27 @@ def open_row(db: Database, conn: Connection, *, conversation_id: str, target: st
                              "created_at": now, "updated_at": now})
 
 
+_NEW_RESERVED: dict[str, Any] = {}  # by dialect, built once
+
+
+def _insert_reserved(db: Database, conn: Connection, *, conversation_id: str, target: str,
+                     action: str, owner: str, until: datetime, order_key: str | None,
+                     now: datetime) -> bool:
+    """The row, created `reserved` by this attempt; False when it is there already (what it
+    holds decides, in `reserve`)."""
+    statement = _NEW_RESERVED.get(db.dialect)
+    if statement is None:
+        statement = _NEW_RESERVED[db.dialect] = db._insert(LEDGER).on_conflict_do_nothing(
+            index_elements=["conversation_id", "target", "action"]).returning(LEDGER.c.id)
+    # A row comes back only when this insert made it (rowcount is not that on PostgreSQL).
+    inserted = conn.execute(statement, {
+        "conversation_id": conversation_id, "target": target, "action": action,
+        "status": "reserved", "owner": owner, "reserved_until": until,
+        "reserved_order_key": order_key, "deliveries": 0, "created_at": now,
+        "updated_at": now}).first()
+    return inserted is not None
+
+
 @dataclass(frozen=True)
 class Reservation:
     """The answer of `Store.reserve`: may this attempt deliver, and what was delivered before."""
@@ -93,9 +114,14 @@ class LedgerQueries(Database):
         its data."""
         key = {"p_conversation": conversation_id, "p_target": target, "p_action": action}
         now = utcnow()
+        until = now + timedelta(seconds=ttl_seconds)
         with self.transaction() as conn:
-            open_row(self, conn, conversation_id=conversation_id, target=target,
-                     action=action, now=now)
+            if _insert_reserved(self, conn, conversation_id=conversation_id, target=target,
+                                action=action, owner=owner, until=until,
+                                order_key=order_key, now=now):
+                # Nothing was delivered, reserved or fenced for it before: granted, and one
+                # statement instead of three (a new conversation's first event, per target).
+                return Reservation(True, None, already_done=False)
             row = conn.execute(_RESERVE_READ, key).mappings().one()
             if row["status"] == "done" and row["payload_sha256"] == payload_sha256:
                 return Reservation(False, row["external_ref"], already_done=True,
@@ -113,8 +139,7 @@ class LedgerQueries(Database):
                                        stale=True, newer=newest(held, in_flight))
             if busy:
                 return Reservation(False, row["external_ref"], already_done=False)
-            conn.execute(_RESERVE, {**key, "p_owner": owner, "p_now": now,
-                                    "p_until": now + timedelta(seconds=ttl_seconds),
+            conn.execute(_RESERVE, {**key, "p_owner": owner, "p_now": now, "p_until": until,
                                     "p_order": newest(order_key, row["reserved_order_key"]
                                                       if row["status"] != "done" else None)})
             return Reservation(True, row["external_ref"], already_done=False,
