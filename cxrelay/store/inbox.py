@@ -189,10 +189,7 @@ class InboxQueries(Database):
 
     def get_events(self, inbox_ids: Sequence[int]) -> dict[int, InboxEvent]:
         with self.reading() as conn:
-            # One id (a lane's event) by the statement compiled once; an expanding IN is
-            # compiled again for each call's number of ids.
-            rows = (conn.execute(_GET_EVENT, {"p_id": inbox_ids[0]}) if len(inbox_ids) == 1
-                    else conn.execute(_GET_EVENTS, {"p_ids": list(inbox_ids)})).mappings()
+            rows = conn.execute(_GET_EVENTS, {"p_ids": list(inbox_ids)}).mappings()
             return {row["id"]: stored(InboxEvent, row) for row in rows}
 
     def events(self, limit: int = 1000) -> list[InboxEvent]:
