@@ -46,40 +46,27 @@ _COMPLETE = update(LEDGER).where(_LEDGER_KEY).values(
     waiting_since=None)
 
 
-_OPEN_ROW: dict[str, Any] = {}  # by dialect, built once (as the statements above)
+_NEW_ROW: dict[str, Any] = {}  # by dialect, built once (as the statements above)
+
+
+def _new_row(db: Database, conn: Connection, *, conversation_id: str, target: str,
+             action: str, now: datetime, **values: Any) -> bool:
+    """The (conversation, target, action) row with `values`, when it is not there yet; whether
+    this insert made it (a row comes back only then: rowcount does not say so on PostgreSQL)."""
+    statement = _NEW_ROW.get(db.dialect)
+    if statement is None:
+        statement = _NEW_ROW[db.dialect] = db._insert(LEDGER).on_conflict_do_nothing(
+            index_elements=["conversation_id", "target", "action"]).returning(LEDGER.c.id)
+    return conn.execute(statement, {
+        "conversation_id": conversation_id, "target": target, "action": action,
+        "deliveries": 0, "created_at": now, "updated_at": now, **values}).first() is not None
 
 
 def open_row(db: Database, conn: Connection, *, conversation_id: str, target: str,
              action: str, now: datetime) -> None:
     """The (conversation, target, action) row, created `open` when it is not there yet."""
-    statement = _OPEN_ROW.get(db.dialect)
-    if statement is None:
-        statement = _OPEN_ROW[db.dialect] = db._insert(LEDGER).on_conflict_do_nothing(
-            index_elements=["conversation_id", "target", "action"])
-    conn.execute(statement, {"conversation_id": conversation_id, "target": target,
-                             "action": action, "status": "open", "deliveries": 0,
-                             "created_at": now, "updated_at": now})
-
-
-_NEW_RESERVED: dict[str, Any] = {}  # by dialect, built once
-
-
-def _insert_reserved(db: Database, conn: Connection, *, conversation_id: str, target: str,
-                     action: str, owner: str, until: datetime, order_key: str | None,
-                     now: datetime) -> bool:
-    """The row, created `reserved` by this attempt; False when it is there already (what it
-    holds decides, in `reserve`)."""
-    statement = _NEW_RESERVED.get(db.dialect)
-    if statement is None:
-        statement = _NEW_RESERVED[db.dialect] = db._insert(LEDGER).on_conflict_do_nothing(
-            index_elements=["conversation_id", "target", "action"]).returning(LEDGER.c.id)
-    # A row comes back only when this insert made it (rowcount is not that on PostgreSQL).
-    inserted = conn.execute(statement, {
-        "conversation_id": conversation_id, "target": target, "action": action,
-        "status": "reserved", "owner": owner, "reserved_until": until,
-        "reserved_order_key": order_key, "deliveries": 0, "created_at": now,
-        "updated_at": now}).first()
-    return inserted is not None
+    _new_row(db, conn, conversation_id=conversation_id, target=target, action=action,
+             now=now, status="open")
 
 
 @dataclass(frozen=True)
@@ -116,9 +103,9 @@ class LedgerQueries(Database):
         now = utcnow()
         until = now + timedelta(seconds=ttl_seconds)
         with self.transaction() as conn:
-            if _insert_reserved(self, conn, conversation_id=conversation_id, target=target,
-                                action=action, owner=owner, until=until,
-                                order_key=order_key, now=now):
+            if _new_row(self, conn, conversation_id=conversation_id, target=target,
+                        action=action, now=now, status="reserved", owner=owner,
+                        reserved_until=until, reserved_order_key=order_key):
                 # Nothing was delivered, reserved or fenced for it before: granted, and one
                 # statement instead of three (a new conversation's first event, per target).
                 return Reservation(True, None, already_done=False)
