@@ -29,11 +29,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TagsContext
+from prefect.utilities.annotations import quote
 
 from cxrelay.core.errors import PermanentError
 from cxrelay.core.outcome import EventSummary
@@ -41,6 +42,7 @@ from cxrelay.flows.attempt import InFlight
 from cxrelay.flows.process_event import handle, handle_settled
 from cxrelay.flows.runtime import get_runtime
 from cxrelay.store.inbox import ClaimedEvent
+from cxrelay.store.models import InboxEvent
 
 # What the dispatcher learns of an event it put in a lane: its summary, or the error that
 # hands it back.
@@ -105,12 +107,17 @@ def _ended(lane: Lane, run: asyncio.Task[Any]) -> None:
 
 @task(name="conversation", task_run_name="conversation-{conversation_id}",
       cache_policy=NO_CACHE, persist_result=False)
-async def conversation_task(conversation_id: str, inbox_ids: list[int]) -> EventSummary:
+async def conversation_task(conversation_id: str, inbox_ids: list[int],
+                            claimed: dict[int, InboxEvent] | None = None) -> EventSummary:
     """All the steps of one event (verify, deduplicate, filter, enrich, map, deliver), or of
     a conversation's events merged after its settle window, as one task run named by its
-    conversation; its artifact `conversation-<id>` says what happened."""
+    conversation; its artifact `conversation-<id>` says what happened. `claimed` holds the
+    rows as their claim returned them (quoted: Prefect would walk every body); the others
+    are read."""
     runtime = get_runtime()
-    rows = await runtime.store.calls(runtime.store.get_events, inbox_ids)
+    rows = dict(claimed or {})
+    if any(inbox_id not in rows for inbox_id in inbox_ids):
+        rows.update(await runtime.store.calls(runtime.store.get_events, inbox_ids))
     missing = [inbox_id for inbox_id in inbox_ids if inbox_id not in rows]
     if missing:
         raise PermanentError(f"inbox events {missing} do not exist")
@@ -134,7 +141,9 @@ async def _run_one(lane: Lane, events: list[ClaimedEvent], outcomes: Counter[str
     first = events[0]
     try:
         with TagsContext(current_tags=set()):  # no tag: no concurrency-slot call per event
-            summary = await conversation_task(first.conversation_id, [e.id for e in events])
+            summary = await conversation_task(
+                first.conversation_id, [e.id for e in events],
+                cast(Any, quote({e.id: e.row for e in events if e.row is not None})))
     except Exception as exc:  # handed back: a run of its own retries each
         outcomes["handed back"] += len(events)
         for event in events:

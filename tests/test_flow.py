@@ -358,8 +358,17 @@ def test_events_run_as_task_runs_of_rotating_lanes_with_the_same_guarantees(
     enqueue(runtime.store, generic_event(ids[0]))  # a second event of one conversation
     connected = new_id()
     enqueue(runtime.store, generic_event(connected, state="CONNECTED"))
+    reads: list[list[int]] = []
+    read_events = runtime.store.get_events
+
+    def counted(inbox_ids: list[int]) -> Any:
+        reads.append(list(inbox_ids))
+        return read_events(inbox_ids)
+
+    runtime.store.get_events = counted  # type: ignore[method-assign]
     dispatcher = asyncio.run(dispatch_until(runtime, 26))
     assert len(dispatcher.lanes) >= 2 and dispatcher.started_runs == 0
+    assert reads == []  # each event's steps start from the row its claim returned
     tasks, messages = sandbox_state(clean_sandbox)
     assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
     assert len(messages) == 24

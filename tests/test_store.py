@@ -43,6 +43,27 @@ def test_claims_of_first_attempts_and_of_retries_are_apart(any_store: Store) -> 
     assert all(e.attempts == 1 for e in fresh)
 
 
+def test_a_claim_carries_each_row_as_the_claim_left_it(any_store: Store) -> None:
+    """A lane starts an event's steps from the row its claim returned, not from a second read:
+    it must be the row a read would give, claim columns included; and it is never shown."""
+    any_store.insert_events([row("k1", "c1"), row("k2", "c2")])
+    claimed = any_store.claim(worker="w1", limit=10, lease_seconds=60)
+    assert len(claimed) == 2
+    for event in claimed:
+        assert event.row is not None and event.row == any_store.get_event(event.id)
+        assert event.row.status == "claimed" and event.row.claimed_by == "w1"
+        assert event.row.attempts == 1 and event.row.lease_until is not None
+        assert "k1" not in repr(event) and "body" not in repr(event)
+    (batch,) = any_store.claim_conversation_batch(worker="w2", limit=5, lease_seconds=60,
+                                                  settle_seconds=0) or [None]
+    assert batch is None  # both are claimed already
+    any_store.insert_events([row("k3", "c3"), row("k4", "c3")])
+    (batch,) = any_store.claim_conversation_batch(worker="w2", limit=5, lease_seconds=60,
+                                                  settle_seconds=0)
+    assert [e.row.dedupe_key for e in batch.events if e.row] == ["k3", "k4"]
+    assert all(e.row == any_store.get_event(e.id) for e in batch.events)
+
+
 def test_waiting_counts_runnable_unclaimed_events_and_the_oldest_wait(any_store: Store) -> None:
     assert any_store.waiting() == (0, 0.0)
     any_store.insert_events([row(f"w{i}") for i in range(4)])

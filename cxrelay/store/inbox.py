@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -48,8 +48,7 @@ def _claim_statement(attempts: str) -> Any:
             update(INBOX).where(INBOX.c.id.in_(ids.scalar_subquery()))
             .values(status="claimed", claimed_by=bindparam("p_worker"),
                     lease_until=bindparam("p_until"), attempts=INBOX.c.attempts + 1)
-            .returning(INBOX.c.id, INBOX.c.conversation_id, INBOX.c.event_type,
-                       INBOX.c.source, INBOX.c.attempts))
+            .returning(*INBOX.c))
     return statement
 
 
@@ -74,6 +73,16 @@ class ClaimedEvent:
     event_type: str
     source: str
     attempts: int
+    # The whole row as the claim left it: the event's steps start from it instead of reading
+    # it again (one store call and one hand-off fewer per event). Not compared, not shown:
+    # it holds the raw body.
+    row: InboxEvent | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, row: Any) -> ClaimedEvent:
+        """From a claim's `RETURNING` of every inbox column."""
+        return cls(row["id"], row["conversation_id"], row["event_type"], row["source"],
+                   row["attempts"], stored(InboxEvent, row))
 
 
 class InboxQueries(Database):
@@ -129,8 +138,8 @@ class InboxQueries(Database):
         with self.transaction() as conn:
             rows = conn.execute(_claim_statement(attempts), {
                 "p_now": now, "p_limit": limit, "p_worker": worker,
-                "p_until": now + timedelta(seconds=lease_seconds)}).all()
-        return sorted((ClaimedEvent(*row) for row in rows), key=lambda event: event.id)
+                "p_until": now + timedelta(seconds=lease_seconds)}).mappings().all()
+        return sorted((ClaimedEvent.of(row) for row in rows), key=lambda event: event.id)
 
     def renew(self, *, worker: str, ids: Sequence[int], lease_seconds: float) -> None:
         if not ids:

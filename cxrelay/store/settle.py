@@ -78,9 +78,8 @@ class SettleQueries(Database):
                 .values(status="claimed", claimed_by=worker,
                         lease_until=now + timedelta(seconds=lease_seconds),
                         attempts=INBOX.c.attempts + 1)
-                .returning(INBOX.c.id, INBOX.c.conversation_id, INBOX.c.event_type,
-                           INBOX.c.source, INBOX.c.attempts)).all()
+                .returning(*INBOX.c)).mappings().all()
         grouped: dict[str, list[ClaimedEvent]] = {}
-        for row in sorted(rows, key=lambda r: r[0]):
-            grouped.setdefault(row[1], []).append(ClaimedEvent(*row))
+        for row in sorted(rows, key=lambda r: r["id"]):
+            grouped.setdefault(row["conversation_id"], []).append(ClaimedEvent.of(row))
         return [ConversationBatch(c, grouped[c]) for c in conversations if c in grouped]
