@@ -129,6 +129,7 @@ class Dispatcher:
         self._gap_fill: asyncio.Task[Any] | None = None
         self._last_gap_check = 0.0
         self._wake = asyncio.Event()
+        self._backlog = False  # the last claim found as many events as it asked for
         # The Prefect API unavailable: since when, and no claims before `_claim_after`.
         self._outage_since: float | None = None
         self._claim_after = 0.0
@@ -138,6 +139,7 @@ class Dispatcher:
         in_lanes = self.runtime.settings.dispatcher == "inprocess"
         settle = self.runtime.settings.settle_seconds if in_lanes else 0.0
         await self.runtime.artifacts.start(self.store)
+        stopper: asyncio.Task[Any] | None = None
         try:
             while not stop.is_set():
                 claimed: list[ClaimedEvent] = []
@@ -150,7 +152,7 @@ class Dispatcher:
                 free = self.concurrency - len(self.running) \
                     if time.monotonic() >= self._claim_after else 0
                 units: list[list[ClaimedEvent]] = []
-                if free > 0:
+                if free >= self._claim_at_least():
                     try:
                         units = await self.store.calls(self._claim, free, settle)
                     except Exception:  # the database is unavailable: keep trying
@@ -169,20 +171,23 @@ class Dispatcher:
                         self.running[event.id] = task
                         task.add_done_callback(self._forget(event))
                 # A backlog: every slot was taken, or the inbox had as many as were free.
-                self._artifacts_wait(free <= 0 or len(units) >= free)
+                if free >= self._claim_at_least():
+                    self._backlog = len(units) >= free
+                self._artifacts_wait(free <= 0 or self._backlog)
                 await self._renew_claims()
                 self._prune_now_and_then()
                 await self._flush_alerts()
                 self._fill_gaps_now_and_then()
-                if not claimed or len(self.running) >= self.concurrency:
+                if not claimed or self.concurrency - len(self.running) < self._claim_at_least():
                     self._wake.clear()
-                    stopper = asyncio.create_task(stop.wait())
+                    stopper = stopper or asyncio.create_task(stop.wait())
                     waker = asyncio.create_task(self._wake.wait())
                     await asyncio.wait({stopper, waker}, timeout=self.poll,
                                        return_when=asyncio.FIRST_COMPLETED)
-                    stopper.cancel()
                     waker.cancel()
         finally:
+            if stopper is not None:
+                stopper.cancel()
             self.runtime.ingest_calm.set()  # lanes finish their events while draining
             for lane in (self.lane, self.next_lane):
                 if lane is not None:
@@ -193,6 +198,13 @@ class Dispatcher:
             await self._drain()
             await self._close_lanes()
             await self.runtime.artifacts.aclose()
+
+    def _claim_at_least(self) -> int:
+        """How many slots must be free before the dispatcher claims: one while the last claim
+        found fewer events than slots (the inbox keeps up: each event starts the moment it
+        arrives), a quarter of them while a backlog lasts. A claim per finished event was a
+        store call and a hand-off to the store thread per event, for one event each time."""
+        return max(1, self.concurrency // 4) if self._backlog else 1
 
     def _artifacts_wait(self, busy: bool) -> None:
         """Artifacts are written while a slot is free: during a backlog the Prefect server's

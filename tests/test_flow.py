@@ -366,9 +366,22 @@ def test_events_run_as_task_runs_of_rotating_lanes_with_the_same_guarantees(
         return read_events(inbox_ids)
 
     runtime.store.get_events = counted  # type: ignore[method-assign]
+    claims: list[tuple[int, int]] = []  # (slots asked for, events claimed)
+    claim = runtime.store.claim
+
+    def counted_claim(**options: Any) -> Any:
+        claimed = claim(**options)
+        claims.append((options["limit"], len(claimed)))
+        return claimed
+
+    runtime.store.claim = counted_claim  # type: ignore[method-assign]
     dispatcher = asyncio.run(dispatch_until(runtime, 26))
     assert len(dispatcher.lanes) >= 2 and dispatcher.started_runs == 0
     assert reads == []  # each event's steps start from the row its claim returned
+    # 26 waiting for 16 slots: while the backlog lasts, a claim waits for a quarter of the
+    # slots to be free, never one claim per finished event.
+    assert claims[0] == (16, 16)
+    assert all(asked >= 4 for asked, got in claims if got), claims
     tasks, messages = sandbox_state(clean_sandbox)
     assert sorted(task["Genesys_Conversation_Id__c"] for task in tasks) == sorted(ids)
     assert len(messages) == 24
