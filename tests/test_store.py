@@ -371,3 +371,42 @@ def test_a_process_that_only_reads_gets_usable_rows(tmp_path: Path) -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[:2] == ["c7", "pending"]
+
+
+def test_the_per_event_statements_store_what_sqlalchemy_would(store: Store) -> None:
+    """Reserve, complete and finish run as plain SQL on SQLite (`sqlite_execute`): their
+    datetimes must be the text SQLAlchemy writes (retention and leases compare them as text),
+    and the rows must read back as the same values."""
+    import re
+
+    from cxrelay.store.artifacts import ArtifactLink
+
+    (inbox_id,) = store.insert_events([row("t1", "c-t")])
+    (claimed,) = store.claim(worker="w", limit=1, lease_seconds=60)
+    key = {"conversation_id": "c-t", "target": "salesforce", "action": "upsert",
+           "owner": f"inbox:{inbox_id}"}
+    assert store.reserve(**key, payload_sha256="d1", order_key="k1").granted
+    (reserved,) = store.ledger("c-t")
+    assert reserved.status == "reserved" and reserved.owner == key["owner"]
+    assert reserved.reserved_order_key == "k1" and reserved.deliveries == 0
+    assert aware(reserved.reserved_until) > aware(reserved.created_at)
+    store.complete(**key, external_ref="00Q1", payload_sha256="d1", event_id="t1",
+                   order_key=None)
+    (done,) = store.ledger("c-t")
+    assert (done.status, done.owner, done.reserved_until, done.external_ref, done.payload_sha256,
+            done.event_id, done.order_key, done.reserved_order_key, done.deliveries) == (
+        "done", None, None, "00Q1", "d1", "t1", "k1", None, 1)
+    store.finish(claimed.id, outcome="delivered", detail={"a": 1},
+                 artifact=ArtifactLink("task-run", "flow-run"))
+    finished = store.get_event(inbox_id)
+    assert finished is not None and (finished.status, finished.outcome, finished.lease_until) \
+        == ("done", "delivered", None)
+    assert finished.detail == '{"a": 1}' and finished.finished_at is not None
+    # `received_at` and `available_at` were written through SQLAlchemy's SQLite type.
+    with store.reading() as conn:
+        texts = conn.exec_driver_sql(
+            "SELECT i.available_at, i.finished_at, l.created_at, l.updated_at, p.due_at "
+            "FROM inbox i, ledger l, pending_artifacts p WHERE i.id = ? AND p.inbox_id = i.id",
+            (inbox_id,)).one()
+    pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}")
+    assert all(isinstance(text, str) and pattern.fullmatch(text) for text in texts), texts

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from cxrelay.store.engine import Database
+from cxrelay.store.engine import Database, sqlite_datetime, sqlite_execute
 from cxrelay.store.models import InboxEvent, PendingArtifact, utcnow
 
 PENDING = PendingArtifact.__table__  # type: ignore[attr-defined]
@@ -33,6 +33,10 @@ def _upsert(dialect: Any) -> Any:
 
 
 _RECORD = {"sqlite": _upsert(sqlite), "postgresql": _upsert(postgresql)}
+_RECORD_SQLITE = (
+    "INSERT INTO pending_artifacts (inbox_id, task_run_id, flow_run_id, due_at)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT (inbox_id) DO UPDATE SET task_run_id ="
+    " excluded.task_run_id, flow_run_id = excluded.flow_run_id, due_at = excluded.due_at")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,10 @@ def record_pending(conn: Any, inbox_id: int, link: ArtifactLink | None) -> None:
     its own, and a replayed event's earlier report is not written after the replay."""
     if link is None:
         conn.execute(delete(PENDING).where(PENDING.c.inbox_id == inbox_id))
+        return
+    if conn.dialect.name == "sqlite":  # every event a lane finishes (see `sqlite_execute`)
+        sqlite_execute(conn, _RECORD_SQLITE, (inbox_id, link.task_run_id, link.flow_run_id,
+                                              sqlite_datetime(utcnow())))
         return
     conn.execute(_RECORD[conn.dialect.name], {
         "inbox_id": inbox_id, "task_run_id": link.task_run_id,

@@ -14,7 +14,7 @@ from sqlalchemy import Integer, and_, bindparam, func, or_, select, update
 
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.store.artifacts import ArtifactLink, record_pending
-from cxrelay.store.engine import Database, aware, sqlite_datetime
+from cxrelay.store.engine import Database, aware, sqlite_datetime, sqlite_execute
 from cxrelay.store.models import InboxEvent, stored, utcnow
 
 INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
@@ -24,6 +24,8 @@ INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
 _FINISH = update(INBOX).where(INBOX.c.id == bindparam("p_id")).values(
     status=bindparam("p_status"), outcome=bindparam("p_outcome"), detail=bindparam("p_detail"),
     finished_at=bindparam("p_now"), lease_until=None)
+_FINISH_SQLITE = ("UPDATE inbox SET status = ?, lease_until = NULL, outcome = ?, detail = ?,"
+                  " finished_at = ? WHERE id = ?")
 _GET_EVENT = select(INBOX).where(INBOX.c.id == bindparam("p_id"))
 _GET_EVENTS = select(INBOX).where(INBOX.c.id.in_(bindparam("p_ids", expanding=True)))
 _CLAIMS: dict[str, Any] = {}
@@ -176,6 +178,12 @@ class InboxQueries(Database):
         same transaction (see `cxrelay.store.artifacts`)."""
         status = "failed" if outcome == "failed" else "done"
         with self.transaction() as conn:
+            if self.dialect == "sqlite":
+                sqlite_execute(conn, _FINISH_SQLITE, (
+                    status, outcome, json.dumps(detail, default=str),
+                    sqlite_datetime(utcnow()), inbox_id))
+                record_pending(conn, inbox_id, artifact)
+                return
             conn.execute(_FINISH, {"p_id": inbox_id, "p_status": status, "p_outcome": outcome,
                                    "p_detail": json.dumps(detail, default=str), "p_now": utcnow()})
             record_pending(conn, inbox_id, artifact)

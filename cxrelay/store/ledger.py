@@ -20,7 +20,7 @@ from sqlalchemy import String, and_, bindparam, case, func, select, update
 from sqlalchemy.engine import Connection
 
 from cxrelay.core.ordering import is_stale, newest
-from cxrelay.store.engine import Database, aware
+from cxrelay.store.engine import Database, aware, sqlite_datetime, sqlite_execute
 from cxrelay.store.models import Delivery, InboxEvent, stored, utcnow
 
 LEDGER = Delivery.__table__  # type: ignore[attr-defined]
@@ -46,13 +46,32 @@ _COMPLETE = update(LEDGER).where(_LEDGER_KEY).values(
     waiting_since=None)
 
 
+_COMPLETE_SQLITE = (
+    "UPDATE ledger SET status = 'done', owner = NULL, reserved_until = NULL, external_ref = ?,"
+    " payload_sha256 = ?, event_id = ?, deliveries = deliveries + 1, updated_at = ?,"
+    " order_key = coalesce(?, reserved_order_key, order_key), reserved_order_key = NULL,"
+    " waiting_since = NULL WHERE conversation_id = ? AND target = ? AND action = ?")
+_NEW_ROW_SQLITE = (
+    "INSERT INTO ledger (conversation_id, target, action, status, owner, reserved_until,"
+    " reserved_order_key, deliveries, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)"
+    " ON CONFLICT (conversation_id, target, action) DO NOTHING RETURNING id")
 _NEW_ROW: dict[str, Any] = {}  # by dialect, built once (as the statements above)
 
 
 def _new_row(db: Database, conn: Connection, *, conversation_id: str, target: str,
-             action: str, now: datetime, **values: Any) -> bool:
-    """The (conversation, target, action) row with `values`, when it is not there yet; whether
-    this insert made it (a row comes back only then: rowcount does not say so on PostgreSQL)."""
+             action: str, now: datetime, status: str, owner: str | None = None,
+             reserved_until: datetime | None = None,
+             reserved_order_key: str | None = None) -> bool:
+    """The (conversation, target, action) row, when it is not there yet; whether this insert
+    made it (a row comes back only then: rowcount does not say so on PostgreSQL)."""
+    if db.dialect == "sqlite":
+        stamp = sqlite_datetime(now)
+        return sqlite_execute(conn, _NEW_ROW_SQLITE, (
+            conversation_id, target, action, status, owner,
+            None if reserved_until is None else sqlite_datetime(reserved_until),
+            reserved_order_key, stamp, stamp)) is not None
+    values = {"status": status, "owner": owner, "reserved_until": reserved_until,
+              "reserved_order_key": reserved_order_key}
     statement = _NEW_ROW.get(db.dialect)
     if statement is None:
         statement = _NEW_ROW[db.dialect] = db._insert(LEDGER).on_conflict_do_nothing(
@@ -138,6 +157,11 @@ class LedgerQueries(Database):
         order_key: str | None = None,
     ) -> None:
         with self.transaction() as conn:
+            if self.dialect == "sqlite":
+                sqlite_execute(conn, _COMPLETE_SQLITE, (
+                    external_ref, payload_sha256, event_id, sqlite_datetime(utcnow()),
+                    order_key, conversation_id, target, action))
+                return
             conn.execute(_COMPLETE, {
                 "p_conversation": conversation_id, "p_target": target, "p_action": action,
                 "p_ref": external_ref, "p_sha": payload_sha256, "p_event": event_id,
