@@ -44,9 +44,11 @@ LEASE_SECONDS = 60.0
 # this often, so that a load that never lets up still gets its artifacts (a few a second, a
 # small share of the CPU). A backlog that drains within the grace writes none while it drains:
 # measured in a burst of 2,000, the batches written during the drain cost the Prefect server
-# 1–2 ms of CPU per event of the burst (an artifact costs it more than a task run).
+# 1–2 ms of CPU per event of the burst (an artifact costs it more than a task run). Such a
+# burst took 40–80 s to drain here, depending on the machine's day: with a grace of 60 s the
+# slow days wrote batches beside the drain's last quarter.
 IDLE_LOOK_SECONDS = 5.0
-BUSY_GRACE_SECONDS = 60.0
+BUSY_GRACE_SECONDS = 120.0
 # A stopping dispatcher also waits for its events and lanes: together well inside the 30 s
 # that `cxrelay serve` gives its children after SIGTERM. What is left stays pending.
 CLOSE_SECONDS = 5.0
