@@ -410,3 +410,21 @@ def test_the_per_event_statements_store_what_sqlalchemy_would(store: Store) -> N
             (inbox_id,)).one()
     pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}")
     assert all(isinstance(text, str) and pattern.fullmatch(text) for text in texts), texts
+
+
+def test_a_transaction_of_plain_sql_alone_commits_and_rolls_back(any_store: Store) -> None:
+    """On SQLite the driver begins and ends write transactions: one whose statements all went
+    to the driver's cursor (SQLAlchemy began nothing) must still commit, and roll back."""
+    import pytest
+
+    key = {"conversation_id": "c-p", "target": "slack", "action": "message", "owner": "o"}
+    assert any_store.reserve(**key, payload_sha256="d").granted
+    with pytest.raises(RuntimeError), any_store.joined():
+        any_store.complete(**key, external_ref="C1|1", payload_sha256="d", event_id="e1")
+        raise RuntimeError("after the write")
+    (row,) = any_store.ledger("c-p")
+    assert row.status == "reserved" and row.external_ref is None
+    with any_store.joined():
+        any_store.complete(**key, external_ref="C1|1", payload_sha256="d", event_id="e1")
+    (row,) = any_store.ledger("c-p")
+    assert row.status == "done" and row.external_ref == "C1|1"

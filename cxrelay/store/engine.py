@@ -169,14 +169,30 @@ class Database:
             return
         self._joined.committed = False
         with self._writer, self._file_lock(), self.engine.connect() as conn:
-            if self.dialect == "sqlite":
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            if self.dialect != "sqlite":
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.commit()
+                self._joined.committed = True
+                return
+            # SQLite: BEGIN and COMMIT on the driver (through SQLAlchemy's execution machinery
+            # they were a fifth of a busy dispatcher's store thread). The driver ends the
+            # transaction whether or not SQLAlchemy began one of its own: statements on the
+            # driver's cursor (`sqlite_execute`) leave SQLAlchemy none to commit.
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
                 conn.rollback()
+                driver.rollback()
                 raise
             conn.commit()
+            driver.commit()
             self._joined.committed = True
 
     @contextmanager
