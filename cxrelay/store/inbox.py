@@ -7,10 +7,10 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-from sqlalchemy import Integer, and_, bindparam, func, or_, select, update
+from sqlalchemy import DateTime, Integer, and_, bindparam, func, or_, select, update
 
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.store.artifacts import ArtifactLink, record_pending
@@ -52,6 +52,28 @@ def _claim_statement(attempts: str) -> Any:
                     lease_until=bindparam("p_until"), attempts=INBOX.c.attempts + 1)
             .returning(*INBOX.c))
     return statement
+
+
+_COLUMNS = [column.name for column in INBOX.c]
+_TIMES = {index for index, column in enumerate(INBOX.c)
+          if isinstance(column.type, DateTime) or isinstance(
+              getattr(column.type, "impl", None), DateTime)}
+_CLAIM_SQLITE = (
+    "UPDATE inbox SET status = 'claimed', claimed_by = ?, lease_until = ?,"
+    " attempts = attempts + 1 WHERE id IN (SELECT id FROM inbox WHERE"
+    " ((status = 'pending' AND available_at <= ?) OR (status = 'claimed' AND lease_until < ?))"
+    "{attempts} ORDER BY id LIMIT ?) RETURNING " + ", ".join(_COLUMNS))
+_CLAIM_ATTEMPTS = {"any": "", "first": " AND attempts = 0", "retried": " AND attempts > 0"}
+
+
+def _claimed_sqlite(row: tuple[Any, ...]) -> ClaimedEvent:
+    """A claimed row from the driver, its datetimes as the columns' type would give them
+    (aware, UTC)."""
+    values = dict(zip(_COLUMNS, (
+        datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
+        if index in _TIMES and value is not None else value
+        for index, value in enumerate(row)), strict=True))
+    return ClaimedEvent.of(values)
 
 
 def inbox_row(event: CanonicalEvent, source: str, body: bytes) -> dict[str, Any]:
@@ -137,6 +159,16 @@ class InboxQueries(Database):
         """Claim up to `limit` runnable events: pending ones, and claimed ones whose lease ran
         out; only those never attempted (`first`), or only those attempted before (`retried`)."""
         now = utcnow()
+        if self.dialect == "sqlite":  # every claim of the dispatcher (see `sqlite_execute`)
+            with self.transaction() as conn:
+                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                stamp = sqlite_datetime(now)
+                claimed = [_claimed_sqlite(row) for row in cursor.execute(
+                    _CLAIM_SQLITE.format(attempts=_CLAIM_ATTEMPTS[attempts]),
+                    (worker, sqlite_datetime(now + timedelta(seconds=lease_seconds)), stamp,
+                     stamp, limit)).fetchall()]
+                cursor.close()
+            return sorted(claimed, key=lambda event: event.id)
         with self.transaction() as conn:
             rows = conn.execute(_claim_statement(attempts), {
                 "p_now": now, "p_limit": limit, "p_worker": worker,
