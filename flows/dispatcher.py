@@ -152,7 +152,8 @@ class Dispatcher:
                 free = self.concurrency - len(self.running) \
                     if time.monotonic() >= self._claim_after else 0
                 units: list[list[ClaimedEvent]] = []
-                if free >= self._claim_at_least():
+                claiming = free >= self._claim_at_least()
+                if claiming:
                     try:
                         units = await self.store.calls(self._claim, free, settle)
                     except Exception:  # the database is unavailable: keep trying
@@ -171,7 +172,7 @@ class Dispatcher:
                         self.running[event.id] = task
                         task.add_done_callback(self._forget(event))
                 # A backlog: every slot was taken, or the inbox had as many as were free.
-                if free >= self._claim_at_least():
+                if claiming:
                     self._backlog = len(units) >= free
                 self._artifacts_wait(free <= 0 or self._backlog)
                 await self._renew_claims()
