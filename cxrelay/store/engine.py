@@ -76,17 +76,16 @@ def aware(moment: datetime | None) -> datetime | None:
     return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def sqlite_execute(conn: Connection, sql: str, parameters: tuple[Any, ...]) -> Any:
+def sqlite_execute(conn: Connection, sql: str, parameters: tuple[Any, ...]) -> list[Any]:
     """`sql` with `parameters` on the SQLite driver's own connection, in the caller's
-    transaction; the first row it returns, if any. The statements an event makes every time
-    (reserve, complete, finish) run so: through SQLAlchemy's Core each cost ~0.2-0.3 ms of
+    transaction; the rows it returns. The statements an event makes every time (claim,
+    reserve, complete, finish) run so: through SQLAlchemy's Core each cost ~0.2-0.3 ms of
     the store thread's Python (parameter and result processing, measured with py-spy on a
     busy dispatcher), here the driver's statement cache takes them. Datetimes are passed as
     `sqlite_datetime` text, as SQLAlchemy's SQLite type stores them."""
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.execute(sql, parameters)
-        return cursor.fetchone()
+        return cursor.execute(sql, parameters).fetchall()
     finally:
         cursor.close()
 
@@ -169,30 +168,23 @@ class Database:
             return
         self._joined.committed = False
         with self._writer, self._file_lock(), self.engine.connect() as conn:
-            if self.dialect != "sqlite":
-                try:
-                    yield conn
-                except BaseException:
-                    conn.rollback()
-                    raise
-                conn.commit()
-                self._joined.committed = True
-                return
             # SQLite: BEGIN and COMMIT on the driver (through SQLAlchemy's execution machinery
             # they were a fifth of a busy dispatcher's store thread). The driver ends the
             # transaction whether or not SQLAlchemy began one of its own: statements on the
             # driver's cursor (`sqlite_execute`) leave SQLAlchemy none to commit.
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            driver.execute("BEGIN IMMEDIATE")
+            driver = conn.connection.driver_connection if self.dialect == "sqlite" else None
+            if driver is not None:
+                driver.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
                 conn.rollback()
-                driver.rollback()
+                if driver is not None:
+                    driver.rollback()
                 raise
             conn.commit()
-            driver.commit()
+            if driver is not None:
+                driver.commit()
             self._joined.committed = True
 
     @contextmanager

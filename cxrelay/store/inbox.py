@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import DateTime, Integer, and_, bindparam, func, or_, select, update
@@ -70,7 +70,7 @@ def _claimed_sqlite(row: tuple[Any, ...]) -> ClaimedEvent:
     """A claimed row from the driver, its datetimes as the columns' type would give them
     (aware, UTC)."""
     values = dict(zip(_COLUMNS, (
-        datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
+        aware(datetime.fromisoformat(value))
         if index in _TIMES and value is not None else value
         for index, value in enumerate(row)), strict=True))
     return ClaimedEvent.of(values)
@@ -160,15 +160,13 @@ class InboxQueries(Database):
         out; only those never attempted (`first`), or only those attempted before (`retried`)."""
         now = utcnow()
         if self.dialect == "sqlite":  # every claim of the dispatcher (see `sqlite_execute`)
+            stamp = sqlite_datetime(now)
             with self.transaction() as conn:
-                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                stamp = sqlite_datetime(now)
-                claimed = [_claimed_sqlite(row) for row in cursor.execute(
-                    _CLAIM_SQLITE.format(attempts=_CLAIM_ATTEMPTS[attempts]),
+                returned = sqlite_execute(
+                    conn, _CLAIM_SQLITE.format(attempts=_CLAIM_ATTEMPTS[attempts]),
                     (worker, sqlite_datetime(now + timedelta(seconds=lease_seconds)), stamp,
-                     stamp, limit)).fetchall()]
-                cursor.close()
-            return sorted(claimed, key=lambda event: event.id)
+                     stamp, limit))
+            return sorted((_claimed_sqlite(row) for row in returned), key=lambda event: event.id)
         with self.transaction() as conn:
             rows = conn.execute(_claim_statement(attempts), {
                 "p_now": now, "p_limit": limit, "p_worker": worker,

@@ -69,7 +69,7 @@ def _new_row(db: Database, conn: Connection, *, conversation_id: str, target: st
         return sqlite_execute(conn, _NEW_ROW_SQLITE, (
             conversation_id, target, action, status, owner,
             None if reserved_until is None else sqlite_datetime(reserved_until),
-            reserved_order_key, stamp, stamp)) is not None
+            reserved_order_key, stamp, stamp)) != []
     values = {"status": status, "owner": owner, "reserved_until": reserved_until,
               "reserved_order_key": reserved_order_key}
     statement = _NEW_ROW.get(db.dialect)
