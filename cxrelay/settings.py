@@ -163,6 +163,10 @@ class Settings(BaseSettings):
     target_probe_max_seconds: float = Field(
         default=10, ge=1, description="a paused target is probed with one request at most this "
         "far apart (backing off from 2 s)")
+    max_event_time_ahead_seconds: float = Field(
+        default=300, ge=0, description="an event dated further ahead of its receipt than "
+        "this is ordered by its receipt time instead (and flagged): the newest-wins fence "
+        "never trusts a clock it cannot check")
     claim_lease_seconds: float = Field(default=60, gt=0)
     poll_interval_seconds: float = Field(default=0.05, gt=0)
     max_event_attempts: int = Field(default=5, ge=1)

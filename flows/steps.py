@@ -22,7 +22,7 @@ from cxrelay.connectors.http import HttpTarget
 from cxrelay.connectors.salesforce import SalesforceClient
 from cxrelay.connectors.slack import SlackClient, SlackMessageGone
 from cxrelay.core import ordering
-from cxrelay.core.drift import detect_drift
+from cxrelay.core.drift import EVENT_TIME_FIELD, Finding, detect_drift
 from cxrelay.core.envelope import CanonicalEvent, normalise
 from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
@@ -93,10 +93,14 @@ def read_event(row: InboxEvent) -> CanonicalEvent:
 
 
 async def check(runtime: Runtime, row: InboxEvent, plan: bool = True) -> Checked:
-    """Verify, record drift, plan each target (`create` or `update <ref>`; for the report
-    only, the ledger decides at delivery) and filter."""
-    event = read_event(row)
-    drift = await _record_drift(runtime, event)
+    """Verify, check the event's clock, record drift, plan each target (`create` or `update
+    <ref>`; for the report only, the ledger decides at delivery) and filter."""
+    ahead = runtime.settings.max_event_time_ahead_seconds
+    clock = ordering.check_clock(read_event(row), row.received_at, ahead)
+    event = clock.event
+    note = clock.note(ahead)
+    drift = await _record_drift(runtime, event, [Finding(EVENT_TIME_FIELD, "clock_ahead", note)]
+                                if note else [])
     planned: dict[str, str] = {}
     if plan:
         rows = await runtime.store.calls(runtime.store.ledger, event.conversation_id)
@@ -108,9 +112,10 @@ async def check(runtime: Runtime, row: InboxEvent, plan: bool = True) -> Checked
     return Checked(event, drift, planned, rule.name if rule else None)
 
 
-async def _record_drift(runtime: Runtime, event: CanonicalEvent) -> list[str]:
+async def _record_drift(runtime: Runtime, event: CanonicalEvent,
+                        extra: list[Finding]) -> list[str]:
     """Count how the event departs from its envelope's contract; warn, never stop."""
-    findings = detect_drift(event.envelope, event.payload)
+    findings = extra + detect_drift(event.envelope, event.payload)
     if not findings:
         return []
     required = runtime.pipeline.required_sources()

@@ -184,3 +184,32 @@ def test_concurrent_events_of_one_conversation_end_with_the_newest_data_everywhe
     assert runtime.store.get_event(newer or 0).outcome == "delivered"  # type: ignore[union-attr]
     assert runtime.store.get_event(older or 0).outcome in (  # type: ignore[union-attr]
         "stale", "delivered")
+
+
+def test_an_event_dated_far_ahead_does_not_block_its_conversation(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """An event dated 2099 is ordered by its receipt time (and flagged in the artifact's
+    detail and the drift report), so the conversation's next event still reaches every
+    target."""
+    from datetime import datetime, timedelta, timezone
+
+    with hooked(tmp_path, clean_sandbox) as (conversation, received, pipeline):
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        future = enqueue(runtime.store, event_at(conversation, "2099-01-01T00:00:00Z",
+                                                 "+15550000099"))
+        asyncio.run(dispatch_until(runtime, 1))
+        later = (datetime.now(timezone.utc) + timedelta(seconds=2)).isoformat()
+        nxt = enqueue(runtime.store, event_at(conversation, later, "+15550000001"))
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        asyncio.run(dispatch_until(runtime, 2))
+
+        first = runtime.store.get_event(future or 0)
+        second = runtime.store.get_event(nxt or 0)
+        assert first is not None and second is not None
+        assert second.outcome == "delivered", second.detail
+        assert any("2099-01-01" in line for line in json.loads(first.detail or "{}")["drift"])
+        assert any(row.kind == "clock_ahead" for row in runtime.store.drift())
+    lead, message = lead_and_message(clean_sandbox)
+    assert lead["Phone"] == "+15550000001"
+    assert message["text"].endswith("+15550000001")
+    assert [r["phone"] for r in received] == ["+15550000099", "+15550000001"]

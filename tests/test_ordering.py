@@ -12,6 +12,7 @@ import pytest
 from cxrelay.core.envelope import CanonicalEvent, normalise
 from cxrelay.core.ordering import (
     OrderKey,
+    check_clock,
     event_time,
     idempotency_key,
     is_stale,
@@ -116,3 +117,46 @@ def test_http_idempotency_key_covers_conversation_target_and_version() -> None:
     assert key == idempotency_key("c1", "crm", "v1")  # a retry of the same version
     assert len({key, idempotency_key("c1", "crm", "v2"), idempotency_key("c2", "crm", "v1"),
                 idempotency_key("c1", "erp", "v1")}) == 4
+
+
+def test_an_event_time_far_ahead_of_its_receipt_is_replaced_by_the_receipt_time() -> None:
+    received = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    future = generic("e1", "2099-01-01T00:00:00Z")
+    checked = check_clock(future, received, max_ahead_seconds=300)
+    assert checked.event.occurred_at == received
+    assert checked.clamped_from == datetime(2099, 1, 1, tzinfo=UTC)
+    assert "2099-01-01" in (checked.note(300) or "")
+    # A later event of the same conversation, dated normally, is newer than the clamped one.
+    later = generic("e0", "2026-12-03T12:00:01Z")
+    assert order_key(later) > order_key(checked.event)  # type: ignore[operator]
+    assert not is_stale(order_key(later).encode(),  # type: ignore[union-attr]
+                        held=order_key(checked.event).encode())  # type: ignore[union-attr]
+
+
+def test_a_naive_or_slightly_early_clock_is_kept() -> None:
+    received = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    for created in ("2026-12-03T12:04:59Z", "2026-12-03T12:04:59", "2026-12-03T11:00:00Z"):
+        checked = check_clock(generic("e1", created), received, max_ahead_seconds=300)
+        assert checked.clamped_from is None and checked.note(300) is None
+        assert checked.event == generic("e1", created)
+    # Without a receipt time nothing is checked.
+    assert check_clock(generic("e1", "2099-01-01T00:00:00Z"), None, 300).clamped_from is None
+
+
+def test_the_last_moment_of_year_9999_in_a_western_zone_has_an_order_key() -> None:
+    last = generic("e1", "9999-12-31T23:59:59-05:00")
+    key = order_key(last)
+    assert key is not None and key.encode().startswith("9999-12-31T23:59:59")
+    received = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    assert check_clock(last, received, 300).event.occurred_at == received
+
+
+def test_a_clamped_event_does_not_win_the_merge() -> None:
+    received = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    future = check_clock(generic("e9", "2099-01-01T00:00:00Z",
+                                 primaryContact={"phoneNumber": "+15550000099"}),
+                         received, 300).event
+    wrapup = generic("e1", "2026-12-03T12:00:30Z", primaryContact={"phoneNumber": "+15550000001"})
+    merged = merge_events([wrapup, future])
+    assert merged.event_id == "e1"
+    assert merged.payload["conversation"]["primaryContact"]["phoneNumber"] == "+15550000001"

@@ -12,7 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Kind = Literal["new", "missing", "type_changed"]
+# `clock_ahead`: the event's own time was further ahead of its receipt than allowed, and was
+# replaced by the receipt time (see `cxrelay.core.ordering.check_clock`).
+Kind = Literal["new", "missing", "type_changed", "clock_ahead"]
+EVENT_TIME_FIELD = "(event time)"
 
 # Field names are the sender's choice: bounded, so a payload of thousands of invented keys
 # costs a few rows and metric series, not thousands.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from cxrelay.core.envelope import CanonicalEvent
@@ -48,11 +48,49 @@ class OrderKey:
         return cls(at, event_id)
 
 
+_EARLIEST = datetime(1000, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime.max.replace(tzinfo=timezone.utc)
+
+
 def _utc(moment: datetime) -> datetime:
     # Years before 1000 would not be four digits wide, and the text would stop sorting.
     moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-    moment = moment.astimezone(timezone.utc)
-    return max(moment, datetime(1000, 1, 1, tzinfo=timezone.utc))
+    try:
+        moment = moment.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past datetime's last UTC moment
+        return _LATEST if moment.year > 1000 else _EARLIEST
+    return max(moment, _EARLIEST)
+
+
+@dataclass(frozen=True, slots=True)
+class ClockCheck:
+    """An event's own time checked against when cxrelay received it."""
+
+    event: CanonicalEvent  # with `occurred_at` clamped to the receipt time when it was ahead
+    clamped_from: datetime | None = None  # the time the event claimed, when it was clamped
+
+    def note(self, max_ahead_seconds: float) -> str | None:
+        """A line for the artifact and the drift report; None when the time was kept."""
+        if self.clamped_from is None or self.event.occurred_at is None:
+            return None
+        return (f"event time {self.clamped_from.isoformat()} is more than "
+                f"{max_ahead_seconds:g} s after its receipt; ordered by the receipt time "
+                f"{self.event.occurred_at.isoformat()} instead")
+
+
+def check_clock(event: CanonicalEvent, received_at: datetime | None,
+                max_ahead_seconds: float) -> ClockCheck:
+    """The fence orders a conversation's events by their own times, and a time it cannot check
+    would rule forever: one event dated 2099 would make every later event of its conversation
+    stale, and win every merge. A time further ahead of the receipt than `max_ahead_seconds`
+    (clocks drift, but not by much) is replaced by the receipt time. Without a receipt time
+    (an event built in memory) nothing can be checked."""
+    if event.occurred_at is None or received_at is None:
+        return ClockCheck(event)
+    claimed, received = _utc(event.occurred_at), _utc(received_at)
+    if claimed - received <= timedelta(seconds=max_ahead_seconds):
+        return ClockCheck(event)
+    return ClockCheck(replace(event, occurred_at=received), clamped_from=event.occurred_at)
 
 
 def event_time(event: CanonicalEvent, arrived_at: datetime | None = None) -> datetime | None:
