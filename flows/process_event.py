@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
@@ -43,14 +44,16 @@ def _error_text(exc: BaseException) -> str:
 
 async def dead_letter(runtime: Runtime, *, inbox_id: int, event_id: str, conversation_id: str,
                       target: str, exc: BaseException, attempts: int,
-                      reason: str | None = None) -> dict[str, Any]:
+                      reason: str | None = None,
+                      merged_inbox_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Record a dead letter (one target, or `WHOLE_EVENT`), log it, and add it to the rate-
     limited summary in the alert channel. What decides that a failure dead-letters is
     `cxrelay.core.outcome.after_failure`; this is the one place that writes it."""
     reason = reason or _error_text(exc)
     await runtime.store.calls(runtime.store.dead_letter, inbox_id=inbox_id, event_id=event_id,
                               conversation_id=conversation_id, target=target, reason=reason,
-                              error_type=type(exc).__name__, attempts=attempts)
+                              error_type=type(exc).__name__, attempts=attempts,
+                              merged_inbox_ids=merged_inbox_ids)
     try:
         get_run_logger().warning("dead letter for %s: %s", target, reason)
     except MissingContextError:  # the dispatcher, outside any run
@@ -62,11 +65,11 @@ async def dead_letter(runtime: Runtime, *, inbox_id: int, event_id: str, convers
 
 
 async def _dead_letter_row(runtime: Runtime, row: InboxEvent, target: str, exc: BaseException,
-                           attempts: int) -> dict[str, Any]:
+                           attempts: int, merged: Sequence[int] = ()) -> dict[str, Any]:
     assert row.id is not None
     return await dead_letter(runtime, inbox_id=row.id, event_id=row.event_id,
                              conversation_id=row.conversation_id, target=target, exc=exc,
-                             attempts=attempts)
+                             attempts=attempts, merged_inbox_ids=merged)
 
 
 def _raise_in_lane(inline: bool, exc: BaseException) -> bool:
@@ -100,8 +103,10 @@ async def _enrich(runtime: Runtime, conversation_id: str, inline: bool) -> dict[
 
 
 async def _deliver(runtime: Runtime, row: InboxEvent, event: CanonicalEvent, target: Any,
-                   context: dict[str, Any], inline: bool) -> dict[str, Any]:
-    """Map and deliver one target; any failure ends in the dead letters, never in the others."""
+                   context: dict[str, Any], inline: bool,
+                   merged: Sequence[int] = ()) -> dict[str, Any]:
+    """Map and deliver one target; any failure ends in the dead letters, never in the others
+    (a merged delivery's dead letter names every event it merged)."""
     owner = f"inbox:{row.id}"
     if inline:
         try:
@@ -109,7 +114,8 @@ async def _deliver(runtime: Runtime, row: InboxEvent, event: CanonicalEvent, tar
         except Exception as exc:
             if _raise_in_lane(inline, exc):
                 raise
-            return await _dead_letter_row(runtime, row, target.name, exc, attempts=1)
+            return await _dead_letter_row(runtime, row, target.name, exc, attempts=1,
+                                          merged=merged)
     try:
         return await steps.deliver_task_for(target)(target.name, quote(event), owner,
                                                     quote(context))
@@ -180,7 +186,8 @@ async def handle_settled(runtime: Runtime, rows: list[InboxEvent]) -> EventSumma
     summary = replace(_summary(leader), drift=[d for _, c in passing for d in c.drift])
     if len(passing) > 1:
         summary.merged = [row.event_id for row, _ in passing if row is not leader]
-    result = await _deliver_event(runtime, leader, merged, summary, inline=True)
+    result = await _deliver_event(runtime, leader, merged, summary, inline=True,
+                                  merged_ids=[row.id for row, _ in passing if row.id is not None])
     for row, _ in passing:
         if row is not leader and result.outcome is Outcome.RETRY_LATER:
             await _wait(runtime, row, result)
@@ -198,7 +205,8 @@ def _summary(row: InboxEvent) -> EventSummary:
 
 
 async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEvent,
-                         summary: EventSummary, inline: bool) -> EventSummary:
+                         summary: EventSummary, inline: bool,
+                         merged_ids: Sequence[int] = ()) -> EventSummary:
     """Enrich, then map and deliver to every target, then finish the inbox row."""
     targets = runtime.pipeline.enabled_targets
     context = event.context()
@@ -216,14 +224,16 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
             else:
                 summary.targets["genesys"] = await _dead_letter_row(
                     runtime, row, "genesys", exc,
-                    attempts=1 if not_found else (steps.enrich_task.retries or 0) + 1)
+                    attempts=1 if not_found else (steps.enrich_task.retries or 0) + 1,
+                    merged=merged_ids)
                 summary.outcome, summary.reason = Outcome.DEAD_LETTERED, _error_text(exc)
                 return await _finish(runtime, summary, inline)
 
     # Every target runs to its end before a failure is raised: nothing is left half-sent
     # behind an event that a per-event run is about to take over.
     results = await asyncio.gather(
-        *(_deliver(runtime, row, event, target, context, inline) for target in targets),
+        *(_deliver(runtime, row, event, target, context, inline, merged_ids)
+          for target in targets),
         return_exceptions=True)
     delivered: dict[str, dict[str, Any]] = {}
     for target, result in zip(targets, results, strict=True):

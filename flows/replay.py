@@ -23,7 +23,9 @@ from cxrelay.store.inbox import inbox_row
 class Requeued:
     dead_letter_ids: list[int] = field(default_factory=list)
     inbox_ids: list[int] = field(default_factory=list)
-    missing: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)  # no open dead letter with this id
+    # Open dead letters whose events are no longer in the inbox: left open, nothing was sent.
+    events_gone: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,19 @@ def requeue_dead_letters(store: Store, ids: Sequence[int] | None = None,
     else:
         wanted = list(ids) if ids else list(open_letters)
     result = Requeued(missing=[i for i in wanted if i not in open_letters])
+    letters: dict[int, list[int]] = {}
     for dead_letter_id in wanted:
         row = open_letters.get(dead_letter_id)
-        if row is None:
+        if row is not None:
+            # A merged delivery (settle window) is replayed as the same merge: all its events.
+            letters[dead_letter_id] = row.inbox_ids
+    present = set(store.get_events(sorted({i for ids in letters.values() for i in ids})))
+    for dead_letter_id, inbox_ids in letters.items():
+        if not all(i in present for i in inbox_ids):
+            result.events_gone.append(dead_letter_id)
             continue
         result.dead_letter_ids.append(dead_letter_id)
-        if row.inbox_id not in result.inbox_ids:
-            result.inbox_ids.append(row.inbox_id)
+        result.inbox_ids += [i for i in inbox_ids if i not in result.inbox_ids]
     if not dry_run:
         for inbox_id in result.inbox_ids:
             store.requeue(inbox_id)
@@ -116,5 +124,8 @@ async def replay(dead_letter_ids: list[int] | None = None, dry_run: bool = False
     get_run_logger().info("%s %d event(s) for %d dead letter(s)",
                           "would requeue" if dry_run else "requeued",
                           len(result.inbox_ids), len(result.dead_letter_ids))
+    if result.events_gone:
+        get_run_logger().warning("dead letter(s) %s: their events are no longer in the inbox; "
+                                 "left open", result.events_gone)
     return {"dead_letters": result.dead_letter_ids, "inbox_ids": result.inbox_ids,
-            "missing": result.missing, "dry_run": dry_run}
+            "missing": result.missing, "events_gone": result.events_gone, "dry_run": dry_run}

@@ -213,3 +213,39 @@ def test_an_event_dated_far_ahead_does_not_block_its_conversation(
     assert lead["Phone"] == "+15550000001"
     assert message["text"].endswith("+15550000001")
     assert [r["phone"] for r in received] == ["+15550000099", "+15550000001"]
+
+
+def test_a_merged_delivery_that_fails_dead_letters_every_event_and_replays_the_same_merge(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """Three events merged by the settle window; Salesforce refuses the write (400): the one
+    dead letter names all three events, and its replay sends the same merge — the newest
+    phone, and the first event's field that the later ones lack."""
+    from cxrelay.flows.replay import requeue_dead_letters
+
+    with hooked(tmp_path, clean_sandbox, "settle_seconds: 1\n") as (
+            conversation, received, pipeline):
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        httpx.post(f"{clean_sandbox.salesforce_url}/__sandbox/faults", json={
+            "status": 400, "path": "/services/data", "method": "PATCH", "count": 1,
+            "body": [{"message": "refused", "errorCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+                      "fields": []}]}).raise_for_status()
+        ids = [enqueue(runtime.store, event_at(conversation, at, phone)) for at, phone in [
+            ("2026-11-28T14:30:00Z", "+15550000001"),
+            ("2026-11-28T14:30:09Z", "+15550000009"),
+            ("2026-11-28T14:30:05Z", "+15550000005"),
+        ]]
+        asyncio.run(dispatch_until(runtime, 3))
+        (letter,) = runtime.store.dead_letters()
+        assert letter.target == "salesforce"
+        assert sorted(letter.inbox_ids) == sorted(i for i in ids if i)
+
+        replayed = requeue_dead_letters(runtime.store)
+        assert sorted(replayed.inbox_ids) == sorted(i for i in ids if i)
+        runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+        asyncio.run(dispatch_until(runtime, 3))
+    lead, _ = lead_and_message(clean_sandbox)
+    assert lead["Phone"] == "+15550000009"
+    assert runtime.store.dead_letters() == []
+    # Slack and the HTTP target had the merge already: the replay sent them nothing new.
+    assert calls(clean_sandbox.slack_url, "POST", "chat.update") == []
+    assert [r["phone"] for r in received] == ["+15550000009"]

@@ -317,13 +317,61 @@ def test_prune_removes_what_is_finished_and_old(any_store: Store) -> None:
                                         target="slack", reason="r", error_type="E", attempts=1)
     now = datetime.now(timezone.utc)
     cut = dict(before=now - timedelta(days=30), ledger_before=now - timedelta(days=90))
+    # The old event has an open dead letter: its replay needs it, so it stays.
+    assert any_store.prune(**cut, dry_run=True).inbox == 0
+    assert any_store.prune(**cut).inbox == 0
+    assert any_store.get_dead_letter(open_letter) is not None  # open: waits for a person
+    any_store.mark_dead_letters_replayed([open_letter])
     assert any_store.prune(**cut, dry_run=True).inbox == 1
     assert len(any_store.events()) == 3
     pruned = any_store.prune(**cut)
     assert (pruned.inbox, pruned.ledger, pruned.dead_letters) == (1, 0, 0)
     assert {e.dedupe_key for e in any_store.events()} == {"new", "open"}
-    assert any_store.get_dead_letter(open_letter) is not None  # open: waits for a person
     assert any_store.prune(before=cut["before"], ledger_before=now - timedelta(days=30)).ledger == 1
+
+
+def test_prune_keeps_every_event_of_an_open_merged_dead_letter(any_store: Store) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import update
+
+    from cxrelay.store.inbox import INBOX
+
+    ids = [i for i in any_store.insert_events([row("a"), row("b"), row("c")]) if i]
+    for claimed in any_store.claim(worker="w", limit=3, lease_seconds=60):
+        any_store.finish(claimed.id, outcome="dead_lettered", detail={})
+    old = datetime.now(timezone.utc) - timedelta(days=40)
+    with any_store.transaction() as conn:
+        conn.execute(update(INBOX).values(finished_at=old))
+    letter = any_store.dead_letter(inbox_id=ids[2], event_id="e", conversation_id="c",
+                                   target="slack", reason="r", error_type="E", attempts=1,
+                                   merged_inbox_ids=ids)
+    assert any_store.get_dead_letter(letter).inbox_ids == [ids[2], ids[0], ids[1]]  # type: ignore[union-attr]
+    now = datetime.now(timezone.utc)
+    assert any_store.prune(before=now - timedelta(days=30),
+                           ledger_before=now - timedelta(days=90)).inbox == 0
+
+
+def test_a_replay_whose_event_was_pruned_says_so_and_leaves_the_dead_letter_open(
+        any_store: Store) -> None:
+    from sqlalchemy import delete
+
+    from cxrelay.flows.replay import requeue_dead_letters
+    from cxrelay.store.inbox import INBOX
+
+    (kept, gone) = any_store.insert_events([row("kept"), row("gone")])
+    for claimed in any_store.claim(worker="w", limit=2, lease_seconds=60):
+        any_store.finish(claimed.id, outcome="dead_lettered", detail={})
+    letters = [any_store.dead_letter(inbox_id=i or 0, event_id="e", conversation_id="c",
+                                     target="slack", reason="r", error_type="E", attempts=1)
+               for i in (kept, gone)]
+    with any_store.transaction() as conn:  # as an older cxrelay's retention did
+        conn.execute(delete(INBOX).where(INBOX.c.id == gone))
+    result = requeue_dead_letters(any_store)
+    assert result.dead_letter_ids == [letters[0]] and result.inbox_ids == [kept]
+    assert result.events_gone == [letters[1]]
+    assert [letter.id for letter in any_store.dead_letters()] == [letters[1]]
+    assert any_store.get_event(kept or 0).status == "pending"  # type: ignore[union-attr]
 
 
 def test_a_reservation_lapses_with_its_owners_claim(any_store: Store) -> None:

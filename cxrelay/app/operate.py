@@ -131,8 +131,13 @@ def dead_letters_replay(
     verb = "would requeue" if dry_run else "requeued"
     console.print(f"{verb} {len(result.inbox_ids)} event(s) for {len(result.dead_letter_ids)} "
                   f"dead letter(s); the dispatcher (cxrelay serve) processes them")
+    if result.events_gone:
+        console.print(f"dead letter(s) {', '.join(map(str, result.events_gone))}: the event is "
+                      "no longer in the inbox (pruned), nothing was sent; left open")
     if result.missing:
         fail(f"no open dead letter with id {', '.join(map(str, result.missing))}")
+    if result.events_gone:
+        fail("some dead letters could not be replayed")
 
 
 @quarantine_app.command("list")

@@ -20,9 +20,11 @@ WHOLE_EVENT = "*"  # the target of a dead letter for the event itself, not one o
 class DeadLetterQueries(Database):
     def dead_letter(
         self, *, inbox_id: int, event_id: str, conversation_id: str, target: str,
-        reason: str, error_type: str, attempts: int,
+        reason: str, error_type: str, attempts: int, merged_inbox_ids: Sequence[int] = (),
     ) -> int:
-        """Record that `target` (or the whole event, `WHOLE_EVENT`) failed for this event."""
+        """Record that `target` (or the whole event, `WHOLE_EVENT`) failed for this event (and
+        for the events merged into its delivery, `merged_inbox_ids`)."""
+        merged = [i for i in merged_inbox_ids if i != inbox_id]
         with self.transaction() as conn:
             return int(conn.execute(
                 DEAD.insert().returning(DEAD.c.id),
@@ -30,7 +32,8 @@ class DeadLetterQueries(Database):
                  "conversation_id": bounded(conversation_id, 255),
                  "target": bounded(target, 64), "reason": bounded(reason, 16_000),
                  "error_type": bounded(error_type, 128), "attempts": attempts, "status": "open",
-                 "created_at": utcnow()},
+                 "created_at": utcnow(), "merged_inbox_ids": json.dumps(merged) if merged
+                 else None},
             ).scalar_one())
 
     def dead_letters(self, status: str | None = "open") -> list[DeadLetter]:
@@ -44,6 +47,17 @@ class DeadLetterQueries(Database):
         with self.reading() as conn:
             row = conn.execute(select(DEAD).where(DEAD.c.id == dead_letter_id)).mappings().first()
         return DeadLetter(**row) if row else None
+
+    def open_dead_letter_events(self) -> set[int]:
+        """The inbox ids that open dead letters need for their replay."""
+        with self.reading() as conn:
+            rows = conn.execute(select(DEAD.c.inbox_id, DEAD.c.merged_inbox_ids)
+                                .where(DEAD.c.status == "open")).all()
+        needed: set[int] = set()
+        for inbox_id, merged in rows:
+            needed.add(int(inbox_id))
+            needed.update(int(i) for i in json.loads(merged or "[]"))
+        return needed
 
     def mark_dead_letters_replayed(self, ids: Sequence[int]) -> None:
         with self.transaction() as conn:

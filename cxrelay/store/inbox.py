@@ -218,16 +218,18 @@ class InboxQueries(Database):
                                    "p_detail": json.dumps(detail, default=str), "p_now": utcnow()})
             record_pending(conn, inbox_id, artifact)
 
-    def requeue(self, inbox_id: int) -> None:
-        """Make a finished event runnable again (replay)."""
+    def requeue(self, inbox_id: int) -> bool:
+        """Make a finished event runnable again (replay); False when it is not in the inbox."""
         with self.transaction() as conn:
-            conn.execute(
+            found = conn.execute(
                 update(INBOX).where(INBOX.c.id == inbox_id).values(
                     status="pending", available_at=utcnow(), claimed_by=None, lease_until=None,
                     outcome=None, finished_at=None,
                 )
-            )
-            record_pending(conn, inbox_id, None)
+            ).rowcount > 0
+            if found:
+                record_pending(conn, inbox_id, None)
+        return found
 
     def get_event(self, inbox_id: int) -> InboxEvent | None:
         with self.reading() as conn:

@@ -61,6 +61,11 @@ def _gap_scope_and_claims(conn: Connection) -> None:
     _add_column(conn, "notification_gaps", "claimed_until", "TIMESTAMP")
 
 
+def _dead_letter_merged_events(conn: Connection) -> None:
+    # A merged delivery's dead letter names every event it merged (settle window).
+    _add_column(conn, "dead_letters", "merged_inbox_ids", "TEXT")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "drop the full inbox conversation index", _drop_full_conversation_index),
     (2, "scope inbox dedupe keys by source", _scope_dedupe_keys_by_source),
@@ -68,6 +73,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "ledger order keys (newest data wins)", _ledger_order_keys),
     (5, "ledger rows say since when they wait for a paused target", _ledger_waiting_since),
     (6, "notification gaps: scope and claims", _gap_scope_and_claims),
+    (7, "dead letters name the events of a merged delivery", _dead_letter_merged_events),
 ]
 LATEST = MIGRATIONS[-1][0]
 

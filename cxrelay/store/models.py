@@ -3,6 +3,7 @@ dead letters and quarantine. Raw bodies are kept verbatim; auth and signature he
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -135,6 +136,15 @@ class DeadLetter(SQLModel, table=True):
     status: str = Field(default="open", max_length=16)  # open | replayed
     created_at: datetime = Field(default_factory=utcnow)
     replayed_at: datetime | None = None
+    # The other events of a merged delivery (settle window), a JSON list of inbox ids: the
+    # replay sends the same merge, and retention keeps them while the letter is open.
+    merged_inbox_ids: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+    @property
+    def inbox_ids(self) -> list[int]:
+        """Every event the failed delivery carried, the one it was recorded under first."""
+        merged = json.loads(self.merged_inbox_ids) if self.merged_inbox_ids else []
+        return [self.inbox_id, *(int(i) for i in merged if int(i) != self.inbox_id)]
 
 
 class QuarantinedEvent(SQLModel, table=True):

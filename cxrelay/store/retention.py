@@ -40,9 +40,14 @@ class RetentionQueries(Database):
               dry_run: bool = False) -> Pruned:
         """Delete (or, `dry_run`, count) finished inbox events, replayed dead letters and
         quarantined bodies, and drift fields last seen before `before`; ledger entries not
-        updated since `ledger_before`."""
+        updated since `ledger_before`. An event an open dead letter needs is kept: its replay
+        would otherwise find nothing to send."""
+        finished = INBOX.c.status.in_(["done", "failed"]) & (INBOX.c.finished_at < before)
+        needed = self.open_dead_letter_events()
+        if needed:
+            finished &= INBOX.c.id.notin_(sorted(needed))
         targets: list[tuple[Any, Any]] = [
-            (INBOX, INBOX.c.status.in_(["done", "failed"]) & (INBOX.c.finished_at < before)),
+            (INBOX, finished),
             (DEAD, (DEAD.c.status == "replayed") & (DEAD.c.created_at < before)),
             (QUARANTINE, (QUARANTINE.c.status == "replayed")
              & (QUARANTINE.c.received_at < before)),
