@@ -139,6 +139,7 @@ class _Limit:
     active: bool = True
     read_at: float = field(default_factory=time.monotonic)
     unbooked: int = 0  # rate-limit tokens taken here and not yet booked in Prefect
+    owed: int = 0  # of those, the tokens the bucket has been charged for once already
     leases: list[tuple[Any, int]] = field(default_factory=list)  # concurrency: (id, slots)
     booked_at: float = 0.0
     accountant: asyncio.Task[None] | None = None
@@ -268,7 +269,7 @@ class Limits:
         except Exception as exc:  # the local limits hold; the UI shows less for a while
             logger.warning("booking limit %s in Prefect failed: %s", limit.name,
                            type(exc).__name__)
-            limit.unbooked = 0
+            limit.unbooked = limit.owed = 0
 
     async def _book_tokens(self, client: Any, limit: _Limit) -> None:
         from prefect.exceptions import PrefectHTTPStatusError
@@ -282,11 +283,16 @@ class Limits:
             if exc.response.status_code != 423:
                 raise
             # Other processes filled the shared limit: this one owes those tokens too, and
-            # books them once the limit has room.
-            limit.bucket.owe(slots)
-            await asyncio.sleep(float(exc.response.headers.get("Retry-After", 1)))
+            # books them once the limit has room. Each token is owed once: charging it again
+            # at every refused booking made the waits grow by seconds per second of
+            # contention, without bound.
+            new = max(0, slots - limit.owed)
+            limit.bucket.owe(new)
+            limit.owed += new
+            await asyncio.sleep(min(float(exc.response.headers.get("Retry-After", 1)), 5.0))
             return
         limit.unbooked -= slots
+        limit.owed = max(0, limit.owed - slots)
 
     async def _book_slots(self, client: Any, limit: _Limit) -> None:
         """Make the slots booked in Prefect match the slots held here: one lease per change,

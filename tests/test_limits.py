@@ -138,3 +138,34 @@ def test_a_process_whose_shared_limit_another_filled_slows_down() -> None:
         return value
 
     assert asyncio.run(scenario()) > 0
+
+
+def test_tokens_refused_again_and_again_are_owed_once() -> None:
+    """Prefect refuses the booking (423) while other processes fill the shared limit: the
+    bucket is charged for the tokens once, not again at every refusal, so the wait it causes
+    stays bounded however long the contention lasts."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    class Full:
+        refusals = 0
+
+        async def increment_concurrency_slots(self, **_: object) -> None:
+            self.refusals += 1
+            request = httpx.Request("POST", "http://prefect/api/v2/concurrency_limits/increment")
+            response = httpx.Response(423, headers={"Retry-After": "0"}, request=request)
+            raise PrefectHTTPStatusError("locked", request=request, response=response)
+
+    async def scenario() -> float:
+        limit = limits_module._Limit("cxrelay-slack-x", 3, 1.0)
+        assert limit.bucket is not None
+        limit.bucket.tokens = 0.0
+        limit.unbooked = 2
+        client = Full()
+        for _ in range(30):
+            await Limits()._book_tokens(client, limit)
+        assert client.refusals == 30
+        return limit.bucket.tokens
+
+    # Two tokens owed, whatever the number of refusals (30 refusals charged 60 before).
+    assert asyncio.run(scenario()) == pytest.approx(-2.0, abs=0.1)
