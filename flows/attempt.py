@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from cxrelay.store.database import Store
 from cxrelay.store.ledger import Reservation
 
 MAX_RETRY_AFTER_SECONDS = 300.0
+logger = logging.getLogger("cxrelay.flows")
 
 
 class InFlight(RetryableError):
@@ -128,9 +130,14 @@ async def attempt(store: Store, event: CanonicalEvent, target: str, action: str,
                               uncertain=isinstance(exc, OutcomeUnknown))
             await honour_retry_after(exc)
             raise
-        await store.calls(store.complete, **key, external_ref=delivery.ref,
-                          payload_sha256=digest, event_id=event.event_id,
-                          order_key=order_key)
+        if not await store.calls(store.complete, **key, external_ref=delivery.ref,
+                                 payload_sha256=digest, event_id=event.event_id,
+                                 order_key=order_key):
+            # The reservation lapsed and another attempt holds it now: that attempt was
+            # granted it as uncertain (it looks before it acts) and records what it sends.
+            logger.warning("%s: the reservation of conversation %s lapsed before its delivery "
+                           "was recorded; the attempt holding it now records the target's "
+                           "state", target, event.conversation_id)
     finally:
         if _holders.get(hold) is released:
             del _holders[hold]

@@ -395,6 +395,35 @@ def test_a_reservation_lapses_with_its_owners_claim(any_store: Store) -> None:
     assert after.granted and after.uncertain
 
 
+def test_a_late_completion_of_a_lapsed_reservation_changes_nothing(any_store: Store) -> None:
+    """A's reservation lapsed (its claim ran out) and B took it; A's late completion must not
+    mark the row done: an older event C would then pass while B is still sending."""
+    import time
+
+    ids = any_store.insert_events([row("a"), row("b"), row("c")])
+    claimed = any_store.claim(worker="w1", limit=3, lease_seconds=0.5)
+    owner_a, owner_b, owner_c = (f"inbox:{event_id}" for event_id in ids)
+    key = {"conversation_id": "c1", "target": "sf", "action": "upsert"}
+    assert any_store.reserve(**key, owner=owner_a, payload_sha256="h1",
+                             order_key="2026-11-28T14:30:01.000000Z|a").granted
+    any_store.renew(worker="w1", ids=[claimed[1].id, claimed[2].id], lease_seconds=60)
+    time.sleep(0.6)  # A's claim runs out
+    assert any_store.reserve(**key, owner=owner_b, payload_sha256="h2",
+                             order_key="2026-11-28T14:30:09.000000Z|b").granted
+    assert not any_store.complete(**key, owner=owner_a, external_ref="R-a",
+                                  payload_sha256="h1", event_id="a",
+                                  order_key="2026-11-28T14:30:01.000000Z|a")
+    (held,) = any_store.ledger("c1")
+    assert (held.status, held.owner) == ("reserved", owner_b)
+    older = any_store.reserve(**key, owner=owner_c, payload_sha256="h3",
+                              order_key="2026-11-28T14:30:05.000000Z|c")
+    assert not older.granted and older.stale
+    assert any_store.complete(**key, owner=owner_b, external_ref="R-b", payload_sha256="h2",
+                              event_id="b")
+    (done,) = any_store.ledger("c1")
+    assert (done.status, done.external_ref) == ("done", "R-b")
+
+
 def test_rows_read_back_are_the_models_a_constructor_makes(any_store: Store) -> None:
     any_store.insert_events([row("k1"), row("k2", conversation="c2")])
     read = any_store.get_events([1, 2])

@@ -37,7 +37,10 @@ _RESERVE = update(LEDGER).where(_LEDGER_KEY).values(
     reserved_order_key=bindparam("p_order"), updated_at=bindparam("p_now"))
 # Without a key of its own, a completion records the one of its reservation (or keeps what
 # the row held): the held key never goes back, the reserve fence sees to that.
-_COMPLETE = update(LEDGER).where(_LEDGER_KEY).values(
+# Only the attempt that holds the reservation completes it: one whose reservation lapsed and
+# was taken by another must not mark the row done under the other's feet (an older event
+# would then pass the fence while the holder is still sending).
+_COMPLETE = update(LEDGER).where(_LEDGER_KEY, LEDGER.c.owner == bindparam("p_owner")).values(
     status="done", owner=None, reserved_until=None, external_ref=bindparam("p_ref"),
     payload_sha256=bindparam("p_sha"), event_id=bindparam("p_event"),
     order_key=func.coalesce(bindparam("p_order", type_=String), LEDGER.c.reserved_order_key,
@@ -50,7 +53,8 @@ _COMPLETE_SQLITE = (
     "UPDATE ledger SET status = 'done', owner = NULL, reserved_until = NULL, external_ref = ?,"
     " payload_sha256 = ?, event_id = ?, deliveries = deliveries + 1, updated_at = ?,"
     " order_key = coalesce(?, reserved_order_key, order_key), reserved_order_key = NULL,"
-    " waiting_since = NULL WHERE conversation_id = ? AND target = ? AND action = ?")
+    " waiting_since = NULL WHERE conversation_id = ? AND target = ? AND action = ?"
+    " AND owner = ? RETURNING id")
 _NEW_ROW_SQLITE = (
     "INSERT INTO ledger (conversation_id, target, action, status, owner, reserved_until,"
     " reserved_order_key, deliveries, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)"
@@ -155,17 +159,18 @@ class LedgerQueries(Database):
         self, *, conversation_id: str, target: str, action: str, owner: str,
         external_ref: str | None, payload_sha256: str, event_id: str,
         order_key: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record the delivery `owner` made under its reservation; False (nothing recorded)
+        when the reservation is no longer `owner`'s."""
         with self.transaction() as conn:
             if self.dialect == "sqlite":
-                sqlite_execute(conn, _COMPLETE_SQLITE, (
+                return sqlite_execute(conn, _COMPLETE_SQLITE, (
                     external_ref, payload_sha256, event_id, sqlite_datetime(utcnow()),
-                    order_key, conversation_id, target, action))
-                return
-            conn.execute(_COMPLETE, {
+                    order_key, conversation_id, target, action, owner)) != []
+            return conn.execute(_COMPLETE, {
                 "p_conversation": conversation_id, "p_target": target, "p_action": action,
-                "p_ref": external_ref, "p_sha": payload_sha256, "p_event": event_id,
-                "p_order": order_key, "p_now": utcnow()})
+                "p_owner": owner, "p_ref": external_ref, "p_sha": payload_sha256,
+                "p_event": event_id, "p_order": order_key, "p_now": utcnow()}).rowcount > 0
 
     def unreserve(self, *, conversation_id: str, target: str, action: str, owner: str,
                   uncertain: bool = False) -> None:
