@@ -17,6 +17,9 @@ from cxrelay.core.errors import OutcomeUnknown, PermanentError, RetryableError
 
 TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable",
                     "request_timeout", "team_added_to_org"}
+# Slack documents that with these "some aspect of the operation" may have succeeded; so may a
+# 5xx answer's request. A write answered so is an unknown outcome: look before acting again.
+MAYBE_DONE_ERRORS = {"internal_error", "fatal_error"}
 DEFAULT_API_URL = "https://slack.com/api/"
 
 
@@ -62,6 +65,8 @@ class SlackClient:
             status = exc.response.status_code if exc.response is not None else 0
             headers = dict(exc.response.headers) if exc.response is not None else {}
             detail = f"Slack {method}: {error or 'HTTP ' + str(status)}"
+            if not read and status != 429 and (status >= 500 or error in MAYBE_DONE_ERRORS):
+                raise OutcomeUnknown(detail, retry_after=retry_after_seconds(headers)) from exc
             if status == 429 or status >= 500 or error in TRANSIENT_ERRORS:
                 raise RetryableError(detail, retry_after=retry_after_seconds(headers)) from exc
             if error == "message_not_found":

@@ -305,6 +305,19 @@ def test_slack_errors_are_classified(clean_sandbox: Sandbox) -> None:
         control(base, "faults", {"status": 200, "count": 1})
         with pytest.raises(RetryableError, match="internal_error"):
             run(slack(clean_sandbox).post_message("#c", "x"))
+        # Some part of a write answered internal_error, fatal_error or 5xx may have been
+        # done (Slack says so): the next attempt must look before it posts again.
+        for fault in ({"status": 200, "body": {"ok": False, "error": "internal_error"}},
+                      {"status": 200, "body": {"ok": False, "error": "fatal_error"}},
+                      {"status": 503}, {"status": 500}):
+            control(base, "faults", {**fault, "count": 1})
+            with pytest.raises(OutcomeUnknown):
+                run(slack(clean_sandbox).post_message("#c", "x"))
+        # A read that failed so changed nothing: retryable, not unknown.
+        control(base, "faults", {"status": 503, "count": 1})
+        with pytest.raises(RetryableError) as info:
+            run(slack(clean_sandbox).find_message("#c", "conv", "slack"))
+        assert not isinstance(info.value, OutcomeUnknown)
     finally:
         control(base, "settings", {"missing_channels": []})
 
