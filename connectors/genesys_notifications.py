@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.core.errors import RetryableError
+from cxrelay.core.jsonbody import BodyError, parse_body
 
 PING = json.dumps({"message": "ping"})
 
@@ -55,8 +56,10 @@ class NotificationSocket:
             raise SocketClosed(f"notification socket closed ({code})") from exc
         raw = frame.encode() if isinstance(frame, str) else frame
         try:
-            return Message(json.loads(raw), raw)
-        except ValueError:
+            # The receiver's parser, with its nesting limit: what the listener accepts, the
+            # dispatcher can process again.
+            return Message(parse_body(raw), raw)
+        except BodyError:
             return Message(raw.decode("utf-8", "replace"), raw)
 
     async def ping(self) -> None:

@@ -199,3 +199,28 @@ def test_drop_closes_every_socket_and_refuses_new_ones_for_a_while(clean_sandbox
         await client.genesys.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_frame_nested_deeper_than_the_body_limit_is_not_parsed_as_an_event() -> None:
+    """The listener parses frames with the receiver's parser: a frame nested deeper than its
+    limit (64) comes back as text, which the consumer quarantines, as the receiver refuses
+    such a body."""
+    from cxrelay.connectors.genesys_notifications import NotificationSocket
+
+    deep = b'{"topicName": "x", "eventBody": ' + b'{"a": ' * 80 + b"1" + b"}" * 81
+    shallow = b'{"topicName": "channel.metadata", "eventBody": {"message": "WebSocket Heartbeat"}}'
+
+    class Frames:
+        def __init__(self) -> None:
+            self.frames = [deep.decode(), shallow]
+
+        async def recv(self) -> str:
+            return self.frames.pop(0)
+
+    async def scenario() -> list[object]:
+        socket = NotificationSocket(Frames())  # type: ignore[arg-type]
+        return [(await socket.receive()).payload, (await socket.receive()).payload]
+
+    too_deep, ok = asyncio.run(scenario())
+    assert isinstance(too_deep, str) and too_deep.startswith('{"topicName"')
+    assert isinstance(ok, dict) and ok["topicName"] == "channel.metadata"

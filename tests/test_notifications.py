@@ -147,6 +147,14 @@ def test_snapshot_without_an_id_is_not_an_event() -> None:
     assert caught.value.errors[0]["loc"] == "eventBody.id"
 
 
+@pytest.mark.parametrize("bad", ["../../users/me", "a/b", "%2e%2e", ".hidden", "x" * 129])
+def test_snapshot_whose_id_is_not_a_conversation_id_is_not_an_event(bad: str) -> None:
+    snapshot = ended_snapshot()
+    snapshot["eventBody"]["id"] = bad
+    with pytest.raises(EnvelopeError, match="usable conversation id"):
+        normalise(snapshot, "notifications")
+
+
 def test_gap_fill_event_shares_the_ended_snapshots_key() -> None:
     conversation = sample("analytics-details-query.json")["response"]["conversations"][0]
     payload = gap_fill_event(conversation)

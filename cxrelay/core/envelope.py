@@ -263,6 +263,13 @@ def _snapshot(payload: dict[str, Any], detail: dict[str, Any], body: dict[str, A
         raise EnvelopeError(f"{envelope} conversation snapshot has no conversation id",
                             [{"loc": f"{prefix}eventBody.id",
                               "msg": "field required (a non-empty string)"}])
+    errors: list[dict[str, str]] = []
+    # The id becomes a path segment of the Genesys GET and the Salesforce upsert, as any
+    # other envelope's: `../../users/me` must not pass here either.
+    _check_conversation_id(errors, f"{prefix}eventBody.id", conversation_id)
+    if errors:
+        raise EnvelopeError(f"{envelope} conversation snapshot has no usable conversation id",
+                            errors)
     metadata = detail.get("metadata")
     correlation_id = _text(metadata.get("CorrelationId")) if isinstance(metadata, dict) else None
     ended = conversation_ended(body)
