@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cxrelay.connectors.salesforce import SalesforceClient, SalesforceRejected
-from cxrelay.core.customers import CustomerKeys, candidates, choose, lookups
+from cxrelay.core.customers import CustomerKeys, candidates, choose, confirmed_by_phone, lookups
 from cxrelay.core.pipeline import SalesforceTargetConfig
 from cxrelay.flows.cache import SharedCache
 from cxrelay.flows.limits import Limits
@@ -73,6 +73,8 @@ async def resolve_customer(client: SalesforceClient, target: SalesforceTargetCon
                 calls.queries += 1
                 records = await client.query(lookup.text)
         found = candidates(records)
+        if lookup.kind == "phone":
+            found = confirmed_by_phone(found, lookup.value, keys.region)
         tried.append(f"{lookup.kind} {lookup.value}: {len(found)} found")
         choice = choose(found, lookup.kind, target.on_ambiguous)
         if choice is not None:

@@ -11,7 +11,9 @@ from cxrelay.core.customers import (
     DEFAULT_PHONE_PATHS,
     AmbiguousCustomer,
     Candidate,
+    candidates,
     choose,
+    confirmed_by_phone,
     customer_keys,
     lookups,
     soql_equals,
@@ -68,7 +70,9 @@ def test_sosl_terms_escape_every_reserved_character() -> None:
 def test_sosl_phone_searches_national_digits_in_phone_fields() -> None:
     text = sosl_phone("+15552010001", ["Id", "Name", "LastModifiedDate"])
     assert text == ("FIND {5552010001} IN PHONE FIELDS RETURNING Contact(Id, Name, "
-                    "LastModifiedDate), Lead(Id, Name, LastModifiedDate WHERE IsConverted = false)")
+                    "LastModifiedDate, Phone, MobilePhone, HomePhone, OtherPhone, "
+                    "AssistantPhone, Fax), Lead(Id, Name, LastModifiedDate, Phone, MobilePhone, "
+                    "Fax WHERE IsConverted = false)")
     search = parse_sosl(text)
     assert search.phone_only and [s.sobject for s in search.returning] == ["Contact", "Lead"]
     assert search.returning[1].where == [("IsConverted", "=", False)]
@@ -81,6 +85,26 @@ def test_lookups_go_external_contact_then_phone_then_customer_key() -> None:
         ("external_contact", "soql", "ext-42"), ("phone", "sosl", "+15552010001"),
         ("customer_key", "soql", "+15552010001")]
     assert "FROM Contact WHERE Genesys_External_Contact_Id__c = 'ext-42'" in plan[0].text
+    # A converted Lead is a Contact now: the customer key never finds it again.
+    assert "WHERE Genesys_Customer_Key__c = '+15552010001' AND IsConverted = false" in plan[2].text
+    assert parse_soql(plan[2].text).where == [("Genesys_Customer_Key__c", "=", "+15552010001"),
+                                              ("IsConverted", "=", False)]
+
+
+def test_a_search_match_is_kept_only_when_its_number_is_the_callers() -> None:
+    """SOSL matches national digits: +44 20 7946 0018 and +1 207-946-0018 look alike to it.
+    A stored number with a country code must carry the caller's; one without is read in the
+    org's region."""
+    uk, us = "+442079460018", "+12079460018"
+    found = candidates([
+        {"attributes": {"type": "Contact"}, "Id": "003UK", "Phone": "+44 20 7946 0018"},
+        {"attributes": {"type": "Contact"}, "Id": "003US", "MobilePhone": "(207) 946-0018"},
+        {"attributes": {"type": "Lead"}, "Id": "00QUS", "Phone": "+1 207 946 0018"},
+        {"attributes": {"type": "Lead"}, "Id": "00QNONE"},
+    ])
+    assert [c.id for c in confirmed_by_phone(found, uk, "US")] == ["003UK"]
+    assert [c.id for c in confirmed_by_phone(found, us, "US")] == ["003US", "00QUS"]
+    assert [c.id for c in confirmed_by_phone(found, uk, "GB")] == ["003UK", "003US"]
 
 
 def test_phone_falls_back_to_the_customer_ani_and_key_to_the_external_id() -> None:

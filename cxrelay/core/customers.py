@@ -33,8 +33,12 @@ DEFAULT_PHONE_PATHS = [
     "event.conversation.primaryContact.primaryPhoneNumber",
     "conversation.participants[purpose=customer].ani",
 ]
-# Salesforce phone fields SOSL `IN PHONE FIELDS` searches on the objects we ask for.
-PHONE_FIELDS = ("Phone", "MobilePhone", "HomePhone", "OtherPhone", "AssistantPhone", "Fax")
+# Salesforce phone fields SOSL `IN PHONE FIELDS` searches on the objects we ask for; each
+# object is asked for its own (a Lead has no HomePhone: naming it is INVALID_FIELD).
+CONTACT_PHONE_FIELDS = ("Phone", "MobilePhone", "HomePhone", "OtherPhone", "AssistantPhone",
+                        "Fax")
+LEAD_PHONE_FIELDS = ("Phone", "MobilePhone", "Fax")
+PHONE_FIELDS = CONTACT_PHONE_FIELDS
 # SOSL reserved characters (SOSL reference, "FIND {SearchQuery}"): each needs a backslash.
 _SOSL_RESERVED = set("?&|!{}[]()^~*:\\\"'+-")
 _SF_DATETIME = "%Y-%m-%dT%H:%M:%S.%f%z"
@@ -63,9 +67,12 @@ def _ident(name: str) -> str:
     return name
 
 
-def soql_equals(sobject: str, select: list[str], where: dict[str, str]) -> str:
-    """SELECT … FROM sobject WHERE f = '…' AND … ORDER BY LastModifiedDate DESC LIMIT 10."""
-    conditions = " AND ".join(f"{_ident(k)} = {soql_quote(v)}" for k, v in where.items())
+def soql_equals(sobject: str, select: list[str], where: dict[str, str],
+                also: str | None = None) -> str:
+    """SELECT … FROM sobject WHERE f = '…' AND … [AND also] ORDER BY LastModifiedDate DESC
+    LIMIT 10 (`also`: a fixed condition of ours, never a value from an event)."""
+    conditions = " AND ".join([*(f"{_ident(k)} = {soql_quote(v)}" for k, v in where.items()),
+                               *([also] if also else [])])
     return (f"SELECT {', '.join(_ident(f) for f in select)} FROM {_ident(sobject)} "
             f"WHERE {conditions} ORDER BY LastModifiedDate DESC LIMIT 10")
 
@@ -78,11 +85,32 @@ def search_digits(e164: str) -> str:
         return re.sub(r"\D", "", e164)
 
 
+def _with(select: list[str], more: tuple[str, ...]) -> str:
+    return ", ".join(_ident(f) for f in [*select, *(f for f in more if f not in select)])
+
+
 def sosl_phone(e164: str, select: list[str]) -> str:
-    """FIND {digits} IN PHONE FIELDS RETURNING Contact(…), Lead(… WHERE IsConverted = false)."""
-    fields = ", ".join(_ident(f) for f in select)
+    """FIND {digits} IN PHONE FIELDS RETURNING Contact(…), Lead(… WHERE IsConverted = false),
+    each with its phone fields, so a match can be checked against the caller's E.164."""
     return (f"FIND {{{sosl_escape(search_digits(e164))}}} IN PHONE FIELDS RETURNING "
-            f"Contact({fields}), Lead({fields} WHERE IsConverted = false)")
+            f"Contact({_with(select, CONTACT_PHONE_FIELDS)}), "
+            f"Lead({_with(select, LEAD_PHONE_FIELDS)} WHERE IsConverted = false)")
+
+
+def same_phone(stored: str, e164: str, region: str) -> bool:
+    """Whether a number as a person stored it is the caller's. SOSL matches national digits
+    only, so +44 20 7946 0018 and +1 207-946-0018 look alike to it; a stored number with its
+    country code must have the caller's, and one without is read in the org's `region`."""
+    try:
+        parsed = phonenumbers.parse(stored, region)
+    except phonenumbers.NumberParseException:
+        return False
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) == e164
+
+
+def confirmed_by_phone(found: list[Candidate], e164: str, region: str) -> list[Candidate]:
+    """The search's candidates whose stored numbers include the caller's."""
+    return [c for c in found if any(same_phone(p, e164, region) for p in c.phones)]
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,7 @@ class CustomerKeys:
     external_contact_id: str | None
     phone: str | None  # E.164
     sources: dict[str, str] = field(default_factory=dict)
+    region: str = "US"  # where a number stored without its country code is read
 
     @property
     def customer_key(self) -> str:
@@ -144,7 +173,8 @@ def customer_keys(context: dict[str, Any], external_contact_paths: list[str],
         tried = ", ".join([*external_contact_paths, *phone_paths])
         raise MappingError(f"no phone and no external contact id to find the customer by "
                            f"(source paths tried: {tried})")
-    return CustomerKeys(str(external) if external is not None else None, phone, sources)
+    return CustomerKeys(str(external) if external is not None else None, phone, sources,
+                        region)
 
 
 def lookups(keys: CustomerKeys, contact_field: str, key_field: str,
@@ -157,8 +187,9 @@ def lookups(keys: CustomerKeys, contact_field: str, key_field: str,
             "Contact", select, {contact_field: keys.external_contact_id})))
     if keys.phone:
         plan.append(Lookup("phone", keys.phone, "sosl", sosl_phone(keys.phone, select)))
+    # A converted Lead is a Contact now (the SOSL search leaves them out too).
     plan.append(Lookup("customer_key", keys.customer_key, "soql", soql_equals(
-        "Lead", select, {key_field: keys.customer_key})))
+        "Lead", select, {key_field: keys.customer_key}, also="IsConverted = false")))
     return plan
 
 
@@ -168,6 +199,7 @@ class Candidate:
     type: str
     name: str
     last_modified: str
+    phones: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return f"{self.type} {self.id} ({self.name}, modified {self.last_modified})"
@@ -178,8 +210,9 @@ def candidates(records: list[dict[str, Any]]) -> list[Candidate]:
     found = []
     for record in records:
         kind = str((record.get("attributes") or {}).get("type") or "")
+        phones = tuple(str(record[f]) for f in PHONE_FIELDS if record.get(f))
         found.append(Candidate(str(record.get("Id")), kind, str(record.get("Name") or ""),
-                               str(record.get("LastModifiedDate") or "")))
+                               str(record.get("LastModifiedDate") or ""), phones))
     return found
 
 
