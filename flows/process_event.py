@@ -260,16 +260,17 @@ async def _wait(runtime: Runtime, row: InboxEvent, summary: EventSummary) -> Non
 async def _finish(runtime: Runtime, summary: EventSummary, inline: bool) -> EventSummary:
     """Record the outcome. A lane's artifact is recorded as pending with it and written by the
     dispatcher's writer when it has CPU to spare (see flows/artifacts.py); a run of its own
-    writes its own before it ends."""
+    writes its artifact first, then finishes the event: a crash between the two runs the event
+    again (the ledger sends nothing twice) instead of losing its artifact."""
     assert summary.inbox_id is not None and summary.outcome is not None
     link = runtime.artifacts.link() if inline else None
     detail = summary.as_dict()
+    if link is None:
+        await acreate_markdown_artifact(key=artifact_key(summary.conversation_id),
+                                        markdown=render_report(detail),
+                                        description=description(summary.outcome))
     await runtime.store.calls(runtime.store.finish, summary.inbox_id,
                               outcome=summary.outcome, detail=detail, artifact=link)
     if link is not None:
         runtime.artifacts.wake()
-    else:
-        await acreate_markdown_artifact(key=artifact_key(summary.conversation_id),
-                                        markdown=render_report(detail),
-                                        description=description(summary.outcome))
     return summary

@@ -563,3 +563,38 @@ def test_enrichment_results_are_not_written_to_prefect_storage(tmp_path: Path,
     written = [path for path in storage.rglob("*") if path.is_file()
                and conversation.encode() in path.read_bytes()] if storage.exists() else []
     assert written == []
+
+
+def test_a_process_event_run_that_dies_as_it_finishes_has_written_its_artifact(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """A `process-event` run writes the event's artifact before it records the outcome: a
+    crash between the two leaves the artifact (and the event unfinished, to run again)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from cxrelay.flows.process_event import process_event
+    from cxrelay.flows.report import artifact_key
+    from cxrelay.flows.runtime import set_runtime
+
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    inbox_id = enqueue(runtime.store, generic_event(conversation, phone="+15550007778"))
+
+    def crash(*_: Any, **__: Any) -> None:
+        raise RuntimeError("the process died here")
+
+    runtime.store.finish = crash  # type: ignore[method-assign]
+
+    async def scenario() -> list[Any]:
+        set_runtime(runtime)
+        state = await process_event(inbox_id=inbox_id or 0, conversation_id=conversation,
+                                    return_state=True)
+        assert state.is_failed()
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[artifact_key(conversation)])))
+
+    (artifact,) = asyncio.run(scenario())
+    assert "delivered" in str(artifact.data)
+    assert runtime.store.get_event(inbox_id or 0).status == "pending"  # type: ignore[union-attr]
