@@ -19,6 +19,55 @@ settings.register_profile("cxrelay", deadline=None, suppress_health_check=[Healt
 settings.load_profile("cxrelay")
 
 SAMPLES = Path(__file__).parent / "samples"
+# Every process a test starts (and what those start, even in sessions of their own) inherits
+# this variable; whatever still runs after the test's teardown is killed, so no test leaks a
+# process into the next one (a Prefect worker that outlived its SIGTERM once failed the next
+# test). Set during the test's call only: the session's Prefect server starts in a fixture.
+PROCESS_TAG = "CXRELAY_TEST_PROCESS_TAG"
+
+
+def tagged_processes(tag: str) -> list[int]:
+    found = []
+    needle = f"{PROCESS_TAG}={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    tag = uuid.uuid4().hex
+    item.stash[_TAG_KEY] = tag
+    os.environ[PROCESS_TAG] = tag
+    try:
+        yield
+    finally:
+        os.environ.pop(PROCESS_TAG, None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield
+    tag = item.stash.get(_TAG_KEY, None)
+    if tag is None or not Path("/proc").is_dir():
+        return
+    import signal
+
+    for pid in tagged_processes(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        print(f"\n[{item.nodeid}] left process {pid} running: killed")
+
+
+_TAG_KEY = pytest.StashKey[str]()
 POSTGRES_URL = os.environ.get("CXRELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 

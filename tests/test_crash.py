@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from cxrelay.app.sending import encode, generic_event, hmac_headers
-from cxrelay.app.supervise import free_port
+from cxrelay.app.supervise import free_port, stop
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
 from cxrelay.store.database import Store
@@ -97,8 +97,7 @@ def test_sigkill_mid_burst_loses_nothing_and_duplicates_nothing(
             time.sleep(1)
         time.sleep(3)  # let any straggling duplicate show itself
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(30)
+        stop(process, grace=30)  # SIGTERM to its group, SIGKILL after the grace
     tasks, messages = sandbox_state(clean_sandbox)
     per_task = Counter(task["Genesys_Conversation_Id__c"] for task in tasks)
     posts = Counter(c for r in calls(clean_sandbox.slack_url, "POST", "chat.postMessage")
@@ -165,8 +164,7 @@ def test_prefect_api_unreachable_for_30_seconds(tmp_path: Path, clean_sandbox: S
             time.sleep(1)
         time.sleep(2)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(30)
+        stop(process, grace=30)  # SIGTERM to its group, SIGKILL after the grace
         proxy.close()
     tasks, messages = sandbox_state(clean_sandbox)
     per_task = Counter(task["Genesys_Conversation_Id__c"] for task in tasks)
@@ -266,8 +264,7 @@ def test_sigterm_drains_the_lanes_and_they_end_completed(tmp_path: Path, clean_s
             time.sleep(0.2)
         store.close()
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
+        stop(process, grace=30)
 
     def lanes() -> list[dict[str, object]]:
         return list(httpx.post(f"{prefect_api}/flow_runs/filter", timeout=30, json={

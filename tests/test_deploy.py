@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from cxrelay.app.sending import generic_event
+from cxrelay.app.supervise import stop
 from cxrelay.flows.dispatcher import Dispatcher
 from cxrelay.flows.runtime import set_runtime
 from cxrelay.sandbox.genesys import sample_conversation
@@ -101,8 +101,8 @@ def test_deployment_mode_submits_once_and_a_worker_delivers(
                 break
             time.sleep(1)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(30)
+        # Bounded: a worker that outlived its SIGTERM once failed the next test (ResourceWarning).
+        stop(worker, grace=30)
     event = runtime.store.get_event(inbox_id)  # type: ignore[arg-type]
     assert event is not None and event.outcome == "delivered", (tmp_path / "worker.log").read_text()[-3000:]
     tasks, messages = sandbox_state(clean_sandbox)
