@@ -29,6 +29,7 @@ from cxrelay.core.alerts import (
 )
 from cxrelay.core.errors import CxrelayError
 from cxrelay.core.health import Change, HealthPolicy
+from cxrelay.core.redact import mask_text
 from cxrelay.store.models import utcnow
 
 log = logging.getLogger("cxrelay.alerts")
@@ -66,9 +67,10 @@ class Alerts:
         one dispatcher gets it, so exactly one message is sent)."""
         after, target = change.after, change.after.target
         if change.transition.value == "paused":
+            error = mask_text(after.last_error or "")
             kind, text = AlertKind.PAUSED, paused_text(
-                target, after.scope, after.last_error, waiting, self.policy.max_probe_seconds)
-            payload = {"scope": after.scope, "error": after.last_error or "",
+                target, after.scope, error, waiting, self.policy.max_probe_seconds)
+            payload = {"scope": after.scope, "error": error,
                        "consecutive_failures": after.consecutive_failures, "waiting": waiting}
         else:
             paused_for = (None if change.before.since is None or after.since is None
@@ -82,8 +84,8 @@ class Alerts:
     async def dead_lettered(self, *, target: str, conversation_id: str, error_type: str,
                             reason: str) -> None:
         """A dead letter was written; summarised at most once per interval."""
-        await self._offer(AlertKind.DEAD_LETTER,
-                          f"{target}: {error_type}: {reason} (conversation {conversation_id})")
+        await self._offer(AlertKind.DEAD_LETTER, f"{target}: {error_type}: {mask_text(reason)} "
+                          f"(conversation {conversation_id})")
 
     async def drifted(self, *, contract: str, fields: list[str], event_id: str) -> None:
         """An event drifted from its envelope's contract; summarised at most once per interval."""

@@ -27,6 +27,7 @@ from prefect import tags
 
 from cxrelay.core.errors import PermanentError
 from cxrelay.core.outcome import EventSummary, Next, Outcome, Stage, after_failure
+from cxrelay.core.redact import mask_text
 from cxrelay.flows.lanes import Lane, open_lane
 from cxrelay.flows.notification_gaps import GapFiller
 from cxrelay.flows.process_event import dead_letter, process_event
@@ -433,7 +434,7 @@ class Dispatcher:
                               conversation_id=event.conversation_id, target=WHOLE_EVENT,
                               exc=exc, attempts=event.attempts, reason=reason)
             await self.store.calls(self.store.finish, event.id, outcome=Outcome.FAILED.value,
-                                   detail={"reason": reason})
+                                   detail={"reason": mask_text(reason)})
             return
         if decision.next is Next.RUN_OF_ITS_OWN:
             logger.info("event %s handed back by its lane (%s): a run of its own takes it",

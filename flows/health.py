@@ -14,8 +14,9 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from cxrelay.core.errors import RetryableError
+from cxrelay.core.errors import CxrelayError, RetryableError
 from cxrelay.core.health import Action, Decision, Health, HealthPolicy, TargetState, decide
+from cxrelay.core.redact import mask_text
 from cxrelay.flows.alerts import Alerts
 from cxrelay.store.database import Store
 from cxrelay.store.models import utcnow
@@ -108,7 +109,7 @@ class HealthGate:
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc)
+    text = str(exc) if isinstance(exc, CxrelayError) else mask_text(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

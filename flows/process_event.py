@@ -26,8 +26,9 @@ from prefect.utilities.annotations import quote
 from cxrelay.connectors.genesys import GenesysNotFound
 from cxrelay.core import ordering
 from cxrelay.core.envelope import CanonicalEvent
-from cxrelay.core.errors import CxrelayError, PermanentError
+from cxrelay.core.errors import CxrelayError, PermanentError, full_text
 from cxrelay.core.outcome import WAITING, EventSummary, Next, Outcome, Stage, after_failure
+from cxrelay.core.redact import mask_text
 from cxrelay.flows import steps
 from cxrelay.flows.artifacts import description
 from cxrelay.flows.report import artifact_key, render_report
@@ -38,8 +39,13 @@ from cxrelay.store.models import InboxEvent
 logger = logging.getLogger("cxrelay.dispatcher")
 
 
-def _error_text(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, CxrelayError) else f"{type(exc).__name__}: {exc}"
+def _error_text(exc: BaseException, full: bool = False) -> str:
+    """The error as logs, artifacts, alerts and Prefect see it (callers' numbers masked), or
+    `full`, as the dead letter in the store keeps it."""
+    if isinstance(exc, CxrelayError):
+        return full_text(exc) if full else str(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    return text if full else mask_text(text)
 
 
 async def dead_letter(runtime: Runtime, *, inbox_id: int, event_id: str, conversation_id: str,
@@ -49,9 +55,10 @@ async def dead_letter(runtime: Runtime, *, inbox_id: int, event_id: str, convers
     """Record a dead letter (one target, or `WHOLE_EVENT`), log it, and add it to the rate-
     limited summary in the alert channel. What decides that a failure dead-letters is
     `cxrelay.core.outcome.after_failure`; this is the one place that writes it."""
-    reason = reason or _error_text(exc)
+    stored = reason or _error_text(exc, full=True)
+    reason = mask_text(reason) if reason else _error_text(exc)
     await runtime.store.calls(runtime.store.dead_letter, inbox_id=inbox_id, event_id=event_id,
-                              conversation_id=conversation_id, target=target, reason=reason,
+                              conversation_id=conversation_id, target=target, reason=stored,
                               error_type=type(exc).__name__, attempts=attempts,
                               merged_inbox_ids=merged_inbox_ids)
     try:

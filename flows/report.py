@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from cxrelay.core.redact import mask_text
+
 
 def artifact_key(conversation_id: str) -> str:
     """`conversation-<id>` as an artifact key may be written: lowercase letters, digits, dashes.
@@ -24,7 +26,7 @@ def render_report(summary: dict[str, Any]) -> str:
     if summary.get("filtered_by"):
         lines.append(f"- filtered by rule `{summary['filtered_by']}`")
     if summary.get("reason"):
-        lines.append(f"- reason: {summary['reason']}")
+        lines.append(f"- reason: {mask_text(str(summary['reason']))}")
     drift = summary.get("drift") or []
     if drift:
         lines += ["", "**Schema drift** (processing continued):"]
@@ -38,7 +40,7 @@ def render_report(summary: dict[str, Any]) -> str:
                 [*newer, *customer_notes(result.get("customer")),
                  *result.get("warnings", [])]) or ""
             lines.append(f"| {name} | {result.get('status', '?')} | {result.get('ref') or ''} | "
-                         f"{detail.replace('|', '/')} |")
+                         f"{mask_text(detail).replace('|', '/')} |")
     return "\n".join(lines)
 
 

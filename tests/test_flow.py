@@ -598,3 +598,34 @@ def test_a_process_event_run_that_dies_as_it_finishes_has_written_its_artifact(
     (artifact,) = asyncio.run(scenario())
     assert "delivered" in str(artifact.data)
     assert runtime.store.get_event(inbox_id or 0).status == "pending"  # type: ignore[union-attr]
+
+
+def test_a_refused_write_masks_the_callers_number_everywhere_but_the_dead_letter(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """Salesforce refuses the new caller's Lead: the alert channel, the artifact's report and
+    the run's logs show the number masked; the dead letter in the store keeps it whole."""
+    import json
+
+    from cxrelay.flows.report import render_report
+
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    httpx.post(f"{clean_sandbox.salesforce_url}/__sandbox/faults", json={
+        "status": 400, "method": "PATCH", "path": "/services/data/v62.0/sobjects/Lead",
+        "body": [{"message": "Phone: bad value", "errorCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+                  "fields": ["Phone"]}]}).raise_for_status()
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox,
+                                         alert_slack_channel="#cx-alerts"))
+    enqueue(runtime.store, generic_event(conversation, phone="+15550007779"))
+    asyncio.run(dispatch_until(runtime, 1))
+
+    (letter,) = runtime.store.dead_letters()
+    assert "+15550007779" in letter.reason and "FIELD_CUSTOM_VALIDATION_EXCEPTION" in letter.reason
+    (event,) = runtime.store.events()
+    report = render_report(json.loads(event.detail or "{}"))
+    assert "FIELD_CUSTOM_VALIDATION_EXCEPTION" in report and "+1555•••7779" in report
+    alerts = [m["text"] for m in httpx.get(
+        f"{clean_sandbox.slack_url.removesuffix('/api/')}/__sandbox/state").json()["messages"]
+        if m.get("channel") in ("#cx-alerts", "Ccx-alerts") or "dead letter" in m["text"]]
+    assert alerts and all("+15550007779" not in text for text in alerts)
+    assert "5550007779" not in json.dumps(event.detail)

@@ -202,7 +202,8 @@ class Candidate:
     phones: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        return f"{self.type} {self.id} ({self.name}, modified {self.last_modified})"
+        """Ids, not names: this text reaches artifacts and alerts."""
+        return f"{self.type} {self.id} (modified {self.last_modified})"
 
 
 def candidates(records: list[dict[str, Any]]) -> list[Candidate]:
@@ -245,8 +246,10 @@ def choose(found: list[Candidate], by: LookupKind,
         return None
     ranked = sorted(people, key=lambda c: (c.type == "Contact", _modified(c)), reverse=True)
     if len(ranked) > 1 and on_ambiguous == "dead_letter":
-        raise AmbiguousCustomer(f"{len(ranked)} records match the caller by {by}: "
-                                + "; ".join(c.describe() for c in ranked))
+        error = AmbiguousCustomer(f"{len(ranked)} records match the caller by {by}: "
+                                  + "; ".join(c.describe() for c in ranked))
+        error.private = "names: " + "; ".join(f"{c.id} {c.name}" for c in ranked)
+        raise error
     return Choice(ranked[0], by, ranked[1:])
 
 

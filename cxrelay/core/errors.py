@@ -6,9 +6,30 @@ Retry decisions are a type check: `RetryableError` is worth another attempt
 
 from __future__ import annotations
 
+from cxrelay.core.redact import mask_text
+
 
 class CxrelayError(Exception):
-    """Base class of cxrelay's own errors."""
+    """Base class of cxrelay's own errors.
+
+    Its text is masked (callers' phone numbers, see `cxrelay.core.redact`): it reaches logs,
+    Prefect states and events, artifacts and the alert channel. `full_text` is the whole text,
+    with `private` detail (names), for the dead letter in the store only."""
+
+    private: str | None = None
+
+    def __str__(self) -> str:
+        return mask_text(super().__str__())
+
+    @property
+    def full_text(self) -> str:
+        text = super().__str__()
+        return f"{text} ({self.private})" if self.private else text
+
+
+def full_text(exc: BaseException) -> str:
+    """What the store keeps of an error: the unmasked text of cxrelay's own, `str` of others."""
+    return exc.full_text if isinstance(exc, CxrelayError) else str(exc)
 
 
 class RetryableError(CxrelayError):

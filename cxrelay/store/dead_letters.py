@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.engine import Connection
 
 from cxrelay.store.engine import Database
 from cxrelay.store.models import DeadLetter, QuarantinedEvent, bounded, utcnow
@@ -15,6 +16,17 @@ from cxrelay.store.models import DeadLetter, QuarantinedEvent, bounded, utcnow
 DEAD = DeadLetter.__table__  # type: ignore[attr-defined]
 QUARANTINE = QuarantinedEvent.__table__  # type: ignore[attr-defined]
 WHOLE_EVENT = "*"  # the target of a dead letter for the event itself, not one of its targets
+
+
+def open_letter_events(conn: Connection) -> set[int]:
+    """The inbox ids that open dead letters need for their replay."""
+    rows = conn.execute(select(DEAD.c.inbox_id, DEAD.c.merged_inbox_ids)
+                        .where(DEAD.c.status == "open")).all()
+    needed: set[int] = set()
+    for inbox_id, merged in rows:
+        needed.add(int(inbox_id))
+        needed.update(int(i) for i in json.loads(merged or "[]"))
+    return needed
 
 
 class DeadLetterQueries(Database):
@@ -47,17 +59,6 @@ class DeadLetterQueries(Database):
         with self.reading() as conn:
             row = conn.execute(select(DEAD).where(DEAD.c.id == dead_letter_id)).mappings().first()
         return DeadLetter(**row) if row else None
-
-    def open_dead_letter_events(self) -> set[int]:
-        """The inbox ids that open dead letters need for their replay."""
-        with self.reading() as conn:
-            rows = conn.execute(select(DEAD.c.inbox_id, DEAD.c.merged_inbox_ids)
-                                .where(DEAD.c.status == "open")).all()
-        needed: set[int] = set()
-        for inbox_id, merged in rows:
-            needed.add(int(inbox_id))
-            needed.update(int(i) for i in json.loads(merged or "[]"))
-        return needed
 
     def mark_dead_letters_replayed(self, ids: Sequence[int]) -> None:
         with self.transaction() as conn:

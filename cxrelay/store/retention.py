@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
-from cxrelay.store.dead_letters import DEAD, QUARANTINE
+from cxrelay.store.dead_letters import DEAD, QUARANTINE, open_letter_events
 from cxrelay.store.drift import DRIFT
 from cxrelay.store.engine import Database
 from cxrelay.store.inbox import INBOX
@@ -43,7 +43,8 @@ class RetentionQueries(Database):
         updated since `ledger_before`. An event an open dead letter needs is kept: its replay
         would otherwise find nothing to send."""
         finished = INBOX.c.status.in_(["done", "failed"]) & (INBOX.c.finished_at < before)
-        needed = self.open_dead_letter_events()
+        with self.reading() as conn:
+            needed = open_letter_events(conn)
         if needed:
             finished &= INBOX.c.id.notin_(sorted(needed))
         targets: list[tuple[Any, Any]] = [
