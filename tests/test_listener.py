@@ -359,3 +359,37 @@ def test_channels_are_renewed_before_they_expire_without_a_gap(clean_sandbox: Sa
             assert consumer.stats.open_sockets == 1
 
     asyncio.run(scenario())
+
+
+def test_a_socket_that_closes_at_once_backs_off_on_one_channel_and_makes_one_gap(
+        clean_sandbox: Sandbox, store: Store) -> None:
+    """A flapping socket (accepted, then closed straight away) for 3 s: the backoff keeps
+    growing (it starts again only after a socket stayed up for a heartbeat), every
+    reconnection uses the same channel, and the outage is one gap."""
+    (queue_id,) = queues(clean_sandbox, 1)
+    control(clean_sandbox, "notifications/settings", {"heartbeat_seconds": 0.5})
+
+    async def scenario() -> None:
+        async with running(clean_sandbox, store, config(
+                heartbeat_seconds=0.5, backoff_initial_seconds=0.1,
+                backoff_max_seconds=1.0)) as consumer:
+            before = sandbox_state(clean_sandbox)
+            reconnects = consumer.stats.reconnects
+            await asyncio.to_thread(control, clean_sandbox, "notifications/settings",
+                                    {"close_at_once": True})
+            await asyncio.to_thread(control, clean_sandbox, "notifications/drop",
+                                    {"seconds": 0})
+            await asyncio.sleep(3)
+            flapped = consumer.stats.reconnects - reconnects
+            await asyncio.to_thread(control, clean_sandbox, "notifications/settings",
+                                    {"close_at_once": False})
+            await poll(lambda: consumer.stats.open_sockets == 1, "live again")
+            await poll(lambda: [g.status for g in store.gaps()] == ["closed"], "one gap closed")
+            after = sandbox_state(clean_sandbox)
+            # Without the backoff's growth: ~30 reconnections in 3 s (one each 0.05-0.1 s).
+            assert 2 <= flapped <= 8, flapped
+            assert after["channels_created"] == before["channels_created"]
+            assert await publish(clean_sandbox, queue_id, snapshot("after-flap")) == 1
+            await poll(lambda: ended_dedupe_key("after-flap") in inbox_keys(store), "after")
+
+    asyncio.run(scenario())

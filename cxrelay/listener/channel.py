@@ -5,7 +5,10 @@ A socket silent for twice the heartbeat interval is dead. `v2.system.socket_clos
 channel nearing its 24 h are met with a replacement socket, opened before the old one is let
 go, so neither is a gap. Anything else that ends a socket opens a gap in `notification_gaps`
 (from the last message), closed when the runner is connected again; reconnects back off,
-capped, with jitter.
+capped, with jitter. The backoff starts again only after a socket stayed up for a heartbeat
+interval, and a reconnection opens its socket on the same channel while it lives: a socket
+that closed at once, again and again, made a new channel (of 20 allowed), a reconnection and a
+gap every few hundred milliseconds. The gaps of such a run coalesce into one (the store).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from cxrelay.connectors.genesys_notifications import (
@@ -23,7 +26,7 @@ from cxrelay.connectors.genesys_notifications import (
     NotificationSocket,
     SocketClosed,
 )
-from cxrelay.core.errors import CxrelayError
+from cxrelay.core.errors import CxrelayError, PermanentError
 from cxrelay.core.notifications import MessageKind, backoff_delay, gap_scope
 
 if TYPE_CHECKING:
@@ -36,12 +39,27 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _expiring(channel: Channel, margin: timedelta = timedelta(hours=1)) -> bool:
+    """Whether a channel ends within `margin` (or says nothing of its end)."""
+    if not channel.expires:
+        return True
+    try:
+        expires = datetime.fromisoformat(channel.expires.replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    if expires.tzinfo is None:
+        expires = expires.replace(tzinfo=timezone.utc)
+    return expires - utcnow() < margin
+
+
 class ChannelRunner:
     def __init__(self, consumer: NotificationConsumer, index: int, topics: list[str]) -> None:
         self.consumer = consumer
         self.name = f"shard-{index}"
         self.topics = topics
         self.channel: Channel | None = None
+        self._reusable: Channel | None = None  # the last channel, for the next connection
+        self.live_since: float | None = None  # monotonic; when the current socket went live
         self.last_message_at: datetime | None = None
         self.connected_once = asyncio.Event()
         self.live = False
@@ -68,8 +86,10 @@ class ChannelRunner:
                 reason = f"{type(exc).__name__}: {exc}"
             self.consumer.stats.reconnects += 1
             if self.live:  # it connected (and closed its gaps): a new outage begins
-                attempt = 0
                 gap_open = False
+                up = time.monotonic() - (self.live_since or time.monotonic())
+                if up >= self.consumer.config.heartbeat_seconds:
+                    attempt = 0  # it stayed up: the backoff starts again
             if not gap_open:
                 started = self.last_message_at or utcnow()
                 await asyncio.to_thread(self.consumer.store.open_gap, self.consumer.config.consumer,
@@ -83,11 +103,24 @@ class ChannelRunner:
                                               config.backoff_max_seconds))
             attempt += 1
 
-    async def _connect(self) -> tuple[Channel, NotificationSocket]:
+    async def _connect(self, fresh: bool = False) -> tuple[Channel, NotificationSocket]:
+        """Subscribe and open a socket: on the last channel while it lives (Genesys keeps a
+        channel 24 h and its subscriptions with it), else on a new one. `fresh`: a new one
+        (a replacement socket must not take over the channel it replaces)."""
         client = self.consumer.client
+        reusable = None if fresh else self._reusable
+        if reusable is not None and not _expiring(reusable):
+            try:
+                await client.subscribe(reusable.id, self.topics)
+                socket = await client.open_socket(reusable)
+                self.consumer.stats.connections += 1
+                return reusable, socket
+            except PermanentError:  # the channel is gone (expired, or replaced): a new one
+                self._reusable = None
         channel = await client.create_channel()
         await client.subscribe(channel.id, self.topics)
         socket = await client.open_socket(channel)
+        self._reusable = channel
         self.consumer.stats.connections += 1
         return channel, socket
 
@@ -101,7 +134,7 @@ class ChannelRunner:
             self.last_message_at = utcnow()
             await self._connected()
             self.live = True
-            opened = time.monotonic()
+            self.live_since = opened = time.monotonic()
             closing = False  # socket_closing seen, its replacement not open yet
             while True:
                 message = await self._receive(socket)
@@ -117,7 +150,7 @@ class ChannelRunner:
                     # the old one is read until Genesys closes it (or, renewing, for a while),
                     # both deliver for a moment, and the inbox dedupes.
                     try:
-                        new_channel, new_socket = await self._connect()
+                        new_channel, new_socket = await self._connect(fresh=True)
                     except CxrelayError as exc:
                         # The old socket still works for a while: try again at its next message.
                         log.warning("notification %s: no replacement socket yet: %s",

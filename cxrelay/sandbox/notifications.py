@@ -13,7 +13,8 @@ channel WebSocket, written from the public docs (developer.genesys.cloud, "Notif
   pong, `v2.system.socket_closing` before maintenance.
 
 Control, under `/__sandbox/notifications/`: `settings` (heartbeat, channel lifetime, `silent`:
-sockets stay open but send nothing, as a half-open connection does),
+sockets stay open but send nothing, as a half-open connection does; `close_at_once`: each
+socket is accepted, then closed straight away, as a flapping proxy does),
 `queues` (seed routing queues), `users` (seed users), `publish` (a topic's event to every subscribed socket),
 `drop` (close every socket and refuse new ones for `seconds`), `closing` (announce maintenance
 and close every socket `after_seconds` later).
@@ -81,7 +82,8 @@ class NotificationService:
         self.channel_lifetime_seconds = 24 * 3600.0
         self.refuse_until = 0.0
         self.silent = False  # a half-open connection: nothing sent, not even heartbeats
-        self.connections = 0
+        self.close_at_once = False
+        self.connections = self.channels_created = 0
         self.refused = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -115,7 +117,8 @@ class NotificationService:
         self.channel_lifetime_seconds = 24 * 3600.0
         self.refuse_until = 0.0
         self.silent = False
-        self.connections = self.refused = 0
+        self.close_at_once = False
+        self.connections = self.refused = self.channels_created = 0
 
     def state(self) -> dict[str, Any]:
         return {
@@ -123,6 +126,7 @@ class NotificationService:
             "open_sockets": sum(1 for c in self.channels.values() if c.socket is not None),
             "topics": sum(len(c.topics) for c in self.channels.values()),
             "connections": self.connections,
+            "channels_created": self.channels_created,
             "refused": self.refused,
             "queues": len(self.queues),
             "users": len(self.users),
@@ -142,6 +146,7 @@ class NotificationService:
             victim = min(mine, key=lambda c: (c.socket is not None, c.last_used))
             self._close(victim)
             del self.channels[victim.id]
+        self.channels_created += 1
         channel_id = "streaming-0-" + secrets.token_hex(13)
         self.channels[channel_id] = Channel(channel_id, owner, now,
                                             now + self.channel_lifetime_seconds, now)
@@ -234,6 +239,9 @@ class NotificationService:
             return
         await websocket.accept()
         self.connections += 1
+        if self.close_at_once:
+            await websocket.close(code=1011)
+            return
         if channel.socket is not None:  # one socket per channel: the newer one wins
             self._close(channel)
         outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -284,9 +292,11 @@ class NotificationService:
             self.channel_lifetime_seconds = float(spec["channel_lifetime_seconds"])
         if "silent" in spec:
             self.silent = bool(spec["silent"])
+        if "close_at_once" in spec:
+            self.close_at_once = bool(spec["close_at_once"])
         return JSONResponse({"heartbeat_seconds": self.heartbeat_seconds,
                              "channel_lifetime_seconds": self.channel_lifetime_seconds,
-                             "silent": self.silent})
+                             "silent": self.silent, "close_at_once": self.close_at_once})
 
     async def _seed_queues(self, request: Request) -> Response:
         """`{"count": 1200}` makes that many queues; a list of `{id, name}` adds those."""

@@ -12,6 +12,8 @@ from cxrelay.store.engine import Database, aware
 from cxrelay.store.models import NotificationConsumerStatus, NotificationGap, utcnow
 
 GAPS = NotificationGap.__table__  # type: ignore[attr-defined]
+# A gap that starts within this of the channel's last one's end is the same outage.
+COALESCE_SECONDS = 1.0
 CONSUMERS = NotificationConsumerStatus.__table__  # type: ignore[attr-defined]
 
 
@@ -23,12 +25,36 @@ def _gap(row: object) -> NotificationGap:
     return gap
 
 
+def _union(stored: str | None, scope: dict[str, list[str]] | None) -> str | None:
+    """Both scopes (None, everything, absorbs any other)."""
+    if stored is None or scope is None:
+        return None
+    merged = json.loads(stored)
+    for key, values in scope.items():
+        merged[key] = sorted({*merged.get(key, []), *values})
+    return json.dumps(merged, separators=(",", ":"))
+
+
 class NotificationQueries(Database):
     def open_gap(self, consumer: str, channel: str, started_at: datetime, reason: str,
                  scope: dict[str, list[str]] | None = None) -> int:
         """Record that `channel` has had no live socket since `started_at`; its id. `scope`:
-        the queues and users whose conversations it was subscribed to."""
+        the queues and users whose conversations it was subscribed to.
+
+        A gap that overlaps (or touches) the channel's last one, still waiting to be filled,
+        is that one again, open once more: a socket that flaps makes one gap to fill, not one
+        per reconnection."""
         with self.transaction() as conn:
+            last = conn.execute(select(GAPS.c.id, GAPS.c.ended_at, GAPS.c.scope).where(
+                GAPS.c.consumer == consumer, GAPS.c.channel == channel,
+                GAPS.c.status == "closed").order_by(GAPS.c.id.desc()).limit(1)).first()
+            ended = aware(last.ended_at) if last is not None else None
+            if last is not None and ended is not None and \
+                    ended >= started_at - timedelta(seconds=COALESCE_SECONDS):
+                conn.execute(update(GAPS).where(GAPS.c.id == last.id).values(
+                    status="open", ended_at=None, reason=reason[:255],
+                    scope=_union(last.scope, scope)))
+                return int(last.id)
             return int(conn.execute(GAPS.insert().returning(GAPS.c.id), {
                 "consumer": consumer, "channel": channel, "started_at": started_at,
                 "reason": reason[:255], "status": "open", "found": 0, "queued": 0,
