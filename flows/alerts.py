@@ -23,6 +23,7 @@ from cxrelay.core.alerts import (
     SummaryLimiter,
     dead_letter_text,
     drift_text,
+    gap_failed_text,
     paused_text,
     resource_id,
     resumed_text,
@@ -86,6 +87,18 @@ class Alerts:
         """A dead letter was written; summarised at most once per interval."""
         await self._offer(AlertKind.DEAD_LETTER, f"{target}: {error_type}: {mask_text(reason)} "
                           f"(conversation {conversation_id})")
+
+    async def gap_failed(self, *, gap_id: int, channel: str, interval: str, attempts: int,
+                         error: str) -> None:
+        """A notification gap's fill gave up: at once, not summarised (it is rare, and
+        conversations may be missing)."""
+        error = mask_text(error)
+        self._event(AlertKind.GAP_FAILED, {"prefect.resource.id": f"cxrelay.notification-gap."
+                                           f"{gap_id}",
+                                           "prefect.resource.name": f"notification gap {gap_id}"},
+                    {"channel": channel, "interval": interval, "attempts": attempts,
+                     "error": error})
+        await self._post(gap_failed_text(gap_id, channel, interval, attempts, error))
 
     async def drifted(self, *, contract: str, fields: list[str], event_id: str) -> None:
         """An event drifted from its envelope's contract; summarised at most once per interval."""

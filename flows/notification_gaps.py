@@ -21,9 +21,12 @@ from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 
 from cxrelay.core.errors import CxrelayError
+from cxrelay.core.notifications import gap_fill_retry
+from cxrelay.core.redact import mask_text
 from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.listener.gapfill import GapFilled, fill_gap
 from cxrelay.settings import Settings
+from cxrelay.store.models import NotificationGap
 
 log = logging.getLogger("cxrelay.dispatcher")
 GAP_FILLED_EVENT = "cxrelay.notifications.gap_filled"
@@ -80,7 +83,10 @@ async def fill_notification_gap(gap_id: int, worker: str) -> dict[str, Any]:
     try:
         filled = await fill_gap(await runtime.genesys(), store, gap, lookback,
                                 timedelta(seconds=MARGIN_SECONDS))
-    except BaseException:
+    except Exception as exc:
+        await _failed(runtime, gap, worker, exc)
+        raise
+    except BaseException:  # stopped: the next filler tries at once, nothing was wrong
         await asyncio.to_thread(store.release_gap, gap_id, worker)
         raise
     if not await asyncio.to_thread(store.mark_gap_filled, gap_id, filled.found, filled.queued,
@@ -100,6 +106,26 @@ async def fill_notification_gap(gap_id: int, worker: str) -> dict[str, Any]:
     get_run_logger().info("notification gap %d (%s, %s): %d ended, %d queued", gap_id,
                           gap.channel, filled.interval, filled.found, filled.queued)
     return summary
+
+
+async def _failed(runtime: Runtime, gap: NotificationGap, worker: str,
+                  exc: Exception) -> None:
+    """Count the failure and back off; after the last attempt, give the gap up and say so."""
+    assert gap.id is not None
+    attempts = gap.attempts + 1
+    retry_in = gap_fill_retry(attempts)
+    error = str(exc) if isinstance(exc, CxrelayError) else f"{type(exc).__name__}: {exc}"
+    await asyncio.to_thread(runtime.store.release_gap, gap.id, worker, error, retry_in)
+    if retry_in is not None:
+        log.warning("notification gap %d: fill %d failed (%s); tried again in %.0f s", gap.id,
+                    attempts, mask_text(error), retry_in)
+        return
+    interval = f"{gap.started_at.isoformat()}/{gap.ended_at.isoformat() if gap.ended_at else ''}"
+    log.error("notification gap %d given up after %d attempts: %s", gap.id, attempts,
+              mask_text(error))
+    gate = await runtime.health_gate()
+    await gate.alerts.gap_failed(gap_id=gap.id, channel=gap.channel, interval=interval,
+                                 attempts=attempts, error=error)
 
 
 class GapFiller:

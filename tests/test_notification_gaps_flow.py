@@ -130,3 +130,51 @@ def test_two_dispatchers_fill_each_gap_once_with_an_event_and_an_artifact(
     assert "| of-user |" in artifacts[user_gap] and "`shard-1`" in artifacts[user_gap]
     first.store.close()
     second.store.close()
+
+
+def test_a_gap_whose_fill_keeps_failing_backs_off_then_gives_up_with_an_alert(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """The analytics API answers 500: the fill is tried again only after its backoff (not at
+    every check), and its last allowed attempt gives the gap up, which the alert channel and
+    a Prefect event say."""
+    from cxrelay.core.notifications import GAP_FILL_MAX_ATTEMPTS
+    from cxrelay.store.notifications import GAPS
+
+    now = datetime.now(timezone.utc)
+    settings = make_settings(tmp_path, clean_sandbox, notification_gap_fill_delay_seconds=0,
+                             alert_slack_channel="#cx-alerts")
+    runtime = make_runtime(settings)
+    gap_id = gap(runtime.store, "shard-0", now - timedelta(minutes=10), 60,
+                 {"queues": ["q-sub"], "users": []})
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/faults", json={
+        "status": 500, "path": "/api/v2/analytics"}).raise_for_status()
+
+    async def scenario() -> None:
+        set_runtime(runtime)
+        filler = GapFiller(runtime, "dispatcher-a")
+        try:
+            (state,) = (await filler.fill_due()).values()
+            assert not state.is_completed()
+            assert await filler.fill_due() == {}  # backing off: no new run, no new query
+            failed = runtime.store.get_gap(gap_id)
+            assert failed is not None and failed.attempts == 1 and "500" in (failed.last_error
+                                                                               or "")
+            # Its backoff over, and every attempt but the last spent:
+            with runtime.store.transaction() as conn:
+                conn.execute(GAPS.update().values(retry_at=now,
+                                                  attempts=GAP_FILL_MAX_ATTEMPTS - 1))
+            (state,) = (await filler.fill_due()).values()
+            assert not state.is_completed()
+        finally:
+            await runtime.aclose()
+
+    asyncio.run(scenario())
+    given_up = runtime.store.get_gap(gap_id)
+    assert given_up is not None and given_up.status == "failed"
+    assert runtime.store.gap_counts() == {"failed": 1}
+    queries = calls(clean_sandbox.genesys_url, "POST", "/analytics/")
+    assert 2 <= len(queries) <= 2 * 9  # the client's own retries of a 500, per attempt
+    messages = httpx.get(f"{clean_sandbox.slack_url.removesuffix('/api/')}/__sandbox/state"
+                         ).json()["messages"]
+    assert any(f"notification gap {gap_id}" in m["text"] and "could not be filled" in m["text"]
+               for m in messages)

@@ -11,6 +11,7 @@ import pytest
 from cxrelay.core.envelope import normalise
 from cxrelay.core.errors import EnvelopeError
 from cxrelay.core.notifications import (
+    GAP_FILL_MAX_ATTEMPTS,
     MessageKind,
     backoff_delay,
     classify,
@@ -19,6 +20,7 @@ from cxrelay.core.notifications import (
     ended_within,
     expand_topics,
     gap_fill_event,
+    gap_fill_retry,
     gap_scope,
     parse_templates,
     reshard,
@@ -183,6 +185,13 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert max(delays) <= 30 and delays[-1] >= 15
     assert len({round(d, 6) for d in delays[-4:]}) == 4  # capped, yet not in lockstep
     assert backoff_delay(10_000, 0.5, 30, rng) <= 30  # no overflow for a long outage
+
+
+def test_a_failing_gap_fill_backs_off_doubling_then_gives_up() -> None:
+    delays = [gap_fill_retry(n) for n in range(1, GAP_FILL_MAX_ATTEMPTS + 1)]
+    assert delays[:4] == [10.0, 20.0, 40.0, 80.0]
+    assert all(d is not None and d <= 900 for d in delays[:-1])
+    assert delays[-1] is None
 
 
 def test_reshard_moves_no_topic_that_stays() -> None:

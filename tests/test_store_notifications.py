@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cxrelay.store.database import Store
+from cxrelay.store.notifications import GAPS
 
 T0 = datetime(2026, 11, 30, 3, 0, tzinfo=timezone.utc)
 
@@ -75,3 +76,40 @@ def test_a_gap_is_claimed_by_one_filler_and_reported_by_its_holder(any_store: St
     assert store.claim_gaps("b", T0 + timedelta(days=1), lease_seconds=60)[0].id == late
     assert store.release_gap(late, "b") and store.gap_counts() == {
         "open": 1, "closed": 1, "filled": 1}
+
+
+def test_a_failed_fill_backs_off_then_gives_up(any_store: Store) -> None:
+    store = any_store
+    gap = store.open_gap("n", "shard-0", T0, "closed")
+    store.close_gaps("n", "shard-0", T0 + timedelta(seconds=10))
+    before = T0 + timedelta(days=1)
+    assert [g.id for g in store.claim_gaps("a", before, lease_seconds=60)] == [gap]
+    assert store.release_gap(gap, "a", "HTTP 503", retry_in=60)
+    failed_once = store.get_gap(gap)
+    assert failed_once is not None and (failed_once.attempts, failed_once.last_error) == (
+        1, "HTTP 503")
+    assert store.claim_gaps("a", before, lease_seconds=60) == []  # backing off
+    assert store.release_gap(gap, "a") is False  # not claimed: nothing to release
+    with store.transaction() as conn:  # the backoff has passed
+        conn.execute(GAPS.update().values(retry_at=T0))
+    assert [g.id for g in store.claim_gaps("a", before, lease_seconds=60)] == [gap]
+    assert store.release_gap(gap, "a", "HTTP 503 again", retry_in=None)
+    given_up = store.get_gap(gap)
+    assert given_up is not None and (given_up.status, given_up.attempts) == ("failed", 2)
+    assert store.claim_gaps("a", before, lease_seconds=60) == []
+
+
+def test_a_flapping_channels_gaps_coalesce(any_store: Store) -> None:
+    store = any_store
+    first = store.open_gap("n", "shard-0", T0, "closed (1011)", {"queues": ["q-1"]})
+    store.close_gaps("n", "shard-0", T0 + timedelta(seconds=1))
+    again = store.open_gap("n", "shard-0", T0 + timedelta(seconds=1.2), "closed (1011)",
+                           {"queues": ["q-2"]})
+    assert again == first
+    store.close_gaps("n", "shard-0", T0 + timedelta(seconds=3))
+    (gap,) = store.gaps()
+    assert (gap.started_at, gap.ended_at, gap.status) == (T0, T0 + timedelta(seconds=3), "closed")
+    assert json.loads(gap.scope or "{}") == {"queues": ["q-1", "q-2"]}
+    # Minutes later it is another outage.
+    later = store.open_gap("n", "shard-0", T0 + timedelta(minutes=5), "closed")
+    assert later != first and len(store.gaps()) == 2

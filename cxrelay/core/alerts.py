@@ -20,6 +20,7 @@ class AlertKind(str, enum.Enum):
     RESUMED = "cxrelay.target.resumed"
     DEAD_LETTER = "cxrelay.dead_letter"
     DRIFT = "cxrelay.drift"
+    GAP_FAILED = "cxrelay.notifications.gap_failed"
 
 
 def slack_escape(value: object) -> str:
@@ -48,6 +49,14 @@ def resumed_text(target: str, scope: str, paused_seconds: float | None, waiting:
     down = f" after {_duration(paused_seconds)}" if paused_seconds is not None else ""
     return (f":white_check_mark: *{slack_escape(target)}*{where} resumed{down}; "
             f"{waiting} waiting event(s) are being sent.")
+
+
+def gap_failed_text(gap_id: int, channel: str, interval: str, attempts: int,
+                    error: str) -> str:
+    return (f":x: notification gap {gap_id} ({slack_escape(channel)}, {slack_escape(interval)}) "
+            f"could not be filled after {attempts} attempts: `{slack_escape(error)}`. "
+            "Conversations that ended then may be missing; `cxrelay reconcile --since …` "
+            "backfills them.")
 
 
 def dead_letter_text(items: list[str], total: int, suppressed: int, interval: float) -> str:

@@ -196,6 +196,18 @@ def backoff_delay(attempt: int, initial: float, cap: float,
     return (rng or random).uniform(ceiling / 2, ceiling)
 
 
+GAP_FILL_MAX_ATTEMPTS = 8
+
+
+def gap_fill_retry(attempts: int, first: float = 10.0, cap: float = 900.0) -> float | None:
+    """Seconds before a gap whose fill failed `attempts` times is tried again (10, 20, 40 …
+    at most 15 min: about 35 min in all), or None: given up, for a person to look at. Each
+    try is a flow run and an analytics query; every 5 s for ever helped nobody."""
+    if attempts >= GAP_FILL_MAX_ATTEMPTS:
+        return None
+    return min(cap, first * 2 ** max(0, attempts - 1))
+
+
 def reshard(current: Sequence[Sequence[str]], topics: Sequence[str],
             size: int = MAX_TOPICS_PER_CHANNEL) -> list[list[str]]:
     """The new topic list over channels, moving no topic that stays: a topic moved from one

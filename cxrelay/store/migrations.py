@@ -66,6 +66,13 @@ def _dead_letter_merged_events(conn: Connection) -> None:
     _add_column(conn, "dead_letters", "merged_inbox_ids", "TEXT")
 
 
+def _gap_fill_attempts(conn: Connection) -> None:
+    # A gap-fill that fails backs off and, after its last attempt, gives up with an alert.
+    _add_column(conn, "notification_gaps", "attempts", "INTEGER NOT NULL DEFAULT 0")
+    _add_column(conn, "notification_gaps", "retry_at", "TIMESTAMP")
+    _add_column(conn, "notification_gaps", "last_error", "TEXT")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "drop the full inbox conversation index", _drop_full_conversation_index),
     (2, "scope inbox dedupe keys by source", _scope_dedupe_keys_by_source),
@@ -74,6 +81,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "ledger rows say since when they wait for a paused target", _ledger_waiting_since),
     (6, "notification gaps: scope and claims", _gap_scope_and_claims),
     (7, "dead letters name the events of a merged delivery", _dead_letter_merged_events),
+    (8, "gap-fill attempts, backoff and last error", _gap_fill_attempts),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -193,13 +193,18 @@ class NotificationGap(SQLModel, table=True):
     started_at: datetime
     ended_at: datetime | None = None
     reason: str = Field(max_length=255)
-    status: str = Field(default="open", max_length=16)  # open | closed | filling | filled
+    status: str = Field(default="open", max_length=16)  # open|closed|filling|filled|failed
     found: int = 0
     queued: int = 0
     filled_at: datetime | None = None
     # JSON {"queues": [...], "users": [...]}: whose conversation topics the channel held, so
     # the gap-fill asks only about them. NULL (gaps recorded before it existed): everything.
     scope: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Fills that failed, the last one's error, and when the next may start (backoff); after
+    # the last allowed attempt the gap is `failed`, which an alert says.
+    attempts: int = 0
+    retry_at: datetime | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # A gap being filled is claimed by one dispatcher until `claimed_until`.
     claimed_by: str | None = Field(default=None, max_length=128)
     claimed_until: datetime | None = None

@@ -22,6 +22,7 @@ def _gap(row: object) -> NotificationGap:
     gap.started_at = aware(gap.started_at)
     gap.ended_at = aware(gap.ended_at)
     gap.claimed_until = aware(gap.claimed_until)
+    gap.retry_at = aware(gap.retry_at)
     return gap
 
 
@@ -89,7 +90,8 @@ class NotificationQueries(Database):
         out), each claimed for `worker` by a conditional update: of several dispatchers
         asking at once, one gets each gap."""
         now = utcnow()
-        claimable = or_(GAPS.c.status == "closed",
+        claimable = or_((GAPS.c.status == "closed")
+                        & or_(GAPS.c.retry_at.is_(None), GAPS.c.retry_at <= now),
                         (GAPS.c.status == "filling") & (GAPS.c.claimed_until < now))
         with self.reading() as conn:
             ids = list(conn.execute(select(GAPS.c.id).where(
@@ -117,12 +119,23 @@ class NotificationQueries(Database):
                 status="filled", found=found, queued=queued, filled_at=utcnow(),
                 claimed_until=None)).rowcount)
 
-    def release_gap(self, gap_id: int, worker: str) -> bool:
-        """A filler that failed gives its claim back: the next one tries the gap again."""
+    def release_gap(self, gap_id: int, worker: str, failure: str | None = None,
+                    retry_in: float | None = 0.0) -> bool:
+        """A filler gives its claim back. Stopped (no `failure`): the next one tries the gap
+        at once. Failed: counted, with its error; the next try waits `retry_in` seconds, and
+        `retry_in` None gives the gap up (`failed`)."""
+        values: dict[str, object] = {"status": "closed", "claimed_by": None,
+                                     "claimed_until": None}
+        if failure is not None:
+            values.update(attempts=GAPS.c.attempts + 1, last_error=failure[:2000],
+                          retry_at=None if retry_in is None
+                          else utcnow() + timedelta(seconds=retry_in))
+            if retry_in is None:
+                values["status"] = "failed"
         with self.transaction() as conn:
             return bool(conn.execute(update(GAPS).where(
                 GAPS.c.id == gap_id, GAPS.c.status == "filling", GAPS.c.claimed_by == worker,
-            ).values(status="closed", claimed_by=None, claimed_until=None)).rowcount)
+            ).values(**values)).rowcount)
 
     def gap_counts(self) -> dict[str, int]:
         with self.reading() as conn:
