@@ -205,7 +205,7 @@ def gap_fill_retry(attempts: int, first: float = 10.0, cap: float = 900.0) -> fl
     try is a flow run and an analytics query; every 5 s for ever helped nobody."""
     if attempts >= GAP_FILL_MAX_ATTEMPTS:
         return None
-    return min(cap, first * 2 ** max(0, attempts - 1))
+    return float(min(cap, first * 2.0 ** max(0, attempts - 1)))
 
 
 def reshard(current: Sequence[Sequence[str]], topics: Sequence[str],
