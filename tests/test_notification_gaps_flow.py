@@ -178,3 +178,47 @@ def test_a_gap_whose_fill_keeps_failing_backs_off_then_gives_up_with_an_alert(
                          ).json()["messages"]
     assert any(f"notification gap {gap_id}" in m["text"] and "could not be filled" in m["text"]
                for m in messages)
+
+
+def test_a_long_gap_is_queued_a_batch_at_a_time(tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """450 conversations ended inside the gap: the analytics pages are taken as they come and
+    queued in transactions of at most 200, and each conversation once."""
+    from pydantic import SecretStr
+
+    from cxrelay.connectors.genesys import GenesysClient
+    from cxrelay.listener import gapfill
+
+    now = datetime.now(timezone.utc)
+    started = now - timedelta(minutes=30)
+    store = Store(f"sqlite:///{tmp_path / 'gaps.db'}")
+    gap_id = gap(store, "shard-0", started, 600, {"queues": ["q-sub"], "users": []})
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations", json=[
+        sample_conversation(f"c-{n:03d}", ended=started + timedelta(seconds=n),
+                            queue_id="q-sub", user_id="u-any") for n in range(450)
+    ]).raise_for_status()
+    batches: list[int] = []
+    insert = store.insert_events
+
+    def counted(rows: list[dict[str, object]]) -> list[int | None]:
+        batches.append(len(rows))
+        return insert(rows)
+
+    store.insert_events = counted  # type: ignore[method-assign]
+    box = clean_sandbox
+
+    async def scenario() -> gapfill.GapFilled:
+        genesys = GenesysClient(box.genesys_url, box.genesys_url, box.genesys.client_id,
+                                SecretStr(box.genesys.client_secret))
+        try:
+            stored = store.get_gap(gap_id)
+            assert stored is not None
+            return await gapfill.fill_gap(genesys, store, stored, timedelta(hours=1),
+                                          timedelta(seconds=5))
+        finally:
+            await genesys.aclose()
+
+    filled = asyncio.run(scenario())
+    assert (filled.found, filled.queued) == (450, 450)
+    assert batches == [200, 200, 50]
+    assert len({e.conversation_id for e in store.events(limit=1000)}) == 450
+    store.close()

@@ -29,6 +29,7 @@ from cxrelay.store.models import NotificationGap
 # The consumer's own source: dedupe keys are scoped by source, and a conversation that ended
 # must make one row whichever of the two found it.
 SOURCE = "notifications"
+BATCH = 200  # conversations queued per transaction
 
 
 @dataclass(frozen=True)
@@ -56,23 +57,38 @@ def segment_filter_sets(gap: NotificationGap) -> list[list[dict[str, Any]] | Non
 
 async def fill_gap(genesys: GenesysClient, store: Store, gap: NotificationGap,
                    lookback: timedelta, margin: timedelta) -> GapFilled:
-    """Queue every conversation of the gap's scope that ended inside it; marks nothing."""
+    """Queue every conversation of the gap's scope that ended inside it; marks nothing.
+
+    The analytics answer is taken a batch at a time, each batch queued in a transaction of
+    its own: a long gap with an hour's lookback holds thousands of conversations, and held
+    them all in memory, then in one transaction beside the receiver's. Only their ids are
+    kept (one found in several queries counts once; the inbox dedupes it anyway)."""
     assert gap.id is not None and gap.ended_at is not None
     start, end = gap.started_at - margin, gap.ended_at + margin
     now = datetime.now(timezone.utc)
-    found: dict[str, dict[str, Any]] = {}
+    found: set[str] = set()
+    queued: list[str] = []
+    batch: list[dict[str, Any]] = []
+
+    async def flush() -> None:
+        inserted = await asyncio.to_thread(store.insert_events, batch)
+        queued.extend(row["conversation_id"] for row, new in zip(batch, inserted, strict=True)
+                      if new is not None)
+        batch.clear()
+
     for filters in segment_filter_sets(gap):
         async for conversation in genesys.ended_conversations(
                 iso(gap.started_at - lookback), iso(min(end, now)), segment_filters=filters):
-            if ended_within(conversation, start, end):
-                found[conversation["conversationId"]] = conversation  # in several queries
-    rows = []
-    for conversation in found.values():
-        payload = gap_fill_event(conversation)
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        rows.append(inbox_row(normalise(payload, SOURCE, body), SOURCE, body))
-    inserted = await asyncio.to_thread(store.insert_events, rows) if rows else []
-    queued = tuple(row["conversation_id"] for row, new in zip(rows, inserted, strict=True)
-                   if new is not None)
+            conversation_id = conversation["conversationId"]
+            if conversation_id in found or not ended_within(conversation, start, end):
+                continue
+            found.add(conversation_id)
+            payload = gap_fill_event(conversation)
+            body = json.dumps(payload, separators=(",", ":")).encode()
+            batch.append(inbox_row(normalise(payload, SOURCE, body), SOURCE, body))
+            if len(batch) >= BATCH:
+                await flush()
+    if batch:
+        await flush()
     return GapFilled(gap.id, gap.channel, f"{iso(start)}/{iso(end)}", len(found), len(queued),
-                     queued)
+                     tuple(queued))
