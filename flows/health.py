@@ -38,6 +38,11 @@ class HealthGate:
         # (target, scope) → monotonic time until which the target is known healthy with no
         # failure counted; anything else is read from the store, which every dispatcher shares.
         self._healthy_until: dict[tuple[str, str], float] = {}
+        # (target, scope) → (monotonic time, holder): the probe slot is taken (by an event of
+        # this process, or by another process, as a lost claim said) until then. Events that
+        # arrive meanwhile wait without writing a claim each: 16 events arriving together made
+        # 16 claim transactions for one probe.
+        self._probe_taken: dict[tuple[str, str], tuple[float, str | None]] = {}
 
     def _known_healthy(self, target: str, scope: str) -> bool:
         return self._healthy_until.get((target, scope), 0.0) > time.monotonic()
@@ -66,10 +71,26 @@ class HealthGate:
         assert health is not None
         if health.state is TargetState.PROBING and health.probe_owner == owner:
             return decision
+        key = (target, scope)
+        taken = self._probe_taken.get(key)
+        if taken is not None and taken[0] > time.monotonic() and taken[1] != owner:
+            return Decision(Action.WAIT, now + timedelta(seconds=RECHECK_SECONDS))
+        # Taken before the claim's await: events arriving meanwhile wait instead of claiming.
+        self._probe_taken[key] = (time.monotonic() + self.policy.probe_lease_seconds, owner)
         if await self.store.calls(self.store.claim_probe, target=target, scope=scope,
                                   owner=owner, policy=self.policy, now=now):
             return decision
+        self._probe_taken[key] = (time.monotonic() + RECHECK_SECONDS, None)
         return Decision(Action.WAIT, now + timedelta(seconds=RECHECK_SECONDS))
+
+    async def probe_sent_nothing(self, target: str, scope: str, holder: str) -> None:
+        """The event holding the probe slot sent no request (the target had its data, or
+        newer; it failed before sending; the target answered 4xx): the slot goes back at
+        once, and the next waiting event probes, instead of the target staying paused for the
+        slot's whole lease."""
+        self._probe_taken.pop((target, scope), None)
+        await self.store.calls(self.store.release_probe, target=target, scope=scope,
+                               owner=f"{self.owner}/{holder}")
 
     async def waiting(self, *, conversation_id: str, target: str, action: str) -> None:
         """The event waits for its paused target: counted (status, /metrics), durable."""
@@ -77,6 +98,7 @@ class HealthGate:
                                target=target, action=action)
 
     async def succeeded(self, target: str, scope: str) -> None:
+        self._probe_taken.pop((target, scope), None)
         if self._known_healthy(target, scope):
             return  # nothing to reset: no failure counted, not paused
         change = await self.store.calls(self.store.record_target_success, target=target,
@@ -96,6 +118,8 @@ class HealthGate:
         with contextlib.suppress(AttributeError):
             exc._cxrelay_health_reported = True  # type: ignore[attr-defined]
         self._healthy_until.pop((target, scope), None)
+        if isinstance(exc, RetryableError):
+            self._probe_taken.pop((target, scope), None)
         change = await self.store.calls(
             self.store.record_target_failure, target=target, scope=scope,
             error=_error_text(exc), retryable=isinstance(exc, RetryableError),

@@ -171,14 +171,23 @@ async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner
                            action=ACTIONS[target.type])
         return {"status": WAITING, "until": decision.until.isoformat() if decision.until
                 else None}
+    probing = decision.action is Action.PROBE
     try:
         result = await _deliver(runtime, target, event, owner, context)
     except RetryableError as exc:
         if not isinstance(exc, InFlight):  # another event's delivery is not the target's fault
             await gate.failed(target.name, scope, exc)
+        elif probing:
+            await gate.probe_sent_nothing(target.name, scope, event.conversation_id)
+        raise
+    except Exception:
+        if probing:  # a 4xx, a mapping error: nothing says the target is back or still down
+            await gate.probe_sent_nothing(target.name, scope, event.conversation_id)
         raise
     if result["status"] not in (UNCHANGED, STALE) and not result.get("earlier_attempt"):
         await gate.succeeded(target.name, scope)
+    elif probing:
+        await gate.probe_sent_nothing(target.name, scope, event.conversation_id)
     return result
 
 

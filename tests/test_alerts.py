@@ -307,3 +307,34 @@ async def test_alerts_and_scopes_come_from_the_runtimes_settings(
     finally:
         await runtime.aclose()
         runtime.store.close()
+
+
+@run_async
+async def test_events_arriving_together_claim_a_due_probe_once_and_a_probe_that_sent_nothing_frees_it(
+        store: Store, clean_sandbox: Sandbox) -> None:
+    """16 events meet a paused target whose probe is due: one claim is written and one of them
+    probes. Its probe sends nothing (the target had the data): the slot goes back at once, so
+    the next event probes now, not when the slot's 60 s lease runs out."""
+    events: list[dict[str, Any]] = []
+    gate = HealthGate(store, make_alerts(clean_sandbox, events, Clock()), owner="d1",
+                      policy=HealthPolicy(pause_after=1, first_probe_seconds=1))
+    await gate.failed("salesforce", SCOPE, RetryableError("HTTP 503"))
+    due = store.health_of(target="salesforce", scope=SCOPE)
+    assert due is not None and due.paused and due.probe_at is not None
+    claims: list[str] = []
+    claim = store.claim_probe
+
+    def counted(**kwargs: Any) -> bool:
+        claims.append(kwargs["owner"])
+        return claim(**kwargs)
+
+    store.claim_probe = counted  # type: ignore[method-assign]
+    decisions = await asyncio.gather(*(gate.decide("salesforce", SCOPE, f"c{n}", now=due.probe_at)
+                                       for n in range(16)))
+    probes = [n for n, d in enumerate(decisions) if d.action is Action.PROBE]
+    assert len(probes) == 1 and len(claims) == 1
+    await gate.probe_sent_nothing("salesforce", SCOPE, f"c{probes[0]}")
+    after = store.health_of(target="salesforce", scope=SCOPE)
+    assert after is not None and after.state.value == "paused" and after.probe_owner is None
+    nxt = await gate.decide("salesforce", SCOPE, "c-next", now=due.probe_at)
+    assert nxt.action is Action.PROBE

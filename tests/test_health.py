@@ -20,6 +20,7 @@ from cxrelay.core.health import (
     claim_probe,
     decide,
     probe_delay,
+    release_probe,
     state_value,
     target_key,
 )
@@ -92,6 +93,20 @@ def test_one_probe_at_a_time_and_a_dead_holder_frees_the_slot() -> None:
     # The holder died: its lease runs out and another dispatcher may probe.
     later = due + timedelta(seconds=POLICY.probe_lease_seconds)
     assert claim_probe(probing, POLICY, "dispatcher-b", later) is not None
+
+
+def test_a_probe_that_sent_nothing_gives_the_slot_back_due_at_once() -> None:
+    paused, _ = fail(fresh(), 5)
+    due = T0 + timedelta(seconds=2)
+    probing = claim_probe(paused, POLICY, "dispatcher-a", due)
+    assert probing is not None
+    assert release_probe(probing, "dispatcher-b", due) is None  # not its slot
+    released = release_probe(probing, "dispatcher-a", due + timedelta(seconds=1))
+    assert released is not None and released.state is TargetState.PAUSED
+    assert released.failed_probes == paused.failed_probes  # nothing was learnt
+    assert decide(released, due + timedelta(seconds=1), owner="dispatcher-b").action is \
+        Action.PROBE
+    assert release_probe(paused, "dispatcher-a", due) is None  # nobody probing
 
 
 def test_failed_probes_back_off_up_to_the_cap() -> None:

@@ -169,6 +169,16 @@ def claim_probe(health: Health, policy: HealthPolicy, owner: str, now: datetime)
                    probe_until=now + timedelta(seconds=policy.probe_lease_seconds))
 
 
+def release_probe(health: Health, owner: str, now: datetime) -> Health | None:
+    """The probe slot given back by `owner`, whose probe sent nothing (the target had the
+    data, newer data, or the event failed before a request): the target stays paused and the
+    next event may probe at once. None when `owner` does not hold the slot."""
+    if health.state is not TargetState.PROBING or health.probe_owner != owner:
+        return None
+    return replace(health, state=TargetState.PAUSED, probe_owner=None, probe_until=None,
+                   probe_at=now)
+
+
 @dataclass(frozen=True)
 class Decision:
     action: Action

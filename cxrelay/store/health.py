@@ -22,6 +22,7 @@ from cxrelay.core.health import (
     after_failure,
     after_success,
     claim_probe,
+    release_probe,
     target_key,
 )
 from cxrelay.store.engine import Database, aware
@@ -92,6 +93,19 @@ class HealthQueries(Database):
 
         self._change(target, scope, step)
         return claimed[0]
+
+    def release_probe(self, *, target: str, scope: str, owner: str,
+                      now: datetime | None = None) -> bool:
+        """Give the probe slot back (`core.health.release_probe`); whether `owner` held it."""
+        released: list[bool] = []
+
+        def step(health: Health) -> tuple[Health, None]:
+            after = release_probe(health, owner, now or utcnow())
+            released.append(after is not None)
+            return after or health, None
+
+        self._change(target, scope, step)
+        return released[0]
 
     def _change(self, target: str, scope: str, step: Any) -> Change | None:
         key = target_key(target, scope)
