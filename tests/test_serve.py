@@ -44,7 +44,7 @@ def alive(pid: int) -> bool:
 
 
 class Served:
-    def __init__(self, tmp_path: Path, box: Sandbox) -> None:
+    def __init__(self, tmp_path: Path, box: Sandbox, *options: str) -> None:
         self.prefect_port = free_port()
         self.port = free_port()
         self.db = f"sqlite:///{tmp_path / 'cxrelay.db'}"
@@ -58,7 +58,8 @@ class Served:
                     "PREFECT_HOME": str(tmp_path / "prefect-home")})
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "cxrelay", "serve", "--port", str(self.port)], env=env,
+                [sys.executable, "-m", "cxrelay", "serve", "--port", str(self.port), *options],
+                env=env,
                 stdout=log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
         ok = wait_until(lambda: self._answers(f"{self.url}/healthz"), 60)
@@ -139,3 +140,30 @@ def test_serve_stops_everything_when_its_prefect_server_is_already_gone(
     served.send(str(uuid.uuid4()))  # the dispatcher's run now finds no server
     left = served.stop_within(30)
     assert left == [], f"still running 30 s after SIGTERM: {left}\n{served.log.read_text()[-2000:]}"
+
+
+def test_a_killed_serve_leaves_no_worker_answering_and_no_prefect_server(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """`serve --workers 2` killed with SIGKILL (nothing forwards a signal): its receiver
+    workers stop answering and the embedded Prefect server, in a session of its own, is
+    stopped by its watchdog."""
+    served = Served(tmp_path, clean_sandbox, "--workers", "2")
+    try:
+        assert wait_until(lambda: Served._answers(
+            f"http://127.0.0.1:{served.prefect_port}/api/health"), 180), served.log.read_text()
+        started = [served.process.pid, *descendants(served.process.pid)]
+        server = [pid for pid in started
+                  if b"server" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        assert server, started
+        # The watchdog is not serve's child's child: it was started beside the server.
+        served.process.send_signal(signal.SIGKILL)
+        served.process.wait(10)
+        gone = wait_until(lambda: not any(alive(pid) for pid in started[1:]), 45)
+        left = [pid for pid in started[1:] if alive(pid)]
+        assert gone, f"still running 45 s after serve was killed: {left}"
+        assert not Served._answers(f"{served.url}/healthz")
+        assert not Served._answers(f"http://127.0.0.1:{served.prefect_port}/api/health")
+    finally:
+        for pid in [served.process.pid, *descendants(served.process.pid)]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -37,6 +37,8 @@ def serve(
     dispatcher: bool = typer.Option(True, help="also run the dispatcher (a child process)"),
     workers: int = typer.Option(1, min=1, help="receiver processes sharing the port"),
     reuse_port: bool = typer.Option(False, hidden=True, help="one of several workers"),
+    parent_pid: int | None = typer.Option(None, hidden=True,
+                                          help="a worker: exit when this process is gone"),
     prefect_port: int = typer.Option(
         4200, envvar="CXRELAY_PREFECT_PORT",
         help="without PREFECT_API_URL: the port of the local Prefect server and its UI"),
@@ -45,7 +47,13 @@ def serve(
     Prefect server with its UI (or the one already answering on --prefect-port)."""
     import uvicorn
 
-    from cxrelay.app.supervise import listen, local_prefect_server, stop
+    from cxrelay.app.supervise import (
+        exit_with_parent,
+        listen,
+        local_prefect_server,
+        stop,
+        watchdog,
+    )
     from cxrelay.receiver.sources import build_sources
     from cxrelay.store.database import Store
 
@@ -71,6 +79,8 @@ def serve(
         api_url, prefect_server = local_prefect_server(
             settings.state_dir / "prefect-server.log", port=prefect_port, wait=False)
         environment["PREFECT_API_URL"] = api_url
+        if prefect_server is not None:  # stopped by a watchdog should serve be killed
+            children.append(watchdog(prefect_server))
     if dispatching:
         children.append(subprocess.Popen([sys.executable, "-m", "cxrelay", "dispatch",
                                           "--parent-pid", str(os.getpid())], env=environment))
@@ -88,7 +98,8 @@ def serve(
         if workers > 1 and not reuse_port:
             children += [subprocess.Popen([sys.executable, "-m", "cxrelay", "serve", "--host",
                                            host, "--port", str(port), "--no-dispatcher",
-                                           "--reuse-port"]) for _ in range(workers)]
+                                           "--reuse-port", "--parent-pid", str(os.getpid())])
+                         for _ in range(workers)]
             signal.signal(signal.SIGTERM, lambda *_: stop(children))
             while all(child.poll() is None for child in children):
                 time.sleep(0.5)
@@ -103,6 +114,8 @@ def serve(
             # uvicorn re-raises the SIGTERM it handled once it has shut down; with the default
             # handler that would end this process before it stops its children below.
             signal.signal(signal.SIGTERM, lambda *_: None)
+            if parent_pid:
+                exit_with_parent(parent_pid)
             uvicorn.Server(config).run(sockets=[sock])
     finally:
         stop(children)  # the dispatcher first: its last states go to the server

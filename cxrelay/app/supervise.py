@@ -208,6 +208,29 @@ def start_prefect_server(log: Path, port: int | None = None, home: Path | None =
     return url, process
 
 
+def watchdog(process: subprocess.Popen[bytes], grace: float = 10.0) -> subprocess.Popen[bytes]:
+    """`cxrelay.app.orphans` for a child that leads a session of its own: it stops that
+    child's group when this process is gone, however it went (a SIGKILL forwards nothing)."""
+    return subprocess.Popen([sys.executable, "-m", "cxrelay.app.orphans", "--parent",
+                             str(os.getpid()), "--group", str(process.pid), "--grace",
+                             str(grace)], start_new_session=True, stdin=subprocess.DEVNULL)
+
+
+def exit_with_parent(parent_pid: int, grace: float = 30.0) -> None:
+    """A worker process: once `parent_pid` is gone, SIGTERM itself (uvicorn shuts down
+    gracefully), and exit after `grace` whatever happens. Without it, the workers of a
+    `serve --workers N` killed with SIGKILL kept answering on the port."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cxrelay-parent-watch", daemon=True).start()
+
+
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
