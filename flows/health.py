@@ -105,6 +105,8 @@ class HealthGate:
                                         scope=scope)
         self._remember(target, scope, change.after if change else None)
         if change is not None:
+            # Resumed: the events parked for it run now, not when their parking ends.
+            await self.store.calls(self.store.wake_waiting, target=target, scope=scope)
             await self.alerts.target_changed(change, await self._waiting(target))
 
     async def failed(self, target: str, scope: str, exc: BaseException) -> None:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from prefect import flow, get_run_logger
@@ -254,14 +254,21 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
 
 
 async def _wait(runtime: Runtime, row: InboxEvent, summary: EventSummary) -> None:
-    """A target is paused: give the event back until its next probe, unfinished, as a first
-    attempt again (it runs in a lane when it looks again); the targets it reached are done in
-    the ledger and are not repeated."""
-    untils = [datetime.fromisoformat(r["until"]) for r in summary.targets.values()
-              if r.get("status") == WAITING and r.get("until")]
-    delay = max(0.0, (min(untils) - datetime.now(timezone.utc)).total_seconds()) if untils else 1.0
-    await runtime.store.calls(runtime.store.release, row.id or 0, worker=row.claimed_by or "",
-                              delay_seconds=delay, waiting=True)
+    """A target is paused: give the event back, unfinished, as a first attempt again (it runs
+    in a lane when it looks again); the targets it reached are done in the ledger and are not
+    repeated. It comes back for the target's next probe if it is the one that probes, else
+    when the target resumes (`Store.release_waiting`)."""
+    waits = sorted((datetime.fromisoformat(r["until"]), name, r.get("scope") or "")
+                   for name, r in summary.targets.items()
+                   if r.get("status") == WAITING and r.get("until"))
+    if not waits:
+        await runtime.store.calls(runtime.store.release, row.id or 0,
+                                  worker=row.claimed_by or "", delay_seconds=1.0, waiting=True)
+        return
+    until, target, scope = waits[0]
+    await runtime.store.calls(runtime.store.release_waiting, row.id or 0,
+                              worker=row.claimed_by or "", target=target, scope=scope,
+                              probe_at=until)
 
 
 async def _finish(runtime: Runtime, summary: EventSummary, inline: bool) -> EventSummary:

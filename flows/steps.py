@@ -170,7 +170,7 @@ async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner
         await gate.waiting(conversation_id=event.conversation_id, target=target.name,
                            action=ACTIONS[target.type])
         return {"status": WAITING, "until": decision.until.isoformat() if decision.until
-                else None}
+                else None, "scope": scope}
     probing = decision.action is Action.PROBE
     try:
         result = await _deliver(runtime, target, event, owner, context)

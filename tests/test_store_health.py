@@ -132,6 +132,47 @@ def test_waiting_rows_are_counted_per_target_and_cleared_by_delivery(any_store: 
     assert done.status == "done" and done.waiting_since is None
 
 
+def test_one_waiting_event_comes_back_for_the_probe_the_others_when_the_target_resumes(
+        any_store: Store) -> None:
+    """Events waiting for a paused target: the first given back is the probe's (it returns
+    when the probe is due), the others are parked; a resume wakes them all at once."""
+    import hashlib
+
+    from cxrelay.store.health import PARK_SECONDS
+
+    def event(key: str) -> dict[str, object]:
+        body = f'{{"id":"{key}"}}'.encode()
+        return {"dedupe_key": key, "event_id": key, "source": "genesys", "envelope": "generic",
+                "event_type": "CONVERSATION_COMPLETED", "conversation_id": key, "body": body,
+                "body_sha256": hashlib.sha256(body).hexdigest()}
+
+    for _ in range(3):
+        any_store.record_target_failure(**SF, error="HTTP 503", retryable=True, policy=POLICY)
+    paused = any_store.health_of(**SF)
+    assert paused is not None and paused.paused and paused.probe_at is not None
+    ids = [i for i in any_store.insert_events([event(f"w{n}") for n in range(4)]) if i]
+    claimed = any_store.claim(worker="w", limit=4, lease_seconds=60)
+    assert len(claimed) == 4
+    back = {}
+    due = datetime.now(timezone.utc)  # the probe is due now
+    for row in claimed:
+        any_store.mark_waiting(conversation_id=row.conversation_id, target="salesforce",
+                               action="upsert")
+        back[row.id] = any_store.release_waiting(row.id, worker="w", probe_at=due, **SF)
+    now = datetime.now(timezone.utc)
+    assert back[ids[0]] <= now  # the probe's event
+    assert all(back[i] > now + timedelta(seconds=PARK_SECONDS - 60) for i in ids[1:])
+    # It probes, fails, and is given back again: still the probe's event.
+    (again,) = any_store.claim(worker="w", limit=4, lease_seconds=60)
+    assert again.id == ids[0]
+    later = datetime.now(timezone.utc) + timedelta(seconds=4)
+    assert any_store.release_waiting(again.id, worker="w", probe_at=later, **SF) == later
+    # The target resumes: every parked event runs now.
+    any_store.record_target_success(**SF)
+    assert any_store.wake_waiting(**SF) == 4
+    assert {row.id for row in any_store.claim(worker="w", limit=10, lease_seconds=60)} == set(ids)
+
+
 def test_migration_adds_the_waiting_column_to_an_older_ledger(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     store = Store(url)

@@ -8,7 +8,7 @@ and no write.
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -26,10 +26,13 @@ from cxrelay.core.health import (
     target_key,
 )
 from cxrelay.store.engine import Database, aware
+from cxrelay.store.inbox import INBOX
 from cxrelay.store.ledger import LEDGER, open_row
 from cxrelay.store.models import TargetHealth, bounded, utcnow
 
 HEALTH = TargetHealth.__table__  # type: ignore[attr-defined]
+# A parked waiting event comes back after this even if no resume woke it.
+PARK_SECONDS = 600.0
 _MUTABLE = ("state", "consecutive_failures", "failed_probes", "since", "last_error", "probe_at",
             "probe_owner", "probe_until")
 
@@ -131,6 +134,50 @@ class HealthQueries(Database):
         return _health(row)
 
     # --- events waiting -----------------------------------------------------------------
+
+    def release_waiting(self, inbox_id: int, *, worker: str, target: str, scope: str,
+                        probe_at: datetime, park_seconds: float = PARK_SECONDS) -> datetime:
+        """Give back an event that waits for a paused target; when it runs again.
+
+        One waiting event per target comes back when the next probe is due (it is the probe);
+        the others are parked until the target resumes (`wake_waiting`) or, should that never
+        come, `park_seconds`. All of them coming back at every probe made each a new task run
+        with its writes, a few hundred at a time, and starved the healthy targets' events."""
+        key = target_key(target, scope)
+        now = utcnow()
+        with self.transaction() as conn:
+            row = conn.execute(select(HEALTH.c.probe_event).where(HEALTH.c.key == key)
+                               .with_for_update()).first()
+            candidate = row.probe_event if row is not None else None
+            if candidate not in (None, inbox_id):
+                status = conn.execute(select(INBOX.c.status).where(INBOX.c.id == candidate)
+                                      ).scalar()
+                if status not in ("pending", "claimed"):
+                    candidate = None  # it finished (or is gone): this one takes over
+            mine = candidate in (None, inbox_id)
+            if mine and row is not None:
+                conn.execute(update(HEALTH).where(HEALTH.c.key == key)
+                             .values(probe_event=inbox_id))
+            available = max(probe_at, now) if mine or row is None \
+                else now + timedelta(seconds=park_seconds)
+            conn.execute(update(INBOX).where(
+                INBOX.c.id == inbox_id, INBOX.c.claimed_by == worker,
+                INBOX.c.status == "claimed").values(
+                    status="pending", claimed_by=None, lease_until=None, available_at=available,
+                    attempts=0))
+        return available
+
+    def wake_waiting(self, *, target: str, scope: str) -> int:
+        """The target resumed: its parked events run now. How many were woken."""
+        now = utcnow()
+        waiting = select(LEDGER.c.conversation_id).where(
+            LEDGER.c.target == target, LEDGER.c.waiting_since.is_not(None))
+        with self.transaction() as conn:
+            conn.execute(update(HEALTH).where(HEALTH.c.key == target_key(target, scope))
+                         .values(probe_event=None))
+            return int(conn.execute(update(INBOX).where(
+                INBOX.c.status == "pending", INBOX.c.available_at > now,
+                INBOX.c.conversation_id.in_(waiting)).values(available_at=now)).rowcount)
 
     def mark_waiting(self, *, conversation_id: str, target: str, action: str) -> None:
         """The conversation's newest event waits for `target` (paused): counted, no retry

@@ -73,6 +73,11 @@ def _gap_fill_attempts(conn: Connection) -> None:
     _add_column(conn, "notification_gaps", "last_error", "TEXT")
 
 
+def _probe_event(conn: Connection) -> None:
+    # One waiting event per paused target comes back for its probes; the others are parked.
+    _add_column(conn, "target_health", "probe_event", "INTEGER")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "drop the full inbox conversation index", _drop_full_conversation_index),
     (2, "scope inbox dedupe keys by source", _scope_dedupe_keys_by_source),
@@ -82,6 +87,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (6, "notification gaps: scope and claims", _gap_scope_and_claims),
     (7, "dead letters name the events of a merged delivery", _dead_letter_merged_events),
     (8, "gap-fill attempts, backoff and last error", _gap_fill_attempts),
+    (9, "target health names the waiting event that probes", _probe_event),
 ]
 LATEST = MIGRATIONS[-1][0]
 

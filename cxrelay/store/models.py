@@ -244,4 +244,7 @@ class TargetHealth(SQLModel, table=True):
     probe_at: datetime | None = None
     probe_owner: str | None = Field(default=None, max_length=255)
     probe_until: datetime | None = None
+    # The waiting event that comes back for the next probe; the others wait parked until the
+    # target resumes (see `Store.release_waiting`).
+    probe_event: int | None = None
     updated_at: datetime = Field(default_factory=utcnow)
