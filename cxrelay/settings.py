@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cxrelay.core.durations import parse_duration
 from cxrelay.core.errors import ConfigError
 from cxrelay.core.notifications import NotificationSource, parse_templates
 from cxrelay.core.pipeline import Pipeline, parse_pipeline
 
 DEFAULT_PIPELINE = Path(__file__).with_name("default_pipeline.yaml")
+# `90s`, `30m`, `12h`, `7d` (a bare number: seconds).
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 # Genesys Cloud regions: AWS region name → the domain behind login.* and api.*.
 REGION_DOMAINS = {
@@ -140,12 +144,22 @@ class Settings(BaseSettings):
     yield_max_seconds: float = Field(
         default=30, gt=0, description="the longest such pause; then the dispatcher works as "
         "long before it yields again")
-    retention_days: float = Field(
-        default=30, gt=0, description="finished inbox events, replayed dead letters and "
-        "quarantined bodies, and drift fields older than this are pruned")
-    ledger_retention_days: float = Field(
-        default=90, gt=0, description="ledger entries (what makes a late duplicate harmless) "
-        "untouched for this long are pruned")
+    retention: Duration | None = Field(
+        default=None, description="finished inbox events (without open dead letters), "
+        "replayed dead letters and quarantined bodies, and drift fields older than this are "
+        "pruned (90s, 30m, 12h, 7d; default 30d)")
+    retention_days: float | None = Field(default=None, gt=0,
+                                         description="the older form of CXRELAY_RETENTION")
+    ledger_retention: Duration | None = Field(
+        default=None, description="ledger entries (what makes a late duplicate harmless) "
+        "untouched for this long are pruned (default 90d)")
+    ledger_retention_days: float | None = Field(
+        default=None, gt=0, description="the older form of CXRELAY_LEDGER_RETENTION")
+    prune_interval: Duration = Field(
+        default=timedelta(hours=1), description="how often the dispatcher prunes the store")
+    prefect_retention: Duration = Field(
+        default=timedelta(days=7), description="how long the Prefect server keeps cxrelay's "
+        "runs, their task runs, logs, artifacts and events (90s, 30m, 12h, 7d)")
     settle_seconds_override: float | None = Field(
         default=None, ge=0, le=3600, validation_alias=AliasChoices("CXRELAY_SETTLE_SECONDS",
                                                                     "settle_seconds"),
@@ -224,6 +238,24 @@ class Settings(BaseSettings):
             queue_refresh_seconds=number("queue_refresh_seconds"),
             gap_lookback_seconds=number("gap_lookback_seconds"),
             gap_fill_delay_seconds=number("gap_fill_delay_seconds"))
+
+    @property
+    def retention_window(self) -> timedelta:
+        """CXRELAY_RETENTION, else CXRELAY_RETENTION_DAYS, else 30 days."""
+        if self.retention is not None:
+            return self.retention
+        return timedelta(days=self.retention_days if self.retention_days else 30)
+
+    @property
+    def ledger_retention_window(self) -> timedelta:
+        """CXRELAY_LEDGER_RETENTION (else its `_DAYS` form, else 90 days); never shorter than
+        the inbox's: the ledger is what makes a late duplicate of a kept event harmless."""
+        if self.ledger_retention is not None:
+            ledger = self.ledger_retention
+        else:
+            ledger = timedelta(days=self.ledger_retention_days if self.ledger_retention_days
+                               else 90)
+        return max(ledger, self.retention_window)
 
     @property
     def settle_seconds(self) -> float:

@@ -15,29 +15,33 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
 from prefect import tags
 
+from cxrelay.core.durations import format_duration
 from cxrelay.core.errors import PermanentError
+from cxrelay.core.history import trim_interval
 from cxrelay.core.outcome import EventSummary, Next, Outcome, Stage, after_failure
 from cxrelay.core.redact import mask_text
+from cxrelay.flows import duties
+from cxrelay.flows.duties import Duty
 from cxrelay.flows.lanes import Lane, open_lane
 from cxrelay.flows.notification_gaps import GapFiller
 from cxrelay.flows.process_event import dead_letter, process_event
+from cxrelay.flows.retention import prune_store, trim_prefect_history
 from cxrelay.flows.runtime import Runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.inbox import ClaimedEvent
 
 logger = logging.getLogger("cxrelay.dispatcher")
-PRUNE_EVERY_SECONDS = 3600.0
 ALERT_FLUSH_SECONDS = 5.0
+# The first prune and trim wait this long: a dispatcher starting up has events to run first.
+FIRST_RETENTION_SECONDS = 60.0
 
 
 class Deferred(Exception):
@@ -123,30 +127,48 @@ class Dispatcher:
         self.started_runs = 0
         self.ingest_yield = IngestYield(runtime.settings.yield_above_events_per_second,
                                         runtime.settings.yield_max_seconds)
-        self._last_renew = time.monotonic()
-        self._last_prune = 0.0
-        self._last_flush = 0.0
         self.gap_filler = GapFiller(runtime, self.worker_id)
-        self._gap_fill: asyncio.Task[Any] | None = None
-        self._last_gap_check = 0.0
         self._wake = asyncio.Event()
         self._backlog = False  # the last claim found as many events as it asked for
         # The Prefect API unavailable: since when, and no claims before `_claim_after`.
         self._outage_since: float | None = None
         self._claim_after = 0.0
 
+    def duties(self) -> list[Duty]:
+        """The dispatcher's periodic duties, each on a schedule of its own (`flows/duties.py`).
+        Beside them: claiming is the main loop (`run`: whenever a slot is free, at least every
+        CXRELAY_POLL_INTERVAL_SECONDS, paused while the receiver is flooded); artifacts are
+        written by their writer task while a slot is free (`flows/artifacts.py`); paused
+        targets are probed by the events that wait for them (`flows/health.py`)."""
+        settings = self.runtime.settings
+        retention = settings.prefect_retention
+        return [
+            Duty("renew the claims of running events", self.lease / 3, self._renew_claims,
+                 first=self.lease / 3),
+            Duty("send the alert summaries that are due", ALERT_FLUSH_SECONDS,
+                 self._flush_alerts, first=ALERT_FLUSH_SECONDS),
+            Duty("fill notification gaps", settings.notification_gap_check_seconds,
+                 self.gap_filler.fill_due),
+            Duty("prune the store (CXRELAY_RETENTION)",
+                 settings.prune_interval.total_seconds(), self._prune,
+                 first=FIRST_RETENTION_SECONDS),
+            Duty(f"trim Prefect's history (CXRELAY_PREFECT_RETENTION, "
+                 f"{format_duration(retention)})", trim_interval(retention).total_seconds(),
+                 self._trim_history, first=FIRST_RETENTION_SECONDS),
+        ]
+
     async def run(self, stop: asyncio.Event) -> None:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
         in_lanes = self.runtime.settings.dispatcher == "inprocess"
         settle = self.runtime.settings.settle_seconds if in_lanes else 0.0
         await self.runtime.artifacts.start(self.store)
+        duty_tasks = duties.start(self.duties(), stop)
         stopper: asyncio.Task[Any] | None = None
         try:
             while not stop.is_set():
                 claimed: list[ClaimedEvent] = []
                 if await self._yield_check():
                     self._artifacts_wait(True)
-                    await self._renew_claims()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=0.5)
                     continue
@@ -176,10 +198,6 @@ class Dispatcher:
                 if claiming:
                     self._backlog = len(units) >= free
                 self._artifacts_wait(free <= 0 or self._backlog)
-                await self._renew_claims()
-                self._prune_now_and_then()
-                await self._flush_alerts()
-                self._fill_gaps_now_and_then()
                 if not claimed or self.concurrency - len(self.running) < self._claim_at_least():
                     self._wake.clear()
                     stopper = stopper or asyncio.create_task(stop.wait())
@@ -194,9 +212,7 @@ class Dispatcher:
             for lane in (self.lane, self.next_lane):
                 if lane is not None:
                     lane.close()
-            if self._gap_fill is not None:  # its claim is released or runs out
-                self._gap_fill.cancel()
-                await asyncio.gather(self._gap_fill, return_exceptions=True)
+            await duties.finish(duty_tasks)  # a gap's claim is released or runs out
             await self._drain()
             await self._close_lanes()
             await self.runtime.artifacts.aclose()
@@ -286,50 +302,24 @@ class Dispatcher:
 
     async def _flush_alerts(self) -> None:
         """Dead-letter and drift summaries held back by the alert interval go out when it
-        ends, not only with the next dead letter (every few seconds; a failure is logged)."""
-        now = time.monotonic()
-        if now - self._last_flush < ALERT_FLUSH_SECONDS:
-            return
-        self._last_flush = now
-        try:
-            await (await self.runtime.health_gate()).alerts.flush()
-        except Exception:
-            logger.exception("sending alert summaries failed")
+        ends, not only with the next dead letter."""
+        await (await self.runtime.health_gate()).alerts.flush()
 
-    def _prune_now_and_then(self) -> None:
-        """Retention (CXRELAY_RETENTION_DAYS) once an hour, in a thread of its own: the store
-        prunes in small transactions, and the dispatcher goes on claiming meanwhile."""
-        now = time.monotonic()
-        if now - self._last_prune < PRUNE_EVERY_SECONDS:
-            return
-        self._last_prune = now
-        settings = self.runtime.settings
-        moment = datetime.now(timezone.utc)
+    async def _prune(self) -> None:
+        """The store's retention, in a thread: it prunes in small transactions, and the
+        dispatcher goes on claiming meanwhile. Never what is unfinished, nor what an open dead
+        letter needs."""
+        pruned = await asyncio.to_thread(prune_store, self.store, self.runtime.settings)
+        if any(pruned.rows().values()):
+            logger.info("pruned %s", ", ".join(f"{count} {name}" for name, count
+                                                in pruned.rows().items() if count))
 
-        def prune() -> None:
-            try:
-                pruned = self.store.prune(
-                    before=moment - timedelta(days=settings.retention_days),
-                    ledger_before=moment - timedelta(days=max(settings.retention_days,
-                                                              settings.ledger_retention_days)))
-            except Exception:
-                logger.exception("pruning the store failed; it is tried again in an hour")
-                return
-            if any(pruned.rows().values()):
-                logger.info("pruned %s", ", ".join(f"{count} {name}" for name, count
-                                                    in pruned.rows().items() if count))
-
-        threading.Thread(target=prune, name="cxrelay-prune", daemon=True).start()
-
-    def _fill_gaps_now_and_then(self) -> None:
-        """Notification gaps (recorded by `cxrelay listen`) filled in flow runs of their own,
-        one look every CXRELAY_NOTIFICATION_GAP_CHECK_SECONDS, beside the claims."""
-        now = time.monotonic()
-        if (self._gap_fill is not None and not self._gap_fill.done()) or \
-                now - self._last_gap_check < self.runtime.settings.notification_gap_check_seconds:
-            return
-        self._last_gap_check = now
-        self._gap_fill = asyncio.create_task(self.gap_filler.fill_due())
+    async def _trim_history(self) -> None:
+        """cxrelay's finished runs and their artifacts past CXRELAY_PREFECT_RETENTION, as a
+        `trim-prefect-history` flow run (also a deployment in prefect.yaml)."""
+        if self._outage_since is not None:
+            return  # the Prefect API is away: nothing to trim there now
+        await trim_prefect_history(return_state=True)
 
     async def _yield_check(self) -> bool:
         """True while the receiver is flooded (see `IngestYield`); the inbox's newest id is
@@ -355,16 +345,9 @@ class Dispatcher:
         return gate.yielding
 
     async def _renew_claims(self) -> None:
-        if not self.running or time.monotonic() - self._last_renew <= self.lease / 3:
-            return
-        self._last_renew = time.monotonic()
-        self._last_prune = 0.0
-        self._last_flush = 0.0
-        try:
+        if self.running:
             await self.store.calls(self.store.renew, worker=self.worker_id,
                                    ids=list(self.running), lease_seconds=self.lease)
-        except Exception:
-            logger.exception("renewing claims failed")
 
     async def _drain(self, grace_seconds: float = 10.0) -> None:
         if not self.running:

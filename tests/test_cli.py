@@ -198,3 +198,26 @@ def test_dead_letters_print_stored_markup_as_text(db: Store) -> None:
     assert listed.exit_code == 0 and "[/oops]" in listed.output, listed.output
     shown = runner.invoke(app, ["dead-letters", "show", str(dead)])
     assert shown.exit_code == 0, shown.output
+
+
+def test_events_show_finds_a_conversations_outcome_in_the_inbox(db: Store) -> None:
+    inbox_id = enqueue(db, generic_event("conv-show"))
+    enqueue(db, generic_event("conv-other"))
+    assert inbox_id is not None
+    claimed = [c for c in db.claim(worker="w", limit=2, lease_seconds=60) if c.id == inbox_id]
+    db.finish(claimed[0].id, outcome="partial", detail={"targets": {
+        "salesforce": {"status": "created", "ref": "00T000000000001"},
+        "slack": {"status": "dead_lettered", "error": "channel_not_found"}}})
+    db.reserve(conversation_id="conv-show", target="salesforce", action="upsert", owner="o",
+               payload_sha256="d")
+    db.complete(conversation_id="conv-show", target="salesforce", action="upsert", owner="o",
+                external_ref="00T000000000001", payload_sha256="d", event_id="e")
+    db.dead_letter(inbox_id=inbox_id, event_id="e", conversation_id="conv-show",
+                   target="slack", reason="channel_not_found", error_type="PermanentError",
+                   attempts=1)
+    shown = runner.invoke(app, ["events", "show", "conv-show"])
+    assert shown.exit_code == 0, shown.output
+    assert "partial" in shown.output and "salesforce: created 00T000000000001" in shown.output
+    assert "channel_not_found" in shown.output and "conv-other" not in shown.output
+    missing = runner.invoke(app, ["events", "show", "conv-never"])
+    assert missing.exit_code == 1 and "nothing of conversation conv-never" in missing.output

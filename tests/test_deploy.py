@@ -57,6 +57,8 @@ def test_prefect_deploy_all(deployed: str) -> None:
     assert found["process-event/process-event"] == ("cxrelay", [])
     assert found["reconcile/reconcile"] == ("cxrelay", ["*/15 * * * *"])
     assert found["replay/replay"] == ("cxrelay", [])
+    assert found["prune/prune"] == ("cxrelay", ["7 * * * *"])
+    assert found["trim-prefect-history/trim-prefect-history"] == ("cxrelay", ["37 * * * *"])
 
 
 def test_deployment_mode_submits_once_and_a_worker_delivers(

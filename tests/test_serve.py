@@ -151,6 +151,10 @@ def test_a_killed_serve_leaves_no_worker_answering_and_no_prefect_server(
     try:
         assert wait_until(lambda: Served._answers(
             f"http://127.0.0.1:{served.prefect_port}/api/health"), 180), served.log.read_text()
+        # Private, as everything cxrelay keeps: the log of the server it started included.
+        log = tmp_path / "state" / "prefect-server.log"
+        assert log.stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
         started = [served.process.pid, *descendants(served.process.pid)]
         server = [pid for pid in started
                   if b"server" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]

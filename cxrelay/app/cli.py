@@ -25,6 +25,7 @@ app = typer.Typer(help="Genesys Cloud CX events to Salesforce, Slack and HTTP, e
 app.add_typer(operate.dead_letters_app, name="dead-letters")
 app.add_typer(operate.quarantine_app, name="quarantine")
 app.add_typer(operate.config_app, name="config")
+app.add_typer(operate.events_app, name="events")
 app.add_typer(operate.mapping_app, name="mapping")
 for command in (operate.status, operate.reconcile, operate.drift, operate.prune):
     app.command()(command)
@@ -77,7 +78,8 @@ def serve(
         # The embedded default: runs are recorded where a person can watch them. The receiver
         # does not wait for the server; the dispatcher does.
         api_url, prefect_server = local_prefect_server(
-            settings.state_dir / "prefect-server.log", port=prefect_port, wait=False)
+            settings.state_dir / "prefect-server.log", port=prefect_port, wait=False,
+            history=settings.prefect_retention)
         environment["PREFECT_API_URL"] = api_url
         if prefect_server is not None:  # stopped by a watchdog should serve be killed
             children.append(watchdog(prefect_server))

@@ -49,22 +49,27 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def parse_duration(text: str) -> int:
-    """`90m`, `2h`, `1d` (or plain minutes) → minutes."""
-    units = {"m": 1, "h": 60, "d": 1440}
-    text = text.strip().lower()
+def duration(text: str):  # noqa: ANN201 - timedelta, imported lazily
+    """`90s`, `90m`, `2h`, `1d` (or plain minutes; `0m` too) as a timedelta, or a usage
+    error."""
+    from cxrelay.core.durations import DurationError
+    from cxrelay.core.durations import parse_duration as parse
+
     try:
-        if text[-1:] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a duration like 90m, 2h or 1d") from None
+        return parse(text, default_unit="m", zero=True)
+    except DurationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def parse_duration(text: str) -> int:
+    """`90m`, `2h`, `1d` (or plain minutes) → whole minutes (at least one)."""
+    return max(1, int(duration(text).total_seconds() // 60))
 
 
 def since_moment(text: str | None):  # noqa: ANN202 - datetime, imported lazily
     """`2h` → the moment two hours ago (None for no limit)."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timezone
 
     if text is None:
         return None
-    return datetime.now(timezone.utc) - timedelta(minutes=parse_duration(text))
+    return datetime.now(timezone.utc) - duration(text)

@@ -14,6 +14,7 @@ from rich.table import Table
 from cxrelay.app.console import (
     add_row,
     console,
+    duration,
     err,
     fail,
     load_settings,
@@ -28,6 +29,8 @@ dead_letters_app = typer.Typer(help="Events or targets that failed after their r
 quarantine_app = typer.Typer(help="Authenticated bodies that were not recognisable events.",
                              no_args_is_help=True)
 config_app = typer.Typer(help="The pipeline file.", no_args_is_help=True)
+events_app = typer.Typer(help="What became of the events cxrelay received.",
+                         no_args_is_help=True)
 mapping_app = typer.Typer(help="Field mappings.", no_args_is_help=True)
 
 
@@ -51,6 +54,43 @@ def status() -> None:
                       f"last message {last}")
     console.print(table)
     _print_targets(store)
+
+
+@events_app.command("show")
+def events_show(conversation_id: str) -> None:
+    """A conversation's events (outcome, each target's result), what each target holds (the
+    ledger) and its dead letters: kept in cxrelay's inbox for CXRELAY_RETENTION (30d), after
+    Prefect's own history (CXRELAY_PREFECT_RETENTION, 7d) is gone."""
+    store = open_store()
+    events = store.conversation_events(conversation_id)
+    ledger = store.ledger(conversation_id)
+    letters = [row for row in store.dead_letters(None) if row.conversation_id == conversation_id]
+    if not (events or ledger or letters):
+        fail(f"cxrelay has nothing of conversation {conversation_id} (never received, or "
+             "pruned after CXRELAY_RETENTION)")
+    table = Table("inbox", "received", "event", "type", "source", "status", "outcome",
+                  "targets")
+    for event in events:
+        detail = json.loads(event.detail or "{}")
+        targets = "; ".join(f"{name}: {result.get('status')}"
+                            + (f" {result['ref']}" if result.get("ref") else "")
+                            for name, result in (detail.get("targets") or {}).items())
+        add_row(table, event.id, str(event.received_at)[:19], event.event_id, event.event_type,
+                event.source, event.status, event.outcome or "",
+                targets or detail.get("filtered_by") or detail.get("merged_into") or "")
+    console.print(table)
+    if ledger:
+        held = Table("target", "action", "status", "reference", "deliveries", "updated")
+        for row in ledger:
+            add_row(held, row.target, row.action, row.status, row.external_ref or "",
+                    row.deliveries, str(row.updated_at)[:19])
+        console.print(held)
+    if letters:
+        table = Table("dead letter", "target", "status", "error", "reason")
+        for letter in letters:
+            add_row(table, letter.id, letter.target, letter.status, letter.error_type,
+                    letter.reason[:80])
+        console.print(table)
 
 
 def _print_targets(store) -> None:  # noqa: ANN001 - a Store, imported lazily
@@ -309,21 +349,22 @@ def config_validate(path: Path | None = typer.Argument(None, help="default: CXRE
 
 
 def prune(
-    older_than: str | None = typer.Option(None, help="default: CXRELAY_RETENTION_DAYS (30d)"),
+    older_than: str | None = typer.Option(None, help="default: CXRELAY_RETENTION (30d)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="count what would be pruned"),
 ) -> None:
     """Delete what is finished and old: inbox events, replayed dead letters and quarantined
-    bodies, drift fields; ledger entries after CXRELAY_LEDGER_RETENTION_DAYS (90d). Open dead
-    letters and quarantined bodies are kept. The dispatcher also prunes every hour."""
-    from datetime import datetime, timedelta, timezone
+    bodies, drift fields; ledger entries after CXRELAY_LEDGER_RETENTION (90d). Open dead
+    letters and what they need, and open quarantined bodies, are kept. The dispatcher also
+    prunes on its own schedule (CXRELAY_PRUNE_INTERVAL, 1h)."""
+    from datetime import datetime, timezone
 
     settings = load_settings()
     now = datetime.now(timezone.utc)
-    minutes = parse_duration(older_than) if older_than else int(settings.retention_days * 1440)
-    ledger_minutes = max(minutes, int(settings.ledger_retention_days * 1440))
-    pruned = open_store().prune(before=now - timedelta(minutes=minutes),
-                            ledger_before=now - timedelta(minutes=ledger_minutes),
-                            dry_run=dry_run)
+    window = duration(older_than) if older_than else settings.retention_window
+    pruned = open_store().prune(before=now - window,
+                                ledger_before=now - max(window,
+                                                        settings.ledger_retention_window),
+                                dry_run=dry_run)
     table = Table("what", "would be pruned" if dry_run else "pruned")
     for name, count in pruned.rows().items():
         table.add_row(name, str(count))

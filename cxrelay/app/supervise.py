@@ -13,9 +13,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
+
+from cxrelay.core.history import prefect_server_settings
 
 # Measured here (Prefect 3.9, 2 cores): with the defaults the server's task-run recorder inserts
 # each task run in its own transaction; under cxrelay's load the API's own writes then collide
@@ -35,9 +39,22 @@ STOP_GRACE_SECONDS = 20.0
 PREFECT_UI_PORT = 4200
 
 
-def server_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """`environ` with the recommended Prefect server settings, where the user has not set them."""
-    return {**SQLITE_SERVER_SETTINGS, **environ}
+def server_environment(environ: Mapping[str, str],
+                       history: timedelta | None = None) -> dict[str, str]:
+    """`environ` with the recommended Prefect server settings, where the user has not set
+    them; with `history`, the server keeps that much of cxrelay's runs and events
+    (`cxrelay.core.history`)."""
+    keep = prefect_server_settings(history) if history is not None else {}
+    return {**SQLITE_SERVER_SETTINGS, **keep, **environ}
+
+
+def private_log(path: Path) -> BinaryIO:
+    """A log file for a child's output, readable by its owner only (0600, its folder 0700):
+    the Prefect server's log can carry request details."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an older file keeps its mode through O_CREAT
+    return os.fdopen(descriptor, "wb")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -156,6 +173,7 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def local_prefect_server(log: Path, port: int = PREFECT_UI_PORT, wait: bool = True,
+                         history: timedelta | None = None,
                          ) -> tuple[str, subprocess.Popen[bytes] | None]:
     """The embedded default: a Prefect server with its UI on 127.0.0.1:`port` — the one
     already answering there, else a new child (another free port when something else holds
@@ -167,39 +185,42 @@ def local_prefect_server(log: Path, port: int = PREFECT_UI_PORT, wait: bool = Tr
     if not port_free(port):
         port = free_port()
     if wait:
-        return start_prefect_server(log, port=port)
-    return spawn_prefect_server(log, port=port)
+        return start_prefect_server(log, port=port, history=history)
+    return spawn_prefect_server(log, port=port, history=history)
 
 
 def spawn_prefect_server(log: Path, port: int | None = None, home: Path | None = None,
                          database_url: str | None = None,
                          environ: Mapping[str, str] | None = None,
+                         history: timedelta | None = None,
                          ) -> tuple[str, subprocess.Popen[bytes]]:
     """`prefect server start` as a child process in a session of its own, tuned for
-    cxrelay's load, not waited for: (API URL, process)."""
+    cxrelay's load, not waited for: (API URL, process). What it writes is its owner's only
+    (umask 077): its database holds event payloads."""
     port = port or free_port()
     env = server_environment({**(environ if environ is not None else os.environ),
                               # the UI otherwise points its API calls at the default :4200
-                              "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"})
+                              "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}, history)
     env.pop("PREFECT_API_URL", None)
     if home is not None:
         env["PREFECT_HOME"] = str(home)
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
-    log.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+    with private_log(log) as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port)], env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True, umask=0o077)
     return f"http://127.0.0.1:{port}/api", process
 
 
 def start_prefect_server(log: Path, port: int | None = None, home: Path | None = None,
                          database_url: str | None = None,
                          environ: Mapping[str, str] | None = None,
+                         history: timedelta | None = None,
                          ) -> tuple[str, subprocess.Popen[bytes]]:
     """`spawn_prefect_server`, then wait until it answers (up to 180 s)."""
-    url, process = spawn_prefect_server(log, port, home, database_url, environ)
+    url, process = spawn_prefect_server(log, port, home, database_url, environ, history)
     try:
         wait_http(f"{url}/health", 180, process)
     except (RuntimeError, TimeoutError):

@@ -241,6 +241,13 @@ class InboxQueries(Database):
             rows = conn.execute(_GET_EVENTS, {"p_ids": list(inbox_ids)}).mappings()
             return {row["id"]: stored(InboxEvent, row) for row in rows}
 
+    def conversation_events(self, conversation_id: str, limit: int = 200) -> list[InboxEvent]:
+        """A conversation's events in the inbox, oldest first."""
+        with self.reading() as conn:
+            rows = conn.execute(select(INBOX).where(INBOX.c.conversation_id == conversation_id)
+                                .order_by(INBOX.c.id).limit(limit)).mappings().all()
+        return [stored(InboxEvent, row) for row in rows]
+
     def events(self, limit: int = 1000) -> list[InboxEvent]:
         with self.reading() as conn:
             rows = conn.execute(select(INBOX).order_by(INBOX.c.id).limit(limit)).mappings().all()

@@ -1,0 +1,143 @@
+"""Retention: cxrelay's store (`prune`) and Prefect's history of cxrelay's runs
+(`trim-prefect-history`), each a flow that `prefect.yaml` schedules and the dispatcher also
+runs on schedules of its own (see `cxrelay.flows.duties`).
+
+What Prefect keeps per event, and who removes it:
+- The embedded server (`cxrelay serve` without PREFECT_API_URL) gets Prefect's own retention
+  from CXRELAY_PREFECT_RETENTION (`cxrelay.core.history`): the `db_vacuum` service deletes
+  finished flow runs (their task runs and states by cascade, their logs and artifacts by
+  flow run), orphaned logs and artifacts, and events past the window.
+- Prefect refuses a vacuum window under an hour, and a server the user runs may have no vacuum
+  at all: `trim-prefect-history` deletes cxrelay's finished flow runs older than the window,
+  with their artifacts, through the API. Deleting a flow run deletes its task runs, their
+  states and its logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterEndTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+from cxrelay.core.durations import format_duration, parse_duration
+from cxrelay.settings import Settings
+from cxrelay.store.database import Store
+from cxrelay.store.retention import Pruned
+
+log = logging.getLogger("cxrelay.retention")
+# The flows whose runs cxrelay makes, and so may delete.
+CXRELAY_FLOWS = ["lane", "process-event", "fill-notification-gap", "reconcile", "replay",
+                 "prune", "trim-prefect-history"]
+FINISHED = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+PAGE = 50  # the 3.9 server answers at most this many artifacts or runs per filter page
+
+
+def prune_store(store: Store, settings: Settings, now: datetime | None = None) -> Pruned:
+    """cxrelay's own retention (CXRELAY_RETENTION, CXRELAY_LEDGER_RETENTION): only what is
+    finished, never what an open dead letter needs."""
+    moment = now or datetime.now(timezone.utc)
+    return store.prune(before=moment - settings.retention_window,
+                       ledger_before=moment - settings.ledger_retention_window)
+
+
+@flow(name="prune", persist_result=False, log_prints=False)
+async def prune() -> dict[str, int]:
+    """Delete what cxrelay's store holds past its retention: finished inbox events, replayed
+    dead letters and quarantined bodies, drift fields, old ledger entries."""
+    from cxrelay.flows.runtime import get_runtime
+
+    runtime = get_runtime()
+    pruned = prune_store(runtime.store, runtime.settings)
+    get_run_logger().info("pruned %s", ", ".join(f"{count} {name}" for name, count
+                                                  in pruned.rows().items()) or "nothing")
+    return pruned.rows()
+
+
+@dataclass
+class Trimmed:
+    flow_runs: int = 0
+    artifacts: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"flow_runs": self.flow_runs, "artifacts": self.artifacts,
+                "errors": self.errors[:10]}
+
+
+async def trim_history(window: timedelta, now: datetime | None = None,
+                       max_runs: int = 500) -> Trimmed:
+    """Delete cxrelay's flow runs that finished more than `window` ago, with their artifacts
+    (at most `max_runs` a pass: the next pass takes the rest)."""
+    cutoff = (now or datetime.now(timezone.utc)) - window
+    trimmed = Trimmed()
+    async with get_client() as client:
+        while trimmed.flow_runs < max_runs:
+            runs = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=CXRELAY_FLOWS)),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINISHED)),
+                    end_time=FlowRunFilterEndTime(before_=cutoff)),  # type: ignore[arg-type]
+                limit=PAGE)
+            if not runs:
+                break
+            for run in runs:
+                trimmed.artifacts += await _delete_artifacts(client, run.id, trimmed)
+                with contextlib.suppress(ObjectNotFound):  # the vacuum was first
+                    await client.delete_flow_run(run.id)
+                trimmed.flow_runs += 1
+    return trimmed
+
+
+async def _delete_artifacts(client: Any, flow_run_id: Any, trimmed: Trimmed) -> int:
+    deleted = 0
+    while True:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+                any_=[flow_run_id])), limit=PAGE)
+        if not artifacts:
+            return deleted
+        for artifact in artifacts:
+            try:
+                await client.delete_artifact(artifact.id)
+                deleted += 1
+            except ObjectNotFound:
+                pass
+            except PrefectHTTPStatusError as exc:  # tried again at the next pass
+                trimmed.errors.append(f"artifact {artifact.id}: HTTP "
+                                      f"{exc.response.status_code}")
+                return deleted
+
+
+@flow(name="trim-prefect-history", persist_result=False, log_prints=False)
+async def trim_prefect_history(retention: str | None = None) -> dict[str, Any]:
+    """Delete cxrelay's finished flow runs (lanes, process-event and gap-fill runs, with
+    their task runs and logs) and their artifacts older than CXRELAY_PREFECT_RETENTION
+    (or `retention`: 90s, 30m, 12h, 7d). The inbox keeps every event's outcome longer
+    (`cxrelay events show <conversation id>`)."""
+    if retention:
+        window = parse_duration(retention)
+    else:
+        from cxrelay.flows.runtime import get_runtime
+
+        window = get_runtime().settings.prefect_retention
+    trimmed = await trim_history(window)
+    get_run_logger().info("deleted %d flow run(s) and %d artifact(s) older than %s",
+                          trimmed.flow_runs, trimmed.artifacts, format_duration(window))
+    return trimmed.as_dict()
