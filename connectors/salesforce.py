@@ -1,5 +1,6 @@
 """Salesforce REST client on simple-salesforce: upsert by external id (never a plain create),
-SOQL queries and SOSL searches.
+one record at a time or up to 200 in one request (sObject Collections), SOQL queries and SOSL
+searches; the org's API usage as every answer reports it (`Sforce-Limit-Info`).
 
 simple-salesforce builds `https://` URLs from the instance host; for an `http://` instance (the
 sandbox on loopback) a transport adapter sends those requests over plain HTTP instead. It also
@@ -8,6 +9,7 @@ does not URL-encode the external id value, so we do.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +56,40 @@ class UpsertResult:
     record_id: str | None
     created: bool
     status: int
+
+
+MAX_COLLECTION_RECORDS = 200  # sObject Collections: records per request
+_LIMIT_INFO = re.compile(r"(?:^|[;,\s])api-usage=(\d+)/(\d+)")
+
+
+@dataclass(frozen=True)
+class ApiUsage:
+    """The org's API requests in the rolling 24 h, and its allocation."""
+
+    used: int
+    allocation: int
+
+    @property
+    def share(self) -> float:
+        return self.used / self.allocation if self.allocation else 0.0
+
+
+def parse_limit_info(header: str | None) -> ApiUsage | None:
+    """`Sforce-Limit-Info: api-usage=18/5000` (per-app usage may follow) → ApiUsage."""
+    match = _LIMIT_INFO.search(header or "")
+    return ApiUsage(int(match.group(1)), int(match.group(2))) if match else None
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """One record's result in an sObject Collections request: each is checked on its own."""
+
+    record_id: str | None
+    success: bool
+    created: bool
+    code: str | None = None  # Salesforce's statusCode of the first error
+    message: str | None = None
+    fields: tuple[str, ...] = ()
 
 
 class SalesforceDuplicates(PermanentError):
@@ -110,6 +146,15 @@ class SalesforceClient:
         self._lock = threading.Lock()
         self._sf: Salesforce | None = None
         self.token_requests = 0
+        # What the org has used of its API allocation, from the last answer that said so
+        # (every REST answer does, errors included: a session hook reads them all).
+        self.api_usage: ApiUsage | None = None
+        self._session.hooks["response"].append(self._read_usage)
+
+    def _read_usage(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        usage = parse_limit_info(response.headers.get("Sforce-Limit-Info"))
+        if usage is not None:
+            self.api_usage = usage
 
     def __repr__(self) -> str:
         return f"SalesforceClient(instance_url={self.instance_url!r})"
@@ -184,6 +229,32 @@ class SalesforceClient:
         return UpsertResult(record_id=body.get("id"), created=response.status_code == 201,
                             status=response.status_code)
 
+    def upsert_records_sync(self, sobject: str, field: str,
+                            records: list[dict[str, Any]]) -> list[RecordResult]:
+        """Upsert by `field` with sObject Collections, `allOrNone: false`, 200 records per
+        request (one API request each): a result per record, in order. Each record carries its
+        external id in `field`."""
+        results: list[RecordResult] = []
+        path = f"composite/sobjects/{path_segment(sobject)}/{path_segment(field)}"
+        for start in range(0, len(records), MAX_COLLECTION_RECORDS):
+            chunk = records[start:start + MAX_COLLECTION_RECORDS]
+            body = {"allOrNone": False, "records": [
+                {"attributes": {"type": sobject}, **record} for record in chunk]}
+            def send(sf: Salesforce, body: dict[str, Any] = body) -> Any:
+                return sf.restful(path, method="PATCH", json=body)
+
+            answer = self._call(f"upsert {len(chunk)} {sobject} by {field}", send)
+            if not isinstance(answer, list) or len(answer) != len(chunk):
+                raise RetryableError(f"upsert {len(chunk)} {sobject} by {field}: an answer "
+                                     f"without one result per record")
+            results += [_record_result(item) for item in answer]
+        return results
+
+    async def upsert_records(self, sobject: str, field: str,
+                             records: list[dict[str, Any]]) -> list[RecordResult]:
+        """`upsert_records_sync` off the event loop."""
+        return await anyio.to_thread.run_sync(self.upsert_records_sync, sobject, field, records)
+
     async def upsert(self, sobject: str, field: str, value: str,
                      fields: dict[str, Any]) -> UpsertResult:
         """PATCH /sobjects/{sobject}/{field}/{value}: 201 created, 200/204 updated."""
@@ -204,3 +275,17 @@ class SalesforceClient:
     async def search(self, sosl: str) -> list[dict[str, Any]]:
         """GET /search/?q=SOSL: `searchRecords`, each with `attributes.type`."""
         return await anyio.to_thread.run_sync(self.search_sync, sosl)
+
+
+def _record_result(item: Any) -> RecordResult:
+    """One entry of an sObject Collections answer: `{id, success, errors, created}`, errors
+    `[{statusCode, message, fields}]`."""
+    if not isinstance(item, dict):
+        return RecordResult(None, False, False, "UNKNOWN_EXCEPTION", "no result for the record")
+    errors = item.get("errors") or []
+    first = errors[0] if errors and isinstance(errors[0], dict) else {}
+    return RecordResult(record_id=item.get("id"), success=bool(item.get("success")),
+                        created=bool(item.get("created")),
+                        code=first.get("statusCode") or first.get("errorCode"),
+                        message=first.get("message"),
+                        fields=tuple(first.get("fields") or ()))

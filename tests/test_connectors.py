@@ -431,3 +431,83 @@ def test_http_target_credentials_stay_out_of_errors_and_reprs(clean_sandbox: San
         assert "pa55word" not in text and "bob" not in text and "t0ken" not in text, text
     assert "team=a" in messages[0]
     assert seen == ["Basic " + base64.b64encode(b"bob:pa55word").decode()]
+
+
+# --- Salesforce: sObject Collections and the org's API allocation ---------------------------
+
+
+def test_collections_upsert_200_records_a_request_each_refused_record_alone(
+        clean_sandbox: Sandbox) -> None:
+    """450 Leads by external id: three requests (200, 200, 50), a result per record in order;
+    a record Salesforce refuses (a restricted picklist) fails alone, the rest are written;
+    the same records again are updates."""
+    client = salesforce(clean_sandbox)
+    key = "Genesys_Customer_Key__c"
+    records = [{key: f"+1555{n:07d}", "LastName": "Caller", "Company": "[not provided]"}
+               for n in range(450)]
+    records[7] = {key: "+15559999999", "Company": "no LastName"}  # REQUIRED_FIELD_MISSING
+    results = run(client.upsert_records("Lead", key, records))
+    assert len(results) == 450
+    assert [r.success for r in results].count(False) == 1
+    refused = results[7]
+    assert (refused.success, refused.code, refused.fields) == (
+        False, "REQUIRED_FIELD_MISSING", ("LastName",))
+    assert all(r.created and r.record_id and r.record_id.startswith("00Q")
+               for n, r in enumerate(results) if n != 7)
+    batches = [r for r in requests(clean_sandbox.salesforce_url) if "/composite/sobjects/" in r["path"]]
+    assert [len(r["body"]["records"]) for r in batches] == [200, 200, 50]
+    assert all(r["method"] == "PATCH" and r["body"]["allOrNone"] is False for r in batches)
+    assert all(r["path"].endswith("/composite/sobjects/Lead/Genesys_Customer_Key__c")
+               for r in batches)
+    again = run(client.upsert_records("Lead", key, records[:3]))
+    assert [(r.success, r.created) for r in again] == [(True, False)] * 3
+    leads = httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()["records"]["Lead"]
+    assert len(leads) == 449
+
+
+def test_collections_refuse_more_than_200_and_duplicate_keys(clean_sandbox: Sandbox) -> None:
+    token = clean_sandbox.salesforce.static_token
+    url = f"{clean_sandbox.salesforce_url}/services/data/v62.0/composite/sobjects/Lead/Key__c"
+    headers = {"Authorization": f"Bearer {token}"}
+    lead = {"attributes": {"type": "Lead"}, "LastName": "L", "Company": "C"}
+    too_many = httpx.patch(url, headers=headers, json={"allOrNone": False, "records": [
+        {**lead, "Key__c": str(n)} for n in range(201)]})
+    assert too_many.status_code == 400
+    assert too_many.json()[0]["errorCode"] == "EXCEEDED_ID_LIMIT"
+    twice = httpx.patch(url, headers=headers, json={"allOrNone": True, "records": [
+        {**lead, "Key__c": "a"}, {**lead, "Key__c": "a"}, {**lead, "Key__c": "b"}]})
+    assert twice.status_code == 200
+    codes = [r["errors"][0]["statusCode"] for r in twice.json()]
+    assert codes == ["DUPLICATE_EXTERNAL_ID", "DUPLICATE_EXTERNAL_ID",
+                     "ALL_OR_NONE_OPERATION_ROLLED_BACK"]
+    assert httpx.get(f"{clean_sandbox.salesforce_url}/__sandbox/state").json()["records"] == {}
+
+
+def test_every_answer_reports_the_api_usage_and_past_the_allocation_requests_wait(
+        clean_sandbox: Sandbox) -> None:
+    """`Sforce-Limit-Info` on every answer, errors included; past the allocation Salesforce
+    answers 403 REQUEST_LIMIT_EXCEEDED: retryable (the target waits, nothing dead-letters)."""
+    client = salesforce(clean_sandbox)
+    control(clean_sandbox.salesforce_url, "config", {"api_allocation": 10, "api_usage": 7})
+    run(client.query("SELECT Id FROM Lead LIMIT 1"))
+    assert client.api_usage is not None and (client.api_usage.used,
+                                             client.api_usage.allocation) == (8, 10)
+    with pytest.raises(PermanentError):  # a refused request reports the usage too
+        run(client.upsert("Lead", "Key__c", "x", {"Company": "no LastName"}))
+    assert client.api_usage.used == 9
+    run(client.query("SELECT Id FROM Lead LIMIT 1"))
+    with pytest.raises(RetryableError, match="REQUEST_LIMIT_EXCEEDED") as refused:
+        run(client.upsert_records("Lead", "Key__c", [{"Key__c": "y", "LastName": "L",
+                                                      "Company": "C"}]))
+    assert not isinstance(refused.value, PermanentError)
+    assert (client.api_usage.used, client.api_usage.allocation) == (10, 10)
+    assert client.api_usage.share == 1.0
+
+
+def test_limit_info_is_parsed_with_per_app_usage_beside_it() -> None:
+    from cxrelay.connectors.salesforce import parse_limit_info
+
+    usage = parse_limit_info("api-usage=25/5000; per-app-api-usage=17/250(appName=cxrelay)")
+    assert usage is not None and (usage.used, usage.allocation) == (25, 5000)
+    assert parse_limit_info("per-app-api-usage=17/250(appName=x)") is None
+    assert parse_limit_info(None) is None

@@ -82,6 +82,10 @@ class Emulator:
         return JSONResponse(fault.body if fault.body is not None else {"error": "injected"},
                             status_code=fault.status or 500, headers=fault.headers)
 
+    def finish_response(self, request: Request, response: Response) -> Response:
+        """What every answer of the emulated API carries (headers), injected faults too."""
+        return response
+
     # --- routing ----------------------------------------------------------------------
 
     def route(self, path: str, handler: Handler, methods: list[str]) -> Route:
@@ -102,10 +106,10 @@ class Emulator:
             if fault is not None and fault.latency_ms:
                 await asyncio.sleep(fault.latency_ms / 1000)
             if fault is not None and fault.status is not None:
-                response = self.fault_response(fault)
+                response = self.finish_response(request, self.fault_response(fault))
                 record["fault"] = fault.id
             else:
-                response = await handler(request, payload)
+                response = self.finish_response(request, await handler(request, payload))
                 if fault is not None and fault.answer_after_ms:
                     record["status"] = response.status_code
                     with self.lock:

@@ -1,10 +1,14 @@
 """Salesforce REST emulator: client-credentials token, upsert by external id (201/200/300),
-records by id, delete, SOQL `query/`, SOSL `search/` (whose index lags new records by
-`search_index_lag` seconds, as Salesforce's does), Task.WhoId checks, and Salesforce's
-list-shaped errors."""
+sObject Collections upsert (`PATCH composite/sobjects/{Object}/{ExternalIdField}`, at most 200
+records, a result per record, `allOrNone`), records by id, delete, SOQL `query/`, SOSL
+`search/` (whose index lags new records by `search_index_lag` seconds, as Salesforce's does),
+Task.WhoId checks, Salesforce's list-shaped errors, and the org's API allocation: every answer
+carries `Sforce-Limit-Info: api-usage=N/M`, and past the allocation every request is answered
+403 `REQUEST_LIMIT_EXCEEDED` (`/__sandbox/config {"api_allocation": M, "api_usage": N}`)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import secrets
 import time
@@ -29,6 +33,8 @@ DEFAULT_ACCESS_TOKEN = "sandbox-salesforce-token"
 DEFAULT_CLIENT_ID = "sandbox-salesforce-client"
 DEFAULT_CLIENT_SECRET = "sandbox-salesforce-secret"
 
+DEFAULT_API_ALLOCATION = 100_000  # an Enterprise org's base daily allocation
+MAX_COLLECTION_RECORDS = 200
 KEY_PREFIXES = {"Lead": "00Q", "Contact": "003", "Account": "001", "Case": "500", "Task": "00T"}
 # Fields Salesforce requires to create a record of these objects.
 REQUIRED_ON_CREATE = {"Lead": ["LastName", "Company"], "Contact": ["LastName"], "Account": ["Name"]}
@@ -92,12 +98,15 @@ class SalesforceEmulator(Emulator):
         self.records: dict[str, dict[str, dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self.api_calls = 0
+        self.api_allocation = DEFAULT_API_ALLOCATION
         super().__init__()
 
     def routes(self) -> list[Route]:
         data = "/services/data/v{version}/sobjects/{sobject}"
         return [
             self.route("/services/oauth2/token", self.token, ["POST"]),
+            self.route("/services/data/v{version}/composite/sobjects/{sobject}/{field}",
+                       self.upsert_collection, ["PATCH"]),
             self.route(data + "/{field}/{value:path}", self.upsert, ["PATCH"]),
             self.route(data + "/{field}/{value:path}", self.get_by_external_id, ["GET"]),
             self.route(data + "/{record_id}", self.get_record, ["GET"]),
@@ -117,6 +126,7 @@ class SalesforceEmulator(Emulator):
         self.search_index_lag = self.default_index_lag
         self.tokens = {self.static_token}
         self.api_calls = 0
+        self.api_allocation = DEFAULT_API_ALLOCATION
 
     def state(self) -> dict[str, Any]:
         return {"records": {name: list(rows.values()) for name, rows in self.records.items()}}
@@ -142,13 +152,23 @@ class SalesforceEmulator(Emulator):
         token = bearer_token(request)
         with self.lock:
             valid = token is not None and token in self.tokens
-            self.api_calls += 1
+            over = self.api_calls >= self.api_allocation
+            if valid and not over:
+                self.api_calls += 1
         if not valid:
             return sf_error(401, "INVALID_SESSION_ID", "Session expired or invalid")
+        if over:
+            return sf_error(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
         return None
 
     def _limit_headers(self) -> dict[str, str]:
-        return {"Sforce-Limit-Info": f"api-usage={self.api_calls}/15000"}
+        return {"Sforce-Limit-Info": f"api-usage={self.api_calls}/{self.api_allocation}"}
+
+    def finish_response(self, request: Request, response: Response) -> Response:
+        """Every REST answer carries the org's API usage, errors included."""
+        if request.url.path.startswith("/services/data/"):
+            response.headers.update(self._limit_headers())
+        return response
 
     async def token(self, request: Request, payload: Any) -> Response:
         form = payload if isinstance(payload, dict) else {}
@@ -183,52 +203,122 @@ class SalesforceEmulator(Emulator):
         value = external_id_value(request)
         if not isinstance(payload, dict):
             return sf_error(400, "JSON_PARSER_ERROR", "The request body is not a JSON object")
-        if sobject in KNOWN_FIELDS:
-            unknown = [name for name in payload
-                       if name not in KNOWN_FIELDS[sobject] and not name.endswith("__c")]
-            if unknown:
-                return sf_error(400, "INVALID_FIELD",
-                                f"No such column '{unknown[0]}' on sobject of type {sobject}")
-        for (owner, name), allowed in PICKLISTS.items():
-            if owner == sobject and name in payload and payload[name] not in allowed:
-                return sf_error(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                                f"bad value for restricted picklist field: {payload[name]}",
-                                [name])
         if field in payload and str(payload[field]) != value:
             return sf_error(400, "INVALID_FIELD",
                             f"The external id field {field} in the body does not match the URL")
         with self.lock:
-            rejected = self._check_who(payload)
-            if rejected is not None:
-                return rejected
-            matches = self._matching(sobject, field, value)
-            if len(matches) > 1:
-                version = request.path_params["version"]
-                return JSONResponse(
-                    [f"/services/data/v{version}/sobjects/{sobject}/{m['Id']}" for m in matches],
-                    status_code=300)
-            if matches:
-                record = matches[0]
-                record.update(payload)
-                record["_updates"] = record.get("_updates", 0) + 1
-                self._touch(record)
-                return JSONResponse({"id": record["Id"], "success": True, "errors": [],
-                                     "created": False}, status_code=200,
-                                    headers=self._limit_headers())
-            missing = [name for name in REQUIRED_ON_CREATE.get(sobject, [])
-                       if not payload.get(name)]
-            if missing:
-                return sf_error(400, "REQUIRED_FIELD_MISSING",
-                                f"Required fields are missing: [{', '.join(missing)}]", missing)
-            record_id = self._new_id(sobject)
-            record = {"Id": record_id, field: value, **payload, "_updates": 0}
-            if sobject == "Lead":
-                record.setdefault("IsConverted", False)
-            record["CreatedDate"] = sf_timestamp()
+            status, body = self._upsert_one(sobject, field, value, payload,
+                                            request.path_params["version"])
+        return JSONResponse(body, status_code=status)
+
+    def _invalid(self, sobject: str, payload: dict[str, Any]) -> tuple[str, str, list[str]] | None:
+        """(errorCode, message, fields) when Salesforce would refuse these fields."""
+        if sobject in KNOWN_FIELDS:
+            unknown = [name for name in payload
+                       if name not in KNOWN_FIELDS[sobject] and not name.endswith("__c")]
+            if unknown:
+                return ("INVALID_FIELD",
+                        f"No such column '{unknown[0]}' on sobject of type {sobject}", [])
+        for (owner, name), allowed in PICKLISTS.items():
+            if owner == sobject and name in payload and payload[name] not in allowed:
+                return ("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                        f"bad value for restricted picklist field: {payload[name]}", [name])
+        return None
+
+    def _upsert_one(self, sobject: str, field: str, value: str, payload: dict[str, Any],
+                    version: str) -> tuple[int, Any]:
+        """One upsert by external id, under the lock: (HTTP status, body) as the single-record
+        endpoint answers it."""
+        invalid = self._invalid(sobject, payload)
+        if invalid is not None:
+            return 400, [{"message": invalid[1], "errorCode": invalid[0], "fields": invalid[2]}]
+        rejected = self._who_error(payload)
+        if rejected is not None:
+            return 400, [{"message": rejected[1], "errorCode": rejected[0], "fields": rejected[2]}]
+        matches = self._matching(sobject, field, value)
+        if len(matches) > 1:
+            return 300, [f"/services/data/v{version}/sobjects/{sobject}/{m['Id']}"
+                         for m in matches]
+        if matches:
+            record = matches[0]
+            record.update(payload)
+            record["_updates"] = record.get("_updates", 0) + 1
             self._touch(record)
-            self.records.setdefault(sobject, {})[record_id] = record
-        return JSONResponse({"id": record_id, "success": True, "errors": [], "created": True},
-                            status_code=201, headers=self._limit_headers())
+            return 200, {"id": record["Id"], "success": True, "errors": [], "created": False}
+        missing = [name for name in REQUIRED_ON_CREATE.get(sobject, []) if not payload.get(name)]
+        if missing:
+            return 400, [{"message": f"Required fields are missing: [{', '.join(missing)}]",
+                          "errorCode": "REQUIRED_FIELD_MISSING", "fields": missing}]
+        record_id = self._new_id(sobject)
+        record = {"Id": record_id, field: value, **payload, "_updates": 0}
+        if sobject == "Lead":
+            record.setdefault("IsConverted", False)
+        record["CreatedDate"] = sf_timestamp()
+        self._touch(record)
+        self.records.setdefault(sobject, {})[record_id] = record
+        return 201, {"id": record_id, "success": True, "errors": [], "created": True}
+
+    async def upsert_collection(self, request: Request, payload: Any) -> Response:
+        """sObject Collections upsert: one API request for up to 200 records, one result per
+        record in order (`{id, success, errors, created}`; errors `{statusCode, message,
+        fields}`). With `allOrNone: false` a refused record fails alone; with true, one refusal
+        rolls every record back."""
+        denied = self._authorize(request)
+        if denied is not None:
+            return denied
+        sobject, field = request.path_params["sobject"], request.path_params["field"]
+        version = request.path_params["version"]
+        if not isinstance(payload, dict) or not isinstance(payload.get("records"), list):
+            return sf_error(400, "JSON_PARSER_ERROR", "The request body must be an object with "
+                            "a records list")
+        records = payload["records"]
+        if len(records) > MAX_COLLECTION_RECORDS:
+            return sf_error(400, "EXCEEDED_ID_LIMIT", "Record limit reached. Cannot submit more "
+                            f"than {MAX_COLLECTION_RECORDS} records in this operation")
+        all_or_none = bool(payload.get("allOrNone", False))
+        seen = [str(r.get(field)) for r in records if isinstance(r, dict)]
+        with self.lock:
+            snapshot = copy.deepcopy(self.records) if all_or_none else None
+            results = [self._collection_record(sobject, field, record, version, seen)
+                       for record in records]
+            if all_or_none and not all(r["success"] for r in results):
+                self.records = snapshot or {}
+                results = [r if not r["success"] else
+                           {"id": None, "success": False, "created": False, "errors": [{
+                               "statusCode": "ALL_OR_NONE_OPERATION_ROLLED_BACK",
+                               "message": "Record rolled back because not all records were "
+                                          "valid and the request was using AllOrNone header",
+                               "fields": []}]} for r in results]
+        return JSONResponse(results)
+
+    def _collection_record(self, sobject: str, field: str, record: Any, version: str,
+                           seen: list[str]) -> dict[str, Any]:
+        def failed(code: str, message: str, fields: list[str]) -> dict[str, Any]:
+            return {"id": None, "success": False, "created": False,
+                    "errors": [{"statusCode": code, "message": message, "fields": fields}]}
+
+        if not isinstance(record, dict):
+            return failed("JSON_PARSER_ERROR", "a record must be an object", [])
+        kind = (record.get("attributes") or {}).get("type")
+        if kind != sobject:
+            return failed("INVALID_TYPE", f"the record's attributes.type {kind!r} is not "
+                          f"{sobject}", [])
+        value = record.get(field)
+        if value in (None, ""):
+            return failed("REQUIRED_FIELD_MISSING", f"Required fields are missing: [{field}]",
+                          [field])
+        if seen.count(str(value)) > 1:
+            return failed("DUPLICATE_EXTERNAL_ID", f"Duplicate external id specified: {value}",
+                          [field])
+        fields = {k: v for k, v in record.items() if k != "attributes"}
+        status, body = self._upsert_one(sobject, field, str(value), fields, version)
+        if status in (200, 201):
+            return dict(body)
+        if status == 300:
+            return failed("DUPLICATE_EXTERNAL_ID", f"{field}: more than one record found for "
+                          f"external id field: {body}", [field])
+        error = body[0]
+        return failed(error["errorCode"], error["message"], error.get("fields") or [])
 
     async def get_by_external_id(self, request: Request, payload: Any) -> Response:
         denied = self._authorize(request)
@@ -257,20 +347,19 @@ class SalesforceEmulator(Emulator):
         record["LastModifiedDate"] = sf_timestamp()
         record["_searchable_at"] = time.monotonic() + self.search_index_lag
 
-    def _check_who(self, payload: dict[str, Any]) -> Response | None:
+    def _who_error(self, payload: dict[str, Any]) -> tuple[str, str, list[str]] | None:
         """Task.WhoId must name a live Contact or Lead (as Salesforce checks it)."""
         who = payload.get("WhoId")
         if who is None:
             return None
         who = str(who)
         if who[:3] not in WHO_PREFIXES:
-            return sf_error(400, "FIELD_INTEGRITY_EXCEPTION",
-                            f"Name ID: id value of incorrect type: {who}", ["WhoId"])
+            return ("FIELD_INTEGRITY_EXCEPTION", f"Name ID: id value of incorrect type: {who}",
+                    ["WhoId"])
         if who in self.deleted:
-            return sf_error(400, "ENTITY_IS_DELETED", "entity is deleted", [])
+            return ("ENTITY_IS_DELETED", "entity is deleted", [])
         if who not in self.records.get(WHO_PREFIXES[who[:3]], {}):
-            return sf_error(400, "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id",
-                            [])
+            return ("INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id", [])
         return None
 
     def _live(self, sobject: str) -> list[dict[str, Any]]:
@@ -343,11 +432,17 @@ class SalesforceEmulator(Emulator):
         return JSONResponse({"ids": ids}, status_code=201)
 
     async def _config(self, request: Request) -> Response:
-        """POST {"search_index_lag_seconds": 30}: how long new writes stay out of SOSL."""
+        """POST {"search_index_lag_seconds": 30}: how long new writes stay out of SOSL;
+        {"api_allocation": 15000, "api_usage": 14990}: the org's allocation and what is used
+        of it (past it, every request is refused 403 REQUEST_LIMIT_EXCEEDED)."""
         body = await request.json()
         with self.lock:
             if "search_index_lag_seconds" in body:
                 self.search_index_lag = float(body["search_index_lag_seconds"])
+            if "api_allocation" in body:
+                self.api_allocation = int(body["api_allocation"])
+            if "api_usage" in body:
+                self.api_calls = int(body["api_usage"])
         return Response(status_code=204)
 
     async def _expire(self, request: Request) -> Response:
