@@ -69,10 +69,8 @@ def role(pid: int) -> str:
         return "watchdog"
     if " dispatch" in text:
         return "dispatcher"
-    if "prefect.server" in text or "uvicorn" in text:
-        return "prefect-api"
-    if "prefect" in text and "server" in text:
-        return "prefect-cli"
+    if "prefect" in text:
+        return "prefect-server"
     if " serve" in text:
         return "receiver"
     return text[:40]

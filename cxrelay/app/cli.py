@@ -73,6 +73,10 @@ def serve(
     children: list[subprocess.Popen[bytes]] = []
     prefect_server: subprocess.Popen[bytes] | None = None
     environment = dict(os.environ)
+    # Each event's task run logged "Finished in state Completed()" at INFO: a log row per
+    # event on the Prefect server that says what the run's state says already. Warnings and
+    # errors (a failed step, a dead letter) are still sent.
+    environment.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
     dispatching = dispatcher and settings.dispatcher != "off" and not reuse_port
     if dispatching and not os.environ.get("PREFECT_API_URL"):
         # The embedded default: runs are recorded where a person can watch them. The receiver
