@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -27,7 +27,8 @@ from cxrelay.connectors.genesys import GenesysNotFound
 from cxrelay.core import ordering
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError, full_text
-from cxrelay.core.outcome import WAITING, EventSummary, Next, Outcome, Stage, after_failure
+from cxrelay.core.filters import first_failing_rule
+from cxrelay.core.outcome import FILTERED, WAITING, EventSummary, Next, Outcome, Stage, after_failure
 from cxrelay.core.redact import mask_text
 from cxrelay.flows import steps
 from cxrelay.flows.artifacts import description
@@ -239,7 +240,8 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
     # Every target runs to its end before a failure is raised: nothing is left half-sent
     # behind an event that a per-event run is about to take over.
     results = await asyncio.gather(
-        *(_deliver(runtime, row, event, target, context, inline, merged_ids)
+        *(_filtered(target, context) or
+          _deliver(runtime, row, event, target, context, inline, merged_ids)
           for target in targets),
         return_exceptions=True)
     delivered: dict[str, dict[str, Any]] = {}
@@ -251,6 +253,19 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
         await _wait(runtime, row, summary)
         return summary
     return await _finish(runtime, summary, inline)
+
+
+def _filtered(target: Any, context: dict[str, Any]) -> Awaitable[dict[str, Any]] | None:
+    """The target's own filters: the result `filtered` (naming the rule) when they reject the
+    event, None to deliver it."""
+    rule = first_failing_rule(target.filters, context)
+    if rule is None:
+        return None
+
+    async def result() -> dict[str, Any]:
+        return {"status": FILTERED, "filtered_by": rule.name}
+
+    return result()
 
 
 async def _wait(runtime: Runtime, row: InboxEvent, summary: EventSummary) -> None:

@@ -36,6 +36,8 @@ def render_report(summary: dict[str, Any]) -> str:
         lines += ["", "| target | result | reference | detail |", "|---|---|---|---|"]
         for name, result in targets.items():
             newer = [f"holds newer data ({result['newer']})"] if result.get("newer") else []
+            if result.get("filtered_by"):
+                newer.append(f"filtered by the target's rule `{result['filtered_by']}`")
             detail = result.get("error") or "; ".join(
                 [*newer, *customer_notes(result.get("customer")),
                  *result.get("warnings", [])]) or ""

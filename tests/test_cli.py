@@ -221,3 +221,19 @@ def test_events_show_finds_a_conversations_outcome_in_the_inbox(db: Store) -> No
     assert "channel_not_found" in shown.output and "conv-other" not in shown.output
     missing = runner.invoke(app, ["events", "show", "conv-never"])
     assert missing.exit_code == 1 and "nothing of conversation conv-never" in missing.output
+
+
+def test_mapping_check_names_a_targets_own_filter(tmp_path: Path) -> None:
+    from cxrelay.settings import DEFAULT_PIPELINE
+    from tests.conftest import SAMPLES
+
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(DEFAULT_PIPELINE.read_text().replace(
+        "    type: slack\n", "    type: slack\n    filters:\n      - {name: complaints, "
+        "path: 'event.conversation.tags[label=Complaint]', exists: true}\n", 1))
+    result = runner.invoke(app, ["mapping", "check", str(SAMPLES / "generic-webhook.json"),
+                                 "--conversation", str(SAMPLES / "conversation.json"),
+                                 "--pipeline", str(pipeline)])
+    assert result.exit_code == 0, result.output
+    assert "slack (slack): filtered by its rule complaints" in result.output
+    assert "Genesys_Conversation_Id__c" in result.output  # Salesforce's plan is still shown

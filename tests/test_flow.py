@@ -629,3 +629,38 @@ def test_a_refused_write_masks_the_callers_number_everywhere_but_the_dead_letter
         if m.get("channel") in ("#cx-alerts", "Ccx-alerts") or "dead letter" in m["text"]]
     assert alerts and all("+15550007779" not in text for text in alerts)
     assert "5550007779" not in json.dumps(event.detail)
+
+
+def test_a_targets_own_filters_leave_the_other_targets_to_go_on(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """Slack takes only conversations of the `Billing` queue (a rule on the enriched
+    conversation): this one is not, so Slack is `filtered` for it alone and Salesforce gets
+    it; a pipeline file whose every target filters the event out makes the outcome
+    `filtered`."""
+    import json
+
+    from cxrelay.core.pipeline import parse_pipeline
+    from cxrelay.settings import DEFAULT_PIPELINE
+
+    conversation = new_id()
+    seed(clean_sandbox, conversation)
+    text = DEFAULT_PIPELINE.read_text()
+    config = parse_pipeline(text)
+    assert [t.filters for t in config.targets] == [[], []]
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(text.replace("    type: slack\n", "    type: slack\n    filters:\n"
+                                     "      - {name: billing-only, path: "
+                                     "'conversation.participants[purpose=agent].queueName', "
+                                     "equals: Billing}\n", 1))
+    assert parse_pipeline(pipeline.read_text()).target("slack").filters[0].name == "billing-only"
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
+    enqueue(runtime.store, generic_event(conversation, phone="+15550007780"))
+    asyncio.run(dispatch_until(runtime, 1))
+    tasks, messages = sandbox_state(clean_sandbox)
+    assert [task["Genesys_Conversation_Id__c"] for task in tasks] == [conversation]
+    assert messages == []
+    (event,) = runtime.store.events()
+    detail = json.loads(event.detail or "{}")
+    assert event.outcome == "delivered"
+    assert detail["targets"]["slack"] == {"status": "filtered", "filtered_by": "billing-only"}
+    assert [row.target for row in runtime.store.ledger(conversation)] == ["salesforce"]

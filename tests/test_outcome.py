@@ -43,3 +43,13 @@ def test_an_event_summary_decides_its_outcome_from_its_targets_and_stores_what_w
                                  "slack": {"status": "dead_lettered", "error": "400"}}}
     assert summary.decided({"salesforce": {"status": "waiting", "until": None}}) \
         is Outcome.RETRY_LATER
+
+
+def test_targets_filtered_by_their_own_rules_do_not_count() -> None:
+    from cxrelay.core.outcome import FILTERED, Outcome, event_outcome
+
+    assert event_outcome([FILTERED, "created"]) is Outcome.DELIVERED
+    assert event_outcome([FILTERED, "dead_lettered"]) is Outcome.DEAD_LETTERED
+    assert event_outcome([FILTERED, "dead_lettered", "posted"]) is Outcome.PARTIAL
+    assert event_outcome([FILTERED, "waiting"]) is Outcome.RETRY_LATER
+    assert event_outcome([FILTERED, FILTERED]) is Outcome.FILTERED

@@ -290,6 +290,7 @@ def mapping_check(
     """Print the exact payloads an event would produce, with warnings; no network."""
     from cxrelay.core.drift import detect_drift
     from cxrelay.core.envelope import normalise
+    from cxrelay.core.filters import first_failing_rule
     from cxrelay.core.mapping import Mapper
     from cxrelay.core.pipeline import parse_pipeline
     from cxrelay.core.render import render_target
@@ -311,7 +312,15 @@ def mapping_check(
                       f"{escape(f'{finding.kind} {finding.field} ({finding.detail})')}")
     failed = False
     mapper = Mapper(config.lookups)
+    rule = first_failing_rule(config.filters, event.context())
+    if rule is not None:
+        console.print(f"filtered by rule {escape(rule.name)}: no target would get it")
     for target in config.enabled_targets:
+        own = first_failing_rule(target.filters, context)
+        if own is not None:
+            console.print(f"[bold]{escape(target.name)}[/bold] ({target.type}): filtered by "
+                          f"its rule {escape(own.name)}")
+            continue
         try:
             payload = render_target(mapper, target, context, load_settings().slack_channel or "#channel")
         except CxrelayError as exc:

@@ -31,13 +31,19 @@ WAITING = "waiting"  # a target's status while it is paused (cxrelay.core.health
 # matched). What this event's own earlier attempt delivered before it crashed is `delivered`.
 UNCHANGED = "unchanged"
 DELIVERED = "delivered"
+FILTERED = "filtered"  # a target's status when its own filters rejected the event
 
 
 def event_outcome(target_statuses: Iterable[str]) -> Outcome:
-    """retry_later while any target is paused; else, when no target dead-lettered: stale when
-    every target held newer data, unchanged when no target changed (each had this data, or
-    newer), delivered when one did. dead_lettered when every target failed, partial between."""
-    statuses = list(target_statuses)
+    """Targets whose own filters rejected the event do not count (filtered when that is all of
+    them). Then: retry_later while any target is paused; else, when no target dead-lettered:
+    stale when every target held newer data, unchanged when no target changed (each had this
+    data, or newer), delivered when one did. dead_lettered when every target failed, partial
+    between."""
+    everything = list(target_statuses)
+    statuses = [status for status in everything if status != FILTERED]
+    if everything and not statuses:
+        return Outcome.FILTERED  # every target's own filters rejected it
     if WAITING in statuses:
         return Outcome.RETRY_LATER
     failed = sum(1 for status in statuses if status == DEAD_LETTERED)

@@ -73,6 +73,10 @@ class _TargetBase(_Strict):
     # 1, 2, 4 … 60 s with jitter: at least ~90 s of outage is ridden out before a dead letter.
     retries: int = Field(default=8, ge=0, le=50)
     retry_max_delay_seconds: float = Field(default=60, gt=0)
+    # Rules, as the top-level ones, that this target alone applies (on the enriched event:
+    # `event.…` and `conversation.…`): an event they reject is `filtered` for this target
+    # only, and its other targets go on.
+    filters: list[FilterRule] = Field(default_factory=list)
 
 
 class CustomerConfig(_Strict):
