@@ -157,6 +157,10 @@ class Settings(BaseSettings):
         default=None, gt=0, description="the older form of CXRELAY_LEDGER_RETENTION")
     prune_interval: Duration = Field(
         default=timedelta(hours=1), description="how often the dispatcher prunes the store")
+    prefect_vacuums_orphans: bool = Field(
+        default=False, description="the Prefect server deletes the artifacts of deleted flow "
+        "runs itself (its db_vacuum `orphans`, as `cxrelay serve` sets up the embedded one): "
+        "trim-prefect-history then deletes runs only, not each artifact through the API")
     prefect_retention: Duration = Field(
         default=timedelta(days=7), description="how long the Prefect server keeps cxrelay's "
         "runs, their task runs, logs, artifacts and events (90s, 30m, 12h, 7d)")

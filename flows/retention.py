@@ -82,9 +82,10 @@ class Trimmed:
 
 
 async def trim_history(window: timedelta, now: datetime | None = None,
-                       max_runs: int = 500) -> Trimmed:
-    """Delete cxrelay's flow runs that finished more than `window` ago, with their artifacts
-    (at most `max_runs` a pass: the next pass takes the rest)."""
+                       max_runs: int = 500, artifacts: bool = True) -> Trimmed:
+    """Delete cxrelay's flow runs that finished more than `window` ago (at most `max_runs` a
+    pass: the next pass takes the rest), and with `artifacts` their artifacts one by one
+    through the API — unless the server's orphan vacuum deletes those in bulk."""
     cutoff = (now or datetime.now(timezone.utc)) - window
     trimmed = Trimmed()
     async with get_client() as client:
@@ -98,7 +99,8 @@ async def trim_history(window: timedelta, now: datetime | None = None,
             if not runs:
                 break
             for run in runs:
-                trimmed.artifacts += await _delete_artifacts(client, run.id, trimmed)
+                if artifacts:
+                    trimmed.artifacts += await _delete_artifacts(client, run.id, trimmed)
                 with contextlib.suppress(ObjectNotFound):  # the vacuum was first
                     await client.delete_flow_run(run.id)
                 trimmed.flow_runs += 1
@@ -131,13 +133,11 @@ async def trim_prefect_history(retention: str | None = None) -> dict[str, Any]:
     their task runs and logs) and their artifacts older than CXRELAY_PREFECT_RETENTION
     (or `retention`: 90s, 30m, 12h, 7d). The inbox keeps every event's outcome longer
     (`cxrelay events show <conversation id>`)."""
-    if retention:
-        window = parse_duration(retention)
-    else:
-        from cxrelay.flows.runtime import get_runtime
+    from cxrelay.flows.runtime import get_runtime
 
-        window = get_runtime().settings.prefect_retention
-    trimmed = await trim_history(window)
+    settings = get_runtime().settings
+    window = parse_duration(retention) if retention else settings.prefect_retention
+    trimmed = await trim_history(window, artifacts=not settings.prefect_vacuums_orphans)
     get_run_logger().info("deleted %d flow run(s) and %d artifact(s) older than %s",
                           trimmed.flow_runs, trimmed.artifacts, format_duration(window))
     return trimmed.as_dict()
