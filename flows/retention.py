@@ -57,7 +57,7 @@ def prune_store(store: Store, settings: Settings, now: datetime | None = None) -
                        ledger_before=moment - settings.ledger_retention_window)
 
 
-@flow(name="prune", persist_result=False, log_prints=False)
+@flow(name="prune", flow_run_name="prune-store", persist_result=False, log_prints=False)
 async def prune() -> dict[str, int]:
     """Delete what cxrelay's store holds past its retention: finished inbox events, replayed
     dead letters and quarantined bodies, drift fields, old ledger entries."""
@@ -127,7 +127,8 @@ async def _delete_artifacts(client: Any, flow_run_id: Any, trimmed: Trimmed) -> 
                 return deleted
 
 
-@flow(name="trim-prefect-history", persist_result=False, log_prints=False)
+@flow(name="trim-prefect-history", flow_run_name="trim-prefect-history", persist_result=False,
+      log_prints=False)
 async def trim_prefect_history(retention: str | None = None) -> dict[str, Any]:
     """Delete cxrelay's finished flow runs (lanes, process-event and gap-fill runs, with
     their task runs and logs) and their artifacts older than CXRELAY_PREFECT_RETENTION
