@@ -15,10 +15,11 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from prefect import tags
@@ -39,9 +40,37 @@ from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.inbox import ClaimedEvent
 
 logger = logging.getLogger("cxrelay.dispatcher")
+T = TypeVar("T")
 ALERT_FLUSH_SECONDS = 5.0
 # The first prune and trim wait this long: a dispatcher starting up has events to run first.
 FIRST_RETENTION_SECONDS = 60.0
+
+
+async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a daemon thread of its own: unlike `asyncio.to_thread`, a long
+    prune does not hold up the process's exit (the loop's executor is joined at shutdown)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle_future, done, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle_future, done, result, None)
+
+    threading.Thread(target=run, name="cxrelay-prune", daemon=True).start()
+    return await done
+
+
+def _settle_future(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 class Deferred(Exception):
@@ -309,7 +338,7 @@ class Dispatcher:
         """The store's retention, in a thread: it prunes in small transactions, and the
         dispatcher goes on claiming meanwhile. Never what is unfinished, nor what an open dead
         letter needs."""
-        pruned = await asyncio.to_thread(prune_store, self.store, self.runtime.settings)
+        pruned = await in_daemon_thread(prune_store, self.store, self.runtime.settings)
         if any(pruned.rows().values()):
             logger.info("pruned %s", ", ".join(f"{count} {name}" for name, count
                                                 in pruned.rows().items() if count))

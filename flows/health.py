@@ -77,8 +77,14 @@ class HealthGate:
             return Decision(Action.WAIT, now + timedelta(seconds=RECHECK_SECONDS))
         # Taken before the claim's await: events arriving meanwhile wait instead of claiming.
         self._probe_taken[key] = (time.monotonic() + self.policy.probe_lease_seconds, owner)
-        if await self.store.calls(self.store.claim_probe, target=target, scope=scope,
-                                  owner=owner, policy=self.policy, now=now):
+        try:
+            claimed = await self.store.calls(self.store.claim_probe, target=target,
+                                             scope=scope, owner=owner, policy=self.policy,
+                                             now=now)
+        except BaseException:
+            self._probe_taken.pop(key, None)  # nobody holds it: the next event asks again
+            raise
+        if claimed:
             return decision
         self._probe_taken[key] = (time.monotonic() + RECHECK_SECONDS, None)
         return Decision(Action.WAIT, now + timedelta(seconds=RECHECK_SECONDS))
@@ -89,8 +95,11 @@ class HealthGate:
         once, and the next waiting event probes, instead of the target staying paused for the
         slot's whole lease."""
         self._probe_taken.pop((target, scope), None)
-        await self.store.calls(self.store.release_probe, target=target, scope=scope,
-                               owner=f"{self.owner}/{holder}")
+        if await self.store.calls(self.store.release_probe, target=target, scope=scope,
+                                  owner=f"{self.owner}/{holder}"):
+            # The parked events come back: one of them probes now (the one that was to come
+            # back for the probes may be this event, which finishes without a resume).
+            await self.store.calls(self.store.wake_waiting, target=target, scope=scope)
 
     async def waiting(self, *, conversation_id: str, target: str, action: str) -> None:
         """The event waits for its paused target: counted (status, /metrics), durable."""

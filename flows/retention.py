@@ -15,7 +15,6 @@ What Prefect keeps per event, and who removes it:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -30,6 +29,7 @@ from prefect.client.schemas.filters import (
     FlowFilterName,
     FlowRunFilter,
     FlowRunFilterEndTime,
+    FlowRunFilterName,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
@@ -42,9 +42,15 @@ from cxrelay.store.database import Store
 from cxrelay.store.retention import Pruned
 
 log = logging.getLogger("cxrelay.retention")
-# The flows whose runs cxrelay makes, and so may delete.
-CXRELAY_FLOWS = ["lane", "process-event", "fill-notification-gap", "reconcile", "replay",
-                 "prune", "trim-prefect-history"]
+# The runs cxrelay makes in volume, and so trims: (flow name, the start of its runs' names).
+# Prefect keys flows by name, so on a server shared with other projects a flow of theirs may
+# bear one of these names: the run names, which cxrelay sets, tell cxrelay's runs apart.
+# reconcile and replay runs (a few a day, started by people or schedules) are left to
+# Prefect's own vacuum.
+TRIMMED = [("lane", "lane-"), ("process-event", "conversation-"),
+           ("fill-notification-gap", "gap-"), ("trim-prefect-history", "trim-prefect-history"),
+           ("prune", "prune-store")]
+MAX_ARTIFACT_PAGES = 100  # per run and pass: the next pass takes the rest
 FINISHED = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
 PAGE = 50  # the 3.9 server answers at most this many artifacts or runs per filter page
 
@@ -89,42 +95,56 @@ async def trim_history(window: timedelta, now: datetime | None = None,
     cutoff = (now or datetime.now(timezone.utc)) - window
     trimmed = Trimmed()
     async with get_client() as client:
-        while trimmed.flow_runs < max_runs:
-            runs = await client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=CXRELAY_FLOWS)),
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINISHED)),
-                    end_time=FlowRunFilterEndTime(before_=cutoff)),  # type: ignore[arg-type]
-                limit=PAGE)
-            if not runs:
-                break
-            for run in runs:
-                if artifacts:
-                    trimmed.artifacts += await _delete_artifacts(client, run.id, trimmed)
-                with contextlib.suppress(ObjectNotFound):  # the vacuum was first
-                    await client.delete_flow_run(run.id)
-                trimmed.flow_runs += 1
+        for flow_name, run_prefix in TRIMMED:
+            while trimmed.flow_runs < max_runs:
+                runs = await client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                    flow_run_filter=FlowRunFilter(
+                        name=FlowRunFilterName(like_=run_prefix),
+                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINISHED)),
+                        end_time=FlowRunFilterEndTime(before_=cutoff)),  # type: ignore[arg-type]
+                    limit=PAGE)
+                runs = [run for run in runs if run.name.startswith(run_prefix)]
+                if not runs or not await _delete_runs(client, runs, artifacts, trimmed):
+                    break  # nothing more, or the server refused: the next pass goes on
     return trimmed
 
 
-async def _delete_artifacts(client: Any, flow_run_id: Any, trimmed: Trimmed) -> int:
-    deleted = 0
-    while True:
+async def _delete_runs(client: Any, runs: list[Any], artifacts: bool, trimmed: Trimmed) -> bool:
+    """Delete the runs (first their artifacts, with `artifacts`); False on a refusal."""
+    for run in runs:
+        if artifacts and not await _delete_artifacts(client, run.id, trimmed):
+            return False  # the run stays, so its artifacts are found by it next time
+        try:
+            await client.delete_flow_run(run.id)
+        except ObjectNotFound:
+            pass  # the vacuum was first
+        except PrefectHTTPStatusError as exc:
+            trimmed.errors.append(f"flow run {run.id}: HTTP {exc.response.status_code}")
+            return False
+        trimmed.flow_runs += 1
+    return True
+
+
+async def _delete_artifacts(client: Any, flow_run_id: Any, trimmed: Trimmed) -> bool:
+    """Delete a run's artifacts; whether they are all gone."""
+    for _ in range(MAX_ARTIFACT_PAGES):
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
                 any_=[flow_run_id])), limit=PAGE)
         if not artifacts:
-            return deleted
+            return True
         for artifact in artifacts:
             try:
                 await client.delete_artifact(artifact.id)
-                deleted += 1
+                trimmed.artifacts += 1
             except ObjectNotFound:
                 pass
             except PrefectHTTPStatusError as exc:  # tried again at the next pass
                 trimmed.errors.append(f"artifact {artifact.id}: HTTP "
                                       f"{exc.response.status_code}")
-                return deleted
+                return False
+    return False
 
 
 @flow(name="trim-prefect-history", flow_run_name="trim-prefect-history", persist_result=False,

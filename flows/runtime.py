@@ -25,6 +25,7 @@ from cxrelay.flows.cache import SharedCache
 from cxrelay.flows.customer import CustomerCache
 from cxrelay.flows.health import HealthGate, target_scope
 from cxrelay.flows.limits import Limits
+from cxrelay.flows.logmask import mask_numbers_in_logs
 from cxrelay.settings import Settings, require
 from cxrelay.store.database import Store
 
@@ -55,6 +56,7 @@ class Runtime:
         """The one way to build a runtime: settings (from the environment by default), the
         store they name, the pipeline file and its lookups. Close it with `aclose()`."""
         settings = settings or Settings()
+        mask_numbers_in_logs()
         pipeline = settings.pipeline_config
         store = Store(settings.database_url,
                       synchronous=settings.sqlite_synchronous_dispatch)

@@ -165,7 +165,9 @@ async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner
     time probes it. What the target answers is reported to its health."""
     gate = await runtime.health_gate()
     scope = await runtime.target_scope(target)
-    decision = await gate.decide(target.name, scope, holder=event.conversation_id)
+    # The holder is the event (its inbox row), not its conversation: two events of one
+    # conversation (a retry's own run beside a lane) must not share the probe slot.
+    decision = await gate.decide(target.name, scope, holder=owner)
     if decision.action is Action.WAIT:
         await gate.waiting(conversation_id=event.conversation_id, target=target.name,
                            action=ACTIONS[target.type])
@@ -178,16 +180,16 @@ async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner
         if not isinstance(exc, InFlight):  # another event's delivery is not the target's fault
             await gate.failed(target.name, scope, exc)
         elif probing:
-            await gate.probe_sent_nothing(target.name, scope, event.conversation_id)
+            await gate.probe_sent_nothing(target.name, scope, owner)
         raise
     except Exception:
         if probing:  # a 4xx, a mapping error: nothing says the target is back or still down
-            await gate.probe_sent_nothing(target.name, scope, event.conversation_id)
+            await gate.probe_sent_nothing(target.name, scope, owner)
         raise
     if result["status"] not in (UNCHANGED, STALE) and not result.get("earlier_attempt"):
         await gate.succeeded(target.name, scope)
     elif probing:
-        await gate.probe_sent_nothing(target.name, scope, event.conversation_id)
+        await gate.probe_sent_nothing(target.name, scope, owner)
     return result
 
 

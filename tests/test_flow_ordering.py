@@ -243,6 +243,11 @@ def test_a_merged_delivery_that_fails_dead_letters_every_event_and_replays_the_s
         assert sorted(replayed.inbox_ids) == sorted(i for i in ids if i)
         runtime = make_runtime(make_settings(tmp_path, clean_sandbox, pipeline=pipeline))
         asyncio.run(dispatch_until(runtime, 3))
+        # Replayed as the same merge: the newest event carries the other two.
+        details = [json.loads(runtime.store.get_event(i or 0).detail or "{}")  # type: ignore[union-attr]
+                   for i in ids]
+        assert sorted(len(d.get("merged") or []) for d in details) == [0, 0, 2]
+        assert sum(1 for d in details if d.get("merged_into")) == 2
     lead, _ = lead_and_message(clean_sandbox)
     assert lead["Phone"] == "+15550000009"
     assert runtime.store.dead_letters() == []

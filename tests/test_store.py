@@ -424,6 +424,33 @@ def test_a_late_completion_of_a_lapsed_reservation_changes_nothing(any_store: St
     assert (done.status, done.external_ref) == ("done", "R-b")
 
 
+def test_a_late_completion_after_the_holder_let_go_leaves_the_row_uncertain(
+        any_store: Store) -> None:
+    """A's reservation lapsed, B took it and failed plainly (released): A's late completion
+    records nothing, but the target may hold A's data, so the row is `uncertain` (the next
+    attempt looks first) and fenced at A's order key."""
+    import time
+
+    ids = any_store.insert_events([row("a"), row("b")])
+    claimed = any_store.claim(worker="w1", limit=2, lease_seconds=0.5)
+    owner_a, owner_b = (f"inbox:{event_id}" for event_id in ids)
+    key = {"conversation_id": "c1", "target": "slack", "action": "message"}
+    a_key = "2026-11-28T14:30:05.000000Z|a"
+    assert any_store.reserve(**key, owner=owner_a, payload_sha256="h1", order_key=a_key).granted
+    any_store.renew(worker="w1", ids=[claimed[1].id], lease_seconds=60)
+    time.sleep(0.6)
+    assert any_store.reserve(**key, owner=owner_b, payload_sha256="h2",
+                             order_key="2026-11-28T14:30:09.000000Z|b").granted
+    any_store.unreserve(**key, owner=owner_b)  # B failed before sending
+    assert not any_store.complete(**key, owner=owner_a, external_ref="C1|1.0",
+                                  payload_sha256="h1", event_id="a", order_key=a_key)
+    (after,) = any_store.ledger("c1")
+    assert (after.status, after.order_key) == ("uncertain", a_key)
+    older = any_store.reserve(**key, owner="inbox:99", payload_sha256="h3",
+                              order_key="2026-11-28T14:30:03.000000Z|c")
+    assert older.stale
+
+
 def test_rows_read_back_are_the_models_a_constructor_makes(any_store: Store) -> None:
     any_store.insert_events([row("k1"), row("k2", conversation="c2")])
     read = any_store.get_events([1, 2])

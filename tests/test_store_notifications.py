@@ -113,3 +113,7 @@ def test_a_flapping_channels_gaps_coalesce(any_store: Store) -> None:
     # Minutes later it is another outage.
     later = store.open_gap("n", "shard-0", T0 + timedelta(minutes=5), "closed")
     assert later != first and len(store.gaps()) == 2
+    # A socket that flaps for longer than ten minutes gets a new gap, to be filled meanwhile.
+    store.close_gaps("n", "shard-0", T0 + timedelta(minutes=16))
+    flapping = store.open_gap("n", "shard-0", T0 + timedelta(minutes=16), "closed")
+    assert flapping not in (first, later) and len(store.gaps()) == 3

@@ -18,12 +18,15 @@ class CxrelayError(Exception):
 
     private: str | None = None
 
-    def __str__(self) -> str:
-        return mask_text(super().__str__())
+    def __init__(self, *args: object) -> None:
+        # The masked text is the exception's own (its args), so that `repr()` and tracebacks,
+        # which Prefect logs, carry no number either; the whole text stays beside it.
+        self._full = str(args[0]) if args else ""
+        super().__init__(*(mask_text(arg) if isinstance(arg, str) else arg for arg in args))
 
     @property
     def full_text(self) -> str:
-        text = super().__str__()
+        text = getattr(self, "_full", None) or super().__str__()
         return f"{text} ({self.private})" if self.private else text
 
 

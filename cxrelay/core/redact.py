@@ -12,15 +12,22 @@ from __future__ import annotations
 import re
 
 MASK = "•••"
-# An E.164 number, possibly written with separators: `+15550000001`, `+44 20 7946 0018`.
-_PLUS = r"\+\d(?:[\s().-]?\d){6,16}"
+# An E.164 number, possibly written with separators: `+15550000001`, `+44 (0)20 7946 0018`.
+_PLUS = r"\+\d(?:[\s().-]{0,2}\d){6,16}"
 # A North American number as people write it: `(555) 201-0001`, `555-201-0001`.
 _NANP = r"\(?\b\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b"
 _PHONE = re.compile(f"{_PLUS}|{_NANP}")
 # Bare national digits, as SOSL searches them (`FIND {5552010001 OR 5552010002}`) or as a
 # quoted value: only there, since a bare digit run elsewhere is as often an id or a count.
 _QUOTED = re.compile(r"\{[^{}]*\}|'[^']*'|\"[^\"]*\"")
-_DIGITS = re.compile(r"(?<![\w.])\d{7,15}(?![\w.])")
+_DIGITS = re.compile(r"(?<![\w.])\d(?:[\s().-]{0,2}\d){6,15}(?![\w.])")
+# A number percent-encoded in a URL (`…/Genesys_Customer_Key__c/%2B15550000001`), and one
+# named as a phone, ANI or DNIS however it is quoted.
+# A digit run right after an opening quote or brace: a stray apostrophe ("can't") must not
+# pair the quotes wrongly.
+_OPENED = re.compile(r"(?<=['\"{])\d(?:[\s().-]{0,2}\d){6,15}(?![\w.])")
+_ENCODED = re.compile(r"%2[Bb](\d{7,15})")
+_NAMED = re.compile(r"(?i)(\b(?:phone|mobile|ani|dnis|tel)\w*\W{1,4})(\d(?:[\s().-]{0,2}\d){6,15})")
 
 
 def mask_number(text: str) -> str:
@@ -34,5 +41,8 @@ def mask_number(text: str) -> str:
 def mask_text(text: str) -> str:
     """The text with every phone number in it masked."""
     text = _PHONE.sub(lambda match: mask_number(match.group(0)), text)
+    text = _ENCODED.sub(lambda match: "%2B" + mask_number(match.group(1)), text)
+    text = _NAMED.sub(lambda match: match.group(1) + mask_number(match.group(2)), text)
+    text = _OPENED.sub(lambda match: mask_number(match.group(0)), text)
     return _QUOTED.sub(lambda quoted: _DIGITS.sub(lambda match: mask_number(match.group(0)),
                                                   quoted.group(0)), text)

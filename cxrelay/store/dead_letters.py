@@ -18,15 +18,12 @@ QUARANTINE = QuarantinedEvent.__table__  # type: ignore[attr-defined]
 WHOLE_EVENT = "*"  # the target of a dead letter for the event itself, not one of its targets
 
 
-def open_letter_events(conn: Connection) -> set[int]:
-    """The inbox ids that open dead letters need for their replay."""
-    rows = conn.execute(select(DEAD.c.inbox_id, DEAD.c.merged_inbox_ids)
-                        .where(DEAD.c.status == "open")).all()
-    needed: set[int] = set()
-    for inbox_id, merged in rows:
-        needed.add(int(inbox_id))
-        needed.update(int(i) for i in json.loads(merged or "[]"))
-    return needed
+def merged_letter_events(conn: Connection) -> set[int]:
+    """The other events of open dead letters of merged deliveries (their replay needs them;
+    the events the letters are recorded under are `DEAD.c.inbox_id`)."""
+    rows = conn.execute(select(DEAD.c.merged_inbox_ids).where(
+        DEAD.c.status == "open", DEAD.c.merged_inbox_ids.is_not(None))).scalars()
+    return {int(i) for merged in rows for i in json.loads(merged or "[]")}
 
 
 class DeadLetterQueries(Database):

@@ -146,8 +146,10 @@ class HealthQueries(Database):
         key = target_key(target, scope)
         now = utcnow()
         with self.transaction() as conn:
-            row = conn.execute(select(HEALTH.c.probe_event).where(HEALTH.c.key == key)
-                               .with_for_update()).first()
+            row = conn.execute(select(HEALTH.c.probe_event, HEALTH.c.state)
+                               .where(HEALTH.c.key == key).with_for_update()).first()
+            if row is not None and row.state == TargetState.HEALTHY.value:
+                row, probe_at = None, now  # it resumed meanwhile (its wake ran first): now
             candidate = row.probe_event if row is not None else None
             if candidate not in (None, inbox_id):
                 status = conn.execute(select(INBOX.c.status).where(INBOX.c.id == candidate)

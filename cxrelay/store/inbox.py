@@ -219,12 +219,14 @@ class InboxQueries(Database):
             record_pending(conn, inbox_id, artifact)
 
     def requeue(self, inbox_id: int) -> bool:
-        """Make a finished event runnable again (replay); False when it is not in the inbox."""
+        """Make a finished event runnable again (replay), as a first attempt: it runs in a
+        lane, where a conversation's events replayed together merge again after the settle
+        window. False when it is not in the inbox."""
         with self.transaction() as conn:
             found = conn.execute(
                 update(INBOX).where(INBOX.c.id == inbox_id).values(
                     status="pending", available_at=utcnow(), claimed_by=None, lease_until=None,
-                    outcome=None, finished_at=None,
+                    outcome=None, finished_at=None, attempts=0,
                 )
             ).rowcount > 0
             if found:

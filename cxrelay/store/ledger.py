@@ -161,16 +161,29 @@ class LedgerQueries(Database):
         order_key: str | None = None,
     ) -> bool:
         """Record the delivery `owner` made under its reservation; False (nothing recorded)
-        when the reservation is no longer `owner`'s."""
+        when the reservation is no longer `owner`'s. Then the target may hold this delivery's
+        data unrecorded: while nobody holds the row, it becomes `uncertain` (the next attempt
+        looks before it acts) and its fence takes this delivery's order key."""
         with self.transaction() as conn:
             if self.dialect == "sqlite":
-                return sqlite_execute(conn, _COMPLETE_SQLITE, (
+                done = sqlite_execute(conn, _COMPLETE_SQLITE, (
                     external_ref, payload_sha256, event_id, sqlite_datetime(utcnow()),
                     order_key, conversation_id, target, action, owner)) != []
-            return conn.execute(_COMPLETE, {
-                "p_conversation": conversation_id, "p_target": target, "p_action": action,
-                "p_owner": owner, "p_ref": external_ref, "p_sha": payload_sha256,
-                "p_event": event_id, "p_order": order_key, "p_now": utcnow()}).rowcount > 0
+            else:
+                done = conn.execute(_COMPLETE, {
+                    "p_conversation": conversation_id, "p_target": target, "p_action": action,
+                    "p_owner": owner, "p_ref": external_ref, "p_sha": payload_sha256,
+                    "p_event": event_id, "p_order": order_key, "p_now": utcnow()}).rowcount > 0
+            if not done:
+                key = (LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
+                       LEDGER.c.action == action, LEDGER.c.owner.is_(None))
+                row = conn.execute(select(LEDGER.c.status, LEDGER.c.order_key).where(*key)
+                                   ).first()
+                if row is not None:
+                    conn.execute(update(LEDGER).where(*key).values(
+                        order_key=newest(row.order_key, order_key), updated_at=utcnow(),
+                        status="uncertain" if row.status != "done" else row.status))
+            return done
 
     def unreserve(self, *, conversation_id: str, target: str, action: str, owner: str,
                   uncertain: bool = False) -> None:

@@ -12,8 +12,11 @@ from cxrelay.store.engine import Database, aware
 from cxrelay.store.models import NotificationConsumerStatus, NotificationGap, utcnow
 
 GAPS = NotificationGap.__table__  # type: ignore[attr-defined]
-# A gap that starts within this of the channel's last one's end is the same outage.
+# A gap that starts within this of the channel's last one's end is the same outage, unless
+# that one began more than COALESCE_MAX_SECONDS ago: a socket flapping for an hour must not
+# keep its gap open (and unfilled) for the hour.
 COALESCE_SECONDS = 1.0
+COALESCE_MAX_SECONDS = 600.0
 CONSUMERS = NotificationConsumerStatus.__table__  # type: ignore[attr-defined]
 
 
@@ -46,16 +49,24 @@ class NotificationQueries(Database):
         is that one again, open once more: a socket that flaps makes one gap to fill, not one
         per reconnection."""
         with self.transaction() as conn:
-            last = conn.execute(select(GAPS.c.id, GAPS.c.ended_at, GAPS.c.scope).where(
+            last = conn.execute(select(
+                GAPS.c.id, GAPS.c.started_at, GAPS.c.ended_at, GAPS.c.scope).where(
                 GAPS.c.consumer == consumer, GAPS.c.channel == channel,
                 GAPS.c.status == "closed").order_by(GAPS.c.id.desc()).limit(1)).first()
             ended = aware(last.ended_at) if last is not None else None
-            if last is not None and ended is not None and \
-                    ended >= started_at - timedelta(seconds=COALESCE_SECONDS):
-                conn.execute(update(GAPS).where(GAPS.c.id == last.id).values(
-                    status="open", ended_at=None, reason=reason[:255],
-                    scope=_union(last.scope, scope)))
-                return int(last.id)
+            began = aware(last.started_at) if last is not None else None
+            if last is not None and ended is not None and began is not None and \
+                    ended >= started_at - timedelta(seconds=COALESCE_SECONDS) and \
+                    began >= started_at - timedelta(seconds=COALESCE_MAX_SECONDS):
+                # Only while it is still closed (a filler may have claimed it meanwhile), and
+                # as a new outage: the fills that failed before count no more.
+                reopened = conn.execute(update(GAPS).where(
+                    GAPS.c.id == last.id, GAPS.c.status == "closed").values(
+                    status="open", ended_at=None, reason=reason[:255], attempts=0,
+                    retry_at=None, last_error=None,
+                    scope=_union(last.scope, scope))).rowcount
+                if reopened:
+                    return int(last.id)
             return int(conn.execute(GAPS.insert().returning(GAPS.c.id), {
                 "consumer": consumer, "channel": channel, "started_at": started_at,
                 "reason": reason[:255], "status": "open", "found": 0, "queued": 0,

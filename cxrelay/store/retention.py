@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
-from cxrelay.store.dead_letters import DEAD, QUARANTINE, open_letter_events
+from cxrelay.store.dead_letters import DEAD, QUARANTINE, merged_letter_events
 from cxrelay.store.drift import DRIFT
 from cxrelay.store.engine import Database
 from cxrelay.store.inbox import INBOX
@@ -42,11 +42,14 @@ class RetentionQueries(Database):
         quarantined bodies, and drift fields last seen before `before`; ledger entries not
         updated since `ledger_before`. An event an open dead letter needs is kept: its replay
         would otherwise find nothing to send."""
-        finished = INBOX.c.status.in_(["done", "failed"]) & (INBOX.c.finished_at < before)
+        letter = select(DEAD.c.id).where(DEAD.c.inbox_id == INBOX.c.id,
+                                         DEAD.c.status == "open").exists()
+        finished = INBOX.c.status.in_(["done", "failed"]) & (INBOX.c.finished_at < before) \
+            & ~letter
         with self.reading() as conn:
-            needed = open_letter_events(conn)
-        if needed:
-            finished &= INBOX.c.id.notin_(sorted(needed))
+            merged = merged_letter_events(conn)  # few: the events of merged deliveries
+        if merged:
+            finished &= INBOX.c.id.notin_(sorted(merged))
         targets: list[tuple[Any, Any]] = [
             (INBOX, finished),
             (DEAD, (DEAD.c.status == "replayed") & (DEAD.c.created_at < before)),
