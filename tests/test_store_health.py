@@ -170,7 +170,11 @@ def test_one_waiting_event_comes_back_for_the_probe_the_others_when_the_target_r
     # The target resumes: every parked event runs now.
     any_store.record_target_success(**SF)
     assert any_store.wake_waiting(**SF) == 4
-    assert {row.id for row in any_store.claim(worker="w", limit=10, lease_seconds=60)} == set(ids)
+    reclaimed = any_store.claim(worker="w", limit=10, lease_seconds=60)
+    assert {row.id for row in reclaimed} == set(ids)
+    # One that decided to wait before the resume, and is given back after its wake: at once.
+    assert any_store.release_waiting(reclaimed[0].id, worker="w", probe_at=later, **SF) <= \
+        datetime.now(timezone.utc)
 
 
 def test_migration_adds_the_waiting_column_to_an_older_ledger(tmp_path: Path) -> None:
