@@ -190,7 +190,7 @@ class Dispatcher:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
         in_lanes = self.runtime.settings.dispatcher == "inprocess"
         settle = self.runtime.settings.settle_seconds if in_lanes else 0.0
-        await self.runtime.artifacts.start(self.store)
+        await self.runtime.artifacts.start(self.store, self.runtime.settings.prefect_retention)
         duty_tasks = duties.start(self.duties(), stop)
         stopper: asyncio.Task[Any] | None = None
         try:

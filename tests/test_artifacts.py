@@ -245,6 +245,29 @@ def test_a_pruned_event_leaves_no_artifact_to_write(tmp_path: Path) -> None:
         store.close()
 
 
+def test_an_artifact_older_than_the_prefect_window_is_not_written(tmp_path: Path) -> None:
+    """The server would delete it on arrival: it is dropped, and the store keeps no row of it."""
+    from datetime import datetime, timedelta, timezone
+
+    store = Store(f"sqlite:///{tmp_path / 'cxrelay.db'}")
+    try:
+        inbox = events(store, 2)
+        for inbox_id, conversation in inbox.items():
+            store.finish(inbox_id, outcome="delivered", detail={"conversation_id": conversation},
+                         artifact=ArtifactLink(None, None))
+        old = min(inbox)
+        with store.transaction() as conn:
+            conn.exec_driver_sql("UPDATE inbox SET finished_at = '2020-01-01 00:00:00.000000' "
+                                 f"WHERE id = {old}")
+        taken = store.take_artifacts(limit=10, lease_seconds=60,
+                                     finished_after=datetime.now(timezone.utc)
+                                     - timedelta(seconds=60))
+        assert [a.inbox_id for a in taken] == [max(inbox)]
+        assert store.pending_artifacts() == 1  # the one taken; the old one is gone
+    finally:
+        store.close()
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_a_dispatcher_with_a_backlog_writes_artifacts_after_it(tmp_path: Path,
                                                                clean_sandbox: Sandbox) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from cxrelay.store.engine import Database, sqlite_datetime, sqlite_execute
+from cxrelay.store.engine import Database, aware, sqlite_datetime, sqlite_execute
 from cxrelay.store.models import InboxEvent, PendingArtifact, utcnow
 
 PENDING = PendingArtifact.__table__  # type: ignore[attr-defined]
@@ -74,9 +74,13 @@ def record_pending(conn: Any, inbox_id: int, link: ArtifactLink | None) -> None:
 
 
 class ArtifactQueries(Database):
-    def take_artifacts(self, *, limit: int, lease_seconds: float) -> list[DueArtifact]:
+    def take_artifacts(self, *, limit: int, lease_seconds: float,
+                       finished_after: datetime | None = None) -> list[DueArtifact]:
         """Up to `limit` due artifacts, oldest event first, each leased for `lease_seconds`
-        (a writer that dies leaves them due again)."""
+        (a writer that dies leaves them due again). With `finished_after`, the artifacts of
+        events finished before it are dropped: the Prefect server keeps history for a window
+        (CXRELAY_PREFECT_RETENTION), and an artifact older than that would be deleted on
+        arrival, after costing the server as much as a new one."""
         now = utcnow()
         until = now + timedelta(seconds=lease_seconds)
         with self.transaction() as conn:
@@ -90,17 +94,22 @@ class ArtifactQueries(Database):
                          .values(due_at=until))
             rows = conn.execute(
                 select(PENDING.c.inbox_id, PENDING.c.task_run_id, PENDING.c.flow_run_id,
-                       INBOX.c.conversation_id, INBOX.c.outcome, INBOX.c.detail)
+                       INBOX.c.conversation_id, INBOX.c.outcome, INBOX.c.detail,
+                       INBOX.c.finished_at)
                 .join(INBOX, INBOX.c.id == PENDING.c.inbox_id)
                 .where(PENDING.c.inbox_id.in_(ids)).order_by(PENDING.c.inbox_id)).all()
-            # An event pruned (or requeued) meanwhile has no report left to write.
-            gone = set(ids) - {row.inbox_id for row in rows if row.outcome is not None}
+            # An event pruned (or requeued) meanwhile has no report left to write; one that
+            # finished before the window, none worth writing.
+            rows = [row for row in rows if row.outcome is not None and not (
+                finished_after is not None and row.finished_at is not None
+                and aware(row.finished_at) < finished_after)]
+            gone = set(ids) - {row.inbox_id for row in rows}
             if gone:
                 conn.execute(delete(PENDING).where(PENDING.c.inbox_id.in_(list(gone))))
         return [DueArtifact(row.inbox_id, row.conversation_id, row.outcome,
                             json.loads(row.detail or "{}"),
                             ArtifactLink(row.task_run_id, row.flow_run_id), until)
-                for row in rows if row.outcome is not None]
+                for row in rows]
 
     def artifacts_written(self, written: Sequence[DueArtifact]) -> None:
         """Delete the rows written, unless the event was finished again meanwhile (a new
