@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -23,11 +22,6 @@ class Duty:
     run: Callable[[], Awaitable[object]]
     first: float = 0.0  # seconds before the first run
     runs: int = field(default=0, init=False)
-    last_started: float | None = field(default=None, init=False)  # monotonic
-
-    def describe(self) -> str:
-        first = f", first after {self.first:g} s" if self.first else ""
-        return f"{self.name}: every {self.every:g} s{first}"
 
 
 async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
@@ -42,7 +36,6 @@ async def keep(duty: Duty, stop: asyncio.Event) -> None:
     if await _stopped(stop, duty.first):
         return
     while True:
-        duty.last_started = time.monotonic()
         duty.runs += 1
         try:
             await duty.run()

@@ -27,7 +27,8 @@ def prefect_server_settings(window: timedelta) -> dict[str, str]:
         "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD":
             f"{round(max(window, VACUUM_MINIMUM).total_seconds())}",
         # A quarter of the window between passes keeps the excess under a quarter.
-        "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": f"{round(_between(seconds / 4, 30, _HOUR))}",
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS":
+            f"{round(trim_interval(window).total_seconds())}",
         "PREFECT_SERVER_SERVICES_DB_VACUUM_ORPHAN_CLEANUP_LOOP_SECONDS":
             f"{round(_between(seconds / 2, _MINUTE, _DAY))}",
         # A plain timedelta setting: ISO 8601 (a bare number is not read as seconds).
@@ -36,6 +37,6 @@ def prefect_server_settings(window: timedelta) -> dict[str, str]:
 
 
 def trim_interval(window: timedelta) -> timedelta:
-    """How often `trim-prefect-history` runs: a quarter of the window, between 30 s and an
-    hour."""
+    """How often `trim-prefect-history` runs (and the vacuum loops): a quarter of the window,
+    between 30 s and an hour."""
     return timedelta(seconds=_between(window.total_seconds() / 4, 30, _HOUR))
