@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 
 MASK = "•••"
-# An E.164 number, possibly written with separators: `+15550000001`, `+44 (0)20 7946 0018`.
+# A run of 7 to 16 digits that may be written with separators: `207 946 0018`, `(0)20`.
+_RUN = r"\d(?:[\s().-]{0,2}\d){6,15}"
+# An E.164 number: `+15550000001`, `+44 (0)20 7946 0018`.
 _PLUS = r"\+\d(?:[\s().-]{0,2}\d){6,16}"
 # A North American number as people write it: `(555) 201-0001`, `555-201-0001`.
 _NANP = r"\(?\b\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b"
@@ -20,14 +22,14 @@ _PHONE = re.compile(f"{_PLUS}|{_NANP}")
 # Bare national digits, as SOSL searches them (`FIND {5552010001 OR 5552010002}`) or as a
 # quoted value: only there, since a bare digit run elsewhere is as often an id or a count.
 _QUOTED = re.compile(r"\{[^{}]*\}|'[^']*'|\"[^\"]*\"")
-_DIGITS = re.compile(r"(?<![\w.])\d(?:[\s().-]{0,2}\d){6,15}(?![\w.])")
-# A number percent-encoded in a URL (`…/Genesys_Customer_Key__c/%2B15550000001`), and one
-# named as a phone, ANI or DNIS however it is quoted.
+_DIGITS = re.compile(rf"(?<![\w.]){_RUN}(?![\w.])")
 # A digit run right after an opening quote or brace: a stray apostrophe ("can't") must not
 # pair the quotes wrongly.
-_OPENED = re.compile(r"(?<=['\"{])\d(?:[\s().-]{0,2}\d){6,15}(?![\w.])")
+_OPENED = re.compile(rf"(?<=['\"{{]){_RUN}(?![\w.])")
+# A number percent-encoded in a URL (`…/Genesys_Customer_Key__c/%2B15550000001`), and one
+# named as a phone, ANI or DNIS however it is quoted.
 _ENCODED = re.compile(r"%2[Bb](\d{7,15})")
-_NAMED = re.compile(r"(?i)(\b(?:phone|mobile|ani|dnis|tel)\w*\W{1,4})(\d(?:[\s().-]{0,2}\d){6,15})")
+_NAMED = re.compile(rf"(?i)(\b(?:phone|mobile|ani|dnis|tel)\w*\W{{1,4}})({_RUN})")
 
 
 def mask_number(text: str) -> str:
