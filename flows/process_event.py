@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -113,8 +113,12 @@ async def _enrich(runtime: Runtime, conversation_id: str, inline: bool) -> dict[
 async def _deliver(runtime: Runtime, row: InboxEvent, event: CanonicalEvent, target: Any,
                    context: dict[str, Any], inline: bool,
                    merged: Sequence[int] = ()) -> dict[str, Any]:
-    """Map and deliver one target; any failure ends in the dead letters, never in the others
-    (a merged delivery's dead letter names every event it merged)."""
+    """Map and deliver one target, unless its own filters reject the event (`filtered`, naming
+    the rule); any failure ends in the dead letters, never in the others (a merged delivery's
+    dead letter names every event it merged)."""
+    rule = first_failing_rule(target.filters, context)
+    if rule is not None:
+        return {"status": FILTERED, "filtered_by": rule.name}
     owner = f"inbox:{row.id}"
     if inline:
         try:
@@ -240,8 +244,7 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
     # Every target runs to its end before a failure is raised: nothing is left half-sent
     # behind an event that a per-event run is about to take over.
     results = await asyncio.gather(
-        *(_filtered(target, context) or
-          _deliver(runtime, row, event, target, context, inline, merged_ids)
+        *(_deliver(runtime, row, event, target, context, inline, merged_ids)
           for target in targets),
         return_exceptions=True)
     delivered: dict[str, dict[str, Any]] = {}
@@ -253,19 +256,6 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
         await _wait(runtime, row, summary)
         return summary
     return await _finish(runtime, summary, inline)
-
-
-def _filtered(target: Any, context: dict[str, Any]) -> Awaitable[dict[str, Any]] | None:
-    """The target's own filters: the result `filtered` (naming the rule) when they reject the
-    event, None to deliver it."""
-    rule = first_failing_rule(target.filters, context)
-    if rule is None:
-        return None
-
-    async def result() -> dict[str, Any]:
-        return {"status": FILTERED, "filtered_by": rule.name}
-
-    return result()
 
 
 async def _wait(runtime: Runtime, row: InboxEvent, summary: EventSummary) -> None:
