@@ -24,6 +24,7 @@ from cxrelay.core.alerts import (
     dead_letter_text,
     drift_text,
     gap_failed_text,
+    gap_resource,
     paused_text,
     resource_id,
     resumed_text,
@@ -93,8 +94,7 @@ class Alerts:
         """A notification gap's fill gave up: at once, not summarised (it is rare, and
         conversations may be missing)."""
         error = mask_text(error)
-        self._event(AlertKind.GAP_FAILED, {"prefect.resource.id": f"cxrelay.notification-gap."
-                                           f"{gap_id}",
+        self._event(AlertKind.GAP_FAILED, {"prefect.resource.id": gap_resource(gap_id),
                                            "prefect.resource.name": f"notification gap {gap_id}"},
                     {"channel": channel, "interval": interval, "attempts": attempts,
                      "error": error})

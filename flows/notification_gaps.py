@@ -20,6 +20,7 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 
+from cxrelay.core.alerts import gap_resource
 from cxrelay.core.errors import CxrelayError
 from cxrelay.core.notifications import gap_fill_retry
 from cxrelay.core.redact import mask_text
@@ -39,10 +40,6 @@ MARGIN_SECONDS = 5.0
 
 class GapClaimLost(CxrelayError):
     """Another filler took the gap over (this one outlived its claim): it reports the gap."""
-
-
-def gap_resource(gap_id: int) -> str:
-    return f"cxrelay.notification-gap.{gap_id}"
 
 
 def gap_timing(settings: Settings) -> tuple[timedelta, timedelta]:

@@ -36,6 +36,11 @@ def resource_id(target: str) -> str:
     return f"cxrelay.target.{target}"
 
 
+def gap_resource(gap_id: int) -> str:
+    """The Prefect event resource of a notification gap (filled, or given up)."""
+    return f"cxrelay.notification-gap.{gap_id}"
+
+
 def paused_text(target: str, scope: str, error: str | None, waiting: int,
                 probe_seconds: float) -> str:
     where = f" ({slack_escape(scope)})" if scope else ""
