@@ -26,7 +26,7 @@ from cxrelay.core.health import (
     target_key,
 )
 from cxrelay.store.engine import Database, aware
-from cxrelay.store.inbox import INBOX
+from cxrelay.store.inbox import INBOX, give_back
 from cxrelay.store.ledger import LEDGER, open_row
 from cxrelay.store.models import TargetHealth, bounded, utcnow
 
@@ -162,11 +162,7 @@ class HealthQueries(Database):
                              .values(probe_event=inbox_id))
             available = max(probe_at, now) if mine or row is None \
                 else now + timedelta(seconds=park_seconds)
-            conn.execute(update(INBOX).where(
-                INBOX.c.id == inbox_id, INBOX.c.claimed_by == worker,
-                INBOX.c.status == "claimed").values(
-                    status="pending", claimed_by=None, lease_until=None, available_at=available,
-                    attempts=0))
+            give_back(conn, inbox_id, worker=worker, available_at=available, attempts=0)
         return available
 
     def wake_waiting(self, *, target: str, scope: str) -> int:

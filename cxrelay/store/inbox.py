@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import DateTime, Integer, and_, bindparam, func, or_, select, update
+from sqlalchemy.engine import Connection
 
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.store.artifacts import ArtifactLink, record_pending
@@ -109,6 +110,16 @@ class ClaimedEvent:
                    row["attempts"], stored(InboxEvent, row))
 
 
+def give_back(conn: Connection, inbox_id: int, *, worker: str, available_at: datetime,
+              attempts: Any) -> None:
+    """`worker`'s claim of the event ends: pending again from `available_at`, with
+    `attempts` (a number, or an expression of the column)."""
+    conn.execute(update(INBOX).where(
+        INBOX.c.id == inbox_id, INBOX.c.claimed_by == worker, INBOX.c.status == "claimed",
+    ).values(status="pending", claimed_by=None, lease_until=None, available_at=available_at,
+             attempts=attempts))
+
+
 class InboxQueries(Database):
     _SQLITE_INSERT = (
         "INSERT INTO inbox (dedupe_key, event_id, source, envelope, event_type, conversation_id,"
@@ -193,14 +204,8 @@ class InboxQueries(Database):
         it looks again."""
         attempts = 0 if waiting else INBOX.c.attempts - (0 if count_attempt else 1)
         with self.transaction() as conn:
-            conn.execute(
-                update(INBOX)
-                .where(INBOX.c.id == inbox_id, INBOX.c.claimed_by == worker,
-                       INBOX.c.status == "claimed")
-                .values(status="pending", claimed_by=None, lease_until=None,
-                        available_at=utcnow() + timedelta(seconds=delay_seconds),
-                        attempts=attempts)
-            )
+            give_back(conn, inbox_id, worker=worker,
+                      available_at=utcnow() + timedelta(seconds=delay_seconds), attempts=attempts)
 
     def finish(self, inbox_id: int, *, outcome: str, detail: dict[str, Any],
                artifact: ArtifactLink | None = None) -> None:
