@@ -7,6 +7,7 @@ and no write.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
@@ -87,28 +88,27 @@ class HealthQueries(Database):
                     policy: HealthPolicy | None = None, now: datetime | None = None) -> bool:
         """Take the single probe slot of a paused target (a lease): True for one caller."""
         rules = policy or HealthPolicy()
-        claimed: list[bool] = []
-
-        def step(health: Health) -> tuple[Health, None]:
-            probing = claim_probe(health, rules, owner, now or utcnow())
-            claimed.append(probing is not None)
-            return probing or health, None
-
-        self._change(target, scope, step)
-        return claimed[0]
+        return self._change_if(target, scope, lambda health: claim_probe(
+            health, rules, owner, now or utcnow()))
 
     def release_probe(self, *, target: str, scope: str, owner: str,
                       now: datetime | None = None) -> bool:
         """Give the probe slot back (`core.health.release_probe`); whether `owner` held it."""
-        released: list[bool] = []
+        return self._change_if(target, scope, lambda health: release_probe(
+            health, owner, now or utcnow()))
 
-        def step(health: Health) -> tuple[Health, None]:
-            after = release_probe(health, owner, now or utcnow())
-            released.append(after is not None)
+    def _change_if(self, target: str, scope: str,
+                   step: Callable[[Health], Health | None]) -> bool:
+        """Apply `step` in the row's transaction; whether it applied (None: not now)."""
+        applied: list[bool] = []
+
+        def change(health: Health) -> tuple[Health, None]:
+            after = step(health)
+            applied.append(after is not None)
             return after or health, None
 
-        self._change(target, scope, step)
-        return released[0]
+        self._change(target, scope, change)
+        return applied[0]
 
     def _change(self, target: str, scope: str, step: Any) -> Change | None:
         key = target_key(target, scope)
