@@ -246,20 +246,14 @@ class Settings(BaseSettings):
     @property
     def retention_window(self) -> timedelta:
         """CXRELAY_RETENTION, else CXRELAY_RETENTION_DAYS, else 30 days."""
-        if self.retention is not None:
-            return self.retention
-        return timedelta(days=self.retention_days if self.retention_days else 30)
+        return _window(self.retention, self.retention_days, 30)
 
     @property
     def ledger_retention_window(self) -> timedelta:
         """CXRELAY_LEDGER_RETENTION (else its `_DAYS` form, else 90 days); never shorter than
         the inbox's: the ledger is what makes a late duplicate of a kept event harmless."""
-        if self.ledger_retention is not None:
-            ledger = self.ledger_retention
-        else:
-            ledger = timedelta(days=self.ledger_retention_days if self.ledger_retention_days
-                               else 90)
-        return max(ledger, self.retention_window)
+        return max(_window(self.ledger_retention, self.ledger_retention_days, 90),
+                   self.retention_window)
 
     @property
     def settle_seconds(self) -> float:
@@ -272,6 +266,13 @@ class Settings(BaseSettings):
     def genesys_urls(self) -> tuple[str, str]:
         return genesys_urls(self.genesys_cloud_region, self.genesys_api_url,
                             self.genesys_login_url)
+
+
+def _window(duration: timedelta | None, days: float | None, default_days: float) -> timedelta:
+    """A retention setting: its duration form, else its older `_DAYS` form, else the default."""
+    if duration is not None:
+        return duration
+    return timedelta(days=days if days else default_days)
 
 
 def require(value: object, variable: str, purpose: str) -> None:
