@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -229,43 +230,45 @@ def test_pending_artifacts_are_leased_to_one_writer(any_store: Store) -> None:
         sorted(inbox)[3:]
 
 
-def test_a_pruned_event_leaves_no_artifact_to_write(tmp_path: Path) -> None:
+@pytest.fixture
+def two_finished(tmp_path: Path) -> Iterator[tuple[Store, dict[int, str]]]:
+    """A store with two finished events whose artifacts are pending."""
     store = Store(f"sqlite:///{tmp_path / 'cxrelay.db'}")
     try:
         inbox = events(store, 2)
         for inbox_id, conversation in inbox.items():
             store.finish(inbox_id, outcome="delivered", detail={"conversation_id": conversation},
                          artifact=ArtifactLink(None, None))
-        gone = min(inbox)
-        with store.transaction() as conn:
-            conn.exec_driver_sql(f"DELETE FROM inbox WHERE id = {gone}")
-        assert [a.inbox_id for a in store.take_artifacts(limit=10, lease_seconds=60)] == [max(inbox)]
-        assert store.pending_artifacts() == 1  # the one taken; the pruned one is gone
+        yield store, inbox
     finally:
         store.close()
 
 
-def test_an_artifact_older_than_the_prefect_window_is_not_written(tmp_path: Path) -> None:
+def test_a_pruned_event_leaves_no_artifact_to_write(
+        two_finished: tuple[Store, dict[int, str]]) -> None:
+    store, inbox = two_finished
+    gone = min(inbox)
+    with store.transaction() as conn:
+        conn.exec_driver_sql(f"DELETE FROM inbox WHERE id = {gone}")
+    assert [a.inbox_id for a in store.take_artifacts(limit=10, lease_seconds=60)] == [max(inbox)]
+    assert store.pending_artifacts() == 1  # the one taken; the pruned one is gone
+
+
+def test_an_artifact_older_than_the_prefect_window_is_not_written(
+        two_finished: tuple[Store, dict[int, str]]) -> None:
     """The server would delete it on arrival: it is dropped, and the store keeps no row of it."""
     from datetime import datetime, timedelta, timezone
 
-    store = Store(f"sqlite:///{tmp_path / 'cxrelay.db'}")
-    try:
-        inbox = events(store, 2)
-        for inbox_id, conversation in inbox.items():
-            store.finish(inbox_id, outcome="delivered", detail={"conversation_id": conversation},
-                         artifact=ArtifactLink(None, None))
-        old = min(inbox)
-        with store.transaction() as conn:
-            conn.exec_driver_sql("UPDATE inbox SET finished_at = '2020-01-01 00:00:00.000000' "
-                                 f"WHERE id = {old}")
-        taken = store.take_artifacts(limit=10, lease_seconds=60,
-                                     finished_after=datetime.now(timezone.utc)
-                                     - timedelta(seconds=60))
-        assert [a.inbox_id for a in taken] == [max(inbox)]
-        assert store.pending_artifacts() == 1  # the one taken; the old one is gone
-    finally:
-        store.close()
+    store, inbox = two_finished
+    old = min(inbox)
+    with store.transaction() as conn:
+        conn.exec_driver_sql("UPDATE inbox SET finished_at = '2020-01-01 00:00:00.000000' "
+                             f"WHERE id = {old}")
+    taken = store.take_artifacts(limit=10, lease_seconds=60,
+                                 finished_after=datetime.now(timezone.utc)
+                                 - timedelta(seconds=60))
+    assert [a.inbox_id for a in taken] == [max(inbox)]
+    assert store.pending_artifacts() == 1  # the one taken; the old one is gone
 
 
 @pytest.mark.usefixtures("prefect_api")
