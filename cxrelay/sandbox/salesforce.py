@@ -375,8 +375,7 @@ class SalesforceEmulator(Emulator):
             return sf_error(400, "MALFORMED_QUERY", str(exc))
         with self.lock:
             rows = shape(self._live(select.sobject), select, request.path_params["version"])
-        return JSONResponse({"totalSize": len(rows), "done": True, "records": rows},
-                            headers=self._limit_headers())
+        return JSONResponse({"totalSize": len(rows), "done": True, "records": rows})
 
     async def search(self, request: Request, payload: Any) -> Response:
         denied = self._authorize(request)
@@ -398,7 +397,7 @@ class SalesforceEmulator(Emulator):
                            if r.get("_searchable_at", 0) <= now
                            and any(match(r, term) for term in search.terms)]
                 found += shape(indexed, select, request.path_params["version"])
-        return JSONResponse({"searchRecords": found}, headers=self._limit_headers())
+        return JSONResponse({"searchRecords": found})
 
     async def delete_record(self, request: Request, payload: Any) -> Response:
         denied = self._authorize(request)
