@@ -106,9 +106,10 @@ class SlackClient:
         for message in data.get("messages") or []:
             metadata = message.get("metadata") or {}
             payload = metadata.get("event_payload") or {}
+            # a digest names each conversation it shows
+            shown = payload.get("conversation_ids") or [payload.get("conversation_id")]
             if (metadata.get("event_type") == "cxrelay_delivery"
-                    and payload.get("conversation_id") == conversation_id
-                    and payload.get("target") == target):
+                    and conversation_id in shown and payload.get("target") == target):
                 return SlackMessage(channel=data.get("channel") or channel, ts=message["ts"])
         return None
 

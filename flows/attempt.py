@@ -69,6 +69,20 @@ def fence_key(event: CanonicalEvent) -> str | None:
     return key.encode() if key else None
 
 
+@dataclass(frozen=True)
+class Subject:
+    """What a delivery is of, as the ledger sees it: the conversation, the event whose data
+    it carries, and that data's order key (`fence_key`)."""
+
+    conversation_id: str
+    event_id: str
+    order_key: str | None
+
+    @classmethod
+    def of(cls, event: CanonicalEvent) -> Subject:
+        return cls(event.conversation_id, event.event_id, fence_key(event))
+
+
 @dataclass
 class Delivery:
     """What the ledger granted this attempt; the caller sets `ref` once the target has it."""
@@ -103,14 +117,48 @@ class Delivery:
                 "by_event": self.reservation.event_id}
 
 
+@dataclass
+class Held:
+    """A reservation of a batch (a Slack digest): the batch records or gives up each."""
+
+    subject: Subject
+    key: dict[str, Any]
+    digest: str
+    delivery: Delivery
+
+
+async def reserve(store: Store, subject: Subject, target: str, action: str, owner: str,
+                  digest: str) -> Held:
+    """`attempt`'s reservation without its context, for a request that carries several
+    conversations: InFlight while another attempt holds one."""
+    key: dict[str, Any] = {"conversation_id": subject.conversation_id, "target": target,
+                           "action": action, "owner": owner}
+    reservation = await store.calls(store.reserve, **key, payload_sha256=digest,
+                                    order_key=subject.order_key)
+    if not (reservation.granted or reservation.already_done or reservation.stale):
+        raise InFlight(f"{target}: another event of conversation {subject.conversation_id} "
+                       "is being delivered", retry_after=1.0)
+    return Held(subject, key, digest, Delivery(reservation, subject.event_id))
+
+
+async def record_held(store: Store, held: Held) -> None:
+    await store.calls(store.complete, **held.key, external_ref=held.delivery.ref,
+                      payload_sha256=held.digest, event_id=held.subject.event_id,
+                      order_key=held.subject.order_key)
+
+
+async def release_held(store: Store, held: Held, exc: BaseException) -> None:
+    await store.calls(store.unreserve, **held.key, uncertain=isinstance(exc, OutcomeUnknown))
+
+
 @asynccontextmanager
-async def attempt(store: Store, event: CanonicalEvent, target: str, action: str, owner: str,
-                  digest: str) -> AsyncIterator[Delivery]:
+async def attempt(store: Store, event: Subject | CanonicalEvent, target: str, action: str,
+                  owner: str, digest: str) -> AsyncIterator[Delivery]:
     """Reserve (conversation, target, action) for this payload; raises InFlight while another
     attempt holds it. See the module docstring for the shape of a delivery."""
     key: dict[str, Any] = {"conversation_id": event.conversation_id, "target": target,
                            "action": action, "owner": owner}
-    order_key = fence_key(event)
+    order_key = event.order_key if isinstance(event, Subject) else fence_key(event)
     reservation = await store.calls(store.reserve, **key, payload_sha256=digest,
                                     order_key=order_key)
     hold = (event.conversation_id, target, action)

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cxrelay.connectors.salesforce import SalesforceClient, SalesforceRejected
+from cxrelay.connectors.salesforce import SalesforceClient, SalesforceRejected, UpsertResult
 from cxrelay.core.customers import CustomerKeys, candidates, choose, confirmed_by_phone, lookups
 from cxrelay.core.pipeline import SalesforceTargetConfig
 from cxrelay.flows.cache import SharedCache
 from cxrelay.flows.limits import Limits
+from cxrelay.flows.sfbatch import SalesforceBatch
 
 # What Salesforce says when a record we point at is gone or is not what we thought: the
 # cached resolution is stale (deleted, merged, converted).
@@ -55,7 +56,18 @@ class CustomerCache(SharedCache[Resolution]):
     together share one resolution (so two first calls at once create one Lead here)."""
 
 
-async def resolve_customer(client: SalesforceClient, target: SalesforceTargetConfig,
+async def upsert_one(client: SalesforceClient | SalesforceBatch, limits: Limits, sobject: str,
+                  field: str, value: str, fields: dict[str, Any]) -> UpsertResult:
+    """One upsert by external id; in a batch, with the batch's others (the batch holds the
+    Salesforce limit's slot for its request: a delivery holding one while it waits on the
+    batch would leave none for the batch)."""
+    if isinstance(client, SalesforceBatch):
+        return await client.upsert(sobject, field, value, fields)
+    async with limits.salesforce():
+        return await client.upsert(sobject, field, value, fields)
+
+
+async def resolve_customer(client: SalesforceClient | SalesforceBatch, target: SalesforceTargetConfig,
                            keys: CustomerKeys, lead_fields: dict[str, Any], limits: Limits,
                            calls: Calls) -> Resolution:
     """Try each lookup in order; the first that finds anyone decides. Nobody: upsert a Lead
@@ -65,13 +77,16 @@ async def resolve_customer(client: SalesforceClient, target: SalesforceTargetCon
     tried: list[str] = []
     for lookup in lookups(keys, customer.contact_external_id_field,
                           customer.customer_key_field):
-        async with limits.salesforce():
-            if lookup.api == "sosl":
-                calls.searches += 1
-                records = await client.search(lookup.text)
-            else:
-                calls.queries += 1
-                records = await client.query(lookup.text)
+        if lookup.api == "sosl":
+            calls.searches += 1
+        else:
+            calls.queries += 1
+        if isinstance(client, SalesforceBatch):  # with the batch's other callers
+            records = await client.find(lookup)
+        else:
+            async with limits.salesforce():
+                records = await (client.search(lookup.text) if lookup.api == "sosl"
+                                 else client.query(lookup.text))
         found = candidates(records)
         if lookup.kind == "phone":
             found = confirmed_by_phone(found, lookup.value, keys.region)
@@ -80,17 +95,16 @@ async def resolve_customer(client: SalesforceClient, target: SalesforceTargetCon
         if choice is not None:
             return Resolution(choice.who.id, choice.who.type, choice.by,
                               [c.describe() for c in choice.others], tried)
-    async with limits.salesforce():
-        calls.writes += 1
-        result = await client.upsert(target.object, customer.customer_key_field,
-                                     keys.customer_key, lead_fields)
+    calls.writes += 1
+    result = await upsert_one(client, limits, target.object, customer.customer_key_field,
+                           keys.customer_key, lead_fields)
     if result.record_id is None:
         raise SalesforceRejected(f"upsert {target.object}: no id in the answer", "", [])
     return Resolution(result.record_id, target.object,
                       "created" if result.created else "created_concurrently", [], tried)
 
 
-async def log_conversation(client: SalesforceClient, target: SalesforceTargetConfig,
+async def log_conversation(client: SalesforceClient | SalesforceBatch, target: SalesforceTargetConfig,
                            payload: dict[str, Any], cache: CustomerCache,
                            limits: Limits) -> dict[str, Any]:
     """Resolve the customer (cached) and upsert the conversation's Task on them. A cached
@@ -108,10 +122,10 @@ async def log_conversation(client: SalesforceClient, target: SalesforceTargetCon
     while True:
         task = {**payload["activity_fields"], "WhoId": resolution.who_id}
         try:
-            async with limits.salesforce():
-                calls.writes += 1
-                result = await client.upsert(activity.object, activity.external_id_field,
-                                             payload["activity_external_id"], task)
+            calls.writes += 1
+            result = await upsert_one(client, limits, activity.object,
+                                   activity.external_id_field,
+                                   payload["activity_external_id"], task)
             break
         except SalesforceRejected as exc:
             if not cached or resolved_again or exc.code not in STALE_REFERENCE_CODES:

@@ -30,6 +30,7 @@ from cxrelay.core.history import trim_interval
 from cxrelay.core.outcome import EventSummary, Next, Outcome, Stage, after_failure
 from cxrelay.core.redact import mask_text
 from cxrelay.flows import duties
+from cxrelay.flows.deliveries import run_drainers
 from cxrelay.flows.duties import Duty
 from cxrelay.flows.lanes import Lane, open_lane
 from cxrelay.flows.notification_gaps import GapFiller
@@ -192,6 +193,11 @@ class Dispatcher:
         settle = self.runtime.settings.settle_seconds if in_lanes else 0.0
         await self.runtime.artifacts.start(self.store, self.runtime.settings.prefect_retention)
         duty_tasks = duties.start(self.duties(), stop)
+        # Each target's deliveries, at its own pace (flows/deliveries.py); they stop after the
+        # lanes, so that what the lanes map last is on its way too.
+        delivering = asyncio.Event()
+        drainers = asyncio.create_task(run_drainers(self.runtime, self.worker_id, self.lease,
+                                                    delivering))
         stopper: asyncio.Task[Any] | None = None
         try:
             while not stop.is_set():
@@ -244,6 +250,12 @@ class Dispatcher:
             await duties.finish(duty_tasks)  # a gap's claim is released or runs out
             await self._drain()
             await self._close_lanes()
+            delivering.set()
+            try:
+                await asyncio.wait_for(drainers, timeout=10.0)
+            except (asyncio.TimeoutError, Exception):  # claims run out; another takes them
+                logger.exception("the drainers did not stop in time")
+                drainers.cancel()
             await self.runtime.artifacts.aclose()
 
     def _claim_at_least(self) -> int:

@@ -77,6 +77,11 @@ class TokenBucket:
         self._refill(time.monotonic() if now is None else now)
         self.tokens = min(self.tokens, 0.0) - tokens
 
+    def wait(self, now: float | None = None) -> float:
+        """The seconds until a token is there to take (0: now), taking none."""
+        self._refill(time.monotonic() if now is None else now)
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
     def resize(self, capacity: int, rate: float) -> None:
         self._refill(time.monotonic())
         self.capacity, self.rate = float(capacity), rate
@@ -223,6 +228,16 @@ class Limits:
     async def slack(self, channel: str) -> None:
         """Before chat.postMessage: the channel's limit."""
         await self._rate(slack_limit_name(channel), *SLACK_DEFAULT)
+
+    async def slack_wait(self, channel: str) -> float:
+        """The seconds until the channel can take a message (0: now), taking nothing: a
+        channel's drainer turns what waits meanwhile into one digest."""
+        if not self.enabled:
+            return 0.0
+        limit = await self._limit(slack_limit_name(channel), *SLACK_DEFAULT)
+        if not limit.active or limit.bucket is None:
+            return 0.0
+        return limit.bucket.wait()
 
     async def slack_update(self) -> None:
         """Before chat.update: Slack counts it per workspace (Tier 3), not per channel."""

@@ -1,5 +1,7 @@
-"""One event's steps — verify, deduplicate, filter, enrich, map, deliver — and the
-`process-event` flow that runs them as task runs of their own.
+"""One event's steps — verify, deduplicate, filter, enrich, map — and the `process-event`
+flow that runs them as task runs of their own. They end by handing each target its mapped
+payload (a pending delivery, in the transaction that finishes the event); each target's drainer
+delivers at that target's own pace (`cxrelay.flows.deliveries`), so no target waits on another.
 
 The dispatcher runs a new event in a lane (`cxrelay.flows.lanes`): one task run
 `conversation-<id>` doing every step inline, at the cost of a task run, not a flow run. An event
@@ -10,11 +12,10 @@ Replays and the `deployment` dispatcher mode use `process-event` too.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, cast
 
 from prefect import flow, get_run_logger
@@ -28,13 +29,15 @@ from cxrelay.core import ordering
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.core.errors import CxrelayError, PermanentError, full_text
 from cxrelay.core.filters import first_failing_rule
-from cxrelay.core.outcome import FILTERED, WAITING, EventSummary, Next, Outcome, Stage, after_failure
+from cxrelay.core.outcome import FILTERED, QUEUED, EventSummary, Next, Outcome, Stage, after_failure
 from cxrelay.core.redact import mask_text
 from cxrelay.flows import steps
 from cxrelay.flows.artifacts import description
+from cxrelay.flows.attempt import Subject
 from cxrelay.flows.report import artifact_key, render_report
 from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
+from cxrelay.store.deliveries import NewDelivery
 from cxrelay.store.models import InboxEvent
 
 logger = logging.getLogger("cxrelay.dispatcher")
@@ -110,30 +113,28 @@ async def _enrich(runtime: Runtime, conversation_id: str, inline: bool) -> dict[
     return await _enrich_task(seconds, runtime.settings.persist_enrichment)(conversation_id)
 
 
-async def _deliver(runtime: Runtime, row: InboxEvent, event: CanonicalEvent, target: Any,
-                   context: dict[str, Any], inline: bool,
-                   merged: Sequence[int] = ()) -> dict[str, Any]:
-    """Map and deliver one target, unless its own filters reject the event (`filtered`, naming
-    the rule); any failure ends in the dead letters, never in the others (a merged delivery's
-    dead letter names every event it merged)."""
+async def _map(runtime: Runtime, row: InboxEvent, event: CanonicalEvent, target: Any,
+               context: dict[str, Any], inline: bool,
+               merged: Sequence[int] = ()) -> tuple[dict[str, Any], NewDelivery | None]:
+    """Map one target's payload, unless its own filters reject the event (`filtered`, naming
+    the rule): the target's result so far, and the delivery its drainer is to make. A payload
+    that cannot be mapped dead-letters for that target alone."""
     rule = first_failing_rule(target.filters, context)
     if rule is not None:
-        return {"status": FILTERED, "filtered_by": rule.name}
-    owner = f"inbox:{row.id}"
-    if inline:
-        try:
-            return await steps.deliver(runtime, target, event, owner, context)
-        except Exception as exc:
-            if _raise_in_lane(inline, exc):
-                raise
-            return await _dead_letter_row(runtime, row, target.name, exc, attempts=1,
-                                          merged=merged)
+        return {"status": FILTERED, "filtered_by": rule.name}, None
     try:
-        return await steps.deliver_task_for(target)(target.name, quote(event), owner,
-                                                    quote(context))
+        payload = await steps.render(runtime, target, context)
     except Exception as exc:
-        return await _dead_letter_row(runtime, row, target.name, exc,
-                                      attempts=target.retries + 1)
+        if _raise_in_lane(inline, exc):
+            raise
+        return await _dead_letter_row(runtime, row, target.name, exc, attempts=1,
+                                      merged=merged), None
+    subject = Subject.of(event)
+    return {"status": QUEUED, "warnings": payload.get("warnings", [])}, NewDelivery(
+        target=target.name, lane=steps.delivery_lane(target, payload),
+        conversation_id=event.conversation_id, event_id=event.event_id,
+        order_key=subject.order_key, payload=payload,
+        merged_inbox_ids=[i for i in merged if i != row.id])
 
 
 @flow(name="process-event", flow_run_name="conversation-{conversation_id}",
@@ -201,9 +202,7 @@ async def handle_settled(runtime: Runtime, rows: list[InboxEvent]) -> EventSumma
     result = await _deliver_event(runtime, leader, merged, summary, inline=True,
                                   merged_ids=[row.id for row, _ in passing if row.id is not None])
     for row, _ in passing:
-        if row is not leader and result.outcome is Outcome.RETRY_LATER:
-            await _wait(runtime, row, result)
-        elif row is not leader:
+        if row is not leader:
             await _finish(runtime, replace(result, inbox_id=row.id, event_id=row.event_id,
                                            event_type=row.event_type, source=row.source,
                                            merged=None, merged_into=leader.event_id),
@@ -241,42 +240,16 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
                 summary.outcome, summary.reason = Outcome.DEAD_LETTERED, _error_text(exc)
                 return await _finish(runtime, summary, inline)
 
-    # Every target runs to its end before a failure is raised: nothing is left half-sent
-    # behind an event that a per-event run is about to take over.
-    results = await asyncio.gather(
-        *(_deliver(runtime, row, event, target, context, inline, merged_ids)
-          for target in targets),
-        return_exceptions=True)
-    delivered: dict[str, dict[str, Any]] = {}
-    for target, result in zip(targets, results, strict=True):
-        if isinstance(result, BaseException):
-            raise result
-        delivered[target.name] = result
-    if summary.decided(delivered) is Outcome.RETRY_LATER:
-        await _wait(runtime, row, summary)
-        return summary
-    return await _finish(runtime, summary, inline)
+    mapped = [await _map(runtime, row, event, target, context, inline, merged_ids)
+              for target in targets]
+    summary.decided({target.name: result for target, (result, _) in zip(targets, mapped,
+                                                                         strict=True)})
+    deliveries = [delivery for _, delivery in mapped if delivery is not None]
+    return await _finish(runtime, summary, inline, deliveries)
 
 
-async def _wait(runtime: Runtime, row: InboxEvent, summary: EventSummary) -> None:
-    """A target is paused: give the event back, unfinished, as a first attempt again (it runs
-    in a lane when it looks again); the targets it reached are done in the ledger and are not
-    repeated. It comes back for the target's next probe if it is the one that probes, else
-    when the target resumes (`Store.release_waiting`)."""
-    waits = sorted((datetime.fromisoformat(r["until"]), name, r.get("scope") or "")
-                   for name, r in summary.targets.items()
-                   if r.get("status") == WAITING and r.get("until"))
-    if not waits:
-        await runtime.store.calls(runtime.store.release, row.id or 0,
-                                  worker=row.claimed_by or "", delay_seconds=1.0, waiting=True)
-        return
-    until, target, scope = waits[0]
-    await runtime.store.calls(runtime.store.release_waiting, row.id or 0,
-                              worker=row.claimed_by or "", target=target, scope=scope,
-                              probe_at=until)
-
-
-async def _finish(runtime: Runtime, summary: EventSummary, inline: bool) -> EventSummary:
+async def _finish(runtime: Runtime, summary: EventSummary, inline: bool,
+                  deliveries: Sequence[NewDelivery] = ()) -> EventSummary:
     """Record the outcome. A lane's artifact is recorded as pending with it and written by the
     dispatcher's writer when it has CPU to spare (see flows/artifacts.py); a run of its own
     writes its artifact first, then finishes the event: a crash between the two runs the event
@@ -289,7 +262,9 @@ async def _finish(runtime: Runtime, summary: EventSummary, inline: bool) -> Even
                                         markdown=render_report(detail),
                                         description=description(summary.outcome))
     await runtime.store.calls(runtime.store.finish, summary.inbox_id,
-                              outcome=summary.outcome, detail=detail, artifact=link)
+                              outcome=summary.outcome, detail=detail, artifact=link,
+                              deliveries=deliveries)
+    runtime.deliveries_recorded({delivery.target for delivery in deliveries})
     if link is not None:
         runtime.artifacts.wake()
     return summary

@@ -46,6 +46,15 @@ class Runtime:
     # Cleared by the dispatcher while the receiver is flooded (see `Dispatcher._yield_check`);
     # lanes in this process wait on it between events.
     ingest_calm: asyncio.Event = field(default_factory=asyncio.Event)
+    # target → set when an event of this process records a delivery for it: its drainer
+    # (`cxrelay.flows.deliveries`) looks at once instead of at its next poll.
+    delivery_wakers: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def deliveries_recorded(self, targets: set[str]) -> None:
+        for target in targets:
+            waker = self.delivery_wakers.get(target)
+            if waker is not None:
+                waker.set()
 
     def __post_init__(self) -> None:
         self.limits.enabled = self.settings.prefect_limits

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -22,19 +22,19 @@ from cxrelay.connectors.http import HttpTarget
 from cxrelay.connectors.salesforce import SalesforceClient
 from cxrelay.connectors.slack import SlackClient, SlackMessageGone
 from cxrelay.core import ordering
+from cxrelay.core.customers import CustomerKeys
 from cxrelay.core.drift import EVENT_TIME_FIELD, Finding, detect_drift
 from cxrelay.core.envelope import CanonicalEvent, normalise
 from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
-from cxrelay.core.health import Action
 from cxrelay.core.jsonbody import BodyError, parse_body
-from cxrelay.core.outcome import STALE, UNCHANGED, WAITING
 from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target, render_target
-from cxrelay.flows.attempt import InFlight, attempt, honour_retry_after
-from cxrelay.flows.customer import CustomerCache, log_conversation
+from cxrelay.flows.attempt import Subject, attempt, honour_retry_after
+from cxrelay.flows.customer import CustomerCache, log_conversation, upsert_one
 from cxrelay.flows.limits import Limits
 from cxrelay.flows.runtime import Runtime, get_runtime
+from cxrelay.flows.sfbatch import SalesforceBatch
 from cxrelay.store.database import Store
 from cxrelay.store.models import InboxEvent
 
@@ -53,7 +53,7 @@ def payload_digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def delivery_metadata(event: CanonicalEvent, target: str) -> dict[str, Any]:
+def delivery_metadata(event: Subject, target: str) -> dict[str, Any]:
     """Slack message metadata that lets a later attempt recognise a message as ours."""
     return {"event_type": "cxrelay_delivery",
             "event_payload": {"conversation_id": event.conversation_id, "target": target}}
@@ -158,57 +158,46 @@ async def fetch_conversation(runtime: Runtime, conversation_id: str) -> dict[str
 ACTIONS = {"salesforce": "upsert", "slack": "message", "http": "post"}
 
 
-async def deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner: str,
-                  context: dict[str, Any]) -> dict[str, Any]:
-    """Map the target's payload and deliver it exactly once — unless the target is paused
-    (issue 17): then the event waits for it, durably, and spends no retry; one event at a
-    time probes it. What the target answers is reported to its health."""
-    gate = await runtime.health_gate()
-    scope = await runtime.target_scope(target)
-    # The holder is the event (its inbox row), not its conversation: two events of one
-    # conversation (a retry's own run beside a lane) must not share the probe slot.
-    decision = await gate.decide(target.name, scope, holder=owner)
-    if decision.action is Action.WAIT:
-        await gate.waiting(conversation_id=event.conversation_id, target=target.name,
-                           action=ACTIONS[target.type])
-        return {"status": WAITING, "until": decision.until.isoformat() if decision.until
-                else None, "scope": scope}
-    probing = decision.action is Action.PROBE
-    try:
-        result = await _deliver(runtime, target, event, owner, context)
-    except RetryableError as exc:
-        if not isinstance(exc, InFlight):  # another event's delivery is not the target's fault
-            await gate.failed(target.name, scope, exc)
-        elif probing:
-            await gate.probe_sent_nothing(target.name, scope, owner)
-        raise
-    except Exception:
-        if probing:  # a 4xx, a mapping error: nothing says the target is back or still down
-            await gate.probe_sent_nothing(target.name, scope, owner)
-        raise
-    if result["status"] not in (UNCHANGED, STALE) and not result.get("earlier_attempt"):
-        await gate.succeeded(target.name, scope)
-    elif probing:
-        await gate.probe_sent_nothing(target.name, scope, owner)
-    return result
+async def render(runtime: Runtime, target: Target, context: dict[str, Any]) -> dict[str, Any]:
+    """The target's payload, mapped from the event's context, in the JSON form a pending
+    delivery keeps (`cxrelay.store.deliveries`). Raises `MappingError`/`ConfigError`."""
+    if isinstance(target, SlackTargetConfig):
+        _, default_channel = await runtime.slack()
+        return render_target(runtime.mapper, target, context, default_channel)
+    payload = render_target(runtime.mapper, target, context)
+    if isinstance(payload.get("customer"), CustomerKeys):
+        payload["customer"] = asdict(payload["customer"])
+    return payload
 
 
-async def _deliver(runtime: Runtime, target: Target, event: CanonicalEvent, owner: str,
-                   context: dict[str, Any]) -> dict[str, Any]:
+def delivery_lane(target: Target, payload: dict[str, Any]) -> str:
+    """What a target's pace is kept for within it: a Slack channel's ~1 message/s is its own."""
+    return str(payload.get("channel") or "") if isinstance(target, SlackTargetConfig) else ""
+
+
+def customer_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """A stored Salesforce payload with its customer keys as the resolution reads them."""
+    keys = payload.get("customer")
+    return {**payload, "customer": CustomerKeys(**keys)} if isinstance(keys, dict) else payload
+
+
+async def send(runtime: Runtime, target: Target, subject: Subject, owner: str,
+               payload: dict[str, Any], client: Any = None) -> dict[str, Any]:
+    """Deliver one mapped payload exactly once (the ledger); `client` stands in for the
+    target's own (a Salesforce batch's)."""
     store = runtime.store
     if isinstance(target, SalesforceTargetConfig):
-        client: Any = await runtime.salesforce()
-        payload = render_target(runtime.mapper, target, context)
-        result = await deliver_salesforce(store, client, target, event, owner, payload,
-                                          runtime.limits, runtime.customers)
+        client = client or await runtime.salesforce()
+        result = await deliver_salesforce(store, client, target, subject, owner,
+                                          customer_of(payload), runtime.limits,
+                                          runtime.customers)
     elif isinstance(target, SlackTargetConfig):
-        client, default_channel = await runtime.slack()
-        payload = render_target(runtime.mapper, target, context, default_channel)
-        result = await deliver_slack(store, client, target, event, owner, payload, runtime.limits)
+        client, _ = await runtime.slack()
+        result = await deliver_slack(store, client, target, subject, owner, payload,
+                                     runtime.limits)
     else:
         client = runtime.http(target.name, target.url, target.headers)
-        payload = render_target(runtime.mapper, target, context)
-        result = await deliver_http(store, client, target, event, owner, payload)
+        result = await deliver_http(store, client, target, subject, owner, payload)
     return {**result, "warnings": payload.get("warnings", [])}
 
 
@@ -238,31 +227,8 @@ async def enrich_task(conversation_id: str) -> dict[str, Any]:
         lambda: fetch_conversation(runtime, conversation_id))
 
 
-@task(name="deliver", cache_policy=NO_CACHE, persist_result=False,
-      retry_condition_fn=only_retryable)
-async def deliver_task(target_name: str, event: CanonicalEvent, owner: str,
-                       context: dict[str, Any]) -> dict[str, Any]:
-    """Map one target's payload and deliver it exactly once (retried when transient)."""
-    runtime = get_runtime()
-    return await deliver(runtime, runtime.pipeline.target(target_name), event, owner, context)
-
-
-_deliver_tasks: dict[tuple[str, int, float], Any] = {}
-
-
-def deliver_task_for(target: Target) -> Any:
-    """`deliver-<target>` with the target's retries; built once per target (building a task
-    is not free: Prefect reads its source)."""
-    key = (target.name, target.retries, target.retry_max_delay_seconds)
-    if key not in _deliver_tasks:
-        _deliver_tasks[key] = deliver_task.with_options(
-            name=f"deliver-{target.name}", retries=target.retries,
-            retry_delay_seconds=backoff(target.retries, cap=target.retry_max_delay_seconds))
-    return _deliver_tasks[key]
-
-
-async def deliver_salesforce(store: Store, client: SalesforceClient,
-                             target: SalesforceTargetConfig, event: CanonicalEvent, owner: str,
+async def deliver_salesforce(store: Store, client: SalesforceClient | SalesforceBatch,
+                             target: SalesforceTargetConfig, event: Subject, owner: str,
                              payload: dict[str, Any], limits: Limits,
                              customers: CustomerCache | None = None) -> dict[str, Any]:
     """Upsert the record by its external id: one record per conversation, however often. With
@@ -281,16 +247,15 @@ async def deliver_salesforce(store: Store, client: SalesforceClient,
                                             customers or CustomerCache(), limits)
             delivery.ref = logged["ref"] or delivery.previous_ref
             return logged
-        async with limits.salesforce():
-            result = await client.upsert(target.object, target.external_id_field,
-                                         payload["external_id"], payload["fields"])
+        result = await upsert_one(client, limits, target.object, target.external_id_field,
+                                  payload["external_id"], payload["fields"])
         delivery.ref = result.record_id or delivery.previous_ref
     return {"status": "created" if result.created else "updated", "ref": delivery.ref,
             "http_status": result.status}
 
 
 async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetConfig,
-                        event: CanonicalEvent, owner: str,
+                        event: Subject, owner: str,
                         payload: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """Post once per conversation; a later event of it updates that message (Slack has no
     idempotency key, so the ledger keeps the message's channel and ts)."""
@@ -324,7 +289,7 @@ async def deliver_slack(store: Store, client: SlackClient, target: SlackTargetCo
 
 
 async def deliver_http(store: Store, client: HttpTarget, target: HttpTargetConfig,
-                       event: CanonicalEvent, owner: str, payload: dict[str, Any]) -> dict[str, Any]:
+                       event: Subject, owner: str, payload: dict[str, Any]) -> dict[str, Any]:
     """POST the mapped body with X-Idempotency-Key = a key of conversation, target and the
     payload's version (its digest)."""
     digest = payload_digest([target.url, payload["body"]])

@@ -193,6 +193,30 @@ def lookups(keys: CustomerKeys, contact_field: str, key_field: str,
     return plan
 
 
+def batch_lookup(kind: LookupKind, values: list[str], contact_field: str, key_field: str,
+                 select: list[str] | None = None) -> tuple[Literal["soql", "sosl"], str]:
+    """One request for the lookups of `kind` of several callers: SOQL `IN (…)` for the
+    external contact ids and the customer keys, SOSL `FIND {a OR b OR …}` for the phones (each
+    caller then keeps the candidates that carry its own E.164: `confirmed_by_phone`)."""
+    select = select or ["Id", "Name", "LastModifiedDate"]
+    if kind == "phone":
+        terms = " OR ".join(sosl_escape(search_digits(v)) for v in dict.fromkeys(values))
+        return "sosl", (f"FIND {{{terms}}} IN PHONE FIELDS RETURNING "
+                        f"Contact({_with(select, CONTACT_PHONE_FIELDS)}), "
+                        f"Lead({_with(select, LEAD_PHONE_FIELDS)} WHERE IsConverted = false)")
+    sobject, field_name, also = (("Contact", contact_field, None) if kind == "external_contact"
+                                 else ("Lead", key_field, "IsConverted = false"))
+    quoted = ", ".join(soql_quote(v) for v in dict.fromkeys(values))
+    conditions = " AND ".join([f"{_ident(field_name)} IN ({quoted})", *([also] if also else [])])
+    return "soql", (f"SELECT {_with(select, (field_name,))} FROM {_ident(sobject)} "
+                    f"WHERE {conditions} ORDER BY LastModifiedDate DESC")
+
+
+def lookup_field(kind: LookupKind, contact_field: str, key_field: str) -> str | None:
+    """The field a batched SOQL lookup's records are given back to their caller by."""
+    return {"external_contact": contact_field, "customer_key": key_field}.get(kind)
+
+
 @dataclass(frozen=True)
 class Candidate:
     id: str

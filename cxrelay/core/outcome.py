@@ -19,6 +19,7 @@ class Outcome(str, Enum):
     FILTERED = "filtered"            # a filter rule dropped it
     FAILED = "failed"                # its runs crashed too often (dead-lettered as a whole)
     RETRY_LATER = "retry_later"      # a target is paused: the event waits for it, unfinished
+    DELIVERING = "delivering"        # mapped; a target's delivery is still on its way
 
     def __str__(self) -> str:
         return self.value
@@ -32,11 +33,14 @@ WAITING = "waiting"  # a target's status while it is paused (cxrelay.core.health
 UNCHANGED = "unchanged"
 DELIVERED = "delivered"
 FILTERED = "filtered"  # a target's status when its own filters rejected the event
+# A target's status from mapping until its drainer settles the delivery (its own pace).
+QUEUED = "queued"
 
 
 def event_outcome(target_statuses: Iterable[str]) -> Outcome:
     """Targets whose own filters rejected the event do not count (filtered when that is all of
-    them). Then: retry_later while any target is paused; else, when no target dead-lettered:
+    them). Then: retry_later while any target is paused; delivering while a target's delivery is
+    on its way; else, when no target dead-lettered:
     stale when every target held newer data, unchanged when no target changed (each had this
     data, or newer), delivered when one did. dead_lettered when every target failed, partial
     between."""
@@ -46,6 +50,8 @@ def event_outcome(target_statuses: Iterable[str]) -> Outcome:
         return Outcome.FILTERED  # every target's own filters rejected it
     if WAITING in statuses:
         return Outcome.RETRY_LATER
+    if QUEUED in statuses:
+        return Outcome.DELIVERING
     failed = sum(1 for status in statuses if status == DEAD_LETTERED)
     if failed:
         return Outcome.DEAD_LETTERED if failed == len(statuses) else Outcome.PARTIAL

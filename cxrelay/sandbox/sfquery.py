@@ -1,6 +1,7 @@
 """Enough SOQL and SOSL for the sandbox's Salesforce: parse, then filter records in memory.
 
-SOQL: `SELECT f, … FROM Object [WHERE f = 'v' | f != … | f = true|false|null [AND …]]
+SOQL: `SELECT f, … FROM Object [WHERE f = 'v' | f != … | f = true|false|null | f IN ('a', …)
+[AND …]]
 [ORDER BY f [ASC|DESC]] [LIMIT n]`. SOSL: `FIND {term [OR term]} [IN PHONE FIELDS | IN ALL FIELDS]
 RETURNING Object(f, … [WHERE …] [ORDER BY …] [LIMIT n]), …`. Phone fields match by their digits
 whatever the formatting, as Salesforce's search does. Anything else raises `QueryError`, which
@@ -79,10 +80,14 @@ def _clauses(tokens: list[str], select: Select) -> None:
             if i + 2 >= len(tokens):
                 raise QueryError("incomplete WHERE")
             name, op, value = tokens[i], tokens[i + 1], tokens[i + 2]
-            if op not in {"=", "!="}:
+            if op.upper() == "IN" and value == "(":
+                values, i = _in_list(tokens, i + 3)
+                select.where.append((name, "IN", values))
+            elif op not in {"=", "!="}:
                 raise QueryError(f"unsupported operator {op}")
-            select.where.append((name, op, _literal(value)))
-            i += 3
+            else:
+                select.where.append((name, op, _literal(value)))
+                i += 3
             if i < len(tokens) and upper[i] == "AND":
                 i += 1
                 continue
@@ -197,9 +202,28 @@ def text_matches(record: dict[str, Any], term: str) -> bool:
                if not k.startswith("_"))
 
 
+def _in_list(tokens: list[str], i: int) -> tuple[list[Any], int]:
+    """The literals of `IN ( … )` from after its `(`; the index after its `)`."""
+    values: list[Any] = []
+    while i < len(tokens):
+        if tokens[i] == ")":
+            if not values:
+                raise QueryError("IN needs at least one value")
+            return values, i + 1
+        values.append(_literal(tokens[i]))
+        i += 1
+        if i < len(tokens) and tokens[i] == ",":
+            i += 1
+    raise QueryError("IN ( without its )")
+
+
 def where_holds(record: dict[str, Any], select: Select) -> bool:
     for name, op, value in select.where:
         have = record.get(name)
+        if op == "IN":
+            if not any(have == v or (v is not None and str(have) == str(v)) for v in value):
+                return False
+            continue
         equal = have == value or (value is not None and str(have) == str(value)
                                   and not isinstance(value, bool))
         if (op == "=") != equal:

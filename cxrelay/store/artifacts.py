@@ -57,20 +57,29 @@ class DueArtifact:
     leased_until: datetime
 
 
-def record_pending(conn: Any, inbox_id: int, link: ArtifactLink | None) -> None:
-    """In the caller's transaction (the one that finishes or requeues the event): the event's
-    artifact is pending, or (None) not this writer's to write — a `process-event` run writes
-    its own, and a replayed event's earlier report is not written after the replay."""
+# An event whose targets' deliveries are still on their way gets its report this much later:
+# when they settle sooner (the usual case), one report shows them all instead of one version
+# per target; a target that is slow or paused shows as queued meanwhile.
+UNSETTLED_REPORT_DELAY = timedelta(seconds=5)
+
+
+def record_pending(conn: Any, inbox_id: int, link: ArtifactLink | None,
+                   settled: bool = True) -> None:
+    """In the caller's transaction (the one that finishes or requeues the event, or settles
+    a target's delivery): the event's artifact is pending, or (None) not this writer's to
+    write — a `process-event` run writes its own, and a replayed event's earlier report is
+    not written after the replay. An event not `settled` yet gets it a little later."""
     if link is None:
         conn.execute(delete(PENDING).where(PENDING.c.inbox_id == inbox_id))
         return
+    due = utcnow() if settled else utcnow() + UNSETTLED_REPORT_DELAY
     if conn.dialect.name == "sqlite":  # every event a lane finishes (see `sqlite_execute`)
         sqlite_execute(conn, _RECORD_SQLITE, (inbox_id, link.task_run_id, link.flow_run_id,
-                                              sqlite_datetime(utcnow())))
+                                              sqlite_datetime(due)))
         return
     conn.execute(_RECORD[conn.dialect.name], {
         "inbox_id": inbox_id, "task_run_id": link.task_run_id,
-        "flow_run_id": link.flow_run_id, "due_at": utcnow()})
+        "flow_run_id": link.flow_run_id, "due_at": due})
 
 
 class ArtifactQueries(Database):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cxrelay.store.artifacts import ArtifactQueries
 from cxrelay.store.dead_letters import DeadLetterQueries
+from cxrelay.store.deliveries import DeliveryQueries
 from cxrelay.store.drift import DriftQueries
 from cxrelay.store.health import HealthQueries
 from cxrelay.store.inbox import InboxQueries
@@ -19,5 +20,6 @@ from cxrelay.store.settle import SettleQueries
 
 
 class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries,
-            SettleQueries, NotificationQueries, HealthQueries, SelectionQueries, ArtifactQueries):
+            SettleQueries, NotificationQueries, HealthQueries, SelectionQueries, ArtifactQueries,
+            DeliveryQueries):
     """SQLite (WAL) by default, PostgreSQL for scale-out; see `cxrelay.store.engine`."""

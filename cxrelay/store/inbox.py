@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 
 from cxrelay.core.envelope import CanonicalEvent
 from cxrelay.store.artifacts import ArtifactLink, record_pending
+from cxrelay.store.deliveries import NewDelivery, record_deliveries
 from cxrelay.store.engine import Database, aware, sqlite_datetime, sqlite_execute
 from cxrelay.store.models import InboxEvent, stored, utcnow
 
@@ -208,20 +209,23 @@ class InboxQueries(Database):
                       available_at=utcnow() + timedelta(seconds=delay_seconds), attempts=attempts)
 
     def finish(self, inbox_id: int, *, outcome: str, detail: dict[str, Any],
-               artifact: ArtifactLink | None = None) -> None:
+               artifact: ArtifactLink | None = None,
+               deliveries: Sequence[NewDelivery] = ()) -> None:
         """Record the event's outcome; with `artifact`, its Prefect artifact is pending in the
-        same transaction (see `cxrelay.store.artifacts`)."""
+        same transaction (see `cxrelay.store.artifacts`), and so are its targets' `deliveries`
+        (see `cxrelay.store.deliveries`)."""
         status = "failed" if outcome == "failed" else "done"
         with self.transaction() as conn:
             if self.dialect == "sqlite":
                 sqlite_execute(conn, _FINISH_SQLITE, (
                     status, outcome, json.dumps(detail, default=str),
                     sqlite_datetime(utcnow()), inbox_id))
-                record_pending(conn, inbox_id, artifact)
-                return
-            conn.execute(_FINISH, {"p_id": inbox_id, "p_status": status, "p_outcome": outcome,
-                                   "p_detail": json.dumps(detail, default=str), "p_now": utcnow()})
-            record_pending(conn, inbox_id, artifact)
+            else:
+                conn.execute(_FINISH, {"p_id": inbox_id, "p_status": status,
+                                       "p_outcome": outcome, "p_now": utcnow(),
+                                       "p_detail": json.dumps(detail, default=str)})
+            record_pending(conn, inbox_id, artifact, settled=not deliveries)
+            record_deliveries(conn, inbox_id, deliveries)
 
     def requeue(self, inbox_id: int) -> bool:
         """Make a finished event runnable again (replay), as a first attempt: it runs in a
@@ -274,7 +278,7 @@ class InboxQueries(Database):
                 handled.update(conn.execute(
                     select(INBOX.c.conversation_id).where(
                         INBOX.c.conversation_id.in_(ordered[start:start + 500]),
-                        INBOX.c.outcome.in_(["delivered", "unchanged", "partial",
+                        INBOX.c.outcome.in_(["delivered", "delivering", "unchanged", "partial",
                                               "dead_lettered", "failed", "stale"]))
                 ).scalars())
         return handled

@@ -122,6 +122,52 @@ class Delivery(SQLModel, table=True):
     waiting_since: datetime | None = None
 
 
+class PendingDelivery(SQLModel, table=True):
+    """One target's part of one event, mapped and waiting for that target (its own pace).
+
+    An event's steps up to mapping run once; each target's payload is recorded here in the
+    transaction that finishes the event, and the target's drainer delivers it when the target
+    can take it (its rate, its batches, its health). `result` is what the target answered."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("inbox_id", "target"),
+        Index("ix_deliveries_due", "target", "status", "not_before"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    inbox_id: int
+    target: str = Field(max_length=64)
+    # what the target's pace is kept for within the target: a Slack channel, else ""
+    lane: str = Field(default="", max_length=255)
+    conversation_id: str = Field(max_length=255)
+    event_id: str = Field(max_length=255)
+    order_key: str | None = Field(default=None, max_length=300)
+    payload: str = Field(sa_column=Column(Text, nullable=False))  # JSON: the mapped payload
+    merged_inbox_ids: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # pending → claimed → done
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    not_before: datetime = Field(default_factory=utcnow)
+    claimed_by: str | None = Field(default=None, max_length=128)
+    lease_until: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    result: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class SlackDigestLine(SQLModel, table=True):
+    """A conversation's line in a Slack digest message: a later event of the conversation
+    edits the digest, which is rendered again from its lines."""
+
+    __tablename__ = "slack_digest_lines"
+
+    ref: str = Field(primary_key=True, max_length=255)  # channel|ts of the digest message
+    conversation_id: str = Field(primary_key=True, max_length=255)
+    position: int = 0
+    line: str = Field(sa_column=Column(Text, nullable=False))
+
+
 class DeadLetter(SQLModel, table=True):
     __tablename__ = "dead_letters"
 

@@ -1,0 +1,58 @@
+"""When a target's batch goes, and what a Slack digest says: pure decisions of the drainers.
+
+A batch goes when it is full, when its oldest delivery has waited `linger_seconds`, or when
+nothing new has arrived for `quiet_seconds` (the stream paused: a lone conversation at a quiet
+moment goes at once). Sending "whatever is waiting" after each request instead makes batches of
+one or two when deliveries arrive at the enrichment's pace; waiting only for a full batch makes
+a quiet center's conversations wait the whole linger.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_size: int = 200
+    linger_seconds: float = 1.0
+    quiet_seconds: float = 0.05
+
+
+def batch_wait(policy: BatchPolicy, count: int, oldest_age: float, newest_age: float) -> float:
+    """0 when a batch of `count` due deliveries goes now, else the seconds to look again.
+    Ages are seconds since the oldest and the newest of them were recorded."""
+    if count <= 0:
+        return policy.linger_seconds
+    if count >= policy.max_size or oldest_age >= policy.linger_seconds \
+            or newest_age >= policy.quiet_seconds:
+        return 0.0
+    return max(0.001, min(policy.linger_seconds - oldest_age,
+                          policy.quiet_seconds - newest_age))
+
+
+# A digest is one Slack message: Slack shows about 4,000 characters of a message's text before
+# it folds it; a line per conversation, each cut to fit.
+DIGEST_MAX_LINES = 40
+DIGEST_MAX_CHARS = 3800
+LINE_MAX_CHARS = 160
+
+
+def digest_line(text: str) -> str:
+    """A conversation's message as one line of a digest: its lines joined, cut to fit."""
+    line = " · ".join(part.strip() for part in text.splitlines() if part.strip())
+    line = re.sub(r"\s+", " ", line)
+    return line if len(line) <= LINE_MAX_CHARS else line[:LINE_MAX_CHARS - 1] + "…"
+
+
+def digest_fits(lines: Mapping[str, str]) -> bool:
+    return len(lines) <= DIGEST_MAX_LINES and len(render_digest(lines)) <= DIGEST_MAX_CHARS
+
+
+def render_digest(lines: Mapping[str, str]) -> str:
+    """The digest's text: a header, then a line per conversation in the order they joined."""
+    count = len(lines)
+    header = f"*{count} conversation{'s' if count != 1 else ''}*"
+    return "\n".join([header, *(f"• {line}" for line in lines.values())])
