@@ -339,7 +339,7 @@ class SlackDrainer(Drainer):
         ready: list[str] = []
         wait = MAX_WAIT_SECONDS
         for channel in lanes:
-            seconds = await self.runtime.limits.slack_wait(channel)
+            _, seconds = await self.runtime.limits.slack_room(channel)
             if seconds <= 0:
                 ready.append(channel)
             else:
@@ -373,7 +373,8 @@ class SlackDrainer(Drainer):
                 single.append(delivery)
             else:
                 new.append(delivery)
-        if len(new) == 1:
+        room, _ = await self.runtime.limits.slack_room(batch[0].lane)
+        if len(new) <= max(1.0, room):  # the channel keeps up: a message each
             single, new = single + new, []
         outcomes = list(zip(single, await asyncio.gather(
             *(self.one(d) for d in single), return_exceptions=True), strict=True))

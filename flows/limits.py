@@ -229,15 +229,17 @@ class Limits:
         """Before chat.postMessage: the channel's limit."""
         await self._rate(slack_limit_name(channel), *SLACK_DEFAULT)
 
-    async def slack_wait(self, channel: str) -> float:
-        """The seconds until the channel can take a message (0: now), taking nothing: a
-        channel's drainer turns what waits meanwhile into one digest."""
+    async def slack_room(self, channel: str) -> tuple[float, float]:
+        """(messages the channel can take now, seconds until it can take one), taking
+        nothing: a channel's drainer posts what waits as messages of their own while they
+        fit, and as one digest when they do not. Unlimited when the limit is off."""
         if not self.enabled:
-            return 0.0
+            return float("inf"), 0.0
         limit = await self._limit(slack_limit_name(channel), *SLACK_DEFAULT)
         if not limit.active or limit.bucket is None:
-            return 0.0
-        return limit.bucket.wait()
+            return float("inf"), 0.0
+        wait = limit.bucket.wait()
+        return max(0.0, limit.bucket.tokens), wait
 
     async def slack_update(self) -> None:
         """Before chat.update: Slack counts it per workspace (Tier 3), not per channel."""
