@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     salesforce_token_url: str | None = None
     salesforce_api_version: str = "62.0"
     salesforce_block: str | None = Field(default=None, description="SalesforceTarget block name")
+    salesforce_max_api_share: float = Field(
+        default=0.8, gt=0, le=1, description="the share of the org's daily API allocation "
+        "(Sforce-Limit-Info) above which new Salesforce work waits: every other integration "
+        "of the org shares the allocation")
 
     slack_api_url: str = "https://slack.com/api/"
     slack_bot_token: SecretStr | None = None

@@ -21,6 +21,7 @@ from cxrelay.core.alerts import (
     AlertKind,
     Summary,
     SummaryLimiter,
+    allocation_text,
     dead_letter_text,
     drift_text,
     gap_failed_text,
@@ -99,6 +100,16 @@ class Alerts:
                     {"channel": channel, "interval": interval, "attempts": attempts,
                      "error": error})
         await self._post(gap_failed_text(gap_id, channel, interval, attempts, error))
+
+    async def allocation(self, *, target: str, used: int, allocation: int, share: float,
+                         waiting: bool) -> None:
+        """The org's API usage crossed the share cxrelay may use (waiting), or fell below it:
+        at once, by the one drainer that saw it."""
+        self._event(AlertKind.ALLOCATION, {"prefect.resource.id": resource_id(target),
+                                           "prefect.resource.name": target},
+                    {"used": used, "allocation": allocation, "max_share": share,
+                     "waiting": waiting})
+        await self._post(allocation_text(target, used, allocation, share, waiting))
 
     async def drifted(self, *, contract: str, fields: list[str], event_id: str) -> None:
         """An event drifted from its envelope's contract; summarised at most once per interval."""

@@ -294,15 +294,77 @@ class SalesforceDrainer(Drainer):
     """Batches (see `cxrelay.flows.sfbatch`), within the org's API allocation."""
 
     policy = BatchPolicy()
+    ALLOCATION_LOOK_SECONDS = 60.0
+    _over_share = False
+    _next_look = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_requests: list[tuple[int, int]] = []  # (deliveries, Salesforce requests)
+        self._recorded_usage: Any = None
+
+    async def record(self, *args: Any, **kwargs: Any) -> None:
+        await super().record(*args, **kwargs)
+        try:
+            usage = (await self.runtime.salesforce()).api_usage
+        except Exception:
+            return
+        if usage is not None and usage != self._recorded_usage:
+            self._recorded_usage = usage
+            await self.store.calls(self.store.record_api_usage, self.target.name, usage.used,
+                                   usage.allocation)
+
+    async def step(self) -> float:
+        wait = await self._allocation_wait()
+        if wait > 0:
+            return wait
+        return await super().step()
+
+    async def _allocation_wait(self) -> float:
+        """Above CXRELAY_SALESFORCE_MAX_API_SHARE of the org's allocation (as Salesforce's
+        last answer said), new work waits; one delivery a minute goes, and its answer says
+        whether there is room again. 0: go on."""
+        share = self.runtime.settings.salesforce_max_api_share
+        try:
+            usage = (await self.runtime.salesforce()).api_usage
+        except Exception:  # not configured: each delivery says so in its dead letter
+            return 0.0
+        gate = await self.runtime.health_gate()
+        if usage is None or usage.share < share:
+            if self._over_share and usage is not None:
+                self._over_share = False
+                await gate.alerts.allocation(target=self.target.name, used=usage.used,
+                                             allocation=usage.allocation, share=share,
+                                             waiting=False)
+            return 0.0
+        now = time.monotonic()
+        if not self._over_share:
+            self._over_share = True
+            self._next_look = now + self.ALLOCATION_LOOK_SECONDS
+            logger.warning("%s: the org used %d of %d API requests: new work waits",
+                           self.target.name, usage.used, usage.allocation)
+            await gate.alerts.allocation(target=self.target.name, used=usage.used,
+                                         allocation=usage.allocation, share=share, waiting=True)
+            return self.ALLOCATION_LOOK_SECONDS
+        if now < self._next_look:
+            return self._next_look - now
+        self._next_look = now + self.ALLOCATION_LOOK_SECONDS
+        self._looking = True  # the next batch is one delivery
+        return 0.0
+
+    _looking = False
+
+    def batch_size(self) -> int:
+        if self._looking:
+            self._looking = False
+            return 1
+        return self.policy.max_size
 
     def batch_wait(self, backlog: Any) -> float:
         now = datetime.now(timezone.utc)
         return batch_wait(self.policy, backlog.count,
                           (now - backlog.oldest).total_seconds() if backlog.oldest else 0.0,
                           (now - backlog.newest).total_seconds() if backlog.newest else 0.0)
-
-    def batch_size(self) -> int:
-        return self.policy.max_size
 
     async def deliver(self, batch: list[QueuedDelivery]) -> list[tuple[QueuedDelivery, Any]]:
         assert isinstance(self.target, SalesforceTargetConfig)
@@ -319,6 +381,7 @@ class SalesforceDrainer(Drainer):
                 gathering.finished()
 
         results = await asyncio.gather(*(each(d) for d in batch), return_exceptions=True)
+        self.batch_requests.append((len(batch), sf.requests))
         with contextlib.suppress(MissingContextError):
             get_run_logger().info("%s: %d deliveries in %d Salesforce requests",
                                   self.target.name, len(batch), sf.requests)

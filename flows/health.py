@@ -139,7 +139,7 @@ class HealthGate:
             await self.alerts.target_changed(change, await self._waiting(target))
 
     async def _waiting(self, target: str) -> int:
-        counts = await self.store.calls(self.store.waiting_by_target)
+        counts = await self.store.calls(self.store.open_deliveries_by_target)
         return counts.get(target, 0)
 
 

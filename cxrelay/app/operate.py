@@ -43,6 +43,13 @@ def status() -> None:
     table.add_row("dead letters (open)", str(len(store.dead_letters("open"))))
     table.add_row("quarantined (open)", str(len(store.quarantined("open"))))
     table.add_row("Prefect artifacts to write", str(store.pending_artifacts()))
+    for target, count in sorted(store.open_deliveries_by_target().items()):
+        table.add_row(f"deliveries to {escape(target)} (on their way)", str(count))
+    for usage in store.api_usage():
+        share = f"{100 * usage.used / usage.allocation:.1f} %" if usage.allocation else "?"
+        table.add_row(f"{escape(usage.target)} API usage (org, 24 h)",
+                      f"{usage.used:,} of {usage.allocation:,} ({share}), as of "
+                      f"{str(usage.updated_at)[:19]}")
     for name, count in sorted(store.gap_counts().items()):
         table.add_row(f"notification gaps {name}", str(count))
     for consumer in store.consumer_statuses():

@@ -21,6 +21,7 @@ class AlertKind(str, enum.Enum):
     DEAD_LETTER = "cxrelay.dead_letter"
     DRIFT = "cxrelay.drift"
     GAP_FAILED = "cxrelay.notifications.gap_failed"
+    ALLOCATION = "cxrelay.salesforce.allocation"
 
 
 def slack_escape(value: object) -> str:
@@ -54,6 +55,18 @@ def resumed_text(target: str, scope: str, paused_seconds: float | None, waiting:
     down = f" after {_duration(paused_seconds)}" if paused_seconds is not None else ""
     return (f":white_check_mark: *{slack_escape(target)}*{where} resumed{down}; "
             f"{waiting} waiting event(s) are being sent.")
+
+
+def allocation_text(target: str, used: int, allocation: int, share: float,
+                    waiting: bool) -> str:
+    percent = 100 * used / allocation if allocation else 0.0
+    if waiting:
+        return (f":hourglass: *{slack_escape(target)}*: the org has used {used:,} of its "
+                f"{allocation:,} daily API requests ({percent:.0f} %, above the "
+                f"{100 * share:.0f} % cxrelay may use). New Salesforce work waits; one delivery "
+                "a minute looks whether the allocation has room again. Other targets go on.")
+    return (f":white_check_mark: *{slack_escape(target)}*: the org's API usage is below "
+            f"{100 * share:.0f} % again ({used:,} of {allocation:,}); Salesforce work goes on.")
 
 
 def gap_failed_text(gap_id: int, channel: str, interval: str, attempts: int,

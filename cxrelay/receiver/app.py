@@ -153,6 +153,9 @@ class Receiver:
             await anyio.to_thread.run_sync(self._notification_metrics)
             self.metrics.targets(await anyio.to_thread.run_sync(self.store.target_health),
                                  await anyio.to_thread.run_sync(self.store.waiting_by_target))
+            self.metrics.deliveries(
+                await anyio.to_thread.run_sync(self.store.open_deliveries_by_target),
+                await anyio.to_thread.run_sync(self.store.api_usage))
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _notification_metrics(self) -> None:

@@ -54,7 +54,24 @@ class ReceiverMetrics:
         self.target_waiting = Gauge("cxrelay_target_waiting_events",
                                     "Conversations whose newest event waits for a paused target",
                                     ["target"], registry=self.registry)
+        self.target_pending = Gauge("cxrelay_target_pending_deliveries",
+                                    "Deliveries mapped for a target and not settled yet (its "
+                                    "pace, a pause, its API allocation)", ["target"],
+                                    registry=self.registry)
+        self.api_used = Gauge("cxrelay_salesforce_api_requests_used", "The org's API requests "
+                              "in the rolling 24 h, as Salesforce last said", ["target"],
+                              registry=self.registry)
+        self.api_allocation = Gauge("cxrelay_salesforce_api_allocation", "The org's daily API "
+                                    "allocation", ["target"], registry=self.registry)
         self._children: dict[tuple[str, bool], Any] = {}
+
+    def deliveries(self, pending: Mapping[str, int], usage: Sequence[Any]) -> None:
+        self.target_pending.clear()
+        for name in sorted(pending)[:MAX_TARGET_LABELS]:
+            self.target_pending.labels(name).set(pending[name])
+        for each in usage[:MAX_TARGET_LABELS]:
+            self.api_used.labels(each.target).set(each.used)
+            self.api_allocation.labels(each.target).set(each.allocation)
 
     def targets(self, health: Sequence[Health], waiting: Mapping[str, int]) -> None:
         """Set the target gauges from the store. Targets are the pipeline's (a handful), and

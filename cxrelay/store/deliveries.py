@@ -22,12 +22,29 @@ from sqlalchemy.dialects import postgresql, sqlite
 from cxrelay.core.outcome import event_outcome
 from cxrelay.store.artifacts import ArtifactLink, record_pending
 from cxrelay.store.engine import Database, aware
-from cxrelay.store.models import Delivery, InboxEvent, PendingDelivery, SlackDigestLine, utcnow
+from cxrelay.store.models import (
+    ApiUsageRecord,
+    Delivery,
+    InboxEvent,
+    PendingDelivery,
+    SlackDigestLine,
+    utcnow,
+)
 
 DELIVERIES = PendingDelivery.__table__  # type: ignore[attr-defined]
 DIGEST_LINES = SlackDigestLine.__table__  # type: ignore[attr-defined]
 INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
 LEDGER = Delivery.__table__  # type: ignore[attr-defined]
+USAGE = ApiUsageRecord.__table__  # type: ignore[attr-defined]
+
+
+def _usage(dialect: Any) -> Any:
+    stmt = dialect.insert(USAGE)
+    return stmt.on_conflict_do_update(index_elements=["target"], set_={
+        column: stmt.excluded[column] for column in ("used", "allocation", "updated_at")})
+
+
+_usage_upsert = {"sqlite": _usage(sqlite), "postgresql": _usage(postgresql)}
 
 
 @dataclass(frozen=True)
@@ -238,6 +255,25 @@ class DeliveryQueries(Database):
                 LEDGER.c.target == target, LEDGER.c.action == action,
                 LEDGER.c.external_ref.is_not(None))).all()
         return {conversation: ref for conversation, ref in rows}
+
+    def open_deliveries_by_target(self) -> dict[str, int]:
+        """Deliveries not settled yet (waiting for their target, or being sent), per target."""
+        with self.reading() as conn:
+            rows = conn.execute(select(DELIVERIES.c.target, func.count())
+                                .where(DELIVERIES.c.status != "done")
+                                .group_by(DELIVERIES.c.target)).all()
+        return {target: int(count) for target, count in rows}
+
+    def record_api_usage(self, target: str, used: int, allocation: int) -> None:
+        with self.transaction() as conn:
+            stmt = _usage_upsert[conn.dialect.name]
+            conn.execute(stmt, {"target": target, "used": used, "allocation": allocation,
+                                "updated_at": utcnow()})
+
+    def api_usage(self) -> list[ApiUsageRecord]:
+        with self.reading() as conn:
+            rows = conn.execute(select(USAGE).order_by(USAGE.c.target)).mappings().all()
+        return [ApiUsageRecord.model_construct(**row) for row in rows]
 
     # --- Slack digests ----------------------------------------------------------------
 

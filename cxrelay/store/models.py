@@ -156,6 +156,18 @@ class PendingDelivery(SQLModel, table=True):
     result: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
+class ApiUsageRecord(SQLModel, table=True):
+    """The org's API usage as Salesforce's last answer to a drainer said (Sforce-Limit-Info),
+    for `cxrelay status` and /metrics, which run in other processes."""
+
+    __tablename__ = "api_usage"
+
+    target: str = Field(primary_key=True, max_length=64)
+    used: int = 0
+    allocation: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
 class SlackDigestLine(SQLModel, table=True):
     """A conversation's line in a Slack digest message: a later event of the conversation
     edits the digest, which is rendered again from its lines."""
