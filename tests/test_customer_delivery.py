@@ -17,6 +17,7 @@ from cxrelay.app.sending import encode, generic_event
 from cxrelay.connectors.salesforce import SalesforceClient, SalesforceRejected
 from cxrelay.core.envelope import normalise
 from cxrelay.flows import steps
+from cxrelay.flows.attempt import Subject
 from cxrelay.flows.runtime import Runtime
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.salesforce import DEFAULT_ACCESS_TOKEN
@@ -52,7 +53,8 @@ async def deliver(runtime: Runtime, phone: str | None = "+15552010001",
     if phone is None:
         context["conversation"]["participants"][0].pop("ani")
     target = runtime.pipeline.target("salesforce")
-    return await steps.deliver(runtime, target, event, f"test:{uuid.uuid4()}", context)
+    payload = await steps.render(runtime, target, context)
+    return await steps.send(runtime, target, Subject.of(event), f"test:{uuid.uuid4()}", payload)
 
 
 @pytest.fixture

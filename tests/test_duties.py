@@ -46,15 +46,16 @@ def test_each_duty_keeps_its_own_schedule_and_a_failure_does_not_stop_it() -> No
 @pytest.mark.usefixtures("prefect_api")
 def test_renewing_claims_does_not_make_the_prune_run_again(
         tmp_path: Path, clean_sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Events in flight for seconds (Salesforce answers slowly) and a lease of 0.6 s: claims are
+    """Events in flight for seconds (Genesys answers slowly) and a lease of 0.6 s: claims are
     renewed every 0.2 s, and the store is pruned once (at the start), as its hourly schedule
     says. The renewal used to reset the prune timer: retention then ran at every renewal."""
     monkeypatch.setattr(dispatcher_module, "FIRST_RETENTION_SECONDS", 0.0)
     conversations = [str(uuid.uuid4()) for _ in range(3)]
     httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/conversations",
                json=[sample_conversation(c) for c in conversations]).raise_for_status()
-    httpx.post(f"{clean_sandbox.salesforce_url}/__sandbox/faults",
-               json={"latency_ms": 1500, "seconds": 30}).raise_for_status()
+    httpx.post(f"{clean_sandbox.genesys_url}/__sandbox/faults",
+               json={"latency_ms": 1500, "seconds": 30, "path": "/api/v2/conversations/"}
+               ).raise_for_status()
     runtime = make_runtime(make_settings(tmp_path, clean_sandbox, prune_interval="1h"))
     prunes: list[Any] = []
     renewals: list[Any] = []

@@ -187,12 +187,17 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
                 sent.answer = response.json()
         store = Store(environment["CXRELAY_DATABASE_URL"], create=False)
         accepted = sum(1 for s, _, _ in plan if s.answer.get("status") == "accepted")
+        # Each event finishes at mapping; each target's delivery settles after it.
         done = wait_until(lambda: store.status_counts().get("done", 0)
-                     + store.status_counts().get("failed", 0) >= accepted, 180)
-        # From the first request to the last event's finish as the inbox recorded it (the
+                          + store.status_counts().get("failed", 0) >= accepted
+                          and not store.open_deliveries(), 180)
+        # From the first request to the last delivery's settling as the store recorded it (the
         # polling above only notices it up to 0.2 s later).
         finished = [e.finished_at.replace(tzinfo=timezone.utc) for e in store.events(10_000)
                     if e.finished_at is not None]
+        last = store.last_delivery_settled()
+        if last is not None:
+            finished.append(last)
         elapsed = ((max(finished) - started).total_seconds() if finished and done
                    else (datetime.now(timezone.utc) - started).total_seconds())
         return _report(console, plan, store, box, done, elapsed, prefect_url, server, keep_server)

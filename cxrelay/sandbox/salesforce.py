@@ -98,6 +98,8 @@ class SalesforceEmulator(Emulator):
         self.records: dict[str, dict[str, dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self.api_calls = 0
+        # Custom validation rules: (object, field, value that the rule refuses, message).
+        self.validation_rules: list[tuple[str, str, str, str]] = []
         self.api_allocation = DEFAULT_API_ALLOCATION
         super().__init__()
 
@@ -127,6 +129,7 @@ class SalesforceEmulator(Emulator):
         self.tokens = {self.static_token}
         self.api_calls = 0
         self.api_allocation = DEFAULT_API_ALLOCATION
+        self.validation_rules = []
 
     def state(self) -> dict[str, Any]:
         return {"records": {name: list(rows.values()) for name, rows in self.records.items()}}
@@ -219,6 +222,9 @@ class SalesforceEmulator(Emulator):
             if unknown:
                 return ("INVALID_FIELD",
                         f"No such column '{unknown[0]}' on sobject of type {sobject}", [])
+        for owner, name, refused, message in self.validation_rules:
+            if owner == sobject and str(payload.get(name)) == refused:
+                return ("FIELD_CUSTOM_VALIDATION_EXCEPTION", message, [name])
         for (owner, name), allowed in PICKLISTS.items():
             if owner == sobject and name in payload and payload[name] not in allowed:
                 return ("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
@@ -433,7 +439,10 @@ class SalesforceEmulator(Emulator):
     async def _config(self, request: Request) -> Response:
         """POST {"search_index_lag_seconds": 30}: how long new writes stay out of SOSL;
         {"api_allocation": 15000, "api_usage": 14990}: the org's allocation and what is used
-        of it (past it, every request is refused 403 REQUEST_LIMIT_EXCEEDED)."""
+        of it (past it, every request is refused 403 REQUEST_LIMIT_EXCEEDED);
+        {"validation_rules": [{"sobject": "Task", "field": "Subject", "equals": "…",
+        "message": "…"}]}: custom validation rules, which refuse a record whose field holds
+        that value (FIELD_CUSTOM_VALIDATION_EXCEPTION)."""
         body = await request.json()
         with self.lock:
             if "search_index_lag_seconds" in body:
@@ -442,6 +451,11 @@ class SalesforceEmulator(Emulator):
                 self.api_allocation = int(body["api_allocation"])
             if "api_usage" in body:
                 self.api_calls = int(body["api_usage"])
+            if "validation_rules" in body:
+                self.validation_rules = [
+                    (str(rule["sobject"]), str(rule["field"]), str(rule["equals"]),
+                     str(rule.get("message") or "refused by a validation rule"))
+                    for rule in body["validation_rules"]]
         return Response(status_code=204)
 
     async def _expire(self, request: Request) -> Response:

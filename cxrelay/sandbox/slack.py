@@ -1,9 +1,15 @@
 """Slack Web API emulator: `auth.test`, `chat.postMessage`, `chat.update`, with Slack's
-`{ok: false, error}` answers and 429 + Retry-After for rate limits."""
+`{ok: false, error}` answers and 429 + Retry-After for rate limits.
+
+As real Slack does, it limits `chat.postMessage` to about one message per second per channel
+(a short burst is allowed) and `chat.update` to about 50 per minute per workspace (Tier 3),
+answering 429 `ratelimited` with `Retry-After` beyond them (`/__sandbox/settings` changes or
+lifts either)."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Any
 
@@ -14,6 +20,29 @@ from starlette.routing import Route
 from cxrelay.sandbox.base import Emulator, Fault, bearer_token
 
 DEFAULT_BOT_TOKEN = "xoxb-sandbox-token"
+POSTS_PER_CHANNEL_PER_SECOND = 1.0
+POST_BURST = 4
+UPDATES_PER_MINUTE = 50.0
+UPDATE_BURST = 10
+
+
+class Bucket:
+    """`capacity` requests at once, refilled at `rate` per second."""
+
+    def __init__(self, capacity: float, rate: float) -> None:
+        self.capacity, self.rate = capacity, rate
+        self.tokens = capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """0 when the request may go (a token is taken), else the seconds until it may."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
 
 
 def channel_id(channel: str) -> str:
@@ -27,12 +56,16 @@ class SlackEmulator(Emulator):
     name = "slack"
 
     def __init__(self, bot_token: str = DEFAULT_BOT_TOKEN,
-                 per_channel_per_second: float | None = None) -> None:
+                 per_channel_per_second: float | None = POSTS_PER_CHANNEL_PER_SECOND,
+                 updates_per_minute: float | None = UPDATES_PER_MINUTE) -> None:
         self.bot_token = bot_token
         self.per_channel_per_second = per_channel_per_second
+        self.updates_per_minute = updates_per_minute
+        self._limits = (per_channel_per_second, updates_per_minute)
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}
         self.missing_channels: set[str] = set()
-        self._last_post: dict[str, float] = {}
+        self._post_buckets: dict[str, Bucket] = {}
+        self._update_bucket: Bucket | None = None
         self._ts = 0.0
         super().__init__()
 
@@ -47,7 +80,9 @@ class SlackEmulator(Emulator):
 
     def reset_state(self) -> None:
         self.messages.clear()
-        self._last_post.clear()
+        self._post_buckets.clear()
+        self._update_bucket = None
+        self.per_channel_per_second, self.updates_per_minute = self._limits
 
     def state(self) -> dict[str, Any]:
         return {"messages": list(self.messages.values())}
@@ -98,13 +133,11 @@ class SlackEmulator(Emulator):
         cid = channel_id(channel)
         with self.lock:
             if self.per_channel_per_second:
-                now = time.monotonic()
-                last = self._last_post.get(cid)
-                gap = 1 / self.per_channel_per_second
-                if last is not None and now - last < gap:
-                    return JSONResponse({"ok": False, "error": "ratelimited"}, status_code=429,
-                                        headers={"Retry-After": str(max(1, round(gap)))})
-                self._last_post[cid] = now
+                bucket = self._post_buckets.setdefault(cid, Bucket(
+                    POST_BURST, self.per_channel_per_second))
+                wait = bucket.take()
+                if wait:
+                    return _rate_limited(wait)
             ts = self._next_ts()
             message = {"channel": cid, "ts": ts, "text": payload.get("text", ""),
                        "blocks": payload.get("blocks"), "metadata": payload.get("metadata"),
@@ -122,6 +155,12 @@ class SlackEmulator(Emulator):
         cid = channel_id(str(payload.get("channel") or ""))
         ts = str(payload.get("ts") or "")
         with self.lock:
+            if self.updates_per_minute:
+                if self._update_bucket is None:
+                    self._update_bucket = Bucket(UPDATE_BURST, self.updates_per_minute / 60)
+                wait = self._update_bucket.take()
+                if wait:
+                    return _rate_limited(wait)
             message = self.messages.get((cid, ts))
             if message is None:
                 return JSONResponse({"ok": False, "error": "message_not_found"})
@@ -151,7 +190,17 @@ class SlackEmulator(Emulator):
         spec = await request.json()
         if "per_channel_per_second" in spec:
             self.per_channel_per_second = spec["per_channel_per_second"]
+            self._post_buckets.clear()
+        if "updates_per_minute" in spec:
+            self.updates_per_minute = spec["updates_per_minute"]
+            self._update_bucket = None
         if "missing_channels" in spec:
             self.missing_channels = set(spec["missing_channels"])
         return JSONResponse({"per_channel_per_second": self.per_channel_per_second,
+                             "updates_per_minute": self.updates_per_minute,
                              "missing_channels": sorted(self.missing_channels)})
+
+
+def _rate_limited(wait: float) -> Response:
+    return JSONResponse({"ok": False, "error": "ratelimited"}, status_code=429,
+                        headers={"Retry-After": str(max(1, math.ceil(wait)))})

@@ -241,6 +241,10 @@ class DeliveryQueries(Database):
             counts.setdefault(target, {})[status] = int(count)
         return counts
 
+    def last_delivery_settled(self) -> datetime | None:
+        with self.reading() as conn:
+            return aware(conn.execute(select(func.max(DELIVERIES.c.finished_at))).scalar())
+
     def open_deliveries(self) -> int:
         with self.reading() as conn:
             return int(conn.execute(select(func.count()).select_from(DELIVERIES).where(

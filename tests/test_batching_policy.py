@@ -1,0 +1,70 @@
+"""The drainers' pure decisions: when a batch goes, what a digest says, batched lookups."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cxrelay.core.batching import (DIGEST_MAX_CHARS, DIGEST_MAX_LINES, LINE_MAX_CHARS,
+                                   BatchPolicy, batch_wait, digest_fits, digest_line,
+                                   render_digest)
+from cxrelay.core.customers import batch_lookup, lookup_field
+
+POLICY = BatchPolicy(max_size=200, linger_seconds=1.0, quiet_seconds=0.05)
+
+
+def test_a_lone_delivery_at_a_quiet_moment_goes_at_once_after_the_quiet_gap() -> None:
+    assert batch_wait(POLICY, 1, 0.06, 0.06) == 0.0
+    assert 0 < batch_wait(POLICY, 1, 0.01, 0.01) <= 0.04 + 1e-9
+
+
+def test_a_stream_fills_the_batch_until_the_linger_or_the_size() -> None:
+    # deliveries keep arriving (the newest is 10 ms old): the batch waits to fill
+    assert batch_wait(POLICY, 50, 0.5, 0.01) > 0
+    assert batch_wait(POLICY, 50, 1.0, 0.01) == 0.0  # the oldest waited the linger
+    assert batch_wait(POLICY, 200, 0.0, 0.0) == 0.0  # full
+
+
+@given(st.integers(0, 500), st.floats(0, 5), st.floats(0, 5))
+def test_the_wait_never_exceeds_what_the_policy_allows(count: int, oldest: float,
+                                                       newest: float) -> None:
+    newest = min(newest, oldest)
+    wait = batch_wait(POLICY, count, oldest, newest)
+    if count == 0:
+        assert wait == POLICY.linger_seconds
+        return
+    assert wait >= 0
+    assert oldest + wait <= POLICY.linger_seconds + 0.001 or wait == 0.0
+
+
+def test_a_digest_line_is_one_line_cut_to_fit() -> None:
+    line = digest_line("*Call ended* 12:01\n\n  Queue: Support \n" + "x" * 500)
+    assert "\n" not in line and line.startswith("*Call ended* 12:01 · Queue: Support")
+    assert len(line) == LINE_MAX_CHARS and line.endswith("…")
+
+
+def test_a_digest_has_a_header_and_a_line_per_conversation_in_order() -> None:
+    text = render_digest({"c2": "second", "c1": "first"})
+    assert text.splitlines() == ["*2 conversations*", "• second", "• first"]
+    assert render_digest({"c": "only"}).startswith("*1 conversation*")
+
+
+def test_a_full_digest_of_the_longest_lines_still_fits_a_message() -> None:
+    lines = {f"c{i}": "x" * LINE_MAX_CHARS for i in range(DIGEST_MAX_LINES)}
+    assert len(render_digest(lines)) > DIGEST_MAX_CHARS  # so the check is needed
+    assert not digest_fits(lines)
+    assert digest_fits({k: v for k, v in list(lines.items())[:20]})
+
+
+def test_batched_lookups_ask_once_for_every_caller() -> None:
+    api, text = batch_lookup("customer_key", ["+15550001", "+15550002", "+15550001"],
+                             "Genesys_External_Contact_Id__c", "Genesys_Customer_Key__c")
+    assert api == "soql"
+    assert "Genesys_Customer_Key__c IN ('+15550001', '+15550002')" in text
+    assert "FROM Lead" in text and "IsConverted = false" in text
+    assert lookup_field("customer_key", "A__c", "B__c") == "B__c"
+    api, text = batch_lookup("phone", ["+15550000001", "+442079460018"], "A__c", "B__c")
+    assert api == "sosl" and text.startswith("FIND {5550000001 OR 2079460018} IN PHONE FIELDS")
+    assert lookup_field("phone", "A__c", "B__c") is None
+    api, text = batch_lookup("external_contact", ["it's"], "A__c", "B__c")
+    assert "FROM Contact WHERE A__c IN ('it\\'s')" in text
