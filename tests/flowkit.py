@@ -78,6 +78,12 @@ def sandbox_state(box: Sandbox) -> tuple[list[dict[str, Any]], list[dict[str, An
     return tasks, messages
 
 
+def shown(messages: list[dict[str, Any]], conversations: list[str]) -> dict[str, int]:
+    """How many Slack messages show each conversation (a message of its own, or a line of a
+    digest): each must be shown by exactly one."""
+    return {c: sum(1 for m in messages if c in m["text"]) for c in conversations}
+
+
 def calls(url: str, method: str | None = None, path_part: str = "") -> list[dict[str, Any]]:
     return [r for r in httpx.get(f"{url.removesuffix('/api/')}/__sandbox/requests").json()
             if (method is None or r["method"] == method) and path_part in r["path"]]

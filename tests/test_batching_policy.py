@@ -5,9 +5,16 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cxrelay.core.batching import (DIGEST_MAX_CHARS, DIGEST_MAX_LINES, LINE_MAX_CHARS,
-                                   BatchPolicy, batch_wait, digest_fits, digest_line,
-                                   render_digest)
+from cxrelay.core.batching import (
+    DIGEST_MAX_CHARS,
+    DIGEST_MAX_LINES,
+    LINE_MAX_CHARS,
+    BatchPolicy,
+    batch_wait,
+    digest_fits,
+    digest_line,
+    render_digest,
+)
 from cxrelay.core.customers import batch_lookup, lookup_field
 
 POLICY = BatchPolicy(max_size=200, linger_seconds=1.0, quiet_seconds=0.05)
