@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 
 from cxrelay.store.dead_letters import DEAD, QUARANTINE, merged_letter_events
+from cxrelay.store.deliveries import DELIVERIES
 from cxrelay.store.drift import DRIFT
 from cxrelay.store.engine import Database
 from cxrelay.store.inbox import INBOX
@@ -28,11 +29,12 @@ class Pruned:
     quarantine: int
     drift: int
     ledger: int
+    deliveries: int = 0
 
     def rows(self) -> dict[str, int]:
         return {"inbox events": self.inbox, "dead letters (replayed)": self.dead_letters,
                 "quarantined bodies (replayed)": self.quarantine, "drift fields": self.drift,
-                "ledger entries": self.ledger}
+                "ledger entries": self.ledger, "settled deliveries": self.deliveries}
 
 
 class RetentionQueries(Database):
@@ -44,8 +46,12 @@ class RetentionQueries(Database):
         would otherwise find nothing to send."""
         letter = select(DEAD.c.id).where(DEAD.c.inbox_id == INBOX.c.id,
                                          DEAD.c.status == "open").exists()
+        # An event whose delivery to a target is still on its way is kept too (a paused
+        # target's deliveries can outlast the window).
+        on_its_way = select(DELIVERIES.c.id).where(DELIVERIES.c.inbox_id == INBOX.c.id,
+                                                   DELIVERIES.c.status != "done").exists()
         finished = INBOX.c.status.in_(["done", "failed"]) & (INBOX.c.finished_at < before) \
-            & ~letter
+            & ~letter & ~on_its_way
         with self.reading() as conn:
             merged = merged_letter_events(conn)  # few: the events of merged deliveries
         if merged:
@@ -57,6 +63,7 @@ class RetentionQueries(Database):
              & (QUARANTINE.c.received_at < before)),
             (DRIFT, DRIFT.c.last_seen < before),
             (LEDGER, (LEDGER.c.status == "done") & (LEDGER.c.updated_at < ledger_before)),
+            (DELIVERIES, (DELIVERIES.c.status == "done") & (DELIVERIES.c.finished_at < before)),
         ]
         counts = [self._count(table, where) if dry_run else self._delete(table, where)
                   for table, where in targets]
