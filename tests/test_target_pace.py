@@ -18,8 +18,7 @@ from cxrelay.flows.dispatcher import Dispatcher
 from cxrelay.flows.runtime import set_runtime
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
-from tests.flowkit import (calls, dispatch_until, enqueue, make_runtime, make_settings,
-                           sandbox_state, shown)
+from tests.flowkit import calls, dispatch_until, enqueue, make_runtime, make_settings, sandbox_state, shown
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
