@@ -138,7 +138,10 @@ class Drainer:
 
     async def _gate(self) -> tuple[HealthGate, str, Any]:
         gate = await self.runtime.health_gate()
-        scope = await self.runtime.target_scope(self.target)
+        try:
+            scope = await self.runtime.target_scope(self.target)
+        except Exception:  # the target cannot even say who it is: its deliveries say why
+            scope = ""
         decision = await gate.decide(self.target.name, scope, holder=self.probe_holder)
         return gate, scope, decision
 
@@ -152,7 +155,7 @@ class Drainer:
             return _until(decision.until)
         probing = decision.action is Action.PROBE
         if not probing:
-            wait = self.batch_wait(backlog)
+            wait = await self.batch_wait(backlog)
             if wait > 0:
                 return wait
         limit = 1 if probing else self.batch_size()
@@ -172,7 +175,7 @@ class Drainer:
             return IDLE_POLL_SECONDS
         return min(IDLE_POLL_SECONDS, _until(due))
 
-    def batch_wait(self, backlog: Any) -> float:
+    async def batch_wait(self, backlog: Any) -> float:
         return 0.0
 
     def batch_size(self) -> int:
@@ -302,6 +305,15 @@ class SalesforceDrainer(Drainer):
         super().__init__(*args, **kwargs)
         self.batch_requests: list[tuple[int, int]] = []  # (deliveries, Salesforce requests)
         self._recorded_usage: Any = None
+        self._usage_read = False
+
+    async def _stored_usage(self) -> Any:
+        from cxrelay.connectors.salesforce import ApiUsage
+
+        for record in await self.store.calls(self.store.api_usage):
+            if record.target == self.target.name and record.allocation:
+                return ApiUsage(record.used, record.allocation)
+        return None
 
     async def record(self, *args: Any, **kwargs: Any) -> None:
         await super().record(*args, **kwargs)
@@ -329,9 +341,19 @@ class SalesforceDrainer(Drainer):
             usage = (await self.runtime.salesforce()).api_usage
         except Exception:  # not configured: each delivery says so in its dead letter
             return 0.0
+        if usage is None:
+            if not self._usage_read:
+                # What the org's last answer said, before this process asked anything (a
+                # restart does not spend a batch to learn that the allocation is nearly used).
+                self._usage_read = True
+                self._recorded_usage = await self._stored_usage()
+            usage = self._recorded_usage
         gate = await self.runtime.health_gate()
-        if usage is None or usage.share < share:
-            if self._over_share and usage is not None:
+        # Used up, Salesforce refuses everything (403 REQUEST_LIMIT_EXCEEDED): the target is
+        # paused as in an outage, and its probes (`flows/health.py`) find when it has room.
+        exhausted = usage is not None and usage.used >= usage.allocation
+        if usage is None or usage.share < share or exhausted:
+            if self._over_share and usage is not None and not exhausted:
                 self._over_share = False
                 await gate.alerts.allocation(target=self.target.name, used=usage.used,
                                              allocation=usage.allocation, share=share,
@@ -360,11 +382,14 @@ class SalesforceDrainer(Drainer):
             return 1
         return self.policy.max_size
 
-    def batch_wait(self, backlog: Any) -> float:
+    async def batch_wait(self, backlog: Any) -> float:
+        if backlog.count >= self.policy.max_size:
+            return 0.0
         now = datetime.now(timezone.utc)
+        upstream = await self.store.calls(self.store.upstream)
         return batch_wait(self.policy, backlog.count,
                           (now - backlog.oldest).total_seconds() if backlog.oldest else 0.0,
-                          (now - backlog.newest).total_seconds() if backlog.newest else 0.0)
+                          upstream)
 
     async def deliver(self, batch: list[QueuedDelivery]) -> list[tuple[QueuedDelivery, Any]]:
         assert isinstance(self.target, SalesforceTargetConfig)

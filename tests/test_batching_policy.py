@@ -17,31 +17,29 @@ from cxrelay.core.batching import (
 )
 from cxrelay.core.customers import batch_lookup, lookup_field
 
-POLICY = BatchPolicy(max_size=200, linger_seconds=1.0, quiet_seconds=0.05)
+POLICY = BatchPolicy(max_size=200, linger_seconds=1.0, look_seconds=0.05)
 
 
-def test_a_lone_delivery_at_a_quiet_moment_goes_at_once_after_the_quiet_gap() -> None:
-    assert batch_wait(POLICY, 1, 0.06, 0.06) == 0.0
-    assert 0 < batch_wait(POLICY, 1, 0.01, 0.01) <= 0.04 + 1e-9
+def test_a_lone_delivery_goes_at_once_when_nothing_else_is_on_its_way() -> None:
+    assert batch_wait(POLICY, 1, 0.0, upstream=0) == 0.0
 
 
-def test_a_stream_fills_the_batch_until_the_linger_or_the_size() -> None:
-    # deliveries keep arriving (the newest is 10 ms old): the batch waits to fill
-    assert batch_wait(POLICY, 50, 0.5, 0.01) > 0
-    assert batch_wait(POLICY, 50, 1.0, 0.01) == 0.0  # the oldest waited the linger
-    assert batch_wait(POLICY, 200, 0.0, 0.0) == 0.0  # full
+def test_a_batch_fills_while_events_are_on_their_way_until_the_linger_or_the_size() -> None:
+    assert 0 < batch_wait(POLICY, 50, 0.5, upstream=30) <= POLICY.look_seconds
+    assert 0 < batch_wait(POLICY, 50, 0.97, upstream=30) <= 0.03 + 1e-9
+    assert batch_wait(POLICY, 50, 1.0, upstream=30) == 0.0  # the oldest waited the linger
+    assert batch_wait(POLICY, 200, 0.0, upstream=500) == 0.0  # full
 
 
-@given(st.integers(0, 500), st.floats(0, 5), st.floats(0, 5))
-def test_the_wait_never_exceeds_what_the_policy_allows(count: int, oldest: float,
-                                                       newest: float) -> None:
-    newest = min(newest, oldest)
-    wait = batch_wait(POLICY, count, oldest, newest)
+@given(st.integers(0, 500), st.floats(0, 5), st.integers(0, 1000))
+def test_the_oldest_never_waits_past_the_linger(count: int, oldest: float,
+                                                upstream: int) -> None:
+    wait = batch_wait(POLICY, count, oldest, upstream)
     if count == 0:
         assert wait == POLICY.linger_seconds
         return
     assert wait >= 0
-    assert oldest + wait <= POLICY.linger_seconds + 0.001 or wait == 0.0
+    assert wait == 0.0 or oldest + wait <= POLICY.linger_seconds + 1e-9
 
 
 def test_a_digest_line_is_one_line_cut_to_fit() -> None:

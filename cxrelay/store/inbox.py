@@ -307,6 +307,15 @@ class InboxQueries(Database):
             return int(count), 0.0
         return int(count), max(0.0, (now - aware(oldest)).total_seconds())
 
+    def upstream(self) -> int:
+        """Events being worked on or due now: what may yet add to a target's batch (an index
+        range, not the inbox)."""
+        now = utcnow()
+        with self.reading() as conn:
+            return int(conn.execute(select(func.count()).select_from(INBOX).where(or_(
+                INBOX.c.status == "claimed",
+                and_(INBOX.c.status == "pending", INBOX.c.available_at <= now)))).scalar_one())
+
     def backlog(self) -> int:
         counts = self.status_counts()
         return counts.get("pending", 0) + counts.get("claimed", 0)
