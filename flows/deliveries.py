@@ -11,7 +11,8 @@ target that is slow, rate-limited, paused or out of API allocation delays only i
   message that shows it.
 - HTTP: several at once.
 
-Each batch is a task run `deliver` named `<target>-<size>`; its log names the conversations,
+Each batch is a task run `deliver` named `<target>-<size>` of the dispatcher's open lane (no
+flow run of its own); its log names the conversations,
 and each conversation's artifact shows the target's result when it settles. Exactly once per
 conversation and target is the ledger's (`flows/attempt.py`); the newest-wins fence holds too,
 and the drainer sends only the newest of a conversation's deliveries in a batch. A paused target
@@ -24,14 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TagsContext, TaskRunContext
 from prefect.exceptions import MissingContextError
@@ -68,6 +68,7 @@ IDLE_POLL_SECONDS = 1.0  # another process's deliveries are seen within this (th
 MAX_WAIT_SECONDS = 5.0
 
 Work = Callable[[], Awaitable[list[tuple[QueuedDelivery, Any]]]]
+Runner = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 
 def subject(delivery: QueuedDelivery) -> Subject:
@@ -118,6 +119,7 @@ class Drainer:
         self.lease = max(lease_seconds, 30.0)
         self.wake = runtime.delivery_wakers.setdefault(target.name, asyncio.Event())
         self.batches = 0
+        self.runner: Runner | None = None
         self.probe_holder = f"drainer:{worker}:{target.name}"
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -197,11 +199,13 @@ class Drainer:
                                     str(run.flow_run_id) if run.flow_run_id else None)
             return await self.deliver(batch)
 
-        try:
+        async def as_task_run() -> list[tuple[QueuedDelivery, Any]]:
             with TagsContext(current_tags=set()):  # see cxrelay.flows.lanes
-                outcomes = await deliver_batch(
-                    self.target.name, len(batch), [d.conversation_id for d in batch],
-                    quote(work))
+                return await deliver_batch(self.target.name, len(batch),
+                                           [d.conversation_id for d in batch], quote(work))
+
+        try:
+            outcomes = await (self.runner(as_task_run) if self.runner else as_task_run())
         except Exception as exc:  # the task run itself failed: every delivery retries
             outcomes = [(delivery, exc) for delivery in batch]
         await self.record(outcomes, older, gate, scope, probing, link)
@@ -542,66 +546,22 @@ class SlackDrainer(Drainer):
         return outcomes
 
 
-def drainer_for(runtime: Runtime, target: Target, worker: str, lease: float) -> Drainer:
-    if isinstance(target, SalesforceTargetConfig):
-        return SalesforceDrainer(runtime, target, worker, lease)
-    if isinstance(target, SlackTargetConfig):
-        return SlackDrainer(runtime, target, worker, lease)
-    return Drainer(runtime, target, worker, lease)
+def drainer_for(runtime: Runtime, target: Target, worker: str, lease: float,
+                runner: Runner | None = None) -> Drainer:
+    kind = (SalesforceDrainer if isinstance(target, SalesforceTargetConfig) else
+            SlackDrainer if isinstance(target, SlackTargetConfig) else Drainer)
+    drainer = kind(runtime, target, worker, lease)
+    drainer.runner = runner
+    return drainer
 
 
-_SESSIONS: dict[str, tuple[list[Drainer], asyncio.Event]] = {}
-ROTATE_BATCHES = 2000
-
-
-@flow(name="deliveries", flow_run_name="deliveries-{session}", persist_result=False,
-      log_prints=False)
-async def deliveries_flow(session: str, targets: list[str]) -> dict[str, int]:
-    """The targets' drainers, each batch a task run `<target>-<size>` of this run; the run
-    ends when the dispatcher rotates it (like a lane) or stops."""
-    drainers, until = _SESSIONS[session]
-    before = {d.target.name: d.batches for d in drainers}
-    await asyncio.gather(*(drainer.run(until) for drainer in drainers))
-    return {d.target.name: d.batches - before[d.target.name] for d in drainers}
-
-
-async def run_drainers(runtime: Runtime, worker: str, lease: float,
-                       stop: asyncio.Event) -> None:
-    """A drainer per enabled target until `stop`, in `deliveries` flow runs that are
-    rotated after `lane_max_seconds` or ROTATE_BATCHES batches, as lanes are."""
-    drainers = [drainer_for(runtime, target, worker, lease)
+async def run_drainers(runtime: Runtime, worker: str, lease: float, stop: asyncio.Event,
+                       runner: Runner | None = None) -> None:
+    """A drainer per enabled target until `stop`; `runner` runs each batch (the dispatcher's
+    puts it in its open lane, so that a batch is a task run of a lane)."""
+    drainers = [drainer_for(runtime, target, worker, lease, runner)
                 for target in runtime.pipeline.enabled_targets]
-    if not drainers:
-        return
-    numbers = itertools.count(1)
-    prefix = worker.rsplit(":", 1)[-1]
-    while not stop.is_set():
-        until = asyncio.Event()
-        session = f"{prefix}-{next(numbers)}"
-        _SESSIONS[session] = (drainers, until)
-        rotate = asyncio.create_task(_rotate(until, stop, drainers,
-                                             runtime.settings.lane_max_seconds))
-        try:
-            with TagsContext(current_tags=set()):
-                await deliveries_flow(session=session,
-                                      targets=[d.target.name for d in drainers])
-        except Exception:  # the Prefect API is unavailable: deliveries wait for it
-            logger.exception("the deliveries flow run failed")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=5.0)
-        finally:
-            rotate.cancel()
-            _SESSIONS.pop(session, None)
-
-
-async def _rotate(until: asyncio.Event, stop: asyncio.Event, drainers: list[Drainer],
-                  max_seconds: float) -> None:
     started = time.monotonic()
-    first = sum(d.batches for d in drainers)
-    while not stop.is_set():
-        if time.monotonic() - started > max_seconds \
-                or sum(d.batches for d in drainers) - first >= ROTATE_BATCHES:
-            break
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
-    until.set()
+    await asyncio.gather(*(drainer.run(stop) for drainer in drainers))
+    logger.info("drainers stopped after %.0f s: %s", time.monotonic() - started,
+                ", ".join(f"{d.target.name} {d.batches} batches" for d in drainers))

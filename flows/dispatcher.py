@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -32,7 +32,7 @@ from cxrelay.core.redact import mask_text
 from cxrelay.flows import duties
 from cxrelay.flows.deliveries import run_drainers
 from cxrelay.flows.duties import Duty
-from cxrelay.flows.lanes import Lane, open_lane
+from cxrelay.flows.lanes import Job, Lane, open_lane
 from cxrelay.flows.notification_gaps import GapFiller
 from cxrelay.flows.process_event import dead_letter, process_event
 from cxrelay.flows.retention import prune_store, trim_prefect_history
@@ -193,11 +193,11 @@ class Dispatcher:
         settle = self.runtime.settings.settle_seconds if in_lanes else 0.0
         await self.runtime.artifacts.start(self.store, self.runtime.settings.prefect_retention)
         duty_tasks = duties.start(self.duties(), stop)
-        # Each target's deliveries, at its own pace (flows/deliveries.py); they stop after the
-        # lanes, so that what the lanes map last is on its way too.
+        # Each target's deliveries, at its own pace (flows/deliveries.py), each batch a task run
+        # of the open lane.
         delivering = asyncio.Event()
         drainers = asyncio.create_task(run_drainers(self.runtime, self.worker_id, self.lease,
-                                                    delivering))
+                                                    delivering, self._in_lane))
         stopper: asyncio.Task[Any] | None = None
         try:
             while not stop.is_set():
@@ -244,18 +244,19 @@ class Dispatcher:
             if stopper is not None:
                 stopper.cancel()
             self.runtime.ingest_calm.set()  # lanes finish their events while draining
-            for lane in (self.lane, self.next_lane):
-                if lane is not None:
-                    lane.close()
-            await duties.finish(duty_tasks)  # a gap's claim is released or runs out
-            await self._drain()
-            await self._close_lanes()
+            # The drainers stop first: a batch in flight runs in a lane, which must still take it.
             delivering.set()
             try:
                 await asyncio.wait_for(drainers, timeout=10.0)
             except (asyncio.TimeoutError, Exception):  # claims run out; another takes them
                 logger.exception("the drainers did not stop in time")
                 drainers.cancel()
+            for lane in (self.lane, self.next_lane):
+                if lane is not None:
+                    lane.close()
+            await duties.finish(duty_tasks)  # a gap's claim is released or runs out
+            await self._drain()
+            await self._close_lanes()
             await self.runtime.artifacts.aclose()
 
     def _claim_at_least(self) -> int:
@@ -291,7 +292,22 @@ class Dispatcher:
             settle_seconds=settle)]
 
     def _to_lane(self, events: list[ClaimedEvent]) -> None:
-        """Into the open lane. One that has run long enough gets a successor, and takes the
+        """Into the open lane (see `_current_lane`)."""
+        lane = self._current_lane()
+        for event in events:
+            self.running[event.id] = asyncio.get_running_loop().create_future()
+        lane.put(events)
+
+    async def _in_lane(self, work: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a target's delivery batch as a task run of the open lane (no flow run of its
+        own: a second long-lived flow run made every dispatcher's first event wait ~2 s for
+        its creation on a busy Prefect server)."""
+        job = Job(work)
+        self._current_lane().put_job(job)
+        return await job.future
+
+    def _current_lane(self) -> Lane:
+        """The open lane. One that has run long enough gets a successor, and takes the
         events until the successor's flow run runs (see cxrelay.flows.lanes)."""
         settings = self.runtime.settings
         if self.next_lane is not None and self.next_lane.ended:
@@ -307,9 +323,7 @@ class Dispatcher:
         if self.next_lane is not None and self.next_lane.started.is_set():
             self.lane.close()
             self.lane, self.next_lane = self.next_lane, None
-        for event in events:
-            self.running[event.id] = asyncio.get_running_loop().create_future()
-        self.lane.put(events)
+        return self.lane
 
     def _open_lane(self) -> Lane:
         lane = open_lane(self.worker_id.rsplit(":", 1)[-1], self._lane_done,

@@ -27,7 +27,7 @@ import asyncio
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -50,13 +50,40 @@ Done = Callable[[ClaimedEvent, EventSummary | BaseException], None]
 
 
 @dataclass
+class Job:
+    """Other work that runs as task runs of the lane: a target's delivery batch
+    (`cxrelay.flows.deliveries`), so that it costs no flow run of its own."""
+
+    work: Callable[[], Awaitable[Any]]
+    future: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    async def execute(self) -> None:
+        try:
+            result = await self.work()
+        except BaseException as exc:  # noqa: BLE001 - the drainer waiting on it decides
+            if not self.future.done():
+                self.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not self.future.done():
+            self.future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass
 class Lane:
     """One open lane: the queue its flow run takes events from, and its age."""
 
     id: str
     done: Done
-    # a unit: one event, or the events of a conversation claimed after its settle window
-    queue: asyncio.Queue[list[ClaimedEvent] | None] = field(default_factory=asyncio.Queue)
+    # a unit: one event, the events of a conversation claimed after its settle window, or a
+    # job (a target's delivery batch)
+    queue: asyncio.Queue[list[ClaimedEvent] | Job | None] = field(default_factory=asyncio.Queue)
     opened: float = field(default_factory=time.monotonic)
     events: int = 0
     run: asyncio.Task[Any] | None = None
@@ -74,6 +101,12 @@ class Lane:
             return
         self.events += len(events)
         self.queue.put_nowait(events)
+
+    def put_job(self, job: Job) -> None:
+        if self.ended:
+            job.fail(RuntimeError(f"lane {self.id} ended before running this job"))
+            return
+        self.queue.put_nowait(job)
 
     def close(self) -> None:
         """No more events: the flow run finishes those it has and ends."""
@@ -101,7 +134,11 @@ def _ended(lane: Lane, run: asyncio.Task[Any]) -> None:
     error = (run.exception() if not run.cancelled() else None) or RuntimeError(
         f"lane {lane.id} ended before running this event")
     while not lane.queue.empty():
-        for event in lane.queue.get_nowait() or []:
+        unit = lane.queue.get_nowait()
+        if isinstance(unit, Job):
+            unit.fail(error)
+            continue
+        for event in unit or []:
             lane.done(event, error)
 
 
@@ -164,7 +201,8 @@ async def lane_flow(lane_id: str, targets: list[str]) -> dict[str, int]:
     outcomes: Counter[str] = Counter()
     running: set[asyncio.Task[None]] = set()
     while (unit := await lane.queue.get()) is not None:
-        one = asyncio.create_task(_run_one(lane, unit, outcomes))
+        one = asyncio.create_task(unit.execute() if isinstance(unit, Job)
+                                  else _run_one(lane, unit, outcomes))
         running.add(one)
         one.add_done_callback(running.discard)
     if running:

@@ -49,7 +49,7 @@ log = logging.getLogger("cxrelay.retention")
 # Prefect's own vacuum.
 TRIMMED = [("lane", "lane-"), ("process-event", "conversation-"),
            ("fill-notification-gap", "gap-"), ("trim-prefect-history", "trim-prefect-history"),
-           ("prune", "prune-store"), ("deliveries", "deliveries-")]
+           ("prune", "prune-store")]
 MAX_ARTIFACT_PAGES = 100  # per run and pass: the next pass takes the rest
 FINISHED = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
 PAGE = 50  # the 3.9 server answers at most this many artifacts or runs per filter page
