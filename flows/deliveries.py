@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -202,7 +202,8 @@ class Drainer:
         async def as_task_run() -> list[tuple[QueuedDelivery, Any]]:
             with TagsContext(current_tags=set()):  # see cxrelay.flows.lanes
                 return await deliver_batch(self.target.name, len(batch),
-                                           [d.conversation_id for d in batch], quote(work))
+                                           [d.conversation_id for d in batch],
+                                           cast(Any, quote(work)))
 
         try:
             outcomes = await (self.runner(as_task_run) if self.runner else as_task_run())
@@ -459,7 +460,9 @@ class SlackDrainer(Drainer):
         new: list[QueuedDelivery] = []
         for delivery in batch:
             ref = refs.get(delivery.conversation_id)
-            if ref and await self.store.calls(self.store.digest_lines, ref):
+            lines: dict[str, str] = (await self.store.calls(self.store.digest_lines, ref)
+                                     if ref else {})
+            if ref and lines:
                 digests.setdefault(ref, []).append(delivery)
             elif ref:
                 single.append(delivery)
