@@ -342,7 +342,7 @@ def test_global_limits_are_created_with_defaults(tmp_path: Path, clean_sandbox: 
         return {limit.name: (limit.limit, limit.slot_decay_per_second) for limit in found}
 
     found = asyncio.run(limits())
-    assert found["cxrelay-genesys-api"] == (5, 5.0)
+    assert found["cxrelay-genesys-api"] == (20, 5.0)
     assert found["cxrelay-salesforce"][0] == 10
     assert found["cxrelay-slack-contact-center"] == (3, 1.0)
 
