@@ -25,10 +25,14 @@ def test_a_lone_delivery_goes_at_once_when_nothing_else_is_on_its_way() -> None:
 
 
 def test_a_batch_fills_while_events_are_on_their_way_until_the_linger_or_the_size() -> None:
-    assert 0 < batch_wait(POLICY, 50, 0.5, upstream=30) <= POLICY.look_seconds
-    assert 0 < batch_wait(POLICY, 50, 0.97, upstream=30) <= 0.03 + 1e-9
-    assert batch_wait(POLICY, 50, 1.0, upstream=30) == 0.0  # the oldest waited the linger
+    # a burst: many on their way, the long linger
+    assert 0 < batch_wait(POLICY, 50, 0.5, upstream=300) <= POLICY.look_seconds
+    assert 0 < batch_wait(POLICY, 50, 0.97, upstream=300) <= 0.03 + 1e-9
+    assert batch_wait(POLICY, 50, 1.0, upstream=300) == 0.0  # the oldest waited the linger
     assert batch_wait(POLICY, 200, 0.0, upstream=500) == 0.0  # full
+    # a steady few: the short linger
+    assert 0 < batch_wait(POLICY, 1, 0.1, upstream=2) <= POLICY.look_seconds
+    assert batch_wait(POLICY, 1, 0.2, upstream=2) == 0.0
 
 
 @given(st.integers(0, 500), st.floats(0, 5), st.integers(0, 1000))
