@@ -15,24 +15,17 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from cxrelay.store.engine import Database, aware, sqlite_datetime, sqlite_execute
+from cxrelay.store.engine import Database, aware, sqlite_datetime, sqlite_execute, upserts
 from cxrelay.store.models import InboxEvent, PendingArtifact, utcnow
 
 PENDING = PendingArtifact.__table__  # type: ignore[attr-defined]
 INBOX = InboxEvent.__table__  # type: ignore[attr-defined]
 
 
-def _upsert(dialect: Any) -> Any:
-    # An event finished again (a replay) before its first artifact was written: one pending
-    # row, linked to the newest run.
-    stmt = dialect.insert(PENDING)
-    return stmt.on_conflict_do_update(index_elements=["inbox_id"], set_={
-        column: stmt.excluded[column] for column in ("task_run_id", "flow_run_id", "due_at")})
-
-
-_RECORD = {"sqlite": _upsert(sqlite), "postgresql": _upsert(postgresql)}
+# An event finished again (a replay) before its first artifact was written: one pending row,
+# linked to the newest run.
+_RECORD = upserts(PENDING, ["inbox_id"], ["task_run_id", "flow_run_id", "due_at"])
 _RECORD_SQLITE = (
     "INSERT INTO pending_artifacts (inbox_id, task_run_id, flow_run_id, due_at)"
     " VALUES (?, ?, ?, ?) ON CONFLICT (inbox_id) DO UPDATE SET task_run_id ="

@@ -17,11 +17,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from cxrelay.core.outcome import event_outcome
 from cxrelay.store.artifacts import ArtifactLink, record_pending
-from cxrelay.store.engine import Database, aware
+from cxrelay.store.engine import Database, aware, upserts
 from cxrelay.store.models import (
     ApiUsageRecord,
     Delivery,
@@ -38,13 +37,7 @@ LEDGER = Delivery.__table__  # type: ignore[attr-defined]
 USAGE = ApiUsageRecord.__table__  # type: ignore[attr-defined]
 
 
-def _usage(dialect: Any) -> Any:
-    stmt = dialect.insert(USAGE)
-    return stmt.on_conflict_do_update(index_elements=["target"], set_={
-        column: stmt.excluded[column] for column in ("used", "allocation", "updated_at")})
-
-
-_usage_upsert = {"sqlite": _usage(sqlite), "postgresql": _usage(postgresql)}
+_usage_upsert = upserts(USAGE, ["target"], ["used", "allocation", "updated_at"])
 
 
 @dataclass(frozen=True)
@@ -91,17 +84,11 @@ class Backlog:
     newest: datetime | None
 
 
-def _upsert(dialect: Any) -> Any:
-    stmt = dialect.insert(DELIVERIES)
-    # A replayed event maps again: its row for the target starts over with the new payload.
-    return stmt.on_conflict_do_update(index_elements=["inbox_id", "target"], set_={
-        column: stmt.excluded[column] for column in (
-            "lane", "conversation_id", "event_id", "order_key", "payload", "merged_inbox_ids",
-            "status", "attempts", "not_before", "claimed_by", "lease_until", "created_at",
-            "finished_at", "result")})
-
-
-_UPSERT = {"sqlite": _upsert(sqlite), "postgresql": _upsert(postgresql)}
+# A replayed event maps again: its row for the target starts over with the new payload.
+_UPSERT = upserts(DELIVERIES, ["inbox_id", "target"], [
+    "lane", "conversation_id", "event_id", "order_key", "payload", "merged_inbox_ids", "status",
+    "attempts", "not_before", "claimed_by", "lease_until", "created_at", "finished_at",
+    "result"])
 
 
 def record_deliveries(conn: Any, inbox_id: int, deliveries: Sequence[NewDelivery]) -> None:

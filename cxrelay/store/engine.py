@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +59,17 @@ def make_private(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError, PermissionError):
             if each.stat().st_mode & 0o077:
                 each.chmod(PRIVATE)
+
+
+def upserts(table: Any, keys: Sequence[str], columns: Sequence[str]) -> dict[str, Any]:
+    """Per dialect: INSERT into `table`, and on a conflict of `keys` set `columns` from the
+    row that was refused (`excluded`)."""
+    def upsert(dialect: Any) -> Any:
+        stmt = dialect.insert(table)
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_={
+            column: stmt.excluded[column] for column in columns})
+
+    return {"sqlite": upsert(sqlite), "postgresql": upsert(postgresql)}
 
 
 def sqlite_datetime(moment: datetime) -> str:
