@@ -54,7 +54,7 @@ from cxrelay.flows.attempt import (
     release_held,
     reserve,
 )
-from cxrelay.flows.health import HealthGate
+from cxrelay.flows.health import HealthGate, error_text
 from cxrelay.flows.process_event import dead_letter
 from cxrelay.flows.runtime import Runtime
 from cxrelay.flows.sfbatch import Gathering, SalesforceBatch
@@ -237,7 +237,7 @@ class Drainer:
                 failure = result
                 logger.warning("%s: delivering conversation %s failed (attempt %d): %s",
                                self.target.name, delivery.conversation_id,
-                               delivery.attempts + 1, _text(result))
+                               delivery.attempts + 1, error_text(result))
                 if not probing and delivery.attempts + 1 > self.target.retries:
                     settled.append((delivery, await self._dead_letter(delivery, result)))
                 else:
@@ -278,12 +278,6 @@ class Drainer:
                                  target=self.target.name, exc=exc,
                                  attempts=delivery.attempts + 1,
                                  merged_inbox_ids=delivery.merged_inbox_ids)
-
-
-def _text(exc: BaseException) -> str:
-    from cxrelay.core.redact import mask_text
-
-    return mask_text(f"{type(exc).__name__}: {exc}")
 
 
 def _permanent(exc: BaseException) -> bool:

@@ -1,9 +1,9 @@
 """The target-health gate of the event path: ask before sending, report after; pauses and
 resumes become alerts. The decisions are `cxrelay.core.health`'s, the shared state the store's.
 
-The event path calls, per event and target (see the report of issue 17):
+Each target's drainer calls, per batch (`cxrelay.flows.deliveries`):
   decision = await gate.decide(target, scope, holder)    # SEND | WAIT(until) | PROBE
-  WAIT  → await gate.waiting(conversation_id, target, action); keep the event, spend no retry
+  WAIT  → its deliveries stay in the store, spending no attempt
   SEND/PROBE → deliver; then gate.succeeded(target, scope) or gate.failed(target, scope, exc)
 """
 
@@ -101,11 +101,6 @@ class HealthGate:
             # back for the probes may be this event, which finishes without a resume).
             await self.store.calls(self.store.wake_waiting, target=target, scope=scope)
 
-    async def waiting(self, *, conversation_id: str, target: str, action: str) -> None:
-        """The event waits for its paused target: counted (status, /metrics), durable."""
-        await self.store.calls(self.store.mark_waiting, conversation_id=conversation_id,
-                               target=target, action=action)
-
     async def succeeded(self, target: str, scope: str) -> None:
         self._probe_taken.pop((target, scope), None)
         if self._known_healthy(target, scope):
@@ -133,7 +128,7 @@ class HealthGate:
             self._probe_taken.pop((target, scope), None)
         change = await self.store.calls(
             self.store.record_target_failure, target=target, scope=scope,
-            error=_error_text(exc), retryable=isinstance(exc, RetryableError),
+            error=error_text(exc), retryable=isinstance(exc, RetryableError),
             policy=self.policy, retry_after=getattr(exc, "retry_after", None))
         if change is not None:
             await self.alerts.target_changed(change, await self._waiting(target))
@@ -146,7 +141,7 @@ class HealthGate:
         return counts.get(target, 0) + older.get(target, 0)
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     text = str(exc) if isinstance(exc, CxrelayError) else mask_text(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -155,9 +155,6 @@ async def fetch_conversation(runtime: Runtime, conversation_id: str) -> dict[str
         raise
 
 
-ACTIONS = {"salesforce": "upsert", "slack": "message", "http": "post"}
-
-
 async def render(runtime: Runtime, target: Target, context: dict[str, Any]) -> dict[str, Any]:
     """The target's payload, mapped from the event's context, in the JSON form a pending
     delivery keeps (`cxrelay.store.deliveries`). Raises `MappingError`/`ConfigError`."""
