@@ -18,12 +18,22 @@ request each (several per Salesforce delivery), queued behind one another per li
 back-off): the demo's 12 conversations took 25 s. The Prefect limit stays the shared one: when
 other processes have filled it, the accounting is refused (423) and this process's bucket owes
 what it could not book, so it slows down too. The UI shows the slots in use, a moment late.
+
+Prefect decays a rate limit by whole slots: `floor(decay × seconds since the row last
+changed)`, and every change restarts that clock — a booking, and a refusal too, which decays
+nothing. Booked a token at a time, five a second, most bookings decayed nothing; the limit
+filled with this process's own use, its refusals made the bucket owe, and the enrichment ran at
+~3 of its 5 calls a second (bench/pace.py). So a process books a rate limit once a period whose
+decay is whole (1 s at 5/s), and keeps its own count of what its bookings leave in Prefect: it
+books only what that count has room for, and a refusal means that other processes use the
+limit too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections import deque
@@ -148,6 +158,12 @@ class _Limit:
     read_at: float = field(default_factory=time.monotonic)
     unbooked: int = 0  # rate-limit tokens taken here and not yet booked in Prefect
     owed: int = 0  # of those, the tokens the bucket has been charged for once already
+    refused: int = 0  # bookings Prefect refused (423), for this process's lifetime
+    owed_total: int = 0  # tokens charged to the bucket for them
+    # Prefect's active slots as this process's own bookings leave them, and when Prefect last
+    # changed the row (the answer's arrival: Prefect's clock restarted no later than that).
+    shown: int = 0
+    shown_at: float = 0.0
     leases: list[tuple[Any, int]] = field(default_factory=list)  # concurrency: (id, slots)
     booked_at: float = 0.0
     accountant: asyncio.Task[None] | None = None
@@ -294,23 +310,39 @@ class Limits:
     async def _book_tokens(self, client: Any, limit: _Limit) -> None:
         from prefect.exceptions import PrefectHTTPStatusError
 
-        assert limit.bucket is not None
-        slots = min(limit.unbooked, limit.capacity)
+        assert limit.bucket is not None and limit.decay
+        period = math.ceil(limit.decay) / limit.decay  # whole slots decay in it
+        wait = limit.shown_at + period - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        # More than the limit holds can never be booked; the UI shows less for a moment.
+        limit.unbooked = min(limit.unbooked, limit.capacity)
+        limit.owed = min(limit.owed, limit.unbooked)
+        sent = time.monotonic()
+        slots = min(limit.unbooked, limit.capacity - _shown(limit, sent))
+        if slots <= 0:  # this process's own bookings fill Prefect's count: let a slot decay
+            await asyncio.sleep(1 / limit.decay)
+            return
         try:
             await client.increment_concurrency_slots(names=[limit.name], slots=slots,
                                                      mode="rate_limit")
         except PrefectHTTPStatusError as exc:
             if exc.response.status_code != 423:
                 raise
+            # The refusal restarted Prefect's clock and decayed nothing.
+            limit.shown_at = time.monotonic()
             # Other processes filled the shared limit: this one owes those tokens too, and
             # books them once the limit has room. Each token is owed once: charging it again
             # at every refused booking made the waits grow by seconds per second of
             # contention, without bound.
             new = max(0, slots - limit.owed)
+            limit.refused += 1
+            limit.owed_total += new
             limit.bucket.owe(new)
             limit.owed += new
             await asyncio.sleep(min(float(exc.response.headers.get("Retry-After", 1)), 5.0))
             return
+        limit.shown, limit.shown_at = _shown(limit, sent) + slots, time.monotonic()
         limit.unbooked -= slots
         limit.owed = max(0, limit.owed - slots)
 
@@ -345,6 +377,14 @@ class Limits:
                 await client.renew_concurrency_lease(lease_id, lease_duration=LEASE_SECONDS)
             limit.booked_at = time.monotonic()
         await asyncio.sleep(0.2)  # held: look again for changes and the lease's renewal
+
+
+def _shown(limit: _Limit, now: float) -> int:
+    """Prefect's active slots of a rate limit at `now`, as this process's bookings leave them,
+    decayed the way Prefect decays them. The row changed no earlier than `shown_at` takes it
+    to have, so this never counts more decay than Prefect does."""
+    assert limit.decay
+    return max(0, limit.shown - math.floor(limit.decay * max(0.0, now - limit.shown_at)))
 
 
 def _unbooked(limit: _Limit) -> bool:

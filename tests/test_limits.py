@@ -163,9 +163,34 @@ def test_tokens_refused_again_and_again_are_owed_once() -> None:
         limit.unbooked = 2
         client = Full()
         for _ in range(30):
+            limit.shown_at = 0.0  # a booking period has passed since the last refusal
             await Limits()._book_tokens(client, limit)
         assert client.refusals == 30
         return limit.bucket.tokens
 
     # Two tokens owed, whatever the number of refusals (30 refusals charged 60 before).
     assert asyncio.run(scenario()) == pytest.approx(-2.0, abs=0.1)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_process_alone_at_its_limit_rate_is_never_refused_by_its_own_bookings() -> None:
+    """Prefect decays a rate limit by whole slots since the row last changed, and every change
+    restarts that clock: a booking per token, five a second, decayed nothing most of the time,
+    and the limit filled with this process's own use until its refusals slowed the process to
+    ~3/s of its 5. Alone at the limit's own rate, nothing is refused and nothing is owed."""
+    name = f"cxrelay-genesys-api-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> tuple[int, float]:
+        limits = Limits()
+        for _ in range(40):  # 8 s at the limit's own 5/s, after a burst of its 5
+            await limits._rate(name, 5, 5.0)
+        limit = limits._limits[name]
+        assert await _until(lambda: _true(limit.unbooked == 0)), "the tokens were never booked"
+        return limit.refused, limit.owed_total
+
+    async def _true(value: bool) -> bool:
+        return value
+
+    refused, owed = asyncio.run(scenario())
+    assert (refused, owed) == (0, 0), \
+        f"{refused} bookings of this process's own use were refused, owing {owed} tokens"
