@@ -2,6 +2,7 @@
 channel, the sandbox enforcing Slack's limits (~1 message/s per channel, ~50 chat.update/min).
 
     .venv/bin/python bench/pace.py [--rate 5] [--seconds 60] [--burst 1000] [--allocation]
+                                   [--genesys-per-second N]
 
 Phases, one `cxrelay serve` (SQLite inbox, its own Prefect server):
 1. steady: new callers at `--rate`/s for `--seconds`: POST → Salesforce Task p50/p99, POST →
@@ -13,12 +14,19 @@ Phases, one `cxrelay serve` (SQLite inbox, its own Prefect server):
 3. allocation (`--allocation`): the org's allocation runs out mid-stream at 2/s for 30 s and
    frees 20 s in: refused requests per waiting event, dead letters, Slack meanwhile, time
    from the allocation freeing to everything in Salesforce.
+
+Genesys allows an OAuth client ~300 requests a minute, and each new conversation costs one
+(its enrichment), so the shipped `cxrelay-genesys-api` limit (5/s) bounds a burst's drain.
+`--genesys-per-second N` is the variant of an org whose limit Genesys raised: the limit is
+set in Prefect before `serve` starts, as a user would set it in the UI. Report it beside the
+shipped figure, never instead of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,6 +52,9 @@ from cxrelay.store.database import Store  # noqa: E402
 SECRET = "bench-secret"
 
 
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 class Watch:
     """First time each conversation's Task is in Salesforce and each is shown in Slack, and
     how many Slack messages show it, polled in the sandbox's memory every 20 ms."""
@@ -54,6 +65,7 @@ class Watch:
         self.slack_at: dict[str, float] = {}
         self.shown_in: dict[str, set[str]] = {}
         self.wanted: set[str] = set()
+        self._read: dict[tuple[str, ...], str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -67,8 +79,11 @@ class Watch:
                     self.task_at.setdefault(conversation, now)
             for key, message in list(self.box.slack.messages.items()):
                 text = message.get("text") or ""
-                for conversation in self.wanted:
-                    if conversation in text:
+                if self._read.get(key) == text:
+                    continue  # already read: only new and edited messages cost the watcher
+                self._read[key] = text
+                for conversation in UUID.findall(text):
+                    if conversation in self.wanted:
                         self.slack_at.setdefault(conversation, now)
                         self.shown_in.setdefault(conversation, set()).add("|".join(key))
             time.sleep(0.02)
@@ -109,6 +124,14 @@ def new_callers(box: Sandbox, count: int, first: int) -> list[str]:
     return conversations
 
 
+def raise_genesys_limit(prefect_url: str, per_second: float) -> None:
+    """The variant's Genesys limit, created in Prefect before `serve` reads it."""
+    httpx.post(f"{prefect_url}/v2/concurrency_limits/", json={
+        "name": "cxrelay-genesys-api", "limit": max(20, int(per_second * 4)),
+        "slot_decay_per_second": per_second}).raise_for_status()
+    print(f"variant: cxrelay-genesys-api raised to {per_second:g}/s (shipped: 5/s)", flush=True)
+
+
 def wait_for(condition: Any, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -135,6 +158,8 @@ def main() -> int:
     parser.add_argument("--baseline", type=int, default=1000,
                         help="events of the same-run bare Prefect flow (0: skip)")
     parser.add_argument("--allocation", action="store_true")
+    parser.add_argument("--genesys-per-second", type=float, default=None,
+                        help="a variant: the cxrelay-genesys-api limit raised in Prefect")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cxrelay-pace-"))
@@ -155,6 +180,8 @@ def main() -> int:
         if base:
             print(f"bare Prefect flow (same calls, same server): {base['per_second']:.1f} "
                   "events/s", flush=True)
+        if args.genesys_per_second:
+            raise_genesys_limit(prefect_url, args.genesys_per_second)
         port = free_port()
         database = work / "cxrelay.db"
         env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
@@ -173,16 +200,18 @@ def main() -> int:
         steady = new_callers(box, int(args.rate * args.seconds), 1_000_000)
         watch.wanted |= set(steady)
         sent: dict[str, float] = {}
-        slack_before = len(box.slack.requests)
+        slack_before, sf_before = len(box.slack.requests), len(box.salesforce.requests)
         post(port, steady, args.rate, sent)
         wait_for(lambda: all(c in watch.task_at and c in watch.slack_at for c in steady), 120)
         sf_ms = [(watch.task_at[c] - sent[c]) * 1000 for c in steady if c in watch.task_at]
         slack_s = [watch.slack_at[c] - sent[c] for c in steady if c in watch.slack_at]
         calls, limited = slack_figures(box, slack_before)
         once = sum(1 for c in steady if len(watch.shown_in.get(c, ())) == 1)
+        steady_requests = len(salesforce_requests(box, sf_before))
         print(f"\nsteady: {len(steady)} new callers at {args.rate:g}/s")
         print(f"  POST → Salesforce Task: {len(sf_ms)}/{len(steady)}, p50 "
-              f"{percentile(sf_ms, 50):.0f} ms, p99 {percentile(sf_ms, 99):.0f} ms")
+              f"{percentile(sf_ms, 50):.0f} ms, p99 {percentile(sf_ms, 99):.0f} ms; "
+              f"{steady_requests / len(steady):.2f} API requests per conversation")
         print(f"  POST → shown in Slack: {len(slack_s)}/{len(steady)}, p50 "
               f"{percentile(slack_s, 50):.1f} s, p95 {percentile(slack_s, 95):.1f} s; in exactly "
               f"one message: {once}/{len(steady)}; Slack calls {calls}, 429s {limited} "

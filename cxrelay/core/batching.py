@@ -19,8 +19,15 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class BatchPolicy:
     max_size: int = 200
-    linger_seconds: float = 1.0  # a burst: many events on their way
-    short_linger_seconds: float = 0.2  # a few on their way: latency first
+    # A burst: many events on their way. The enrichment before a batch goes at Genesys's pace
+    # (~5 conversations/s for one OAuth client), so a one-second linger made batches of ~5:
+    # 0.85 Salesforce requests a conversation for a burst of 1,000 new callers (bench/pace.py).
+    # Ten seconds make batches of ~50 and ~0.1, for a Task that lands up to 10 s later in a
+    # burst that takes minutes anyway; a burst that arrives faster fills its 200 sooner.
+    linger_seconds: float = 10.0
+    # A few on their way: latency first. At a steady 5/s, 0.2 s still made batches of one
+    # (3.8 requests a conversation) and cost 0.2 s of the 0.37 s to Salesforce (bench/pace.py).
+    short_linger_seconds: float = 0.05
     burst_upstream: int = 16  # events on their way (a lane's worth) from which a batch waits long
     look_seconds: float = 0.05  # while waiting to fill: how often to look again
 
