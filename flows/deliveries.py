@@ -39,7 +39,7 @@ from prefect.utilities.annotations import quote
 
 from cxrelay.connectors.slack import SlackClient, SlackMessageGone
 from cxrelay.core.batching import BatchPolicy, batch_wait, digest_fits, digest_line, render_digest
-from cxrelay.core.errors import PermanentError, RetryableError
+from cxrelay.core.errors import NotYetKnown, PermanentError, RetryableError
 from cxrelay.core.health import Action
 from cxrelay.core.outcome import STALE, UNCHANGED
 from cxrelay.core.pipeline import SalesforceTargetConfig, SlackTargetConfig
@@ -227,10 +227,13 @@ class Drainer:
         sent = False
         failure: BaseException | None = None
         later: dict[float, list[int]] = {}
-        not_counted: list[int] = []
+        not_counted: dict[float, list[int]] = {}
         for delivery, result in outcomes:
             if isinstance(result, InFlight):
-                not_counted.append(delivery.id)
+                not_counted.setdefault(1.0, []).append(delivery.id)
+            elif isinstance(result, NotYetKnown):
+                logger.info("%s", result)
+                not_counted.setdefault(round(result.again_in, 1), []).append(delivery.id)
             elif isinstance(result, RetryableError) or (
                     isinstance(result, Exception) and not isinstance(result, PermanentError)
                     and not _permanent(result)):
@@ -255,9 +258,9 @@ class Drainer:
             await self.store.calls(self.store.settle_deliveries, settled, worker=self.worker,
                                    link=link)
             self.runtime.artifacts.wake()
-        if not_counted:
-            await self.store.calls(self.store.retry_deliveries, not_counted,
-                                   worker=self.worker, delay_seconds=1.0, count_attempt=False)
+        for delay, ids in not_counted.items():
+            await self.store.calls(self.store.retry_deliveries, ids, worker=self.worker,
+                                   delay_seconds=delay, count_attempt=False)
         for delay, ids in later.items():
             # A paused target's probe is not the delivery's fault: it spends no attempt.
             await self.store.calls(self.store.retry_deliveries, ids, worker=self.worker,
@@ -505,10 +508,23 @@ class SlackDrainer(Drainer):
             return outcomes
         channel = held[0][0].payload["channel"]
         lines = await self.store.calls(self.store.digest_lines, ref) if ref else {}
-        for delivery, _ in held:
-            lines[delivery.conversation_id] = digest_line(delivery.payload["text"])
-        while len(lines) > 1 and not digest_fits(lines):
-            lines.pop(next(iter(lines)))  # never reached by the claim's size; kept safe
+        fitted: list[tuple[QueuedDelivery, Held]] = []
+        for delivery, one in held:
+            line = digest_line(delivery.payload["text"])
+            shown_here = delivery.conversation_id in lines
+            if shown_here or not lines or digest_fits({**lines, delivery.conversation_id: line}):
+                lines[delivery.conversation_id] = line
+                fitted.append((delivery, one))
+                continue
+            # The message is full (~29 lines of a usual length): this conversation goes in the
+            # next digest. Recorded as shown here, 264 of a burst's 1,000 conversations were
+            # in no message (bench/pace.py).
+            spilled = InFlight(f"{self.target.name}: conversation {delivery.conversation_id} "
+                               "did not fit in this digest; the next one shows it",
+                               retry_after=0.0)
+            await release_held(self.store, one, spilled)
+            outcomes.append((delivery, spilled))
+        held = fitted
         text = render_digest(lines)
         try:
             status = "updated"

@@ -195,3 +195,40 @@ def test_above_the_api_share_new_work_waits_and_says_so(
     asyncio.run(dispatch_until(runtime, 4, timeout=60))
     assert len(sandbox_state(clean_sandbox)[0]) == 4
     assert runtime.store.dead_letters() == []
+
+
+def test_a_digest_shows_every_conversation_it_records_and_leaves_the_rest_for_the_next(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """40 conversations wait for one channel; a message holds ~29 lines of this length. Those
+    that do not fit are not recorded as shown: they go back, uncounted, for the next digest."""
+    from datetime import datetime, timezone
+
+    from cxrelay.flows.attempt import InFlight
+    from cxrelay.store.deliveries import QueuedDelivery
+
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox, prefect_limits=False))
+    slack = runtime.pipeline.target("slack")
+    drainer = deliveries.SlackDrainer(runtime, slack, "test", 30)
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    waiting = [QueuedDelivery(n, n, "slack", "#contact-center", c, f"e{n}", None,
+                              {"channel": "#contact-center", "text": f"Conversation {c} ended "
+                               "with a wrap-up note long enough to make its line ~130 chars"},
+                              0, datetime.now(timezone.utc)) for n, c in enumerate(ids)]
+
+    async def scenario() -> list[tuple[QueuedDelivery, Any]]:
+        client, _ = await runtime.slack()
+        try:
+            return await drainer._digest(client, waiting, None)
+        finally:
+            await runtime.aclose()
+
+    outcomes = asyncio.run(scenario())
+    (message,) = sandbox_state(clean_sandbox)[1]
+    shown_here = {d.conversation_id for d, result in outcomes if isinstance(result, dict)}
+    later = {d.conversation_id for d, result in outcomes if isinstance(result, InFlight)}
+    assert 20 <= len(shown_here) < 40 and shown_here | later == set(ids)
+    assert {c for c in ids if c in message["text"]} == shown_here
+    # Released, not held: the next digest takes them.
+    assert not any(runtime.store.reserve(conversation_id=c, target="slack", action="message",
+                                         owner="next", payload_sha256="x").already_done
+                   for c in later)

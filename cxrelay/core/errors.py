@@ -48,6 +48,16 @@ class OutcomeUnknown(RetryableError):
     target may have acted on it. The next attempt looks before it acts again."""
 
 
+class NotYetKnown(OutcomeUnknown):
+    """An earlier attempt's outcome is still unknown and cannot be looked up yet (Jira's search
+    lags its writes): look again in `again_in` seconds. Not the target's failure: it spends no
+    attempt and does not pause the target."""
+
+    def __init__(self, message: str, *, again_in: float) -> None:
+        super().__init__(message)
+        self.again_in = again_in
+
+
 class PermanentError(CxrelayError):
     """A failure that another attempt cannot fix; the work goes to the dead letters."""
 
