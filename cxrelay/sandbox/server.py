@@ -1,4 +1,4 @@
-"""Run the three emulators on loopback ports, in the foreground or in a background thread."""
+"""Run the four emulators on loopback ports, in the foreground or in a background thread."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from cxrelay.sandbox.genesys import GenesysEmulator
+from cxrelay.sandbox.jira import JiraEmulator
 from cxrelay.sandbox.salesforce import SalesforceEmulator
 from cxrelay.sandbox.slack import SlackEmulator
 
@@ -20,9 +21,11 @@ class Sandbox:
     genesys_port: int = 0
     salesforce_port: int = 0
     slack_port: int = 0
+    jira_port: int = 0
     genesys: GenesysEmulator = field(default_factory=GenesysEmulator)
     salesforce: SalesforceEmulator = field(default_factory=SalesforceEmulator)
     slack: SlackEmulator = field(default_factory=SlackEmulator)
+    jira: JiraEmulator = field(default_factory=JiraEmulator)
 
     def __post_init__(self) -> None:
         self._servers: list[uvicorn.Server] = []
@@ -31,6 +34,7 @@ class Sandbox:
         self.genesys_port = self._bind(self.genesys_port)
         self.salesforce_port = self._bind(self.salesforce_port)
         self.slack_port = self._bind(self.slack_port)
+        self.jira_port = self._bind(self.jira_port)
 
     def _bind(self, port: int) -> int:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -52,6 +56,10 @@ class Sandbox:
     def slack_url(self) -> str:
         return f"http://{self.host}:{self.slack_port}/api/"
 
+    @property
+    def jira_url(self) -> str:
+        return f"http://{self.host}:{self.jira_port}"
+
     def environment(self) -> dict[str, str]:
         """The settings that point cxrelay at this sandbox."""
         return {
@@ -64,10 +72,13 @@ class Sandbox:
             "CXRELAY_SLACK_API_URL": self.slack_url,
             "CXRELAY_SLACK_BOT_TOKEN": self.slack.bot_token,
             "CXRELAY_SLACK_CHANNEL": "#contact-center",
+            "CXRELAY_JIRA_URL": self.jira_url,
+            "CXRELAY_JIRA_EMAIL": self.jira.email,
+            "CXRELAY_JIRA_API_TOKEN": self.jira.api_token,
         }
 
     async def serve(self) -> None:
-        apps = [self.genesys.app, self.salesforce.app, self.slack.app]
+        apps = [self.genesys.app, self.salesforce.app, self.slack.app, self.jira.app]
         for app in apps:
             # The sans-I/O websockets implementation: uvicorn's default one is the deprecated
             # legacy API of websockets ≥ 14, and the Genesys emulator serves notification sockets.
@@ -92,7 +103,7 @@ class Sandbox:
         self._thread.start()
         ready.wait(10)
         for _ in range(200):
-            if len(self._servers) == 3 and all(server.started for server in self._servers):
+            if len(self._servers) == 4 and all(server.started for server in self._servers):
                 return self
             threading.Event().wait(0.02)
         raise RuntimeError("the sandbox emulators did not start")
