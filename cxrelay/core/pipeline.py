@@ -9,7 +9,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from cxrelay.core.customers import DEFAULT_EXTERNAL_CONTACT_PATHS, DEFAULT_PHONE_PATHS
 from cxrelay.core.errors import CxrelayError
@@ -129,6 +137,27 @@ class HttpTargetConfig(_TargetBase):
     body: Fields = Field(default_factory=dict)
 
 
+class JiraTargetConfig(_TargetBase):
+    """A Jira Cloud issue per conversation that passes the target's filters; a later event of
+    the conversation comments on it (`on_update: comment`) or edits its fields (`edit`)."""
+
+    type: Literal["jira"]
+    project: str = Field(pattern=r"^[A-Z][A-Z0-9_]+$", description="the project key")
+    issue_type: str = Field(default="Task", validation_alias=AliasChoices("issue_type",
+                                                                          "issuetype"))
+    summary: str = "Follow up: conversation {{ conversation_id }}"
+    description: str = "Conversation {{ conversation_id }} ended."
+    labels: list[Annotated[str, Field(pattern=r"^\S+$")]] = Field(
+        default_factory=list, description="added to the issue's cxrelay-<conversation> label; "
+                                          "Jira refuses labels with spaces")
+    fields: Fields = Field(default_factory=dict, description="any other field by its id "
+                           "(custom fields too: customfield_10050)")
+    on_update: Literal["comment", "edit"] = "comment"
+    # Jira's search is eventually consistent: after a create whose answer was lost, the
+    # attempt searches for the issue by its label this long before it creates again.
+    search_window_seconds: float = Field(default=120, ge=0, le=3600)
+
+
 class NotificationsConfig(_Strict):
     """The Notification API source (`cxrelay listen`, run by `cxrelay serve`): the pipeline
     file's alternative to CXRELAY_NOTIFICATION_TOPICS. Unset numbers take the environment's
@@ -150,8 +179,10 @@ class NotificationsConfig(_Strict):
         return cleaned
 
 
+AnyTarget = SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig | JiraTargetConfig
 TargetConfig = Annotated[
-    SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig, Field(discriminator="type")
+    SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig | JiraTargetConfig,
+    Field(discriminator="type")
 ]
 
 
@@ -176,7 +207,7 @@ class Pipeline(_Strict):
             raise ValueError(f"names must be unique: {', '.join(duplicates)}")
         return items
 
-    def target(self, name: str) -> SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig:
+    def target(self, name: str) -> AnyTarget:
         for target in self.targets:
             if target.name == name:
                 return target
@@ -197,7 +228,7 @@ class Pipeline(_Strict):
         return sources
 
     @property
-    def enabled_targets(self) -> list[SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig]:
+    def enabled_targets(self) -> list[AnyTarget]:
         return [target for target in self.targets if target.enabled]
 
 
@@ -249,7 +280,8 @@ def parse_pipeline(text: str, filename: str = "pipeline.yaml") -> Pipeline:
         for error in exc.errors():
             # Drop the union discriminator tag pydantic inserts (targets.0.salesforce.fields).
             loc = tuple(part for part in error["loc"]
-                        if part not in {"salesforce", "slack", "http", "function-after"})
+                        if part not in {"salesforce", "slack", "http", "jira",
+                                        "function-after"})
             line = _node_line(node, loc)
             errors.append(f"{filename}:{line}: {_loc_text(loc)}: {error['msg']}")
         raise PipelineError(errors) from exc

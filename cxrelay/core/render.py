@@ -7,9 +7,22 @@ from typing import Any
 from cxrelay.core.customers import CustomerKeys, customer_keys, lookups, task_fields
 from cxrelay.core.errors import ConfigError, MappingError
 from cxrelay.core.mapping import Mapper
-from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
+from cxrelay.core.pipeline import (
+    AnyTarget,
+    JiraTargetConfig,
+    SalesforceTargetConfig,
+    SlackTargetConfig,
+)
 
-Target = SalesforceTargetConfig | SlackTargetConfig | HttpTargetConfig
+Target = AnyTarget
+JIRA_LABEL = "cxrelay"  # on every issue cxrelay creates: the duplicate sweep searches by it
+SUMMARY_MAX_CHARS = 255  # Jira refuses a longer summary
+
+
+def jira_label(conversation_id: str) -> str:
+    """The issue's own label: it finds the conversation's issue after a lost answer. Jira
+    refuses labels with spaces; conversation ids have none, and any would become dashes."""
+    return f"{JIRA_LABEL}-" + "-".join(conversation_id.split())
 
 
 def render_target(mapper: Mapper, target: Target, context: dict[str, Any],
@@ -37,8 +50,36 @@ def render_target(mapper: Mapper, target: Target, context: dict[str, Any],
         if not text:
             raise MappingError(f"{target.name}: the message text rendered empty")
         return {"channel": channel, "text": text, "warnings": mapped.warnings}
+    if isinstance(target, JiraTargetConfig):
+        return render_jira(mapper, target, context)
     mapped = mapper.map_fields(target.body, context)
     return {"body": mapped.fields, "warnings": mapped.warnings}
+
+
+def render_jira(mapper: Mapper, target: JiraTargetConfig,
+                context: dict[str, Any]) -> dict[str, Any]:
+    """The issue's project, type, summary, description (text: it becomes Atlassian Document
+    Format when sent), labels and other fields."""
+    mapped = mapper.map_fields(target.fields, context)
+    scope = {**context, "fields": mapped.fields}
+    summary = " ".join(mapper.render(target.summary, scope).split())
+    if not summary:
+        raise MappingError(f"{target.name}: the summary rendered empty")
+    if len(summary) > SUMMARY_MAX_CHARS:
+        summary = summary[:SUMMARY_MAX_CHARS - 1] + "…"
+    conversation_id = str(context.get("conversation_id") or "")
+    labels = [jira_label(conversation_id), JIRA_LABEL,
+              *(label for label in target.labels if label not in (JIRA_LABEL,))]
+    plan = [f"first event: create a {target.issue_type} in project {target.project} labelled "
+            f"{labels[0]} with the issue property cxrelay (after a lost answer: search by the "
+            f"label for up to {target.search_window_seconds:g} s before creating again)",
+            "a later event: " + ("comment on that issue with what changed"
+                                 if target.on_update == "comment" else
+                                 "edit that issue's summary, description and fields")]
+    return {"project": target.project, "issue_type": target.issue_type, "summary": summary,
+            "description": mapper.render(target.description, scope),
+            "labels": list(dict.fromkeys(labels)), "fields": mapped.fields, "plan": plan,
+            "warnings": mapped.warnings}
 
 
 def render_customer_target(mapper: Mapper, target: SalesforceTargetConfig,
