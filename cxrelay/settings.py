@@ -122,6 +122,16 @@ class Settings(BaseSettings):
         "does not come in time is looked up before it is sent again")
     slack_block: str | None = Field(default=None, description="SlackTarget block name")
 
+    jira_url: str | None = Field(default=None, description="the Jira Cloud site, "
+                                 "https://<site>.atlassian.net, or for a service account's "
+                                 "scoped token https://api.atlassian.com/ex/jira/<cloudId>")
+    jira_email: str | None = Field(default=None, description="the account the API token is of")
+    jira_api_token: SecretStr | None = None
+    jira_timeout_seconds: float = Field(
+        default=10, gt=0, description="how long a Jira call may take; a create whose answer "
+        "does not come in time is searched for before it is sent again")
+    jira_block: str | None = Field(default=None, description="JiraTarget block name")
+
     persist_enrichment: bool = Field(
         default=False, description="also keep enrichment results (customer phone numbers, "
         "wrap-up notes) in Prefect's result storage, for Prefect's task cache")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -28,10 +29,12 @@ from cxrelay.core.durations import format_duration
 from cxrelay.core.errors import PermanentError
 from cxrelay.core.history import trim_interval
 from cxrelay.core.outcome import EventSummary, Next, Outcome, Stage, after_failure
+from cxrelay.core.pipeline import JiraTargetConfig
 from cxrelay.core.redact import mask_text
 from cxrelay.flows import duties
 from cxrelay.flows.deliveries import run_drainers
 from cxrelay.flows.duties import Duty
+from cxrelay.flows.jira import sweep_duplicates
 from cxrelay.flows.lanes import Job, Lane, open_lane
 from cxrelay.flows.notification_gaps import GapFiller
 from cxrelay.flows.process_event import dead_letter, process_event
@@ -45,6 +48,7 @@ T = TypeVar("T")
 ALERT_FLUSH_SECONDS = 5.0
 # The first prune and trim wait this long: a dispatcher starting up has events to run first.
 FIRST_RETENTION_SECONDS = 60.0
+JIRA_SWEEP_SECONDS = 600.0  # a lost create's twin appears within the search window (2 min)
 
 
 async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
@@ -172,6 +176,11 @@ class Dispatcher:
         targets are probed by the events that wait for them (`flows/health.py`)."""
         settings = self.runtime.settings
         retention = settings.prefect_retention
+        sweeps = [Duty(f"mark duplicate Jira issues of target {target.name}",
+                       JIRA_SWEEP_SECONDS, functools.partial(self._sweep_jira, target),
+                       first=JIRA_SWEEP_SECONDS / 10)
+                  for target in self.runtime.pipeline.enabled_targets
+                  if isinstance(target, JiraTargetConfig)]
         return [
             Duty("renew the claims of running events", self.lease / 3, self._renew_claims,
                  first=self.lease / 3),
@@ -185,6 +194,7 @@ class Dispatcher:
             Duty(f"trim Prefect's history (CXRELAY_PREFECT_RETENTION, "
                  f"{format_duration(retention)})", trim_interval(retention).total_seconds(),
                  self._trim_history, first=FIRST_RETENTION_SECONDS),
+            *sweeps,
         ]
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -359,6 +369,14 @@ class Dispatcher:
         """Dead-letter and drift summaries held back by the alert interval go out when it
         ends, not only with the next dead letter."""
         await (await self.runtime.health_gate()).alerts.flush()
+
+    async def _sweep_jira(self, target: JiraTargetConfig) -> None:
+        """Issues that share a conversation's label with an older one are marked (see
+        `cxrelay.flows.jira`): a lost create answer whose search window ran out."""
+        marked = await sweep_duplicates(self.store, await self.runtime.jira(), target)
+        if marked:
+            logger.warning("%s: marked %d duplicate issues", target.name,
+                           sum(len(twins) for twins in marked.values()))
 
     async def _prune(self) -> None:
         """The store's retention, in a thread: it prunes in small transactions, and the

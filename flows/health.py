@@ -155,4 +155,6 @@ async def target_scope(runtime: Any, target: Any) -> str:
     if kind == "slack":
         client = (await runtime.slack())[0]
         return await client.team_id() or str(client.api_url)
+    if kind == "jira":
+        return (await runtime.jira()).site
     return str(getattr(target, "url", "") or "")

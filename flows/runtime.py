@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.connectors.http import HttpTarget
+from cxrelay.connectors.jira import JiraClient
 from cxrelay.connectors.salesforce import SalesforceClient
 from cxrelay.connectors.slack import SlackClient
 from cxrelay.core.mapping import Mapper
@@ -156,6 +157,23 @@ class Runtime:
                     SlackClient(s.slack_bot_token, s.slack_api_url,
                                 timeout=s.slack_timeout_seconds), s.slack_channel)
         return self._clients["slack"]
+
+    async def jira(self) -> JiraClient:
+        if "jira" not in self._clients:
+            s = self.settings
+            if s.jira_block:
+                from cxrelay.blocks.jira import JiraTarget
+
+                block = cast(JiraTarget, await JiraTarget.aload(s.jira_block))
+                self._clients["jira"] = block.get_client(s.jira_timeout_seconds)
+            else:
+                require(s.jira_url, "CXRELAY_JIRA_URL", "deliver to Jira")
+                require(s.jira_email, "CXRELAY_JIRA_EMAIL", "deliver to Jira")
+                require(s.jira_api_token, "CXRELAY_JIRA_API_TOKEN", "deliver to Jira")
+                assert s.jira_url and s.jira_email and s.jira_api_token
+                self._clients["jira"] = JiraClient(s.jira_url, s.jira_email, s.jira_api_token,
+                                                   timeout=s.jira_timeout_seconds)
+        return self._clients["jira"]
 
     def http(self, name: str, url: str, headers: dict[str, str]) -> HttpTarget:
         key = f"http:{name}"

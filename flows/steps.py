@@ -28,10 +28,16 @@ from cxrelay.core.envelope import CanonicalEvent, normalise
 from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.filters import first_failing_rule
 from cxrelay.core.jsonbody import BodyError, parse_body
-from cxrelay.core.pipeline import HttpTargetConfig, SalesforceTargetConfig, SlackTargetConfig
+from cxrelay.core.pipeline import (
+    HttpTargetConfig,
+    JiraTargetConfig,
+    SalesforceTargetConfig,
+    SlackTargetConfig,
+)
 from cxrelay.core.render import Target, render_target
 from cxrelay.flows.attempt import Subject, attempt, honour_retry_after
 from cxrelay.flows.customer import CustomerCache, log_conversation, upsert_one
+from cxrelay.flows.jira import deliver_jira, payload_digest_parts
 from cxrelay.flows.limits import Limits
 from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.flows.sfbatch import SalesforceBatch
@@ -192,6 +198,9 @@ async def send(runtime: Runtime, target: Target, subject: Subject, owner: str,
         client, _ = await runtime.slack()
         result = await deliver_slack(store, client, target, subject, owner, payload,
                                      runtime.limits)
+    elif isinstance(target, JiraTargetConfig):
+        result = await deliver_jira(store, await runtime.jira(), target, subject, owner,
+                                    payload, payload_digest(payload_digest_parts(target, payload)))
     else:
         client = runtime.http(target.name, target.url, target.headers)
         result = await deliver_http(store, client, target, subject, owner, payload)

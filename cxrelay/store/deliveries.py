@@ -247,6 +247,31 @@ class DeliveryQueries(Database):
                 LEDGER.c.external_ref.is_not(None))).all()
         return {conversation: ref for conversation, ref in rows}
 
+    def last_sent_payload(self, conversation_id: str, target: str, *, not_event: str,
+                          sent: Sequence[str]) -> dict[str, Any] | None:
+        """The payload of the conversation's last delivery to the target that sent something
+        (its result's status in `sent`), other than event `not_event`'s: what a later event is
+        compared with (a Jira comment says what changed)."""
+        with self.reading() as conn:
+            rows = conn.execute(select(DELIVERIES.c.payload, DELIVERIES.c.result).where(
+                DELIVERIES.c.conversation_id == conversation_id, DELIVERIES.c.target == target,
+                DELIVERIES.c.status == "done", DELIVERIES.c.event_id != not_event,
+            ).order_by(DELIVERIES.c.finished_at.desc(), DELIVERIES.c.id.desc()).limit(20)).all()
+        for payload, result in rows:
+            if json.loads(result or "{}").get("status") in sent:
+                return dict(json.loads(payload))
+        return None
+
+    def repoint_ref(self, conversation_id: str, target: str, action: str, old: str,
+                    new: str) -> bool:
+        """The conversation's ledger row points at `new` where it pointed at `old` (a duplicate
+        Jira issue that the sweep marked); whether it did."""
+        with self.transaction() as conn:
+            return conn.execute(update(LEDGER).where(
+                LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
+                LEDGER.c.action == action, LEDGER.c.external_ref == old,
+            ).values(external_ref=new, updated_at=utcnow())).rowcount > 0
+
     def open_deliveries_by_target(self) -> dict[str, int]:
         """Deliveries not settled yet (waiting for their target, or being sent), per target."""
         with self.reading() as conn:
