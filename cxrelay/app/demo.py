@@ -50,6 +50,7 @@ class Sent:
     http_status: int = 0
     answer: dict[str, Any] = field(default_factory=dict)
     event_id: str | None = None
+    complaint: bool = False  # tagged Complaint: a Jira issue is expected
 
 
 def prefect_server(console: Console, log: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
@@ -85,13 +86,23 @@ def queue_of(index: int) -> str:
     return QUEUES[index % len(QUEUES)]
 
 
+# Conversations the agent tagged Complaint get a Jira issue (the shipped pipeline's `jira`
+# target, whose own filter takes only them); the others do not.
+def complaint(index: int) -> bool:
+    return index % 4 == 2
+
+
 def demo_pipeline(path: Path) -> Path:
-    """The shipped pipeline with the Slack target posting to each queue's channel."""
+    """The shipped pipeline with the Slack target posting to each queue's channel, and its
+    Jira target enabled (the sandbox's Jira)."""
     text = DEFAULT_PIPELINE.read_text()
     marker = "    type: slack\n"
-    if marker not in text:
-        raise RuntimeError(f"{DEFAULT_PIPELINE} has no Slack target to post per queue")
-    path.write_text(text.replace(marker, marker + f"    channel: \"{QUEUE_CHANNEL}\"\n", 1))
+    jira = "    type: jira\n    enabled: false\n"
+    if marker not in text or jira not in text:
+        raise RuntimeError(f"{DEFAULT_PIPELINE} has no Slack target to post per queue, or no "
+                           "disabled Jira target")
+    text = text.replace(marker, marker + f"    channel: \"{QUEUE_CHANNEL}\"\n", 1)
+    path.write_text(text.replace(jira, "    type: jira\n", 1))
     return path
 
 
@@ -108,10 +119,12 @@ def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, s
     # first is a race; every order is right, and the targets hold one Task and one message.
     through_eventbridge = completed[:2]
     for index, conversation_id in enumerate(completed):
-        payload = generic_event(conversation_id, phone=caller_phone(index, conversations))
+        payload = generic_event(conversation_id, phone=caller_phone(index, conversations),
+                                tags=("Complaint",) if complaint(index) else ())
         body = encode(payload)
         expect = DELIVERED_OR_STALE if conversation_id in through_eventbridge else "delivered"
-        sent = Sent("new", conversation_id, 202, expect, event_id=payload["id"])
+        sent = Sent("new", conversation_id, 202, expect, event_id=payload["id"],
+                    complaint=complaint(index))
         plan.append((sent, body, hmac_headers(body, secret)))
         if index < 3:  # Genesys retries: the identical delivery again
             plan.append((Sent("retry", conversation_id, 202, "duplicate",
@@ -215,11 +228,17 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
     records, leads = state.get("Task", []), state.get("Lead", [])
     contacts = {c["Id"] for c in state.get("Contact", [])}
     messages = httpx.get(f"{box.slack_url.removesuffix('/api/')}/__sandbox/state").json()["messages"]
+    issues = httpx.get(f"{box.jira_url}/__sandbox/state").json()["issues"]
+    issues_of = Counter(label.removeprefix("cxrelay-") for issue in issues
+                        for label in issue["fields"]["labels"]
+                        if label.startswith("cxrelay-"))
+    keys_of = {label.removeprefix("cxrelay-"): issue["key"] for issue in issues
+               for label in issue["fields"]["labels"] if label.startswith("cxrelay-")}
     by_conversation = {r["Genesys_Conversation_Id__c"]: r for r in records}
     outcomes = {event.event_id: event.outcome for event in store.events(10_000)}
     failures: list[str] = []
     table = Table("#", "request", "conv.", "HTTP", "outcome", "Salesforce Task → customer",
-                  "Slack",
+                  "Slack", "Jira",
                   title="What happened to each request")
     for number, (sent, _, _) in enumerate(plan, 1):
         conversation = sent.conversation_id or ""
@@ -232,7 +251,7 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
             outcome = f"rejected: {sent.answer.get('error', '')}"
         table.add_row(str(number), sent.label, conversation[:8], str(sent.http_status), outcome,
                       f"{record['Id']} → {record.get('WhoId')}" if record else "—",
-                      f"{len(posted)} msg" if posted else "—")
+                      f"{len(posted)} msg" if posted else "—", keys_of.get(conversation, "—"))
         if sent.http_status != sent.expect_http:
             failures.append(f"#{number} {sent.label}: HTTP {sent.http_status}, expected "
                             f"{sent.expect_http}")
@@ -254,6 +273,11 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
     if len(records) != len(delivered) or len(messages) != len(delivered):
         failures.append(f"{len(delivered)} conversations should give as many Tasks and Slack "
                         f"messages; got {len(records)} and {len(messages)}")
+    complaints = {s.conversation_id for s, _, _ in plan if s.complaint}
+    wrong = sorted(c[:8] for c in delivered if c and issues_of.get(c, 0) != (c in complaints))
+    if wrong:
+        failures.append(f"conversations tagged Complaint should have one Jira issue each and the "
+                        f"others none: not so for {', '.join(wrong)}")
     callers = len(delivered) - REPEAT_CALLS + 1
     if len(leads) != callers - 1:  # every new caller, once; the known one is a Contact
         failures.append(f"{callers} callers, one already a Contact, should give {callers - 1} "
@@ -278,6 +302,8 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
                   f"each queue's channel: "
                   + ", ".join(f"{name} {count}" for name, count in sorted(per_channel.items()))
                   + ".")
+    console.print(f"Jira holds {len(issues)} issues, one per conversation tagged Complaint "
+                  f"({len(complaints)}): " + ", ".join(sorted(keys_of.values())) + ".")
     console.print(f"All {len(plan)} requests answered and the {accepted} events they "
                   f"brought processed {elapsed:.1f} s after the first request.")
     if records:

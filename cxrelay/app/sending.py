@@ -12,7 +12,8 @@ from cxrelay.core.signatures import HmacVerifier
 
 def generic_event(conversation_id: str | None = None, state: str = "COMPLETED",
                   phone: str = "+15550001234", event_id: str | None = None,
-                  external_contact_id: str | None = "123456789") -> dict[str, Any]:
+                  external_contact_id: str | None = "123456789",
+                  tags: tuple[str, ...] = ()) -> dict[str, Any]:
     """A generic Genesys webhook payload, as the original recipe's webhook sends it."""
     external = [{"externalId": external_contact_id}] if external_contact_id else []
     return {
@@ -26,7 +27,8 @@ def generic_event(conversation_id: str | None = None, state: str = "COMPLETED",
             "contact": {"id": str(uuid.uuid4()), "externalContacts": external},
             "primaryContact": {"phoneNumber": phone},
             "routingStatus": state,
-            "tags": [{"id": "tag-vip", "label": "VIP Customer"}],
+            "tags": [{"id": "tag-vip", "label": "VIP Customer"},
+                     *({"id": f"tag-{tag.lower()}", "label": tag} for tag in tags)],
         },
     }
 
