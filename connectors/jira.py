@@ -14,6 +14,7 @@ of dead-lettering every conversation.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -42,6 +43,24 @@ def jira_error_text(response: httpx.Response) -> str:
     parts = [str(m) for m in body.get("errorMessages") or []]
     parts += [f"{field}: {text}" for field, text in (body.get("errors") or {}).items()]
     return "; ".join(parts) or response.text[:300]
+
+
+def jira_retry_after(headers: httpx.Headers) -> float | None:
+    """`Retry-After`, else the time until `X-RateLimit-Reset` (an ISO 8601 instant), which
+    Jira sends with a 429 of its cost-based limits."""
+    seconds = retry_after_seconds(headers)
+    if seconds is not None:
+        return seconds
+    reset = headers.get("X-RateLimit-Reset")
+    if not reset:
+        return None
+    try:
+        moment = datetime.fromisoformat(reset.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
 
 
 class JiraClient:
@@ -77,7 +96,7 @@ class JiraClient:
             detail += f" ({reason})"
         if response.status_code in RETRYABLE_STATUSES or response.status_code == 401:
             kind = OutcomeUnknown if write and response.status_code >= 500 else RetryableError
-            raise kind(detail, retry_after=retry_after_seconds(response.headers))
+            raise kind(detail, retry_after=jira_retry_after(response.headers))
         raise JiraRejected(detail)
 
     async def create_issue(self, fields: dict[str, Any],

@@ -42,7 +42,7 @@ from cxrelay.core.batching import BatchPolicy, batch_wait, digest_fits, digest_l
 from cxrelay.core.errors import NotYetKnown, PermanentError, RetryableError
 from cxrelay.core.health import Action
 from cxrelay.core.outcome import STALE, UNCHANGED
-from cxrelay.core.pipeline import SalesforceTargetConfig, SlackTargetConfig
+from cxrelay.core.pipeline import JiraTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target
 from cxrelay.flows import steps
 from cxrelay.flows.attempt import (
@@ -177,8 +177,17 @@ class Drainer:
             return IDLE_POLL_SECONDS
         return min(IDLE_POLL_SECONDS, _until(due))
 
+    policy: BatchPolicy | None = None  # None: what is due goes at once
+
     async def batch_wait(self, backlog: Any) -> float:
-        return 0.0
+        """0 when the due deliveries go now, else the seconds to look again (the policy's)."""
+        if self.policy is None or backlog.count >= self.policy.max_size:
+            return 0.0
+        now = datetime.now(timezone.utc)
+        upstream = await self.store.calls(self.store.upstream)
+        return batch_wait(self.policy, backlog.count,
+                          (now - backlog.oldest).total_seconds() if backlog.oldest else 0.0,
+                          upstream)
 
     def batch_size(self) -> int:
         return HTTP_CONCURRENCY
@@ -384,15 +393,6 @@ class SalesforceDrainer(Drainer):
             return 1
         return self.policy.max_size
 
-    async def batch_wait(self, backlog: Any) -> float:
-        if backlog.count >= self.policy.max_size:
-            return 0.0
-        now = datetime.now(timezone.utc)
-        upstream = await self.store.calls(self.store.upstream)
-        return batch_wait(self.policy, backlog.count,
-                          (now - backlog.oldest).total_seconds() if backlog.oldest else 0.0,
-                          upstream)
-
     async def deliver(self, batch: list[QueuedDelivery]) -> list[tuple[QueuedDelivery, Any]]:
         assert isinstance(self.target, SalesforceTargetConfig)
         if len(batch) == 1:
@@ -413,6 +413,16 @@ class SalesforceDrainer(Drainer):
             get_run_logger().info("%s: %d deliveries in %d Salesforce requests",
                                   self.target.name, len(batch), sf.requests)
         return list(zip(batch, results, strict=True))
+
+
+class JiraDrainer(Drainer):
+    """Jira limits the writes to one issue (`jira-per-issue-on-write`): while events are on
+    their way, a batch waits a moment to fill, so that a burst of one conversation's events
+    becomes one write, the newest's (`newest_per_conversation`; its comment says everything
+    that changed since the last one sent)."""
+
+    policy = BatchPolicy(max_size=HTTP_CONCURRENCY, linger_seconds=2.0,
+                         short_linger_seconds=0.5)
 
 
 class SlackDrainer(Drainer):
@@ -562,7 +572,8 @@ class SlackDrainer(Drainer):
 def drainer_for(runtime: Runtime, target: Target, worker: str, lease: float,
                 runner: Runner | None = None) -> Drainer:
     kind = (SalesforceDrainer if isinstance(target, SalesforceTargetConfig) else
-            SlackDrainer if isinstance(target, SlackTargetConfig) else Drainer)
+            SlackDrainer if isinstance(target, SlackTargetConfig) else
+            JiraDrainer if isinstance(target, JiraTargetConfig) else Drainer)
     drainer = kind(runtime, target, worker, lease)
     drainer.runner = runner
     return drainer

@@ -17,7 +17,8 @@ from cxrelay.core.batching import (
 )
 from cxrelay.core.customers import batch_lookup, lookup_field
 
-POLICY = BatchPolicy(max_size=200, linger_seconds=1.0, look_seconds=0.05)
+POLICY = BatchPolicy(max_size=200, linger_seconds=1.0, short_linger_seconds=0.2,
+                     look_seconds=0.05)
 
 
 def test_a_lone_delivery_goes_at_once_when_nothing_else_is_on_its_way() -> None:

@@ -24,7 +24,8 @@ def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
 def test_config_validate_default() -> None:
     result = runner.invoke(app, ["config", "validate"])
     assert result.exit_code == 0, result.output
-    assert "valid — 4 sources, 1 filters, 2 targets (salesforce, slack)" in result.output
+    assert ("valid — 4 sources, 1 filters, 3 targets (salesforce, slack, jira: disabled)"
+            in result.output)
 
 
 def test_config_validate_names_line_and_key(tmp_path: Path) -> None:

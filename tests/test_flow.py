@@ -660,7 +660,7 @@ def test_a_targets_own_filters_leave_the_other_targets_to_go_on(
     seed(clean_sandbox, conversation)
     text = DEFAULT_PIPELINE.read_text()
     config = parse_pipeline(text)
-    assert [t.filters for t in config.targets] == [[], []]
+    assert [t.filters for t in config.enabled_targets] == [[], []]
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(text.replace("    type: slack\n", "    type: slack\n    filters:\n"
                                      "      - {name: billing-only, path: "

@@ -369,3 +369,14 @@ def test_complaints_get_one_issue_each_beside_salesforce_and_slack(
     assert all(any(c in m["text"] for m in messages) for c in complaints + others)
     refused_outcomes = {e.outcome for e in runtime.store.events() if e.conversation_id == refused}
     assert refused_outcomes == {"partial"}
+
+
+def test_without_retry_after_the_rate_limit_s_reset_time_says_when() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from cxrelay.connectors.jira import jira_retry_after
+
+    reset = (datetime.now(timezone.utc) + timedelta(seconds=30)).isoformat(timespec="milliseconds")
+    assert 28 <= (jira_retry_after(httpx.Headers({"X-RateLimit-Reset": reset})) or 0) <= 30
+    assert jira_retry_after(httpx.Headers({"Retry-After": "7", "X-RateLimit-Reset": reset})) == 7
+    assert jira_retry_after(httpx.Headers({"X-RateLimit-Reset": "soon"})) is None

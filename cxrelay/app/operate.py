@@ -359,9 +359,9 @@ def config_validate(path: Path | None = typer.Argument(None, help="default: CXRE
         for line in exc.errors:
             err.print(line, markup=False, highlight=False)
         raise typer.Exit(1) from None
+    names = ", ".join(t.name if t.enabled else f"{t.name}: disabled" for t in pipeline.targets)
     console.print(f"{target}: valid — {len(pipeline.sources)} sources, {len(pipeline.filters)} "
-                  f"filters, {len(pipeline.targets)} targets "
-                  f"({', '.join(t.name for t in pipeline.targets)})", markup=False)
+                  f"filters, {len(pipeline.targets)} targets ({names})", markup=False)
 
 
 def prune(
