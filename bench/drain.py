@@ -5,8 +5,9 @@
     .venv/bin/python bench/drain.py --events 2000 --per-event 0 --baseline 2000
 
 Each dispatcher is a `cxrelay dispatch` process of its own (as `cxrelay serve` starts it), with
-the sandbox targets and a Prefect server of the bench's own; Prefect global limits off (the
-Slack channel limit would be all it measured). Modes: lanes as shipped (each event a task run
+the sandbox targets and a Prefect server of the bench's own; Prefect's global limits as shipped
+(`--limits off` is the variant without them: enrichment's Genesys limit, 5/s, bounds a drain
+as shipped). Modes: lanes as shipped (each event a task run
 of a long-lived flow run), and lanes of one event each (`CXRELAY_LANE_MAX_EVENTS=1`: a flow run
 per event, what the dispatcher did before lanes). With `--inbox postgres` the inbox is a PostgreSQL database
 at 127.0.0.1:5432 shared by 1, 2 … dispatcher processes, and the bench checks that no event was
@@ -81,13 +82,17 @@ def fill_inbox(store: Store, box: Sandbox, events: int) -> list[str]:
     return conversations
 
 
+LIMITS = True  # as shipped; `--limits off` is the variant
+
+
 def drain(box: Sandbox, prefect_url: str, database_url: str, work: Path, events: int,
           lanes: bool, dispatchers: int = 1) -> dict[str, Any]:
     store = Store(database_url)
     conversations = fill_inbox(store, box, events)
     env = {**os.environ, **box.environment(), "PREFECT_API_URL": prefect_url,
-           "CXRELAY_DATABASE_URL": database_url, "CXRELAY_PREFECT_LIMITS": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
+           "CXRELAY_DATABASE_URL": database_url, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    if not LIMITS:
+        env["CXRELAY_PREFECT_LIMITS"] = "false"
     if not lanes:
         env["CXRELAY_LANE_MAX_EVENTS"] = "1"
     salesforce_before = len(box.salesforce.requests)
@@ -164,7 +169,11 @@ def main() -> int:
     parser.add_argument("--baseline", type=int, default=0,
                         help="first run throughput.py's bare-flow baseline with this many events "
                              "against the same server, and compare each drain to it")
+    parser.add_argument("--limits", choices=["on", "off"], default="on",
+                        help="Prefect's global limits in cxrelay: on as shipped; off is a variant")
     args = parser.parse_args()
+    global LIMITS
+    LIMITS = args.limits == "on"
     work = Path(tempfile.mkdtemp(prefix="cxrelay-drain-"))
     (work / "prefect").mkdir()
     db = postgres_database("cxrelay_drain_prefect") if args.prefect_db == "postgres" else None
