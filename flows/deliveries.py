@@ -585,6 +585,12 @@ async def run_drainers(runtime: Runtime, worker: str, lease: float, stop: asynci
     puts it in its open lane, so that a batch is a task run of a lane)."""
     drainers = [drainer_for(runtime, target, worker, lease, runner)
                 for target in runtime.pipeline.enabled_targets]
+    dropped = await runtime.store.calls(runtime.store.drop_deliveries,
+                                        [target.name for target in runtime.pipeline.enabled_targets])
+    if dropped:
+        logger.warning("%d deliveries were for targets no longer in the pipeline (removed or "
+                       "disabled): settled as removed; `cxrelay replay` maps their events again",
+                       dropped)
     started = time.monotonic()
     await asyncio.gather(*(drainer.run(stop) for drainer in drainers))
     logger.info("drainers stopped after %.0f s: %s", time.monotonic() - started,

@@ -80,3 +80,18 @@ def test_a_replayed_event_maps_again_over_its_settled_delivery(any_store: Store)
         NewDelivery("salesforce", "", "c1", "e1", None, {"text": "again"})])
     (again,) = any_store.claim_deliveries("salesforce", worker="d", limit=5, lease_seconds=30)
     assert again.payload == {"text": "again"} and again.attempts == 0
+
+
+def test_deliveries_of_a_target_that_left_the_pipeline_settle_as_removed(
+        any_store: Store) -> None:
+    first = mapped(any_store, "e9", "c9", ["salesforce", "jira"])
+    (claimed,) = any_store.claim_deliveries("salesforce", worker="d1", limit=10,
+                                            lease_seconds=30)
+    any_store.settle_deliveries([(claimed, {"status": "created", "ref": "00T9"})], worker="d1")
+    assert any_store.get_event(first).outcome == "delivering"  # type: ignore[union-attr]
+    assert any_store.drop_deliveries(["salesforce", "slack"]) == 1
+    assert any_store.drop_deliveries(["salesforce", "slack"]) == 0
+    event = any_store.get_event(first)
+    assert event is not None and event.outcome == "delivered"
+    assert json.loads(event.detail or "{}")["targets"]["jira"]["status"] == "removed"
+    assert any_store.open_deliveries() == 0

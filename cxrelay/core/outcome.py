@@ -33,6 +33,9 @@ WAITING = "waiting"  # a target's status while it is paused (cxrelay.core.health
 UNCHANGED = "unchanged"
 DELIVERED = "delivered"
 FILTERED = "filtered"  # a target's status when its own filters rejected the event
+# a target's status when it left the pipeline (removed, or `enabled: false`) before its
+# delivery went: like FILTERED, it does not count toward the event's outcome
+REMOVED = "removed"
 # A target's status from mapping until its drainer settles the delivery (its own pace).
 QUEUED = "queued"
 
@@ -45,7 +48,7 @@ def event_outcome(target_statuses: Iterable[str]) -> Outcome:
     data, or newer), delivered when one did. dead_lettered when every target failed, partial
     between."""
     everything = list(target_statuses)
-    statuses = [status for status in everything if status != FILTERED]
+    statuses = [status for status in everything if status not in (FILTERED, REMOVED)]
     if everything and not statuses:
         return Outcome.FILTERED  # every target's own filters rejected it
     if WAITING in statuses:

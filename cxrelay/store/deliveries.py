@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 
-from cxrelay.core.outcome import event_outcome
+from cxrelay.core.outcome import REMOVED, event_outcome
 from cxrelay.store.artifacts import ArtifactLink, record_pending
 from cxrelay.store.engine import Database, aware, upserts
 from cxrelay.store.models import (
@@ -211,6 +211,26 @@ class DeliveryQueries(Database):
                 for inbox_id in [delivery.inbox_id, *delivery.merged_inbox_ids]:
                     _settle_event(conn, int(inbox_id), delivery.target, result, link)
         return recorded
+
+    def drop_deliveries(self, keep: Sequence[str]) -> int:
+        """Settle the open deliveries of targets not in `keep` (no longer in the pipeline, or
+        disabled) as `removed`, so that their events finish; a replay maps them again. The
+        number settled."""
+        now = utcnow()
+        with self.transaction() as conn:
+            rows = conn.execute(select(DELIVERIES.c.id, DELIVERIES.c.inbox_id,
+                                       DELIVERIES.c.target, DELIVERIES.c.merged_inbox_ids).where(
+                DELIVERIES.c.status != "done", DELIVERIES.c.target.not_in(list(keep)))).all()
+            for row in rows:
+                result = {"status": REMOVED, "detail": f"the target {row.target} is no longer "
+                          "in the pipeline (removed or disabled) and got nothing"}
+                conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == row.id).values(
+                    status="done", claimed_by=None, lease_until=None, finished_at=now,
+                    result=json.dumps(result)))
+                merged = json.loads(row.merged_inbox_ids) if row.merged_inbox_ids else []
+                for inbox_id in [row.inbox_id, *merged]:
+                    _settle_event(conn, int(inbox_id), row.target, result, None)
+        return len(rows)
 
     def deliveries_of(self, inbox_id: int) -> list[PendingDelivery]:
         with self.reading() as conn:
