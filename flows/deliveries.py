@@ -41,7 +41,7 @@ from cxrelay.connectors.slack import SlackClient, SlackMessageGone
 from cxrelay.core.batching import BatchPolicy, batch_wait, digest_fits, digest_line, render_digest
 from cxrelay.core.errors import NotYetKnown, PermanentError, RetryableError
 from cxrelay.core.health import Action
-from cxrelay.core.outcome import STALE, UNCHANGED
+from cxrelay.core.outcome import STALE, UNCHANGED, Next, Stage, after_failure
 from cxrelay.core.pipeline import JiraTargetConfig, SalesforceTargetConfig, SlackTargetConfig
 from cxrelay.core.render import Target
 from cxrelay.flows import steps
@@ -250,7 +250,9 @@ class Drainer:
                 logger.warning("%s: delivering conversation %s failed (attempt %d): %s",
                                self.target.name, delivery.conversation_id,
                                delivery.attempts + 1, error_text(result))
-                if not probing and delivery.attempts + 1 > self.target.retries:
+                decision = after_failure(Stage.DELIVERY, attempts=delivery.attempts + 1,
+                                         max_attempts=self.target.retries + 1, probing=probing)
+                if decision.next is Next.DEAD_LETTER:
                     settled.append((delivery, await self._dead_letter(delivery, result)))
                 else:
                     delay = steps.backoff(delivery.attempts + 1,

@@ -62,3 +62,12 @@ def test_prefect_failing_to_reach_its_api_is_an_infrastructure_failure() -> None
         assert _infrastructure_failure(exc)
     assert not _infrastructure_failure(RuntimeError("a bug of ours"))
     assert _infrastructure_failure(httpx.ReadTimeout("slow"))
+
+
+def test_a_delivery_is_retried_until_its_target_s_retries_are_spent_and_a_probe_costs_none(
+) -> None:
+    decide = [after_failure(Stage.DELIVERY, attempts=n, max_attempts=3).next for n in (1, 2, 3)]
+    assert decide == [Next.RETRY, Next.RETRY, Next.DEAD_LETTER]
+    assert after_failure(Stage.DELIVERY, attempts=9, max_attempts=3,
+                         probing=True).next is Next.RETRY_NOT_COUNTED
+    assert after_failure(Stage.DELIVERY, permanent=True, probing=True).next is Next.DEAD_LETTER

@@ -103,6 +103,7 @@ class Stage(str, Enum):
     LANE = "lane"  # its steps, run as a task run of a lane (no retries there)
     STEP = "step"  # a step of its own `process-event` run, after that step's task retries
     RUN = "run"    # its `process-event` run as a whole (crashed, or never started)
+    DELIVERY = "delivery"  # one target's delivery of it, retried by that target's drainer
 
 
 class Next(str, Enum):
@@ -138,18 +139,25 @@ def outage_backoff(outage_seconds: float) -> float:
 
 def after_failure(stage: Stage, *, permanent: bool = False, infrastructure: bool = False,
                   attempts: int = 1, max_attempts: int = 1,
-                  outage_seconds: float = 0.0) -> AfterFailure:
+                  outage_seconds: float = 0.0, probing: bool = False) -> AfterFailure:
     """The one place that decides whether a failure dead-letters. A permanent error (a 4xx
     that no retry can fix, an event that cannot be mapped) dead-letters at once, wherever it
     happened; a step's own retries are spent when it fails in a run of its own, so that target
     (or the event) dead-letters; a lane has no retries, so the event gets a run of its own at
     once; a run that failed as a whole is tried again with backoff until `max_attempts`.
     Infrastructure failures (the Prefect API unreachable: nothing of the event ran) never
-    count and never dead-letter; they wait longer the longer the outage (`outage_seconds`)."""
+    count and never dead-letter; they wait longer the longer the outage (`outage_seconds`).
+    A target's delivery is retried by its drainer (with the target's backoff) until the
+    target's `retries` are spent; the probe of a paused target is not the delivery's fault and
+    spends no attempt (`probing`)."""
     if infrastructure:
         return AfterFailure(Next.RETRY_NOT_COUNTED, outage_backoff(outage_seconds))
     if permanent:
         return AfterFailure(Next.DEAD_LETTER)
+    if stage is Stage.DELIVERY:
+        if probing:
+            return AfterFailure(Next.RETRY_NOT_COUNTED)
+        return AfterFailure(Next.DEAD_LETTER if attempts >= max_attempts else Next.RETRY)
     if stage is Stage.LANE:
         return AfterFailure(Next.RUN_OF_ITS_OWN)
     if stage is Stage.STEP or attempts >= max_attempts:
