@@ -134,11 +134,7 @@ class HealthGate:
             await self.alerts.target_changed(change, await self._waiting(target))
 
     async def _waiting(self, target: str) -> int:
-        # Deliveries waiting for the target, and conversations a paused target kept waiting
-        # in the inbox before deliveries were the targets' own (stores of older versions).
-        counts = await self.store.calls(self.store.open_deliveries_by_target)
-        older = await self.store.calls(self.store.waiting_by_target)
-        return counts.get(target, 0) + older.get(target, 0)
+        return (await self.store.calls(self.store.waiting_by_target)).get(target, 0)
 
 
 def error_text(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ from cxrelay.flows.health import HealthGate
 from cxrelay.sandbox.server import Sandbox
 from cxrelay.sandbox.slack import DEFAULT_BOT_TOKEN
 from cxrelay.store.database import Store
+from tests.test_store_deliveries import mapped
 
 
 def run_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -101,8 +102,8 @@ async def test_a_pause_and_a_resume_each_post_once_and_emit_once(
     events: list[dict[str, Any]] = []
     alerts = make_alerts(clean_sandbox, events, Clock())
     gate = HealthGate(store, alerts, owner="dispatcher-1")
-    store.mark_waiting(conversation_id="c1", target="salesforce", action="upsert")
-    store.mark_waiting(conversation_id="c2", target="salesforce", action="upsert")
+    mapped(store, "e1", "c1", ["salesforce"])  # two events wait for Salesforce
+    mapped(store, "e2", "c2", ["salesforce"])
 
     for _ in range(6):
         await gate.failed("salesforce", SCOPE, RetryableError("HTTP 503 <html>&</html>"))

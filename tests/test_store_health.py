@@ -114,67 +114,17 @@ def test_concurrent_probe_claims_grant_one(any_store: Store) -> None:
     assert sorted(won) == [False] * 5 + [True]
 
 
-def test_waiting_rows_are_counted_per_target_and_cleared_by_delivery(any_store: Store) -> None:
-    for conversation in ("c1", "c2", "c3"):
-        any_store.mark_waiting(conversation_id=conversation, target="salesforce", action="upsert")
-    any_store.mark_waiting(conversation_id="c1", target="salesforce", action="upsert")  # again
-    any_store.mark_waiting(conversation_id="c1", target="slack", action="message")
-    assert any_store.waiting_by_target() == {"salesforce": 3, "slack": 1}
+def test_what_waits_for_a_target_is_its_open_deliveries(any_store: Store) -> None:
+    from tests.test_store_deliveries import mapped
 
-    reservation = any_store.reserve(conversation_id="c1", target="salesforce", action="upsert",
-                                    owner="o", payload_sha256="d")
-    assert reservation.granted
-    any_store.complete(conversation_id="c1", target="salesforce", action="upsert", owner="o",
-                       external_ref="001", payload_sha256="d", event_id="e1")
-    any_store.stop_waiting(conversation_id="c2", target="salesforce", action="upsert")
+    mapped(any_store, "e1", "c1", ["salesforce", "slack"])
+    mapped(any_store, "e2", "c2", ["salesforce"])
+    assert any_store.waiting_by_target() == {"salesforce": 2, "slack": 1}
+    (claimed, _) = any_store.claim_deliveries("salesforce", worker="w", limit=10,
+                                              lease_seconds=30)
+    assert any_store.waiting_by_target()["salesforce"] == 2  # claimed: still on its way
+    any_store.settle_deliveries([(claimed, {"status": "created"})], worker="w")
     assert any_store.waiting_by_target() == {"salesforce": 1, "slack": 1}
-    (done,) = [row for row in any_store.ledger("c1") if row.target == "salesforce"]
-    assert done.status == "done" and done.waiting_since is None
-
-
-def test_one_waiting_event_comes_back_for_the_probe_the_others_when_the_target_resumes(
-        any_store: Store) -> None:
-    """Events waiting for a paused target: the first given back is the probe's (it returns
-    when the probe is due), the others are parked; a resume wakes them all at once."""
-    import hashlib
-
-    from cxrelay.store.health import PARK_SECONDS
-
-    def event(key: str) -> dict[str, object]:
-        body = f'{{"id":"{key}"}}'.encode()
-        return {"dedupe_key": key, "event_id": key, "source": "genesys", "envelope": "generic",
-                "event_type": "CONVERSATION_COMPLETED", "conversation_id": key, "body": body,
-                "body_sha256": hashlib.sha256(body).hexdigest()}
-
-    for _ in range(3):
-        any_store.record_target_failure(**SF, error="HTTP 503", retryable=True, policy=POLICY)
-    paused = any_store.health_of(**SF)
-    assert paused is not None and paused.paused and paused.probe_at is not None
-    ids = [i for i in any_store.insert_events([event(f"w{n}") for n in range(4)]) if i]
-    claimed = any_store.claim(worker="w", limit=4, lease_seconds=60)
-    assert len(claimed) == 4
-    back = {}
-    due = datetime.now(timezone.utc)  # the probe is due now
-    for row in claimed:
-        any_store.mark_waiting(conversation_id=row.conversation_id, target="salesforce",
-                               action="upsert")
-        back[row.id] = any_store.release_waiting(row.id, worker="w", probe_at=due, **SF)
-    now = datetime.now(timezone.utc)
-    assert back[ids[0]] <= now  # the probe's event
-    assert all(back[i] > now + timedelta(seconds=PARK_SECONDS - 60) for i in ids[1:])
-    # It probes, fails, and is given back again: still the probe's event.
-    (again,) = any_store.claim(worker="w", limit=4, lease_seconds=60)
-    assert again.id == ids[0]
-    later = datetime.now(timezone.utc) + timedelta(seconds=4)
-    assert any_store.release_waiting(again.id, worker="w", probe_at=later, **SF) == later
-    # The target resumes: every parked event runs now.
-    any_store.record_target_success(**SF)
-    assert any_store.wake_waiting(**SF) == 4
-    reclaimed = any_store.claim(worker="w", limit=10, lease_seconds=60)
-    assert {row.id for row in reclaimed} == set(ids)
-    # One that decided to wait before the resume, and is given back after its wake: at once.
-    assert any_store.release_waiting(reclaimed[0].id, worker="w", probe_at=later, **SF) <= \
-        datetime.now(timezone.utc)
 
 
 def test_migration_adds_the_waiting_column_to_an_older_ledger(tmp_path: Path) -> None:
@@ -192,7 +142,11 @@ def test_migration_adds_the_waiting_column_to_an_older_ledger(tmp_path: Path) ->
             names = {row[1] for row in conn.execute(text("PRAGMA table_info(ledger)"))}
             indexes = {row[1] for row in conn.execute(text("PRAGMA index_list(ledger)"))}
         assert "waiting_since" in names and "ix_ledger_waiting" in indexes
-        again.mark_waiting(conversation_id="c", target="salesforce", action="upsert")
+        # A row an older version marked waiting still counts.
+        again.reserve(conversation_id="c", target="salesforce", action="upsert", owner="o",
+                      payload_sha256="d")
+        with again.engine.begin() as conn:
+            conn.execute(text("UPDATE ledger SET waiting_since = CURRENT_TIMESTAMP"))
         assert again.waiting_by_target() == {"salesforce": 1}
     finally:
         again.close()

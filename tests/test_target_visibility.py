@@ -15,6 +15,7 @@ from cxrelay.receiver.app import create_app
 from cxrelay.receiver.metrics import MAX_TARGET_LABELS
 from cxrelay.store.database import Store
 from tests.servers import serve
+from tests.test_store_deliveries import mapped
 
 SF = {"target": "salesforce", "scope": "https://acme.my.salesforce.com"}
 POLICY = HealthPolicy(pause_after=2)
@@ -38,8 +39,8 @@ def test_metrics_show_state_and_waiting_per_target(receiver: str, store: Store) 
     pause(store)
     store.record_target_failure(target="slack", scope="T1", error="ratelimited",
                                 retryable=True, policy=POLICY)  # one failure: still healthy
-    for conversation in ("c1", "c2"):
-        store.mark_waiting(conversation_id=conversation, target="salesforce", action="upsert")
+    for n, conversation in enumerate(("c1", "c2")):
+        mapped(store, f"e{n}", conversation, ["salesforce"])
     metrics = httpx.get(receiver + "/metrics").text
     assert 'cxrelay_target_state{target="salesforce"} 1.0' in metrics
     assert 'cxrelay_target_state{target="slack"} 0.0' in metrics
@@ -47,15 +48,15 @@ def test_metrics_show_state_and_waiting_per_target(receiver: str, store: Store) 
     assert 'cxrelay_target_waiting_events{target="slack"} 0.0' in metrics
 
     store.record_target_success(**SF)
-    store.stop_waiting(conversation_id="c1", target="salesforce", action="upsert")
+    (claimed, _) = store.claim_deliveries("salesforce", worker="w", limit=10, lease_seconds=30)
+    store.settle_deliveries([(claimed, {"status": "created"})], worker="w")
     metrics = httpx.get(receiver + "/metrics").text
     assert 'cxrelay_target_state{target="salesforce"} 0.0' in metrics
     assert 'cxrelay_target_waiting_events{target="salesforce"} 1.0' in metrics
 
 
 def test_metrics_label_sets_are_bounded(receiver: str, store: Store) -> None:
-    for n in range(MAX_TARGET_LABELS + 20):
-        store.mark_waiting(conversation_id="c", target=f"http-{n:03d}", action="post")
+    mapped(store, "e", "c", [f"http-{n:03d}" for n in range(MAX_TARGET_LABELS + 20)])
     metrics = httpx.get(receiver + "/metrics").text
     assert metrics.count("cxrelay_target_waiting_events{") == MAX_TARGET_LABELS
 
@@ -70,8 +71,7 @@ def test_status_shows_each_target_and_escapes_its_error(
     assert calm.exit_code == 0 and "all healthy" in calm.output
 
     pause(store, error="[red]REQUEST_LIMIT_EXCEEDED[/red]")
-    store.mark_waiting(conversation_id="c1", target="salesforce", action="upsert")
-    store.mark_waiting(conversation_id="c1", target="webhook", action="post")
+    mapped(store, "e1", "c1", ["salesforce", "webhook"])
     shown = runner.invoke(app, ["status"])
     assert shown.exit_code == 0, shown.output
     line = next(row for row in shown.output.splitlines() if "acme.my.salesforce.com" in row)

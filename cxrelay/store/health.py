@@ -1,5 +1,5 @@
 """Target health, shared by every dispatcher: each change is one read-modify-write transaction
-whose decision is `cxrelay.core.health`'s; and the ledger rows that wait for a paused target.
+whose decision is `cxrelay.core.health`'s; and what waits for each target.
 
 A target without a row is healthy: while everything works, successes cost one indexed read
 and no write.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -27,13 +27,12 @@ from cxrelay.core.health import (
     target_key,
 )
 from cxrelay.store.engine import Database, aware
-from cxrelay.store.inbox import INBOX, give_back
-from cxrelay.store.ledger import LEDGER, open_row
-from cxrelay.store.models import TargetHealth, bounded, utcnow
+from cxrelay.store.inbox import INBOX
+from cxrelay.store.ledger import LEDGER
+from cxrelay.store.models import PendingDelivery, TargetHealth, bounded, utcnow
 
 HEALTH = TargetHealth.__table__  # type: ignore[attr-defined]
-# A parked waiting event comes back after this even if no resume woke it.
-PARK_SECONDS = 600.0
+DELIVERIES = PendingDelivery.__table__  # type: ignore[attr-defined]
 _MUTABLE = ("state", "consecutive_failures", "failed_probes", "since", "last_error", "probe_at",
             "probe_owner", "probe_until")
 
@@ -133,40 +132,12 @@ class HealthQueries(Database):
                            ).mappings().one()
         return _health(row)
 
-    # --- events waiting -----------------------------------------------------------------
-
-    def release_waiting(self, inbox_id: int, *, worker: str, target: str, scope: str,
-                        probe_at: datetime, park_seconds: float = PARK_SECONDS) -> datetime:
-        """Give back an event that waits for a paused target; when it runs again.
-
-        One waiting event per target comes back when the next probe is due (it is the probe);
-        the others are parked until the target resumes (`wake_waiting`) or, should that never
-        come, `park_seconds`. All of them coming back at every probe made each a new task run
-        with its writes, a few hundred at a time, and starved the healthy targets' events."""
-        key = target_key(target, scope)
-        now = utcnow()
-        with self.transaction() as conn:
-            row = conn.execute(select(HEALTH.c.probe_event, HEALTH.c.state)
-                               .where(HEALTH.c.key == key).with_for_update()).first()
-            if row is not None and row.state == TargetState.HEALTHY.value:
-                row, probe_at = None, now  # it resumed meanwhile (its wake ran first): now
-            candidate = row.probe_event if row is not None else None
-            if candidate not in (None, inbox_id):
-                status = conn.execute(select(INBOX.c.status).where(INBOX.c.id == candidate)
-                                      ).scalar()
-                if status not in ("pending", "claimed"):
-                    candidate = None  # it finished (or is gone): this one takes over
-            mine = candidate in (None, inbox_id)
-            if mine and row is not None:
-                conn.execute(update(HEALTH).where(HEALTH.c.key == key)
-                             .values(probe_event=inbox_id))
-            available = max(probe_at, now) if mine or row is None \
-                else now + timedelta(seconds=park_seconds)
-            give_back(conn, inbox_id, worker=worker, available_at=available, attempts=0)
-        return available
+    # --- what waits for a target ---------------------------------------------------------
 
     def wake_waiting(self, *, target: str, scope: str) -> int:
-        """The target resumed: its parked events run now. How many were woken."""
+        """The target resumed: events an older version parked in the inbox for it (its ledger
+        rows `waiting_since`) run now. How many were woken. Deliveries wait in their own table
+        (`cxrelay.store.deliveries`), which the target's drainer reads at once."""
         now = utcnow()
         waiting = select(LEDGER.c.conversation_id).where(
             LEDGER.c.target == target, LEDGER.c.waiting_since.is_not(None))
@@ -177,30 +148,17 @@ class HealthQueries(Database):
                 INBOX.c.status == "pending", INBOX.c.available_at > now,
                 INBOX.c.conversation_id.in_(waiting)).values(available_at=now)).rowcount)
 
-    def mark_waiting(self, *, conversation_id: str, target: str, action: str) -> None:
-        """The conversation's newest event waits for `target` (paused): counted, no retry
-        spent. Delivering it (`complete`) or `stop_waiting` clears the mark."""
-        now = utcnow()
-        with self.transaction() as conn:
-            open_row(self, conn, conversation_id=conversation_id, target=target,
-                     action=action, now=now)
-            conn.execute(update(LEDGER).where(
-                LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
-                LEDGER.c.action == action, LEDGER.c.waiting_since.is_(None),
-            ).values(waiting_since=now))
-
-    def stop_waiting(self, *, conversation_id: str, target: str, action: str) -> None:
-        """The event no longer waits (dead-lettered, filtered out, or the target left the
-        pipeline)."""
-        with self.transaction() as conn:
-            conn.execute(update(LEDGER).where(
-                LEDGER.c.conversation_id == conversation_id, LEDGER.c.target == target,
-                LEDGER.c.action == action).values(waiting_since=None))
-
     def waiting_by_target(self) -> dict[str, int]:
-        """Conversations whose newest event waits, per target name."""
+        """Per target name, the events that wait for it: their deliveries not settled yet,
+        and conversations an older version parked in the inbox for a paused target."""
         with self.reading() as conn:
-            rows = conn.execute(select(LEDGER.c.target, func.count())
-                                .where(LEDGER.c.waiting_since.is_not(None))
-                                .group_by(LEDGER.c.target)).all()
-        return {target: int(count) for target, count in rows}
+            rows = conn.execute(select(DELIVERIES.c.target, func.count())
+                                .where(DELIVERIES.c.status != "done")
+                                .group_by(DELIVERIES.c.target)).all()
+            legacy = conn.execute(select(LEDGER.c.target, func.count())
+                                  .where(LEDGER.c.waiting_since.is_not(None))
+                                  .group_by(LEDGER.c.target)).all()
+        counts: dict[str, int] = {}
+        for target, count in [*rows, *legacy]:
+            counts[target] = counts.get(target, 0) + int(count)
+        return counts
