@@ -21,6 +21,7 @@ import httpx
 from pydantic import SecretStr
 
 from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
+from cxrelay.core.durations import parse_instant
 from cxrelay.core.errors import OutcomeUnknown, PermanentError, RetryableError
 from cxrelay.core.urls import redact_url
 
@@ -51,15 +52,9 @@ def jira_retry_after(headers: httpx.Headers) -> float | None:
     seconds = retry_after_seconds(headers)
     if seconds is not None:
         return seconds
-    reset = headers.get("X-RateLimit-Reset")
-    if not reset:
+    moment = parse_instant(headers.get("X-RateLimit-Reset"))
+    if moment is None:
         return None
-    try:
-        moment = datetime.fromisoformat(reset.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
     return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
 
 

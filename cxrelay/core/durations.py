@@ -1,10 +1,23 @@
 """Durations as people write them in settings and on the command line: `90s`, `30m`, `12h`,
-`7d`, `2w`; a bare number is in `default_unit`."""
+`7d`, `2w`; a bare number is in `default_unit`. And instants as APIs write them."""
 
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+
+def parse_instant(value: Any) -> datetime | None:
+    """An ISO 8601 instant (`2026-12-04T10:00:00.000Z`, `…+00:00`) as an aware datetime; one
+    without an offset is UTC. None when it is not one."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from cxrelay.core.durations import parse_instant
 from cxrelay.core.errors import EnvelopeError
 from cxrelay.core.notifications import (
     conversation_ended,
@@ -102,13 +103,7 @@ def _parse_time(value: Any) -> datetime | None:
             return datetime.fromtimestamp(seconds, tz=timezone.utc)
         except (OverflowError, OSError, ValueError):
             return None
-    if isinstance(value, str) and value:
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    return None
+    return parse_instant(value)
 
 
 def _topic_parts(topic: str) -> tuple[str | None, str]:

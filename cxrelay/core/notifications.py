@@ -15,11 +15,12 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
 from cxrelay.core.backfill import backfill_event
+from cxrelay.core.durations import parse_instant
 
 MAX_TOPICS_PER_CHANNEL = 1000
 QUEUE_PLACEHOLDER = "{queue}"
@@ -176,16 +177,8 @@ def gap_fill_event(conversation: dict[str, Any]) -> dict[str, Any]:
 
 def ended_within(conversation: dict[str, Any], start: datetime, end: datetime) -> bool:
     """Did this analytics conversation end in [start, end]? (Unknown ends: no.)"""
-    value = conversation.get("conversationEnd")
-    if not isinstance(value, str):
-        return False
-    try:
-        ended = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    if ended.tzinfo is None:
-        ended = ended.replace(tzinfo=timezone.utc)
-    return start <= ended <= end
+    ended = parse_instant(conversation.get("conversationEnd"))
+    return ended is not None and start <= ended <= end
 
 
 def backoff_delay(attempt: int, initial: float, cap: float,

@@ -187,6 +187,25 @@ class Emulator:
         return Response(status_code=204)
 
 
+class Bucket:
+    """`capacity` requests at once, refilled at `rate` per second."""
+
+    def __init__(self, capacity: float, rate: float) -> None:
+        self.capacity, self.rate = capacity, rate
+        self.tokens = capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """0 when the request may go (a token is taken), else the seconds until it may."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
 def _decode(raw: bytes, content_type: str) -> Any:
     if not raw:
         return None

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cxrelay.sandbox.base import Emulator, Fault
+from cxrelay.sandbox.base import Bucket, Emulator, Fault
 
 DEFAULT_EMAIL = "cxrelay@example.com"
 DEFAULT_API_TOKEN = "sandbox-jira-api-token"
@@ -75,21 +75,6 @@ def adf_text(value: Any) -> str:
     return ""
 
 
-class _Bucket:
-    def __init__(self, capacity: float, rate: float) -> None:
-        self.capacity, self.rate = capacity, rate
-        self.tokens, self.stamp = capacity, time.monotonic()
-
-    def take(self) -> float:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
 class JiraEmulator(Emulator):
     name = "jira"
 
@@ -105,8 +90,8 @@ class JiraEmulator(Emulator):
         self.refuse: dict[str, Any] = {}
         self._ids = itertools.count(10000)
         self._numbers: dict[str, itertools.count[int]] = {}
-        self._bucket: _Bucket | None = None
-        self._issue_buckets: dict[str, _Bucket] = {}
+        self._bucket: Bucket | None = None
+        self._issue_buckets: dict[str, Bucket] = {}
         super().__init__()
 
     def routes(self) -> list[Route]:
@@ -181,13 +166,13 @@ class JiraEmulator(Emulator):
         with self.lock:
             if self.per_second:
                 if self._bucket is None:
-                    self._bucket = _Bucket(self.burst, float(self.per_second))
+                    self._bucket = Bucket(self.burst, float(self.per_second))
                 wait = self._bucket.take()
                 if wait:
                     return self._limited(wait, "jira-burst-based")
             if write_to and self.per_issue_writes_per_second:
                 bucket = self._issue_buckets.setdefault(
-                    write_to, _Bucket(2, float(self.per_issue_writes_per_second)))
+                    write_to, Bucket(2, float(self.per_issue_writes_per_second)))
                 wait = bucket.take()
                 if wait:
                     return self._limited(wait, "jira-per-issue-on-write")
@@ -203,6 +188,18 @@ class JiraEmulator(Emulator):
                      "X-RateLimit-Remaining": "0",
                      "X-RateLimit-Reset": reset.isoformat(timespec="milliseconds"),
                      "RateLimit-Reason": reason, **(extra or {})})
+
+    def _found(self, request: Request, write: bool = False
+               ) -> tuple[dict[str, Any] | None, Response | None]:
+        """The issue the path names, or the answer instead: 401, 429 or 404."""
+        issue = self._issue(request.path_params["key"])
+        denied = self._admit(request, write_to=issue["key"] if write and issue else None)
+        if denied:
+            return None, denied
+        if issue is None:
+            return None, jira_error(404, ["Issue does not exist or you do not have permission "
+                                          "to see it."])
+        return issue, None
 
     def _issue(self, key: str) -> dict[str, Any] | None:
         issue = self.issues.get(key.upper())
@@ -270,13 +267,9 @@ class JiraEmulator(Emulator):
         return problems
 
     async def get_issue(self, request: Request, payload: Any) -> Response:
-        denied = self._admit(request)
-        if denied:
-            return denied
-        issue = self._issue(request.path_params["key"])
+        issue, answer = self._found(request)
         if issue is None:
-            return jira_error(404, ["Issue does not exist or you do not have permission to "
-                                    "see it."])
+            return answer or jira_error(404, [])
         return JSONResponse(self._shown(issue, request.query_params.get("fields")))
 
     def _shown(self, issue: dict[str, Any], wanted: str | list[str] | None) -> dict[str, Any]:
@@ -287,13 +280,9 @@ class JiraEmulator(Emulator):
         return {"id": issue["id"], "key": issue["key"], "fields": fields}
 
     async def edit(self, request: Request, payload: Any) -> Response:
-        issue = self._issue(request.path_params["key"])
-        denied = self._admit(request, write_to=issue["key"] if issue else None)
-        if denied:
-            return denied
+        issue, answer = self._found(request, write=True)
         if issue is None:
-            return jira_error(404, ["Issue does not exist or you do not have permission to "
-                                    "see it."])
+            return answer or jira_error(404, [])
         payload = payload if isinstance(payload, dict) else {}
         fields = dict(payload.get("fields") or {})
         problems = self._field_problems(fields)
@@ -326,13 +315,9 @@ class JiraEmulator(Emulator):
         return JSONResponse({"key": prop, "value": issue["properties"][prop]})
 
     async def add_comment(self, request: Request, payload: Any) -> Response:
-        issue = self._issue(request.path_params["key"])
-        denied = self._admit(request, write_to=issue["key"] if issue else None)
-        if denied:
-            return denied
+        issue, answer = self._found(request, write=True)
         if issue is None:
-            return jira_error(404, ["Issue does not exist or you do not have permission to "
-                                    "see it."])
+            return answer or jira_error(404, [])
         body = payload.get("body") if isinstance(payload, dict) else None
         if not is_adf(body):
             return jira_error(400, errors={"comment": "Comment body is not valid: it must be "
@@ -345,13 +330,9 @@ class JiraEmulator(Emulator):
         return JSONResponse(comment, status_code=201)
 
     async def list_comments(self, request: Request, payload: Any) -> Response:
-        denied = self._admit(request)
-        if denied:
-            return denied
-        issue = self._issue(request.path_params["key"])
+        issue, answer = self._found(request)
         if issue is None:
-            return jira_error(404, ["Issue does not exist or you do not have permission to "
-                                    "see it."])
+            return answer or jira_error(404, [])
         start = int(request.query_params.get("startAt", 0))
         size = min(int(request.query_params.get("maxResults", 50)), 100)
         comments = issue["comments"]

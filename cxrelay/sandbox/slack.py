@@ -17,32 +17,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cxrelay.sandbox.base import Emulator, Fault, bearer_token
+from cxrelay.sandbox.base import Bucket, Emulator, Fault, bearer_token
 
 DEFAULT_BOT_TOKEN = "xoxb-sandbox-token"
 POSTS_PER_CHANNEL_PER_SECOND = 1.0
 POST_BURST = 4
 UPDATES_PER_MINUTE = 50.0
 UPDATE_BURST = 10
-
-
-class Bucket:
-    """`capacity` requests at once, refilled at `rate` per second."""
-
-    def __init__(self, capacity: float, rate: float) -> None:
-        self.capacity, self.rate = capacity, rate
-        self.tokens = capacity
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """0 when the request may go (a token is taken), else the seconds until it may."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
 
 
 def channel_id(channel: str) -> str:
