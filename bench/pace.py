@@ -25,6 +25,7 @@ shipped figure, never instead of it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -66,6 +67,7 @@ class Watch:
         self.shown_in: dict[str, set[str]] = {}
         self.wanted: set[str] = set()
         self._read: dict[tuple[str, ...], str] = {}
+        self._tasks_read = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -73,7 +75,14 @@ class Watch:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.time()
-            for record in list(self.box.salesforce.records.get("Task", {}).values()):
+            tasks = self.box.salesforce.records.get("Task", {})
+            try:  # new Tasks only: the records keep their order, and the watcher's CPU is
+                # the sandbox's (one process): reading every Task each time slowed its answers
+                fresh = list(itertools.islice(tasks.values(), self._tasks_read, None))
+            except RuntimeError:  # the sandbox added one meanwhile: next time
+                fresh = []
+            self._tasks_read += len(fresh)
+            for record in fresh:
                 conversation = record.get("Genesys_Conversation_Id__c")
                 if conversation in self.wanted:
                     self.task_at.setdefault(conversation, now)
