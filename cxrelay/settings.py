@@ -135,8 +135,9 @@ class Settings(BaseSettings):
     persist_enrichment: bool = Field(
         default=False, description="also keep enrichment results (customer phone numbers, "
         "wrap-up notes) in Prefect's result storage, for Prefect's task cache")
-    prefect_limits: bool = Field(default=True, description="use Prefect global concurrency "
-                                 "and rate limits for Genesys, Salesforce and Slack")
+    prefect_limits: bool = Field(default=True, description="share the Genesys, Salesforce "
+                                 "and Slack limits through Prefect global concurrency and rate "
+                                 "limits; off, each process keeps their defaults on its own")
     dispatcher: Literal["inprocess", "deployment", "off"] = Field(
         default="inprocess", description="inprocess: flow runs in the dispatcher; deployment: "
         "submitted to the process-event deployment for Prefect workers; off: no dispatcher")

@@ -8,7 +8,10 @@
 | `cxrelay-slack-updates` | 10 slots, decaying 0.8/s | chat.update is Tier 3: 50+ per minute per workspace |
 
 They are created only if missing, so a limit tuned in the Prefect UI keeps its value; each
-process reads it again every minute.
+process reads it again every minute. With CXRELAY_PREFECT_LIMITS=false nothing is read from or
+booked in Prefect, and each process keeps these defaults on its own: they are Genesys's and
+Slack's real limits, and without them a burst met Slack's 429s one message at a time instead of
+going out as digests.
 
 Each process admits its own calls locally — a token bucket per rate limit, a counter of slots
 per concurrency limit, sized by the Prefect limit — and accounts for them to the Prefect limit
@@ -195,6 +198,8 @@ class Limits:
         known = self._limits.get(name)
         if known is not None:
             return known
+        if not self.enabled:  # Prefect's limits off: this process keeps the defaults itself
+            return self._limits.setdefault(name, _Limit(name, capacity, decay))
         reading = self._reading.get(name)
         if reading is not None and reading.get_loop() is asyncio.get_running_loop():
             return await asyncio.shield(reading)
@@ -228,18 +233,17 @@ class Limits:
         limit.update(found.limit, found.slot_decay_per_second or None, found.active)
 
     async def _rate(self, name: str, capacity: int, decay: float) -> None:
-        if not self.enabled:
-            return
         limit = await self._limit(name, capacity, decay)
         if not limit.active or limit.bucket is None:
             return
         wait = limit.bucket.take()
         if wait > 0:
             await asyncio.sleep(wait)
-        # Booked when used, not when taken on credit: Prefect's limit decays as this bucket
-        # refills, so this process's own use never finds it full.
-        limit.unbooked += 1
-        self._account(limit)
+        if self.enabled:
+            # Booked when used, not when taken on credit: Prefect's limit decays as this
+            # bucket refills, so this process's own use never finds it full.
+            limit.unbooked += 1
+            self._account(limit)
 
     async def genesys(self) -> None:
         await self._rate(GENESYS, *DEFAULTS[GENESYS])  # type: ignore[arg-type]
@@ -251,9 +255,7 @@ class Limits:
     async def slack_room(self, channel: str) -> tuple[float, float]:
         """(messages the channel can take now, seconds until it can take one), taking
         nothing: a channel's drainer posts what waits as messages of their own while they
-        fit, and as one digest when they do not. Unlimited when the limit is off."""
-        if not self.enabled:
-            return float("inf"), 0.0
+        fit, and as one digest when they do not."""
         limit = await self._limit(slack_limit_name(channel), *SLACK_DEFAULT)
         if not limit.active or limit.bucket is None:
             return float("inf"), 0.0
@@ -266,20 +268,19 @@ class Limits:
 
     @asynccontextmanager
     async def salesforce(self) -> AsyncIterator[None]:
-        if not self.enabled:
-            yield
-            return
         limit = await self._limit(SALESFORCE, *DEFAULTS[SALESFORCE])
         if not limit.active or limit.slots is None:
             yield
             return
         await limit.slots.acquire()
-        self._account(limit)
+        if self.enabled:
+            self._account(limit)
         try:
             yield
         finally:
             limit.slots.release()
-            self._account(limit)
+            if self.enabled:
+                self._account(limit)
 
     def _account(self, limit: _Limit) -> None:
         """Book what this process uses in the Prefect limit, in a task of its own."""

@@ -194,3 +194,20 @@ def test_a_process_alone_at_its_limit_rate_is_never_refused_by_its_own_bookings(
     refused, owed = asyncio.run(scenario())
     assert (refused, owed) == (0, 0), \
         f"{refused} bookings of this process's own use were refused, owing {owed} tokens"
+
+
+def test_with_prefect_s_limits_off_a_process_still_keeps_slack_s_pace_itself() -> None:
+    """CXRELAY_PREFECT_LIMITS=false: nothing is read from or booked in Prefect (no server
+    here), and the channel still takes a burst of 3 then ~1 a second, so that a backlog goes
+    out as digests instead of meeting Slack's 429s one message at a time."""
+
+    async def scenario() -> tuple[float, float, float]:
+        limits = Limits(enabled=False)
+        room, _ = await limits.slack_room("#cc")
+        for _ in range(3):
+            await limits.slack("#cc")
+        after, wait = await limits.slack_room("#cc")
+        return room, after, wait
+
+    room, after, wait = asyncio.run(scenario())
+    assert room == 3 and after < 1 and 0 < wait <= 1.0
