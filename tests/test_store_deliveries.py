@@ -95,3 +95,21 @@ def test_deliveries_of_a_target_that_left_the_pipeline_settle_as_removed(
     assert event is not None and event.outcome == "delivered"
     assert json.loads(event.detail or "{}")["targets"]["jira"]["status"] == "removed"
     assert any_store.open_deliveries() == 0
+
+
+def test_a_digest_s_lines_are_pruned_once_no_ledger_row_points_at_it(any_store: Store) -> None:
+    any_store.reserve(conversation_id="c1", target="slack", action="message", owner="o",
+                      payload_sha256="d")
+    any_store.complete(conversation_id="c1", target="slack", action="message", owner="o",
+                       external_ref="C1|1.0", payload_sha256="d", event_id="e1")
+    any_store.save_digest_lines("C1|1.0", {"c1": "line 1"})
+    any_store.save_digest_lines("C1|2.0", {"c2": "line 2"})  # its ledger rows are gone
+    now = utcnow()
+    # Lines saved within the window stay: their ledger rows may be being recorded.
+    assert any_store.prune(before=now - timedelta(hours=1),
+                           ledger_before=now - timedelta(days=1)).digest_lines == 0
+    pruned = any_store.prune(before=now + timedelta(seconds=1),
+                             ledger_before=now - timedelta(days=1))
+    assert pruned.digest_lines == 1
+    assert any_store.digest_lines("C1|1.0") == {"c1": "line 1"}
+    assert any_store.digest_lines("C1|2.0") == {}

@@ -322,11 +322,13 @@ class DeliveryQueries(Database):
         return {conversation: line for conversation, line in rows}
 
     def save_digest_lines(self, ref: str, lines: dict[str, str]) -> None:
+        now = utcnow()
         with self.transaction() as conn:
             conn.execute(delete(DIGEST_LINES).where(DIGEST_LINES.c.ref == ref))
             conn.execute(DIGEST_LINES.insert(), [
                 {"ref": ref, "conversation_id": conversation, "position": position,
-                 "line": line} for position, (conversation, line) in enumerate(lines.items())])
+                 "line": line, "saved_at": now}
+                for position, (conversation, line) in enumerate(lines.items())])
 
 
 def _settle_event(conn: Any, inbox_id: int, target: str, result: dict[str, Any],

@@ -78,6 +78,12 @@ def _probe_event(conn: Connection) -> None:
     _add_column(conn, "target_health", "probe_event", "INTEGER")
 
 
+def _digest_lines_saved_at(conn: Connection) -> None:
+    # Retention prunes a digest's lines once no ledger row points at the digest, and never
+    # lines saved within the window (their ledger rows are being recorded).
+    _add_column(conn, "slack_digest_lines", "saved_at", "TIMESTAMP")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "drop the full inbox conversation index", _drop_full_conversation_index),
     (2, "scope inbox dedupe keys by source", _scope_dedupe_keys_by_source),
@@ -88,6 +94,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (7, "dead letters name the events of a merged delivery", _dead_letter_merged_events),
     (8, "gap-fill attempts, backoff and last error", _gap_fill_attempts),
     (9, "target health names the waiting event that probes", _probe_event),
+    (10, "Slack digest lines say when they were saved", _digest_lines_saved_at),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -178,6 +178,7 @@ class SlackDigestLine(SQLModel, table=True):
     conversation_id: str = Field(primary_key=True, max_length=255)
     position: int = 0
     line: str = Field(sa_column=Column(Text, nullable=False))
+    saved_at: datetime | None = Field(default_factory=utcnow)  # migration 10
 
 
 class DeadLetter(SQLModel, table=True):

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 
 from cxrelay.store.dead_letters import DEAD, QUARANTINE, merged_letter_events
-from cxrelay.store.deliveries import DELIVERIES
+from cxrelay.store.deliveries import DELIVERIES, DIGEST_LINES
 from cxrelay.store.drift import DRIFT
 from cxrelay.store.engine import Database
 from cxrelay.store.inbox import INBOX
@@ -30,11 +30,13 @@ class Pruned:
     drift: int
     ledger: int
     deliveries: int = 0
+    digest_lines: int = 0
 
     def rows(self) -> dict[str, int]:
         return {"inbox events": self.inbox, "dead letters (replayed)": self.dead_letters,
                 "quarantined bodies (replayed)": self.quarantine, "drift fields": self.drift,
-                "ledger entries": self.ledger, "settled deliveries": self.deliveries}
+                "ledger entries": self.ledger, "settled deliveries": self.deliveries,
+                "Slack digest lines": self.digest_lines}
 
 
 class RetentionQueries(Database):
@@ -67,7 +69,17 @@ class RetentionQueries(Database):
         ]
         counts = [self._count(table, where) if dry_run else self._delete(table, where)
                   for table, where in targets]
-        return Pruned(*counts)
+        # A digest's lines are kept while a ledger row points at the digest (a later event of
+        # one of its conversations edits it); after the ledger's retention, nothing does.
+        unused = ~select(LEDGER.c.id).where(LEDGER.c.external_ref == DIGEST_LINES.c.ref).exists() \
+            & (DIGEST_LINES.c.saved_at.is_(None) | (DIGEST_LINES.c.saved_at < before))
+        if dry_run:
+            lines = self._count(DIGEST_LINES, unused)
+        else:
+            with self.transaction() as conn:
+                lines = int(conn.execute(delete(DIGEST_LINES).where(unused)).rowcount)
+        inbox, dead, quarantine, drift, ledger, deliveries = counts
+        return Pruned(inbox, dead, quarantine, drift, ledger, deliveries, digest_lines=lines)
 
     def _count(self, table: Any, where: Any) -> int:
         with self.reading() as conn:
