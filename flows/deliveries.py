@@ -38,7 +38,14 @@ from prefect.exceptions import MissingContextError
 from prefect.utilities.annotations import quote
 
 from cxrelay.connectors.slack import SlackClient, SlackMessageGone
-from cxrelay.core.batching import BatchPolicy, batch_wait, digest_fits, digest_line, render_digest
+from cxrelay.core.batching import (
+    BatchPolicy,
+    batch_wait,
+    digest_fits,
+    digest_line,
+    in_burst,
+    render_digest,
+)
 from cxrelay.core.errors import NotYetKnown, PermanentError, RetryableError
 from cxrelay.core.health import Action
 from cxrelay.core.outcome import STALE, UNCHANGED, Next, Stage, after_failure
@@ -178,6 +185,7 @@ class Drainer:
         return min(IDLE_POLL_SECONDS, _until(due))
 
     policy: BatchPolicy | None = None  # None: what is due goes at once
+    _burst = False  # a burst is on (`core.batching.in_burst`)
 
     async def batch_wait(self, backlog: Any) -> float:
         """0 when the due deliveries go now, else the seconds to look again (the policy's)."""
@@ -185,9 +193,10 @@ class Drainer:
             return 0.0
         now = datetime.now(timezone.utc)
         upstream = await self.store.calls(self.store.upstream)
+        self._burst = in_burst(self.policy, upstream, self._burst)
         return batch_wait(self.policy, backlog.count,
                           (now - backlog.oldest).total_seconds() if backlog.oldest else 0.0,
-                          upstream)
+                          upstream, self._burst)
 
     def batch_size(self) -> int:
         return HTTP_CONCURRENCY

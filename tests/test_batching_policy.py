@@ -78,3 +78,17 @@ def test_batched_lookups_ask_once_for_every_caller() -> None:
     assert lookup_field("phone", "A__c", "B__c") is None
     api, text = batch_lookup("external_contact", ["it's"], "A__c", "B__c")
     assert "FROM Contact WHERE A__c IN ('it\\'s')" in text
+
+
+def test_a_burst_lasts_until_nothing_is_on_its_way_so_its_tail_still_fills_batches() -> None:
+    from cxrelay.core.batching import in_burst
+
+    upstream = [0, 3, 20, 15, 4, 1, 0, 3]
+    state, seen = False, []
+    for count in upstream:
+        state = in_burst(POLICY, count, state)
+        seen.append(state)
+    assert seen == [False, False, True, True, True, True, False, False]
+    # In the tail (4 on their way) a batch still waits the long linger, not the short one.
+    assert 0 < batch_wait(POLICY, 5, 0.5, upstream=4, burst=True) <= POLICY.look_seconds
+    assert batch_wait(POLICY, 5, 0.5, upstream=4, burst=False) == 0.0
