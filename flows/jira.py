@@ -25,7 +25,7 @@ from typing import Any
 
 from cxrelay.connectors.jira import JiraClient
 from cxrelay.core import jira
-from cxrelay.core.adf import to_adf
+from cxrelay.core.adf import adf_to_text, to_adf
 from cxrelay.core.errors import NotYetKnown
 from cxrelay.core.outcome import UNCHANGED
 from cxrelay.core.pipeline import JiraTargetConfig
@@ -144,7 +144,11 @@ async def sweep_duplicates(store: Store, client: JiraClient,
         assert label is not None
         conversation = label.removeprefix(f"{JIRA_LABEL}-")
         for twin in twins:
-            await client.add_comment(twin, to_adf(jira.duplicate_text(kept, label)))
+            # Another dispatcher's sweep (or this one's, before a lost answer) may have said so
+            # already: the comment is posted once, then the labels mark the twin.
+            said = jira.duplicate_text(kept, label)
+            if not any(said in adf_to_text(c.get("body")) for c in await client.comments(twin)):
+                await client.add_comment(twin, to_adf(said))
             await client.edit_issue(twin, update={"labels": [
                 {"add": jira.DUPLICATE_LABEL}, {"remove": label}]})
             await store.calls(store.repoint_ref, conversation, target.name, ACTION, twin, kept)

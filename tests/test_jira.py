@@ -286,6 +286,15 @@ def test_a_search_window_that_runs_out_creates_again_and_the_sweep_marks_the_twi
     assert marked == {first["key"]: [second["key"]]}
     assert jira.DUPLICATE_LABEL in second["fields"]["labels"]
     assert f"Duplicate of {first['key']}" in adf_text(second["comments"][-1]["body"])
+    # A sweep whose label edit was lost (or another dispatcher's) does not comment again.
+    httpx.put(f"{clean_sandbox.jira_url}/rest/api/3/issue/{second['key']}",
+              auth=(clean_sandbox.jira.email, clean_sandbox.jira.api_token),
+              json={"update": {"labels": [{"remove": jira.DUPLICATE_LABEL},
+                                          {"add": f"cxrelay-{conversation}"}]}}
+              ).raise_for_status()
+    assert sweep(store, clean_sandbox, extra) == {first["key"]: [second["key"]]}
+    (twin,) = [i for i in issues(clean_sandbox) if i["key"] == second["key"]]
+    assert len(twin["comments"]) == 1 and jira.DUPLICATE_LABEL in twin["fields"]["labels"]
     # The ledger now points at the kept issue: the next event comments there.
     assert deliver(store, clean_sandbox, conversation, 2, "Resolved", extra)["ref"] == first["key"]
     assert sweep(store, clean_sandbox, extra) == {}
