@@ -300,6 +300,19 @@ class DeliveryQueries(Database):
                                 .group_by(DELIVERIES.c.target)).all()
         return {target: int(count) for target, count in rows}
 
+    def waiting_by_target(self) -> dict[str, int]:
+        """Per target name, the events that wait for it: their deliveries not settled yet,
+        and conversations an older version parked in the inbox for a paused target (ledger
+        rows `waiting_since`)."""
+        counts = self.open_deliveries_by_target()
+        with self.reading() as conn:
+            legacy = conn.execute(select(LEDGER.c.target, func.count())
+                                  .where(LEDGER.c.waiting_since.is_not(None))
+                                  .group_by(LEDGER.c.target)).all()
+        for target, count in legacy:
+            counts[target] = counts.get(target, 0) + int(count)
+        return counts
+
     def record_api_usage(self, target: str, used: int, allocation: int) -> None:
         with self.transaction() as conn:
             stmt = _usage_upsert[conn.dialect.name]

@@ -1,5 +1,6 @@
 """Target health, shared by every dispatcher: each change is one read-modify-write transaction
-whose decision is `cxrelay.core.health`'s; and what waits for each target.
+whose decision is `cxrelay.core.health`'s; and waking what an older version parked for a
+paused target (what waits for a target: `Store.waiting_by_target`).
 
 A target without a row is healthy: while everything works, successes cost one indexed read
 and no write.
@@ -12,7 +13,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from cxrelay.core.health import (
@@ -29,10 +30,9 @@ from cxrelay.core.health import (
 from cxrelay.store.engine import Database, aware
 from cxrelay.store.inbox import INBOX
 from cxrelay.store.ledger import LEDGER
-from cxrelay.store.models import PendingDelivery, TargetHealth, bounded, utcnow
+from cxrelay.store.models import TargetHealth, bounded, utcnow
 
 HEALTH = TargetHealth.__table__  # type: ignore[attr-defined]
-DELIVERIES = PendingDelivery.__table__  # type: ignore[attr-defined]
 _MUTABLE = ("state", "consecutive_failures", "failed_probes", "since", "last_error", "probe_at",
             "probe_owner", "probe_until")
 
@@ -147,18 +147,3 @@ class HealthQueries(Database):
             return int(conn.execute(update(INBOX).where(
                 INBOX.c.status == "pending", INBOX.c.available_at > now,
                 INBOX.c.conversation_id.in_(waiting)).values(available_at=now)).rowcount)
-
-    def waiting_by_target(self) -> dict[str, int]:
-        """Per target name, the events that wait for it: their deliveries not settled yet,
-        and conversations an older version parked in the inbox for a paused target."""
-        with self.reading() as conn:
-            rows = conn.execute(select(DELIVERIES.c.target, func.count())
-                                .where(DELIVERIES.c.status != "done")
-                                .group_by(DELIVERIES.c.target)).all()
-            legacy = conn.execute(select(LEDGER.c.target, func.count())
-                                  .where(LEDGER.c.waiting_since.is_not(None))
-                                  .group_by(LEDGER.c.target)).all()
-        counts: dict[str, int] = {}
-        for target, count in [*rows, *legacy]:
-            counts[target] = counts.get(target, 0) + int(count)
-        return counts
