@@ -25,7 +25,7 @@ from typing import Any
 
 from cxrelay.connectors.jira import JiraClient
 from cxrelay.core import jira
-from cxrelay.core.adf import adf_to_text, to_adf
+from cxrelay.core.adf import to_adf
 from cxrelay.core.errors import NotYetKnown
 from cxrelay.core.outcome import UNCHANGED
 from cxrelay.core.pipeline import JiraTargetConfig
@@ -81,8 +81,7 @@ async def deliver_jira(store: Store, client: JiraClient, target: JiraTargetConfi
         compare_with: dict[str, Any] | None = None
         if key is None and delivery.uncertain:
             # A create may have happened without its answer: find it before creating again.
-            found = await find_issue(client, conversation,
-                                     ["summary", "description", *payload["fields"]])
+            found = await find_issue(client, conversation, jira.compared_fields(payload))
             if found is None:
                 wait = _search_again(target, conversation)
                 if wait is not None:
@@ -120,7 +119,7 @@ async def deliver_jira(store: Store, client: JiraClient, target: JiraTargetConfi
             store.last_sent_payload, conversation, target.name, not_event=event.event_id,
             sent=SENT)
         if before is None:  # nothing sent is on record any more: compare with the issue
-            issue = await client.get_issue(key, ["summary", "description", *payload["fields"]])
+            issue = await client.get_issue(key, jira.compared_fields(payload))
             before = jira.shown(issue.get("fields") or {}, payload)
         lines = jira.changes(before, payload)
         if not lines:
@@ -147,7 +146,7 @@ async def sweep_duplicates(store: Store, client: JiraClient,
             # Another dispatcher's sweep (or this one's, before a lost answer) may have said so
             # already: the comment is posted once, then the labels mark the twin.
             said = jira.duplicate_text(kept, label)
-            if not any(said in adf_to_text(c.get("body")) for c in await client.comments(twin)):
+            if jira.has_marker(await client.comments(twin), said) is None:
                 await client.add_comment(twin, to_adf(said))
             await client.edit_issue(twin, update={"labels": [
                 {"add": jira.DUPLICATE_LABEL}, {"remove": label}]})

@@ -239,11 +239,10 @@ class Limits:
         wait = limit.bucket.take()
         if wait > 0:
             await asyncio.sleep(wait)
-        if self.enabled:
-            # Booked when used, not when taken on credit: Prefect's limit decays as this
-            # bucket refills, so this process's own use never finds it full.
-            limit.unbooked += 1
-            self._account(limit)
+        # Booked when used, not when taken on credit: Prefect's limit decays as this bucket
+        # refills, so this process's own use never finds it full.
+        limit.unbooked += 1
+        self._account(limit)
 
     async def genesys(self) -> None:
         await self._rate(GENESYS, *DEFAULTS[GENESYS])  # type: ignore[arg-type]
@@ -273,17 +272,19 @@ class Limits:
             yield
             return
         await limit.slots.acquire()
-        if self.enabled:
-            self._account(limit)
+        self._account(limit)
         try:
             yield
         finally:
             limit.slots.release()
-            if self.enabled:
-                self._account(limit)
+            self._account(limit)
 
     def _account(self, limit: _Limit) -> None:
-        """Book what this process uses in the Prefect limit, in a task of its own."""
+        """Book what this process uses in the Prefect limit, in a task of its own (with
+        Prefect's limits off, nothing is booked)."""
+        if not self.enabled:
+            limit.unbooked = 0
+            return
         task = limit.accountant
         if task is not None and not task.done() and \
                 task.get_loop() is asyncio.get_running_loop():

@@ -34,6 +34,11 @@ def edited_fields(payload: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return fields, {"labels": [{"add": label} for label in payload["labels"]]}
 
 
+def compared_fields(payload: Mapping[str, Any]) -> list[str]:
+    """The fields to read back from Jira to compare an issue with the payload (`shown`)."""
+    return ["summary", "description", *payload.get("fields", {})]
+
+
 def shown(issue_fields_: Mapping[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
     """What an issue read back from Jira says, in the payload's terms, to compare with it."""
     return {"summary": issue_fields_.get("summary"),
@@ -115,17 +120,19 @@ def duplicates(issues: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
                 if DUPLICATE_LABEL not in (issue.get("fields") or {}).get("labels", [])]
         if len(live) < 2:
             continue
-        live.sort(key=lambda issue: (str((issue.get("fields") or {}).get("created", "")),
-                                     int(str(issue.get("id") or 0))))
+        live.sort(key=_age)
         found[str(live[0]["key"])] = [str(issue["key"]) for issue in live[1:]]
     return found
 
 
+def _age(issue: Mapping[str, Any]) -> tuple[str, int]:
+    """Oldest first: by creation, then by id (issues created in the same millisecond)."""
+    return str((issue.get("fields") or {}).get("created", "")), int(str(issue.get("id") or 0))
+
+
 def oldest(issues: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The issue a conversation keeps when a search finds several."""
-    ordered = sorted(issues, key=lambda issue: (
-        str((issue.get("fields") or {}).get("created", "")), int(str(issue.get("id") or 0))))
-    return ordered[0] if ordered else None
+    return min(issues, key=_age, default=None)
 
 
 def duplicate_text(kept: str, conversation_label_: str) -> str:
