@@ -26,6 +26,8 @@ from rich.table import Table
 
 from cxrelay.app.sending import encode, eventbridge_event, generic_event, hmac_headers
 from cxrelay.app.supervise import answers, free_port, local_prefect_server, stop, wait_until
+from cxrelay.core.jira import conversation_label
+from cxrelay.core.render import JIRA_LABEL
 from cxrelay.sandbox.genesys import sample_conversation
 from cxrelay.sandbox.server import Sandbox
 from cxrelay.sandbox.slack import channel_id
@@ -229,11 +231,10 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
     contacts = {c["Id"] for c in state.get("Contact", [])}
     messages = httpx.get(f"{box.slack_url.removesuffix('/api/')}/__sandbox/state").json()["messages"]
     issues = httpx.get(f"{box.jira_url}/__sandbox/state").json()["issues"]
-    issues_of = Counter(label.removeprefix("cxrelay-") for issue in issues
-                        for label in issue["fields"]["labels"]
-                        if label.startswith("cxrelay-"))
-    keys_of = {label.removeprefix("cxrelay-"): issue["key"] for issue in issues
-               for label in issue["fields"]["labels"] if label.startswith("cxrelay-")}
+    labelled = [(label.removeprefix(f"{JIRA_LABEL}-"), issue["key"]) for issue in issues
+                if (label := conversation_label(issue["fields"]["labels"]))]
+    issues_of = Counter(conversation for conversation, _ in labelled)
+    keys_of = dict(labelled)
     by_conversation = {r["Genesys_Conversation_Id__c"]: r for r in records}
     outcomes = {event.event_id: event.outcome for event in store.events(10_000)}
     failures: list[str] = []
