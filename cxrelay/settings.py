@@ -132,6 +132,36 @@ class Settings(BaseSettings):
         "does not come in time is searched for before it is sent again")
     jira_block: str | None = Field(default=None, description="JiraTarget block name")
 
+    # NICE CXone (the `cxone` source's enrichment and reconciliation). Its pushes authenticate
+    # with CXRELAY_CXONE_TOKEN, the source's secret (read with the other sources' secrets).
+    cxone_access_key_id: str | None = None
+    cxone_access_key_secret: SecretStr | None = None
+    cxone_tenant_id: str | None = Field(default=None, description="the tenant whose API and "
+                                        "auth hosts discovery finds")
+    cxone_api_url: str | None = Field(default=None, description="the API host, e.g. "
+                                      "https://api-na1.niceincontact.com (skips discovery)")
+    cxone_auth_url: str | None = Field(default=None, description="the auth host, e.g. "
+                                       "https://na1.nice-incontact.com (default: discovered, "
+                                       "else the discovery host)")
+    cxone_discovery_url: str = "https://cxone.niceincontact.com"
+    cxone_api_version: str = Field(default="33.0", description="the incontactapi services "
+                                   "version of the contact endpoints")
+    cxone_timeout_seconds: float = Field(default=10, gt=0)
+    cxone_block: str | None = Field(default=None, description="CxoneCredentials block name")
+    cxone_data_wait: Duration = Field(
+        default=timedelta(minutes=30), description="how long a pushed contact waits for CXone "
+        "to have its data (404, or still active) before it dead-letters (enrich.on_not_found: "
+        "skip delivers it without)")
+    cxone_reconcile_interval: Duration = Field(
+        default=timedelta(minutes=5), description="how often `cxrelay serve` asks CXone for "
+        "the contacts completed since its last look (0: never; the `reconcile-cxone` "
+        "deployment or `cxrelay reconcile --cxone` instead)")
+    cxone_reconcile_overlap: Duration = Field(
+        default=timedelta(minutes=20), description="how far before its last look each "
+        "reconciliation starts: CXone's data can land 15 min or more after the contact")
+    cxone_reconcile_lookback: Duration = Field(
+        default=timedelta(hours=1), description="where the first reconciliation starts")
+
     persist_enrichment: bool = Field(
         default=False, description="also keep enrichment results (customer phone numbers, "
         "wrap-up notes) in Prefect's result storage, for Prefect's task cache")

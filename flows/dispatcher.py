@@ -32,6 +32,7 @@ from cxrelay.core.outcome import EventSummary, Next, Outcome, Stage, after_failu
 from cxrelay.core.pipeline import JiraTargetConfig
 from cxrelay.core.redact import mask_text
 from cxrelay.flows import duties
+from cxrelay.flows.cxone import reconcile_cxone
 from cxrelay.flows.deliveries import run_drainers
 from cxrelay.flows.duties import Duty
 from cxrelay.flows.jira import sweep_duplicates
@@ -181,6 +182,11 @@ class Dispatcher:
                        first=JIRA_SWEEP_SECONDS / 10)
                   for target in self.runtime.pipeline.enabled_targets
                   if isinstance(target, JiraTargetConfig)]
+        every = settings.cxone_reconcile_interval.total_seconds()
+        if every > 0 and self.runtime.pipeline.cxone_source and self.runtime.cxone_configured():
+            sweeps.append(Duty("reconcile CXone's completed contacts "
+                               "(CXRELAY_CXONE_RECONCILE_INTERVAL)", every,
+                               self._reconcile_cxone, first=min(every, 60.0)))
         return [
             Duty("renew the claims of running events", self.lease / 3, self._renew_claims,
                  first=self.lease / 3),
@@ -344,6 +350,10 @@ class Dispatcher:
 
     def _lane_done(self, event: ClaimedEvent, result: EventSummary | BaseException) -> None:
         waiter = self.running.get(event.id)
+        if isinstance(result, EventSummary) and result.outcome is Outcome.AWAITING_DATA:
+            task = asyncio.create_task(self._await_data(event, result.again_in))
+            task.add_done_callback(lambda _: self._settle(event.id, waiter))
+            return
         if isinstance(result, BaseException):
             # Handed back: the claim is released (or dead-lettered) before the slot frees.
             task = asyncio.create_task(self._after_failure(event, _handed_back(result)))
@@ -377,6 +387,13 @@ class Dispatcher:
         if marked:
             logger.warning("%s: marked %d duplicate issues", target.name,
                            sum(len(twins) for twins in marked.values()))
+
+    async def _reconcile_cxone(self) -> None:
+        """The contacts CXone completed that no push brought, queued once each, as a
+        `reconcile-cxone` flow run (also a deployment in prefect.yaml)."""
+        if self._outage_since is not None:
+            return  # the Prefect API is away; the next look covers this one's time too
+        await reconcile_cxone(return_state=True)
 
     async def _prune(self) -> None:
         """The store's retention, in a thread: it prunes in small transactions, and the
@@ -433,6 +450,12 @@ class Dispatcher:
                 await self.store.calls(self.store.release, inbox_id, worker=self.worker_id,
                                        delay_seconds=0, count_attempt=False)
 
+    async def _await_data(self, event: ClaimedEvent, again_in: float | None) -> None:
+        """The platform does not have the event's data yet: back to the inbox until it is
+        looked for again, as a first attempt (it failed nothing), holding no slot."""
+        await self.store.calls(self.store.release, event.id, worker=self.worker_id,
+                               delay_seconds=max(0.5, again_in or 0.0), waiting=True)
+
     async def _run_one(self, event: ClaimedEvent) -> None:
         self.started_runs += 1
         try:
@@ -440,8 +463,10 @@ class Dispatcher:
                 if self.runtime.settings.dispatcher == "deployment":
                     await self.submit(event)
                 else:
-                    await process_event(inbox_id=event.id,
-                                        conversation_id=event.conversation_id)
+                    result = await process_event(inbox_id=event.id,
+                                                 conversation_id=event.conversation_id)
+                    if result.get("outcome") == Outcome.AWAITING_DATA.value:
+                        await self._await_data(event, result.get("again_in"))
             self._outage_since = None
         except asyncio.CancelledError:
             raise

@@ -27,13 +27,21 @@ from prefect.utilities.annotations import quote
 from cxrelay.connectors.genesys import GenesysNotFound
 from cxrelay.core import ordering
 from cxrelay.core.envelope import CanonicalEvent
-from cxrelay.core.errors import CxrelayError, PermanentError, full_text
+from cxrelay.core.errors import (
+    CxrelayError,
+    NotThereYet,
+    PermanentError,
+    RetryableError,
+    full_text,
+)
 from cxrelay.core.filters import first_failing_rule
+from cxrelay.core.interaction import interaction_of
 from cxrelay.core.outcome import FILTERED, QUEUED, EventSummary, Next, Outcome, Stage, after_failure
 from cxrelay.core.redact import mask_text
 from cxrelay.flows import steps
 from cxrelay.flows.artifacts import description
 from cxrelay.flows.attempt import Subject
+from cxrelay.flows.cxone import CxoneContactMissing, enrich_contact
 from cxrelay.flows.report import artifact_key, render_report
 from cxrelay.flows.runtime import Runtime, get_runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
@@ -201,6 +209,8 @@ async def handle_settled(runtime: Runtime, rows: list[InboxEvent]) -> EventSumma
         summary.merged = [row.event_id for row, _ in passing if row is not leader]
     result = await _deliver_event(runtime, leader, merged, summary, inline=True,
                                   merged_ids=[row.id for row, _ in passing if row.id is not None])
+    if result.outcome is Outcome.AWAITING_DATA:
+        return result  # every one of them goes back to the inbox to wait
     for row, _ in passing:
         if row is not leader:
             await _finish(runtime, replace(result, inbox_id=row.id, event_id=row.event_id,
@@ -218,27 +228,42 @@ def _summary(row: InboxEvent) -> EventSummary:
 async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEvent,
                          summary: EventSummary, inline: bool,
                          merged_ids: Sequence[int] = ()) -> EventSummary:
-    """Enrich, then map and deliver to every target, then finish the inbox row."""
+    """Enrich, then map and deliver to every target, then finish the inbox row (unless
+    the platform does not have the event's data yet: then the dispatcher gives it back to the
+    inbox, to look again in `summary.again_in` seconds)."""
     targets = runtime.pipeline.enabled_targets
     context = event.context()
     enrich = runtime.pipeline.enrich
     context["conversation"] = {}
-    if enrich.genesys_conversation:
-        try:
+    platform = "genesys"
+    try:
+        if event.platform == "cxone":
+            platform = "cxone"
+            if enrich.cxone_contact:
+                context["contact"] = await enrich_contact(runtime, row, event)
+        elif enrich.genesys_conversation:
             context["conversation"] = await _enrich(runtime, event.conversation_id, inline)
-        except Exception as exc:
-            not_found = isinstance(exc, GenesysNotFound)
-            if not_found and enrich.on_not_found != "dead_letter":
-                pass  # deliver without the conversation
-            elif _raise_in_lane(inline, exc):
-                raise
-            else:
-                summary.targets["genesys"] = await _dead_letter_row(
-                    runtime, row, "genesys", exc,
-                    attempts=1 if not_found else (steps.enrich_task.retries or 0) + 1,
-                    merged=merged_ids)
-                summary.outcome, summary.reason = Outcome.DEAD_LETTERED, _error_text(exc)
-                return await _finish(runtime, summary, inline)
+    except NotThereYet as exc:
+        summary.outcome, summary.again_in, summary.reason = (
+            Outcome.AWAITING_DATA, exc.again_in, _error_text(exc))
+        return summary
+    except Exception as exc:
+        not_found = isinstance(exc, (GenesysNotFound, CxoneContactMissing))
+        if not_found and enrich.on_not_found != "dead_letter":
+            pass  # deliver without the conversation
+        elif _raise_in_lane(inline, exc) or (platform == "cxone" and isinstance(
+                exc, RetryableError)):
+            # CXone's fetch is no task run with retries of its own: its run fails, and the
+            # dispatcher tries the event again with backoff.
+            raise
+        else:
+            summary.targets[platform] = await _dead_letter_row(
+                runtime, row, platform, exc,
+                attempts=1 if not_found else (steps.enrich_task.retries or 0) + 1,
+                merged=merged_ids)
+            summary.outcome, summary.reason = Outcome.DEAD_LETTERED, _error_text(exc)
+            return await _finish(runtime, summary, inline)
+    context["interaction"] = interaction_of(context)
 
     mapped = [await _map(runtime, row, event, target, context, inline, merged_ids)
               for target in targets]

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from cxrelay.connectors.cxone import CxoneClient
 from cxrelay.connectors.genesys import GenesysClient
 from cxrelay.connectors.http import HttpTarget
 from cxrelay.connectors.jira import JiraClient
@@ -174,6 +175,32 @@ class Runtime:
                 self._clients["jira"] = JiraClient(s.jira_url, s.jira_email, s.jira_api_token,
                                                    timeout=s.jira_timeout_seconds)
         return self._clients["jira"]
+
+    async def cxone(self) -> CxoneClient:
+        if "cxone" not in self._clients:
+            s = self.settings
+            if s.cxone_block:
+                from cxrelay.blocks.cxone import CxoneCredentials
+
+                block = cast(CxoneCredentials, await CxoneCredentials.aload(s.cxone_block))
+                self._clients["cxone"] = block.get_client(s.cxone_timeout_seconds)
+            else:
+                require(s.cxone_access_key_id, "CXRELAY_CXONE_ACCESS_KEY_ID", "read CXone "
+                        "contacts")
+                require(s.cxone_access_key_secret, "CXRELAY_CXONE_ACCESS_KEY_SECRET",
+                        "read CXone contacts")
+                assert s.cxone_access_key_id and s.cxone_access_key_secret
+                self._clients["cxone"] = CxoneClient(
+                    s.cxone_access_key_id, s.cxone_access_key_secret,
+                    tenant_id=s.cxone_tenant_id, api_url=s.cxone_api_url,
+                    auth_url=s.cxone_auth_url, discovery_url=s.cxone_discovery_url,
+                    api_version=s.cxone_api_version, timeout=s.cxone_timeout_seconds)
+        return self._clients["cxone"]
+
+    def cxone_configured(self) -> bool:
+        s = self.settings
+        return bool(s.cxone_block or (s.cxone_access_key_id and s.cxone_access_key_secret
+                                      and (s.cxone_tenant_id or s.cxone_api_url)))
 
     def http(self, name: str, url: str, headers: dict[str, str]) -> HttpTarget:
         key = f"http:{name}"

@@ -82,8 +82,9 @@ class Checked:
     filtered_by: str | None
 
 
-def read_event(row: InboxEvent) -> CanonicalEvent:
-    """Check that the stored event is intact (hash of the raw body) and normalise it again."""
+def read_event(row: InboxEvent, platform: str | None = None) -> CanonicalEvent:
+    """Check that the stored event is intact (hash of the raw body) and normalise it again
+    (as its source's `platform` reads it; without one, by its shape)."""
     digest = hashlib.sha256(row.body).hexdigest()
     if digest != row.body_sha256:
         raise PermanentError(f"inbox event {row.id}: body hash mismatch (stored {row.body_sha256[:12]}…, "
@@ -92,7 +93,8 @@ def read_event(row: InboxEvent) -> CanonicalEvent:
         payload = parse_body(row.body)
     except BodyError as exc:
         raise PermanentError(f"inbox event {row.id}: {exc}") from exc
-    event = normalise(payload, row.source, row.body)
+    event = normalise(payload, row.source, row.body,
+                      platform="cxone" if platform == "cxone" else None)
     if event.dedupe_key != row.dedupe_key:
         raise PermanentError(f"inbox event {row.id}: dedupe key changed on re-reading")
     return replace(event, received_at=row.received_at)
@@ -102,7 +104,8 @@ async def check(runtime: Runtime, row: InboxEvent, plan: bool = True) -> Checked
     """Verify, check the event's clock, record drift, plan each target (`create` or `update
     <ref>`; for the report only, the ledger decides at delivery) and filter."""
     ahead = runtime.settings.max_event_time_ahead_seconds
-    clock = ordering.check_clock(read_event(row), row.received_at, ahead)
+    clock = ordering.check_clock(read_event(row, runtime.pipeline.platform_of(row.source)),
+                                 row.received_at, ahead)
     event = clock.event
     note = clock.note(ahead)
     drift = await _record_drift(runtime, event, [Finding(EVENT_TIME_FIELD, "clock_ahead", note)]

@@ -24,7 +24,7 @@ def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
 def test_config_validate_default() -> None:
     result = runner.invoke(app, ["config", "validate"])
     assert result.exit_code == 0, result.output
-    assert ("valid — 4 sources, 1 filters, 3 targets (salesforce, slack, jira: disabled)"
+    assert ("valid — 5 sources, 1 filters, 3 targets (salesforce, slack, jira: disabled)"
             in result.output)
 
 
@@ -118,6 +118,7 @@ def test_mapping_check_fails_when_the_customer_cannot_be_found(tmp_path: Path) -
     result = runner.invoke(app, ["mapping", "check", str(tmp_path / "event.json")])
     assert result.exit_code == 1
     assert ("no phone and no external contact id to find the customer by (source paths tried: "
+            "interaction.external_contact_id (from "
             "event.conversation.contact.externalContacts[0].externalId") in result.output
 
 

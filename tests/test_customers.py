@@ -173,6 +173,6 @@ def test_the_shipped_pipeline_plans_lookups_then_lead_then_task() -> None:
     assert payload["customer"].customer_key == "+15552010001"
     assert payload["activity_external_id"] == "c-1"
     assert payload["activity_fields"]["TaskSubtype"] == "Call"
-    assert payload["fields"]["LastName"] == "Genesys caller"
+    assert payload["fields"]["LastName"] == "Genesys Cloud caller"
     assert [step.split(" ")[0] for step in payload["plan"]] == ["SOQL", "SOSL", "SOQL",
                                                                 "nobody", "upsert"]

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from cxrelay.core.envelope import normalise
 from cxrelay.core.errors import MappingError
+from cxrelay.core.interaction import interaction_of
 from cxrelay.core.mapping import FieldSpec, Mapper
 from cxrelay.core.pipeline import SalesforceTargetConfig, parse_pipeline
 from cxrelay.settings import DEFAULT_PIPELINE
@@ -16,8 +17,9 @@ PIPELINE = parse_pipeline(DEFAULT_PIPELINE.read_text())
 
 def context(payload: dict | None = None, conversation: dict | None = None) -> dict:
     event = normalise(payload or sample("generic-webhook.json"), "genesys")
-    return {**event.context(), "conversation": conversation if conversation is not None
-            else sample("conversation.json")}
+    found = {**event.context(), "conversation": conversation if conversation is not None
+             else sample("conversation.json")}
+    return {**found, "interaction": interaction_of(found)}  # as the pipeline's steps give it
 
 
 def salesforce_fields() -> dict:
@@ -29,7 +31,7 @@ def salesforce_fields() -> dict:
 def test_default_salesforce_mapping() -> None:
     mapped = Mapper(PIPELINE.lookups).map_fields(salesforce_fields(), context())
     assert mapped.fields["Phone"] == "+15550001234"
-    assert mapped.fields["LastName"] == "Genesys caller"
+    assert mapped.fields["LastName"] == "Genesys Cloud caller"
     assert mapped.fields["Company"] == "[not provided]"
     assert mapped.warnings == []
     # The conversation goes on the Task, not on the customer's Lead.
@@ -59,6 +61,7 @@ def test_required_field_empty_names_the_paths() -> None:
     payload = sample("generic-webhook.json")
     del payload["conversation"]["primaryContact"]
     with pytest.raises(MappingError, match=r"required field Phone is empty \(source paths tried: "
+                       r"interaction\.customer_phone \(from "
                        r"event\.conversation\.primaryContact\.phoneNumber, "):
         Mapper(PIPELINE.lookups).map_fields(
             {**salesforce_fields(), "Phone": salesforce_fields()["Phone"].model_copy(

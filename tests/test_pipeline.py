@@ -13,7 +13,7 @@ from cxrelay.settings import DEFAULT_PIPELINE, Settings
 def test_default_pipeline_is_valid() -> None:
     pipeline = parse_pipeline(DEFAULT_PIPELINE.read_text())
     assert [s.name for s in pipeline.sources] == ["genesys", "standard", "open-messaging",
-                                                  "eventbridge"]
+                                                  "eventbridge", "cxone"]
     salesforce = pipeline.target("salesforce")
     assert isinstance(salesforce, SalesforceTargetConfig)
     assert salesforce.external_id_field == "Genesys_Conversation_Id__c"

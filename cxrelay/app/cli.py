@@ -218,15 +218,16 @@ async def _prefect_ready(stop: asyncio.Event, timeout: float = 300) -> bool:
 def sandbox(
     genesys_port: int = typer.Option(8101), salesforce_port: int = typer.Option(8102),
     slack_port: int = typer.Option(8103), jira_port: int = typer.Option(8104),
+    cxone_port: int = typer.Option(8105),
 ) -> None:
-    """Run the Genesys, Salesforce, Slack and Jira emulators alone (Ctrl-C stops them). The
+    """Run the Genesys, Salesforce, Slack, Jira and NICE CXone emulators alone (Ctrl-C stops them). The
     Genesys emulator knows a few ended conversations, which `cxrelay send` can name: like
     the real API, it answers 404 for any other, and such an event ends in the dead letters."""
     from cxrelay.sandbox.genesys import sample_conversation
     from cxrelay.sandbox.server import Sandbox
 
     box = Sandbox(genesys_port=genesys_port, salesforce_port=salesforce_port,
-                  slack_port=slack_port, jira_port=jira_port)
+                  slack_port=slack_port, jira_port=jira_port, cxone_port=cxone_port)
     known = [f"00000000-0000-4000-8000-00000000000{n}" for n in range(1, 4)]
     for number, conversation_id in enumerate(known, start=1):
         box.genesys.conversations[conversation_id] = sample_conversation(

@@ -20,15 +20,18 @@ import phonenumbers
 
 from cxrelay.core.errors import MappingError, PermanentError
 from cxrelay.core.formatters import format_e164, to_datetime
+from cxrelay.core.interaction import describe_path, interaction_of
 from cxrelay.core.paths import is_empty, resolve
 
 LookupKind = Literal["external_contact", "phone", "customer_key"]
 
 DEFAULT_EXTERNAL_CONTACT_PATHS = [
+    "interaction.external_contact_id",
     "event.conversation.contact.externalContacts[0].externalId",
     "conversation.participants[purpose=customer].externalContactId",
 ]
 DEFAULT_PHONE_PATHS = [
+    "interaction.customer_phone",
     "event.conversation.primaryContact.phoneNumber",
     "event.conversation.primaryContact.primaryPhoneNumber",
     "conversation.participants[purpose=customer].ani",
@@ -170,7 +173,7 @@ def customer_keys(context: dict[str, Any], external_contact_paths: list[str],
         sources["phone"] = path
         break
     if external is None and phone is None:
-        tried = ", ".join([*external_contact_paths, *phone_paths])
+        tried = ", ".join(map(describe_path, [*external_contact_paths, *phone_paths]))
         raise MappingError(f"no phone and no external contact id to find the customer by "
                            f"(source paths tried: {tried})")
     return CustomerKeys(str(external) if external is not None else None, phone, sources,
@@ -277,42 +280,25 @@ def choose(found: list[Candidate], by: LookupKind,
     return Choice(ranked[0], by, ranked[1:])
 
 
-def _duration(conversation: dict[str, Any]) -> int | None:
-    start, end = conversation.get("startTime"), conversation.get("endTime")
-    if not (start and end):
-        return None
-    try:
-        return max(0, round((to_datetime(end) - to_datetime(start)).total_seconds()))
-    except (ValueError, TypeError, MappingError):
-        return None
-
-
 def task_fields(context: dict[str, Any]) -> dict[str, Any]:
-    """The Task that logs one conversation as a call on the customer's record."""
-    event, conversation = context.get("event") or {}, context.get("conversation") or {}
-    direction = str(resolve(context, "event.conversation.direction") or resolve(
-        context, "conversation.participants[purpose=customer].direction") or "inbound")
-    call_type = "Outbound" if direction.lower().startswith("out") else "Inbound"
-    wrapup = resolve(context, "conversation.participants[purpose=agent].wrapup") or {}
-    queue = (resolve(context, "conversation.participants[purpose=agent].queueName")
-             or resolve(context, "conversation.participants[purpose=acd].name")
-             or resolve(context, "conversation.participants[purpose=agent].queueId"))
-    topic = (wrapup.get("name") if isinstance(wrapup, dict) else None) or queue
+    """The Task that logs one conversation as a call on the customer's record, from its
+    neutral interaction (Genesys or CXone alike, `cxrelay.core.interaction`)."""
+    interaction = context.get("interaction") or interaction_of(context)
+    call_type = "Outbound" if interaction.get("direction") == "outbound" else "Inbound"
+    topic = interaction.get("disposition") or interaction.get("queue")
     fields: dict[str, Any] = {
         "Subject": f"{call_type} call — {topic}" if topic else f"{call_type} call",
         "TaskSubtype": "Call",
         "CallType": call_type,
         "Status": "Completed",
     }
-    duration = _duration(conversation)
-    if duration is not None:
-        fields["CallDurationInSeconds"] = duration
-    if isinstance(wrapup, dict) and wrapup.get("name"):
-        fields["CallDisposition"] = str(wrapup["name"])[:255]
-    if isinstance(wrapup, dict) and wrapup.get("notes"):
-        fields["Description"] = str(wrapup["notes"])[:32000]
-    started = (conversation.get("startTime") or resolve(event, "conversation.startTime")
-               or context.get("occurred_at"))
+    if interaction.get("duration_seconds") is not None:
+        fields["CallDurationInSeconds"] = interaction["duration_seconds"]
+    if interaction.get("disposition"):
+        fields["CallDisposition"] = str(interaction["disposition"])[:255]
+    if interaction.get("notes"):
+        fields["Description"] = str(interaction["notes"])[:32000]
+    started = interaction.get("started_at")
     if started:
         with contextlib.suppress(ValueError, TypeError, MappingError):
             fields["ActivityDate"] = to_datetime(started).date().isoformat()

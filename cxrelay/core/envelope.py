@@ -12,6 +12,10 @@
   ended when every media session is disconnected or terminated, and then the dedupe key is
   the conversation's ending (`conversation-ended:<id>`), so repeated ended snapshots and the
   notification gap-fill make one inbox row.
+- a NICE CXone Studio push (a source with `platform: cxone`; form fields or JSON, read
+  case-insensitively): event id and conversation the contact (`ContactID`); dedupe key the
+  contact (`contact:<MasterContactID>:<ContactID>`, see `cxrelay.core.cxone`); always ended
+  (the script's ONRELEASE branch sends it).
 
 Dedupe keys are scoped by source (`<source>:<key>`): a sender holding one source's credential
 cannot pre-empt another source's events, nor the ids cxrelay gives the events it makes itself
@@ -27,6 +31,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from cxrelay.core import cxone
 from cxrelay.core.durations import parse_instant
 from cxrelay.core.errors import EnvelopeError
 from cxrelay.core.notifications import (
@@ -36,7 +41,8 @@ from cxrelay.core.notifications import (
     snapshot_end_time,
 )
 
-Envelope = Literal["generic", "eventbridge", "notification"]
+Envelope = Literal["generic", "eventbridge", "notification", "cxone"]
+Platform = Literal["genesys", "cxone"]
 
 # Topics whose arrival means the conversation (or the customer's part of it) is over.
 ENDED_TOPIC_SUFFIXES = (".customer.end", ".acw", ".end", ".disconnected", ".wrapup")
@@ -72,6 +78,10 @@ class CanonicalEvent:
     # carries no time of its own (see `cxrelay.core.ordering`). Not part of the wire body.
     received_at: datetime | None = None
 
+    @property
+    def platform(self) -> Platform:
+        return "cxone" if self.envelope == "cxone" else "genesys"
+
     def context(self) -> dict[str, Any]:
         """The names filters and mappings see: canonical fields plus the raw `event`."""
         return {
@@ -82,6 +92,7 @@ class CanonicalEvent:
             "occurred_at": self.occurred_at.isoformat() if self.occurred_at else None,
             "ended": self.ended,
             "envelope": self.envelope,
+            "platform": self.platform,
             "source": self.source,
             "event": self.payload,
         }
@@ -122,23 +133,31 @@ def _topic_ended(topic: str) -> bool:
 
 
 def detect_envelope(payload: dict[str, Any]) -> Envelope | None:
+    """Genesys's envelopes by their shape; a CXone push is known by its source's platform
+    (`normalise(..., platform="cxone")`), or by a contact id and nothing of Genesys's."""
     if isinstance(payload.get("detail"), dict) and "detail-type" in payload:
         return "eventbridge"
     if "topicName" in payload and "eventBody" in payload:
         return "notification"
     if "conversation" in payload or "eventType" in payload:
         return "generic"
+    if cxone.field(payload, *cxone.CONTACT_ID_NAMES) is not None:
+        return "cxone"
     return None
 
 
-def normalise(payload: Any, source: str, body: bytes = b"") -> CanonicalEvent:
-    """Turn a parsed JSON body into a `CanonicalEvent`, or raise `EnvelopeError` saying why not."""
+def normalise(payload: Any, source: str, body: bytes = b"",
+              platform: Platform | None = None) -> CanonicalEvent:
+    """Turn a parsed body into a `CanonicalEvent`, or raise `EnvelopeError` saying why not.
+    `platform` is the source's: a CXone source's body is a CXone push whatever it holds."""
     if not isinstance(payload, dict):
         raise EnvelopeError(
             "the body is not a JSON object",
             [{"loc": "$", "msg": f"expected an object, got {type(payload).__name__}"}],
         )
-    envelope = detect_envelope(payload)
+    envelope = "cxone" if platform == "cxone" else detect_envelope(payload)
+    if envelope == "cxone":
+        return _checked(_cxone(payload, source))
     if envelope == "eventbridge":
         return _checked(_eventbridge(payload, source))
     if envelope == "notification":
@@ -294,3 +313,26 @@ def _notification(payload: dict[str, Any], source: str, body: bytes) -> Canonica
     # Without a CorrelationId the body itself is the only stable identity of a redelivery.
     fallback = "sha256:" + hashlib.sha256(body or repr(sorted(payload.items())).encode()).hexdigest()
     return _from_topic_event(payload, payload, source, None, fallback, "notification", "")
+
+
+def _cxone(payload: dict[str, Any], source: str) -> CanonicalEvent:
+    errors: list[dict[str, str]] = []
+    contact_id = _require(errors, "ContactID",
+                          _text(cxone.field(payload, *cxone.CONTACT_ID_NAMES)))
+    _check_conversation_id(errors, "ContactID", contact_id or None)
+    master_id = _text(cxone.field(payload, *cxone.MASTER_ID_NAMES)) or contact_id
+    _check_conversation_id(errors, "MasterContactID", master_id or None)
+    if errors:
+        raise EnvelopeError("the CXone push has no usable contact id: the Studio script's "
+                            "REST action must send ContactID (and MasterContactID)", errors)
+    return CanonicalEvent(
+        event_id=f"cxone:{master_id}:{contact_id}",
+        dedupe_key=cxone.contact_key(master_id, contact_id),
+        event_type="cxone.contact.ended",
+        conversation_id=contact_id,
+        occurred_at=_parse_time(cxone.field(payload, *cxone.END_TIME_NAMES)),
+        ended=True,
+        envelope="cxone",
+        source=source,
+        payload=payload,
+    )

@@ -58,6 +58,16 @@ class NotYetKnown(OutcomeUnknown):
         self.again_in = again_in
 
 
+class NotThereYet(RetryableError):
+    """The platform does not have the event's data yet (a CXone contact's data lands after
+    its push), or asks us to wait (CXone's 429): look again in `again_in` seconds. Not the
+    event's failure: it spends no attempt, and the event holds no slot while it waits."""
+
+    def __init__(self, message: str, *, again_in: float) -> None:
+        super().__init__(message, retry_after=again_in)
+        self.again_in = again_in
+
+
 class PermanentError(CxrelayError):
     """A failure that another attempt cannot fix; the work goes to the dead letters."""
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cxrelay.core import formatters
 from cxrelay.core.errors import CxrelayError, MappingError
+from cxrelay.core.interaction import alias_of, describe_path
 from cxrelay.core.paths import MISSING, is_empty, parse_path, resolve
 
 
@@ -139,7 +140,8 @@ class Mapper:
                 raise MappingError(f"field {name}: {exc}") from exc
             if is_empty(value):
                 if spec.required:
-                    tried = ", ".join(spec.from_) or (spec.template or "a constant")
+                    tried = ", ".join(map(describe_path, spec.from_)) or (
+                        spec.template or "a constant")
                     raise MappingError(f"required field {name} is empty (source paths tried: {tried})")
                 result.warnings.append(f"{name} is empty")
                 continue
@@ -158,6 +160,8 @@ class Mapper:
             if not is_empty(candidate):
                 if index:
                     warnings.append(f"{name} taken from alias {path} ({spec.from_[0]} is empty)")
+                elif (alias := alias_of(scope, path)) is not None:  # the interaction's own
+                    warnings.append(f"{name} taken from alias {alias[0]} ({alias[1]} is empty)")
                 value = candidate
                 break
         if spec.value is not None:

@@ -20,6 +20,8 @@ class Outcome(str, Enum):
     FAILED = "failed"                # its runs crashed too often (dead-lettered as a whole)
     RETRY_LATER = "retry_later"      # a target is paused: the event waits for it, unfinished
     DELIVERING = "delivering"        # mapped; a target's delivery is still on its way
+    # the platform does not have its data yet (CXone): back to the inbox until `again_in`
+    AWAITING_DATA = "awaiting_data"
 
     def __str__(self) -> str:
         return self.value
@@ -84,6 +86,7 @@ class EventSummary:
     plan: dict[str, str] | None = None  # what each target already had (a run of its own)
     merged: list[str] | None = None     # events merged into this one (settle window)
     merged_into: str | None = None      # the event this one was merged into
+    again_in: float | None = None       # awaiting data: seconds until it is looked for again
 
     def decided(self, targets: dict[str, dict[str, Any]]) -> Outcome:
         """Record each target's result; the event's outcome follows from them."""

@@ -22,6 +22,7 @@ from pydantic import (
 from cxrelay.core.customers import DEFAULT_EXTERNAL_CONTACT_PATHS, DEFAULT_PHONE_PATHS
 from cxrelay.core.errors import CxrelayError
 from cxrelay.core.filters import FilterRule
+from cxrelay.core.interaction import underlying
 from cxrelay.core.mapping import FieldSpec
 
 Scheme = Literal["hmac", "standard-webhooks", "genesys-open-messaging", "static"]
@@ -51,6 +52,9 @@ class SourceConfig(_Strict):
     static_kind: Literal["bearer", "basic", "header"] = "bearer"
     header: str | None = None
     tolerance_seconds: int = Field(default=300, ge=1)
+    # What sends to it: Genesys Cloud (JSON envelopes), or a NICE CXone Studio script's REST
+    # action (form fields or JSON; see cxrelay.core.cxone).
+    platform: Literal["genesys", "cxone"] = "genesys"
 
     @field_validator("name")
     @classmethod
@@ -62,7 +66,8 @@ class SourceConfig(_Strict):
 
 
 class EnrichConfig(_Strict):
-    genesys_conversation: bool = True
+    genesys_conversation: bool = True  # GET /api/v2/conversations/{id} for a Genesys event
+    cxone_contact: bool = True  # GET …/contacts/{contactId} for a CXone push, once complete
     on_not_found: Literal["dead_letter", "skip"] = "dead_letter"
     cache_seconds: int = Field(default=300, ge=0)
 
@@ -221,11 +226,23 @@ class Pipeline(_Strict):
             for name, spec in specs.items():
                 if spec.required:
                     for path in spec.from_:
-                        sources.setdefault(path, f"{target.name}.{name}")
+                        for read in underlying(path):
+                            sources.setdefault(read, f"{target.name}.{name}")
             if isinstance(target, SalesforceTargetConfig) and target.customer is not None:
                 for path in [*target.customer.phone, *target.customer.external_contact_id]:
-                    sources.setdefault(path, f"{target.name}.customer")
+                    for read in underlying(path):
+                        sources.setdefault(read, f"{target.name}.customer")
         return sources
+
+    def platform_of(self, source: str) -> str | None:
+        """The platform of a source of this pipeline (None: not one of its webhooks)."""
+        return next((s.platform for s in self.sources if s.name == source), None)
+
+    @property
+    def cxone_source(self) -> str | None:
+        """The source CXone pushes arrive on: reconciliation queues the contacts it finds
+        under its name, so that a contact that arrives both ways is one event."""
+        return next((s.name for s in self.sources if s.platform == "cxone"), None)
 
     @property
     def enabled_targets(self) -> list[AnyTarget]:

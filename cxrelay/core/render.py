@@ -6,6 +6,7 @@ from typing import Any
 
 from cxrelay.core.customers import CustomerKeys, customer_keys, lookups, task_fields
 from cxrelay.core.errors import ConfigError, MappingError
+from cxrelay.core.interaction import interaction_of
 from cxrelay.core.mapping import Mapper
 from cxrelay.core.pipeline import (
     AnyTarget,
@@ -29,7 +30,10 @@ def render_target(mapper: Mapper, target: Target, context: dict[str, Any],
                   default_channel: str | None = None) -> dict[str, Any]:
     """Salesforce: `external_id` + `fields`; Slack: `channel` + `text`; HTTP: `body`. Each
     with the mapping's `warnings`. Raises `MappingError` (or `ConfigError`) instead of
-    producing an incomplete payload."""
+    producing an incomplete payload. The context gets its neutral `interaction` when it has
+    none yet (`cxrelay.core.interaction`)."""
+    if "interaction" not in context:
+        context = {**context, "interaction": interaction_of(context)}
     if isinstance(target, SalesforceTargetConfig) and target.customer is not None:
         return render_customer_target(mapper, target, context)
     if isinstance(target, SalesforceTargetConfig):

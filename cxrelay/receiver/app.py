@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cxrelay.core.cxone import form_fields
 from cxrelay.core.envelope import normalise
 from cxrelay.core.errors import EnvelopeError, SignatureError
 from cxrelay.core.jsonbody import BodyError, parse_body
@@ -52,6 +53,11 @@ def _is_json(content_type: str | None) -> bool:
         return True  # Architect data actions and some senders omit it; the body decides
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
+
+
+def _is_form(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/x-www-form-urlencoded"
 
 
 class Receiver:
@@ -88,16 +94,21 @@ class Receiver:
             self.metrics.rejected.labels(name, "unauthorized").inc()
             return error(401, "unauthorized", str(exc))
         content_type = request.headers.get("content-type")
-        if not _is_json(content_type):
+        # A CXone Studio REST action sends form fields by default, JSON when told to.
+        form = source.platform == "cxone" and _is_form(content_type)
+        if not form and not _is_json(content_type):
             self.metrics.rejected.labels(name, "unsupported_media_type").inc()
-            return error(415, "unsupported_media_type", "send the event as application/json")
+            return error(415, "unsupported_media_type", "send the event as application/json"
+                         + (" or application/x-www-form-urlencoded"
+                            if source.platform == "cxone" else ""))
         try:
-            payload = parse_body(body)
+            payload = form_fields(body) if form else parse_body(body)
         except BodyError as exc:
-            self.metrics.rejected.labels(name, "malformed_json").inc()
-            return error(400, "malformed_json", str(exc))
+            code = "malformed_form" if form else "malformed_json"
+            self.metrics.rejected.labels(name, code).inc()
+            return error(400, code, str(exc))
         try:
-            event = normalise(payload, name, body)
+            event = normalise(payload, name, body, platform=source.platform)  # type: ignore[arg-type]
         except EnvelopeError as exc:
             self.metrics.rejected.labels(name, "not_an_event").inc()
             quarantine_id = await anyio.to_thread.run_sync(partial(
@@ -108,6 +119,8 @@ class Receiver:
                  "quarantine_id": quarantine_id},
                 status_code=422)
         assert self.writer is not None, "the receiver's lifespan has not started"
+        if form:  # the inbox keeps one format: the fields as JSON, read again like any body
+            body = orjson.dumps(payload)
         try:
             inbox_id = await self.writer.insert(inbox_row(event, name, body),
                                                 timeout=self.insert_timeout)

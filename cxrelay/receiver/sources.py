@@ -23,6 +23,7 @@ logger = logging.getLogger("cxrelay.receiver")
 class Source:
     name: str
     verifier: Verifier
+    platform: str = "genesys"
 
 
 def make_verifier(config: SourceConfig, secrets: list[str]) -> Verifier:
@@ -45,5 +46,6 @@ def build_sources(pipeline: Pipeline, environ: Mapping[str, str]) -> dict[str, S
             logger.warning("%s holds a secret with a comma: it is one secret. Rotated secrets "
                            "go one per line, or as a JSON list", config.secret_env)
         if secrets:
-            sources[config.name] = Source(config.name, make_verifier(config, secrets))
+            sources[config.name] = Source(config.name, make_verifier(config, secrets),
+                                          config.platform)
     return sources

@@ -1,4 +1,4 @@
-"""Run the four emulators on loopback ports, in the foreground or in a background thread."""
+"""Run the five emulators on loopback ports, in the foreground or in a background thread."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
+from cxrelay.sandbox.cxone import CxoneEmulator
 from cxrelay.sandbox.genesys import GenesysEmulator
 from cxrelay.sandbox.jira import JiraEmulator
 from cxrelay.sandbox.salesforce import SalesforceEmulator
@@ -22,10 +23,12 @@ class Sandbox:
     salesforce_port: int = 0
     slack_port: int = 0
     jira_port: int = 0
+    cxone_port: int = 0
     genesys: GenesysEmulator = field(default_factory=GenesysEmulator)
     salesforce: SalesforceEmulator = field(default_factory=SalesforceEmulator)
     slack: SlackEmulator = field(default_factory=SlackEmulator)
     jira: JiraEmulator = field(default_factory=JiraEmulator)
+    cxone: CxoneEmulator = field(default_factory=CxoneEmulator)
 
     def __post_init__(self) -> None:
         self._servers: list[uvicorn.Server] = []
@@ -35,6 +38,7 @@ class Sandbox:
         self.salesforce_port = self._bind(self.salesforce_port)
         self.slack_port = self._bind(self.slack_port)
         self.jira_port = self._bind(self.jira_port)
+        self.cxone_port = self._bind(self.cxone_port)
 
     def _bind(self, port: int) -> int:
         # IPPROTO_TCP makes asyncio set TCP_NODELAY on accepted connections: without it every
@@ -63,6 +67,10 @@ class Sandbox:
     def jira_url(self) -> str:
         return f"http://{self.host}:{self.jira_port}"
 
+    @property
+    def cxone_url(self) -> str:
+        return f"http://{self.host}:{self.cxone_port}"
+
     def environment(self) -> dict[str, str]:
         """The settings that point cxrelay at this sandbox."""
         return {
@@ -78,10 +86,16 @@ class Sandbox:
             "CXRELAY_JIRA_URL": self.jira_url,
             "CXRELAY_JIRA_EMAIL": self.jira.email,
             "CXRELAY_JIRA_API_TOKEN": self.jira.api_token,
+            # The tenant's API and auth hosts are discovered, as against the real CXone.
+            "CXRELAY_CXONE_DISCOVERY_URL": self.cxone_url,
+            "CXRELAY_CXONE_TENANT_ID": self.cxone.tenant_id,
+            "CXRELAY_CXONE_ACCESS_KEY_ID": self.cxone.access_key_id,
+            "CXRELAY_CXONE_ACCESS_KEY_SECRET": self.cxone.access_key_secret,
         }
 
     async def serve(self) -> None:
-        apps = [self.genesys.app, self.salesforce.app, self.slack.app, self.jira.app]
+        apps = [self.genesys.app, self.salesforce.app, self.slack.app, self.jira.app,
+                self.cxone.app]
         for app in apps:
             # The sans-I/O websockets implementation: uvicorn's default one is the deprecated
             # legacy API of websockets ≥ 14, and the Genesys emulator serves notification sockets.
@@ -106,7 +120,7 @@ class Sandbox:
         self._thread.start()
         ready.wait(10)
         for _ in range(200):
-            if len(self._servers) == 4 and all(server.started for server in self._servers):
+            if len(self._servers) == 5 and all(server.started for server in self._servers):
                 return self
             threading.Event().wait(0.02)
         raise RuntimeError("the sandbox emulators did not start")

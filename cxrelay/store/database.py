@@ -17,9 +17,10 @@ from cxrelay.store.notifications import NotificationQueries
 from cxrelay.store.retention import RetentionQueries
 from cxrelay.store.selection import SelectionQueries
 from cxrelay.store.settle import SettleQueries
+from cxrelay.store.watermarks import WatermarkQueries
 
 
 class Store(InboxQueries, LedgerQueries, DeadLetterQueries, DriftQueries, RetentionQueries,
             SettleQueries, NotificationQueries, HealthQueries, SelectionQueries, ArtifactQueries,
-            DeliveryQueries):
+            DeliveryQueries, WatermarkQueries):
     """SQLite (WAL) by default, PostgreSQL for scale-out; see `cxrelay.store.engine`."""

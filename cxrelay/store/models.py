@@ -307,3 +307,14 @@ class TargetHealth(SQLModel, table=True):
     # target resumes (see `Store.release_waiting`).
     probe_event: int | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Watermark(SQLModel, table=True):
+    """How far a periodic poll of a platform has read (CXone's completed contacts: the time
+    of its last look), so that the next look, in any process, starts there."""
+
+    __tablename__ = "watermarks"
+
+    name: str = Field(primary_key=True, max_length=128)
+    value: str = Field(max_length=255)
+    updated_at: datetime = Field(default_factory=utcnow)
