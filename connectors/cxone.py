@@ -6,6 +6,7 @@ completed contacts since a time.
   `{access_token, token_type, expires_in}` (an hour).
 - Discovery: `GET {discovery}/.well-known/cxone-configuration?tenantId=…` →
   `{api_endpoint, auth_endpoint, …}`; `CXRELAY_CXONE_API_URL` (and `…_AUTH_URL`) skip it.
+  Given the API URL alone (no tenant, no auth URL), tokens are asked of that host too.
 - Contacts: `GET {api}/incontactapi/services/v{N}/contacts/{contactId}` and
   `…/contacts/completed?updatedSince=…&top=…&skip=…` (204 when nothing matched), both with
   `Accept: application/json` (without it CXone answers 406).
@@ -115,7 +116,8 @@ class CxoneClient:
             if self._token and time.monotonic() < self._expires_at:
                 return self._token
             await self._discover()
-            auth = self.auth_url or self.discovery_url
+            auth = self.auth_url or (self.api_url if not self.tenant_id else None) \
+                or self.discovery_url
             try:
                 response = await self.http.post(
                     f"{auth}/authentication/v1/token/access-key",

@@ -89,7 +89,7 @@ def sandbox() -> Iterator[Sandbox]:
 @pytest.fixture
 def clean_sandbox(sandbox: Sandbox) -> Sandbox:
     for url in (sandbox.genesys_url, sandbox.salesforce_url, sandbox.slack_url.removesuffix("/api/"),
-                sandbox.jira_url):
+                sandbox.jira_url, sandbox.cxone_url):
         httpx.post(f"{url}/__sandbox/reset").raise_for_status()
     return sandbox
 

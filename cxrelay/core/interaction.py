@@ -17,8 +17,8 @@ Each name, from Genesys Cloud / from NICE CXone:
 - `direction`: `inbound` or `outbound` / `isOutbound`, else the push's Direction
 - `queue`, `agent`: the agent's queueName (acd name, queueId), name or user id / the skill
   name, the agent's name or id
-- `disposition`, `notes`: the agent's wrap-up name and notes / the disposition (name, else id)
-  and its notes
+- `disposition`, `disposition_id`, `notes`: the agent's wrap-up name, code and notes / the
+  disposition's name (the push's), id and notes
 - `started_at`, `ended_at` (ISO 8601), `duration_seconds`: end − start /
   `totalDurationSeconds`, else end − start
 - `tags`: the conversation's tag labels / the contact's tags
@@ -57,7 +57,7 @@ GENESYS_SOURCES: dict[str, tuple[str, ...]] = {
 }
 FIELDS = ("platform", "platform_name", "id", "master_id", "customer_phone",
           "external_contact_id", "customer_name", "company", "direction", "queue", "agent",
-          "disposition", "notes", "started_at", "ended_at", "duration_seconds", "tags")
+          "disposition", "disposition_id", "notes", "started_at", "ended_at", "duration_seconds", "tags")
 
 
 def interaction_of(context: Mapping[str, Any], region: str = "US") -> dict[str, Any]:
@@ -143,6 +143,7 @@ def _genesys(context: Mapping[str, Any]) -> dict[str, Any]:
     return {
         **found,
         "disposition": wrapup.get("name"),
+        "disposition_id": wrapup.get("code"),
         "notes": wrapup.get("notes"),
         "started_at": (conversation.get("startTime")
                        or _first(context, "event.conversation.startTime", "occurred_at")),
@@ -170,9 +171,8 @@ def _cxone(context: Mapping[str, Any]) -> dict[str, Any]:
         else pick("Direction")
     phone = (pick("toAddr", "DNIS") if str(direction or "").lower().startswith("out")
              else None) or pick("ANI", "fromAddr", "CallerID")
+    # A disposition's id means nothing to whoever reads the Task: the name, else none.
     disposition = pick("primaryDispositionName", "DispositionName", "Disposition")
-    if disposition is None and (code := pick("primaryDispositionId")) is not None:
-        disposition = f"disposition {code}"
     return {
         "master_id": _text(pick("masterContactId", "MasterContactID")),
         "customer_phone": phone,
@@ -183,6 +183,7 @@ def _cxone(context: Mapping[str, Any]) -> dict[str, Any]:
         "queue": pick("skillName", "SkillName", "Skill"),
         "agent": _text(pick("agentName", "AgentName") or pick("agentId", "AgentID")),
         "disposition": _text(disposition),
+        "disposition_id": _text(pick("primaryDispositionId", "DispositionID")),
         "notes": pick("dispositionNotes", "DispositionNotes", "Notes"),
         "started_at": pick("contactStartDate", "contactStart", "StartDate", "StartTime"),
         "ended_at": pick("contactEndDate", "contactEnd", "EndDate", "EndTime", "lastUpdateTime")
