@@ -259,8 +259,9 @@ def test_a_429_without_retry_after_backs_off_on_its_own(clean_sandbox: Sandbox) 
                json={"status": 429, "count": 2, "path": "/incontactapi"}).raise_for_status()
 
     async def scenario() -> list[Any]:
-        client = cxone_client(clean_sandbox, api_url=clean_sandbox.cxone_url,
-                              auth_url=clean_sandbox.cxone_url, tenant_id=None)
+        # The API URL alone: no discovery, and tokens are asked of that host.
+        client = cxone_client(clean_sandbox, api_url=clean_sandbox.cxone_url, tenant_id=None,
+                              discovery_url="http://127.0.0.1:9")
         seen: list[Any] = []
         try:
             for _ in range(2):

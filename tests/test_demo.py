@@ -30,7 +30,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "Every expectation held." in output
-    assert "Salesforce holds 12 Tasks (one per conversation) on 9 Leads and 1 existing Contact" \
+    assert "Salesforce holds 16 Tasks (one per conversation) on 12 Leads and 1 existing Contact" \
         in output
     assert "rejected: unauthorized" in output and "filtered" in output
     assert not port_busy(4200), "the demo left its Prefect server running"

@@ -2,8 +2,10 @@
 
 It starts the emulators, a Prefect server (unless PREFECT_API_URL is set) and `cxrelay serve`
 as a real process, sends signed events over HTTP — new, duplicated, not yet completed, badly
-signed, not an event — waits for every acknowledged one to finish, and compares what Salesforce
-and Slack received with what should have happened.
+signed, not an event — and NICE CXone Studio pushes beside them (form and JSON, retried, one
+whose data lags, one never pushed that reconciliation finds), waits for every acknowledged one
+to finish, and compares what Salesforce, Slack and Jira received with what should have
+happened.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import urllib.parse
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,6 +56,9 @@ class Sent:
     answer: dict[str, Any] = field(default_factory=dict)
     event_id: str | None = None
     complaint: bool = False  # tagged Complaint: a Jira issue is expected
+    source: str = ""  # the webhook path (default: genesys, or eventbridge with a bearer token)
+    phone: str | None = None  # the caller's, for the count of Leads
+    over_http: bool = True  # False: reconciliation finds it, no request brings it
 
 
 def prefect_server(console: Console, log: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
@@ -80,8 +86,14 @@ def caller_phone(index: int, conversations: int) -> str:
 # contact center's teams usually do: Slack takes about one message a second per channel (short
 # bursts allowed), so a dozen calls ending at once in one channel would take ~10 s to post.
 QUEUES = ("Support", "Billing", "Sales", "Retention")
-QUEUE_CHANNEL = "#cc-{{ get('conversation.participants[purpose=agent].queueName', " \
-                "'general') | lower | replace(' ', '-') }}"
+QUEUE_CHANNEL = "#cc-{{ (interaction.queue or 'general') | lower | replace(' ', '-') }}"
+
+# NICE CXone contacts beside the Genesys conversations, through the same pipeline: the repeat
+# caller phones once more (a fourth Task on the same Lead); a new caller's push comes three
+# times (the REST action's own retries) and is tagged Complaint; one contact's data lands in
+# CXone 5 s after its push; one is never pushed and reconciliation finds it.
+CXONE_RECONCILE_SECONDS = "5s"
+CXONE_LAG_SECONDS = 5
 
 
 def queue_of(index: int) -> str:
@@ -126,7 +138,7 @@ def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, s
         body = encode(payload)
         expect = DELIVERED_OR_STALE if conversation_id in through_eventbridge else "delivered"
         sent = Sent("new", conversation_id, 202, expect, event_id=payload["id"],
-                    complaint=complaint(index))
+                    complaint=complaint(index), phone=caller_phone(index, conversations))
         plan.append((sent, body, hmac_headers(body, secret)))
         if index < 3:  # Genesys retries: the identical delivery again
             plan.append((Sent("retry", conversation_id, 202, "duplicate",
@@ -137,6 +149,7 @@ def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, s
         plan.append((Sent("EventBridge", conversation_id, 202, DELIVERED_OR_STALE,
                           event_id=payload["id"]), body,
                      {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}))
+    plan += cxone_pushes(conversations)
     for _ in range(2):
         payload = generic_event(state="CONNECTED")
         body = encode(payload)
@@ -151,6 +164,61 @@ def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, s
     return plan, completed
 
 
+def cxone_contacts(conversations: int) -> list[dict[str, Any]]:
+    """The CXone contacts the demo's sandbox knows: (id, caller, skill, lag, how it arrives)."""
+    base = 583100100 + int.from_bytes(secrets.token_bytes(2), "big") * 10
+    repeat = caller_phone(conversations - 1, conversations).removeprefix("+1")
+    return [
+        {"contactId": base + 1, "fromAddr": repeat, "skillName": "Support", "how": "json"},
+        {"contactId": base + 2, "fromAddr": "4155550142", "skillName": "Billing",
+         "how": "form x3", "tags": "Complaint"},
+        {"contactId": base + 3, "fromAddr": "4155550143", "skillName": "Sales", "how": "form",
+         "lag_seconds": CXONE_LAG_SECONDS},
+        {"contactId": base + 4, "fromAddr": "4155550144", "skillName": "Retention",
+         "how": "reconcile"},
+    ]
+
+
+def cxone_pushes(conversations: int) -> list[tuple[Sent, bytes, dict[str, str]]]:
+    """What the contacts' Studio scripts push (ONRELEASE → REST API action, bearer token)."""
+    token = os.environ["CXRELAY_CXONE_TOKEN"]
+    plan: list[tuple[Sent, bytes, dict[str, str]]] = []
+    for contact in DEMO_CXONE:
+        contact_id = str(contact["contactId"])
+        fields = {"ContactID": contact_id, "MasterContactID": contact_id,
+                  "ANI": contact["fromAddr"], "DNIS": "8005550100",
+                  "SkillName": contact["skillName"], "AgentID": "31456",
+                  "Disposition": "Resolved", "Tags": contact.get("tags", "")}
+        sent = Sent(f"CXone {contact['how']}", contact_id, 202, "delivered",
+                    event_id=f"cxone:{contact_id}:{contact_id}", source="cxone",
+                    phone="+1" + contact["fromAddr"], complaint=bool(contact.get("tags")),
+                    over_http=contact["how"] != "reconcile")
+        if not sent.over_http:
+            plan.append((sent, b"", {}))
+            continue
+        if contact["how"] == "json":
+            body = encode(fields)
+            content_type = "application/json"
+        else:
+            body = urllib.parse.urlencode(fields).encode()
+            content_type = "application/x-www-form-urlencoded"
+        headers = {"Content-Type": content_type, "Authorization": f"Bearer {token}"}
+        plan.append((sent, body, headers))
+        if contact["how"] == "form x3":  # the REST action retries twice by itself
+            for _ in range(2):
+                plan.append((Sent("CXone retry", contact_id, 202, "duplicate",
+                                  event_id=sent.event_id, source="cxone"), body, headers))
+    return plan
+
+
+DEMO_CXONE: list[dict[str, Any]] = []
+
+
+def completed_of(plan: list[tuple[Sent, bytes, dict[str, str]]]) -> list[str]:
+    """The Genesys conversations of the plan, in order."""
+    return [s.conversation_id for s, _, _ in plan if s.label == "new" and s.conversation_id]
+
+
 def run_demo(console: Console, keep_server: bool = False, conversations: int = 12) -> bool:
     if DEMO_DIR.exists():
         shutil.rmtree(DEMO_DIR)
@@ -161,10 +229,14 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
         "CXRELAY_DATABASE_URL": f"sqlite:///{DEMO_DIR / 'cxrelay.db'}",
         "CXRELAY_WEBHOOK_SECRET": secrets.token_urlsafe(24),
         "CXRELAY_EVENTBRIDGE_TOKEN": secrets.token_urlsafe(24),
+        "CXRELAY_CXONE_TOKEN": secrets.token_urlsafe(24),
+        "CXRELAY_CXONE_RECONCILE_INTERVAL": CXONE_RECONCILE_SECONDS,
         "CXRELAY_PIPELINE": str(demo_pipeline(DEMO_DIR / "pipeline.yaml")),
     }
     os.environ.update({k: environment[k] for k in
-                       ("CXRELAY_WEBHOOK_SECRET", "CXRELAY_EVENTBRIDGE_TOKEN")})
+                       ("CXRELAY_WEBHOOK_SECRET", "CXRELAY_EVENTBRIDGE_TOKEN",
+                        "CXRELAY_CXONE_TOKEN")})
+    DEMO_CXONE[:] = cxone_contacts(conversations)
     server: subprocess.Popen[bytes] | None = None
     receiver: subprocess.Popen[bytes] | None = None
     try:
@@ -192,16 +264,23 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
                          for i, c in enumerate(completed)]).raise_for_status()
         httpx.post(f"{box.salesforce_url}/__sandbox/records",
                    json=[KNOWN_CONTACT]).raise_for_status()
+        httpx.post(f"{box.cxone_url}/__sandbox/contacts", json=[
+            {k: v for k, v in contact.items() if k not in ("how", "tags")}
+            for contact in DEMO_CXONE]).raise_for_status()
         console.print(f"Sending {len(plan)} requests to {base}/webhooks/… ")
         started = datetime.now(timezone.utc)
         with httpx.Client(timeout=10) as client:
             for sent, body, headers in plan:
-                path = "eventbridge" if "Authorization" in headers else "genesys"
+                if not sent.over_http:
+                    continue
+                path = sent.source or ("eventbridge" if "Authorization" in headers
+                                       else "genesys")
                 response = client.post(f"{base}/webhooks/{path}", content=body, headers=headers)
                 sent.http_status = response.status_code
                 sent.answer = response.json()
         store = Store(environment["CXRELAY_DATABASE_URL"], create=False)
-        accepted = sum(1 for s, _, _ in plan if s.answer.get("status") == "accepted")
+        accepted = sum(1 for s, _, _ in plan if s.answer.get("status") == "accepted"
+                       or not s.over_http)  # and what reconciliation is to find
         # Each event finishes at mapping; each target's delivery settles after it.
         done = wait_until(lambda: store.status_counts().get("done", 0)
                           + store.status_counts().get("failed", 0) >= accepted
@@ -243,17 +322,19 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
                   title="What happened to each request")
     for number, (sent, _, _) in enumerate(plan, 1):
         conversation = sent.conversation_id or ""
-        outcome = outcomes.get(sent.event_id or "", "") if sent.http_status == 202 else "rejected"
+        outcome = outcomes.get(sent.event_id or "", "") if sent.http_status == 202 \
+            or not sent.over_http else "rejected"
         if sent.answer.get("status") == "duplicate":
             outcome = "duplicate"
         record = by_conversation.get(conversation)
         posted = [m for m in messages if conversation and conversation in m["text"]]
-        if sent.http_status != 202:
+        if sent.http_status != 202 and sent.over_http:
             outcome = f"rejected: {sent.answer.get('error', '')}"
-        table.add_row(str(number), sent.label, conversation[:8], str(sent.http_status), outcome,
+        table.add_row(str(number), sent.label, conversation[:9],
+                      str(sent.http_status) if sent.over_http else "—", outcome,
                       f"{record['Id']} → {record.get('WhoId')}" if record else "—",
                       f"{len(posted)} msg" if posted else "—", keys_of.get(conversation, "—"))
-        if sent.http_status != sent.expect_http:
+        if sent.over_http and sent.http_status != sent.expect_http:
             failures.append(f"#{number} {sent.label}: HTTP {sent.http_status}, expected "
                             f"{sent.expect_http}")
         if (outcome or "").split(":")[0] not in sent.expect.split("|"):
@@ -268,27 +349,35 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
     delivered = {s.conversation_id for s, _, _ in plan if s.expect.startswith("delivered")}
     for conversation in sorted(c for c in delivered if c):
         kinds = [outcomes.get(s.event_id or "", "") for s, _, _ in plan
-                 if s.conversation_id == conversation and s.http_status == 202]
+                 if s.conversation_id == conversation and (s.http_status == 202
+                                                           or not s.over_http)]
         if "delivered" not in kinds:
             failures.append(f"conversation {conversation[:8]}: no event of it was delivered")
-    if len(records) != len(delivered) or len(messages) != len(delivered):
-        failures.append(f"{len(delivered)} conversations should give as many Tasks and Slack "
-                        f"messages; got {len(records)} and {len(messages)}")
+    # Slack shows each conversation in exactly one message: its own, or a line of a digest
+    # when its channel's pace (~1 message/s) has several waiting.
+    shown_once = sum(1 for c in delivered if c and sum(c in m["text"] for m in messages) == 1)
+    if len(records) != len(delivered) or shown_once != len(delivered):
+        failures.append(f"{len(delivered)} conversations should give as many Tasks, each shown "
+                        f"in one Slack message; got {len(records)} Tasks, {shown_once} shown "
+                        f"once")
     complaints = {s.conversation_id for s, _, _ in plan if s.complaint}
     wrong = sorted(c[:8] for c in delivered if c and issues_of.get(c, 0) != (c in complaints))
     if wrong:
         failures.append(f"conversations tagged Complaint should have one Jira issue each and the "
                         f"others none: not so for {', '.join(wrong)}")
-    callers = len(delivered) - REPEAT_CALLS + 1
-    if len(leads) != callers - 1:  # every new caller, once; the known one is a Contact
-        failures.append(f"{callers} callers, one already a Contact, should give {callers - 1} "
-                        f"Leads; got {len(leads)}")
+    # Every new caller once, whichever platform they phoned through; the known one is a Contact.
+    callers = {s.phone for s, _, _ in plan if s.phone and s.expect.startswith("delivered")}
+    if len(leads) != len(callers) - 1:
+        failures.append(f"{len(callers)} callers, one already a Contact, should give "
+                        f"{len(callers) - 1} Leads; got {len(leads)}")
     on_contact = [r for r in records if r.get("WhoId") in contacts]
+    repeat_phone = caller_phone(len(completed_of(plan)) - 1, len(completed_of(plan)))
     repeat = [r for r in records if r.get("WhoId") in {
-        lead["Id"] for lead in leads if lead.get("Phone") == "+15550001999"}]
-    if len(on_contact) != 1 or len(repeat) != REPEAT_CALLS:
-        failures.append(f"expected 1 Task on the known Contact and {REPEAT_CALLS} on the repeat "
-                        f"caller's Lead; got {len(on_contact)} and {len(repeat)}")
+        lead["Id"] for lead in leads if lead.get("Phone") == repeat_phone}]
+    if len(on_contact) != 1 or len(repeat) != REPEAT_CALLS + 1:
+        failures.append(f"expected 1 Task on the known Contact and {REPEAT_CALLS + 1} on the "
+                        f"repeat caller's Lead ({REPEAT_CALLS} Genesys, 1 CXone); got "
+                        f"{len(on_contact)} and {len(repeat)}")
     if not done:
         failures.append("not every acknowledged event finished within 180 s")
     dead = store.dead_letters("open")
@@ -299,10 +388,17 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
     accepted = sum(1 for s, _, _ in plan if s.answer.get("status") == "accepted")
     console.print(f"Salesforce holds {len(records)} Tasks (one per conversation) on "
                   f"{len(leads)} Leads and 1 existing Contact (a repeat caller has one Lead "
-                  f"and {REPEAT_CALLS} Tasks); Slack received {len(messages)} messages, in "
+                  f"and {REPEAT_CALLS + 1} Tasks: {REPEAT_CALLS} through Genesys, one through "
+                  f"CXone); Slack received {len(messages)} messages, in "
                   f"each queue's channel: "
                   + ", ".join(f"{name} {count}" for name, count in sorted(per_channel.items()))
                   + ".")
+    cxone = [s for s, _, _ in plan if s.source == "cxone" and s.expect == "delivered"]
+    console.print(f"NICE CXone: {len(cxone)} contacts through the same pipeline — one from the "
+                  f"repeat caller (a Task on the same Lead), one pushed three times by the REST "
+                  f"action's retries (one Task), one whose data landed {CXONE_LAG_SECONDS} s "
+                  f"after its push (it waited, holding no slot), one never pushed (found by "
+                  f"reconciliation).")
     console.print(f"Jira holds {len(issues)} issues, one per conversation tagged Complaint "
                   f"({len(complaints)}): " + ", ".join(sorted(keys_of.values())) + ".")
     console.print(f"All {len(plan)} requests answered and the {accepted} events they "
