@@ -453,8 +453,7 @@ class Dispatcher:
     async def _await_data(self, event: ClaimedEvent, again_in: float | None) -> None:
         """The platform does not have the event's data yet: back to the inbox until it is
         looked for again, as a first attempt (it failed nothing), holding no slot."""
-        await self.store.calls(self.store.release, event.id, worker=self.worker_id,
-                               delay_seconds=max(0.5, again_in or 0.0), waiting=True)
+        await self.store.calls(self.store.await_data, event.id, max(0.5, again_in or 0.0))
 
     async def _run_one(self, event: ClaimedEvent) -> None:
         self.started_runs += 1
@@ -463,10 +462,9 @@ class Dispatcher:
                 if self.runtime.settings.dispatcher == "deployment":
                     await self.submit(event)
                 else:
-                    result = await process_event(inbox_id=event.id,
-                                                 conversation_id=event.conversation_id)
-                    if result.get("outcome") == Outcome.AWAITING_DATA.value:
-                        await self._await_data(event, result.get("again_in"))
+                    # A run that finds its data missing gives its event back itself.
+                    await process_event(inbox_id=event.id,
+                                        conversation_id=event.conversation_id)
             self._outage_since = None
         except asyncio.CancelledError:
             raise

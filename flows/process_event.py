@@ -158,7 +158,11 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
     row = await runtime.store.calls(runtime.store.get_event, inbox_id)
     if row is None:
         raise PermanentError(f"inbox event {inbox_id} does not exist")
-    return (await handle(runtime, row)).as_dict()
+    summary = await handle(runtime, row)
+    if summary.outcome is Outcome.AWAITING_DATA:  # back to the inbox until it is looked for
+        await runtime.store.calls(runtime.store.await_data, inbox_id,
+                                  max(0.5, summary.again_in or 0.0))
+    return summary.as_dict()
 
 
 async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> EventSummary:

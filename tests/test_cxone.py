@@ -431,3 +431,30 @@ def test_reconcile_finds_a_contact_never_pushed_and_a_later_push_changes_nothing
     since = [r["query"]["updatedSince"] for r in calls(clean_sandbox.cxone_url, "GET",
                                                         "/contacts/completed")]
     assert len(since) == 2 and since[1] > since[0]  # the second look starts at the watermark
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_run_of_its_own_gives_back_an_event_whose_data_is_not_there_yet(
+        tmp_path: Path, clean_sandbox: Sandbox) -> None:
+    """As on a worker in the `deployment` mode: the run releases its event itself."""
+    from cxrelay.flows.process_event import process_event
+    from cxrelay.flows.runtime import set_runtime
+
+    contact = new_contact()
+    runtime = make_runtime(make_settings(tmp_path, clean_sandbox))
+    inbox_id = enqueue(runtime.store, {"ContactID": contact}, source="cxone")
+    assert inbox_id is not None
+    (claimed,) = runtime.store.claim(worker="elsewhere", limit=1, lease_seconds=600)
+
+    async def run() -> dict[str, Any]:
+        set_runtime(runtime)
+        try:
+            return await process_event(inbox_id=inbox_id, conversation_id=contact)
+        finally:
+            await runtime.aclose()
+
+    result = asyncio.run(run())
+    assert result["outcome"] == "awaiting_data" and 1 <= result["again_in"] <= 2
+    row = runtime.store.get_event(inbox_id)
+    assert row is not None and row.status == "pending" and row.attempts == 0
+    assert row.claimed_by is None and row.outcome is None

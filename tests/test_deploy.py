@@ -56,6 +56,7 @@ def test_prefect_deploy_all(deployed: str) -> None:
     found = asyncio.run(deployments())
     assert found["process-event/process-event"] == ("cxrelay", [])
     assert found["reconcile/reconcile"] == ("cxrelay", ["*/15 * * * *"])
+    assert found["reconcile-cxone/reconcile-cxone"] == ("cxrelay", ["*/5 * * * *"])
     assert found["replay/replay"] == ("cxrelay", [])
     assert found["prune/prune"] == ("cxrelay", ["7 * * * *"])
     assert found["trim-prefect-history/trim-prefect-history"] == ("cxrelay", ["37 * * * *"])

@@ -245,9 +245,23 @@ def quarantine_replay(
 def reconcile(
     since: str = typer.Option("2h", help="how far back: 90m, 2h, 1d"),
     until: str | None = typer.Option(None, help="end of the interval (ISO 8601; default now)"),
+    cxone: bool = typer.Option(False, "--cxone", help="ask NICE CXone for the contacts "
+                               "completed since then, instead of Genesys"),
 ) -> None:
     """Find conversations that ended without reaching cxrelay and queue them (Prefect flow)."""
     from datetime import datetime
+
+    if cxone:
+        from cxrelay.flows.cxone import reconcile_cxone
+
+        try:
+            found = asyncio.run(reconcile_cxone(lookback_minutes=parse_duration(since)))
+        except CxrelayError as exc:
+            fail(str(exc))
+        console.print(f"CXone since {found['since']}: {found['completed']} contacts completed, "
+                      f"{found['already_in']} already in, {found['queued']} queued for "
+                      "processing")
+        return
 
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 

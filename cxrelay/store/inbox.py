@@ -227,6 +227,16 @@ class InboxQueries(Database):
             record_pending(conn, inbox_id, artifact, settled=not deliveries)
             record_deliveries(conn, inbox_id, deliveries)
 
+    def await_data(self, inbox_id: int, delay_seconds: float) -> None:
+        """The platform does not have the claimed event's data yet: pending again in
+        `delay_seconds`, as a first attempt (it failed nothing). Whoever ran it releases it:
+        a lane's dispatcher, or its own `process-event` run (on a worker, in deployment mode)."""
+        with self.transaction() as conn:
+            conn.execute(update(INBOX).where(
+                INBOX.c.id == inbox_id, INBOX.c.status == "claimed",
+            ).values(status="pending", claimed_by=None, lease_until=None, attempts=0,
+                     available_at=utcnow() + timedelta(seconds=delay_seconds)))
+
     def requeue(self, inbox_id: int) -> bool:
         """Make a finished event runnable again (replay), as a first attempt: it runs in a
         lane, where a conversation's events replayed together merge again after the settle
