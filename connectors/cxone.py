@@ -16,16 +16,16 @@ completed contacts since a time.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
 from cxrelay.connectors.retry import RETRYABLE_STATUSES
+from cxrelay.connectors.tokens import CachedToken
 from cxrelay.core.cxone import contact_record
 from cxrelay.core.errors import ConfigError, PermanentError, RetryableError
 from cxrelay.core.urls import path_segment
@@ -55,6 +55,20 @@ def _describe(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}"
 
 
+async def _answer(what: str, refused: str, request: Awaitable[httpx.Response]) -> Any:
+    """The JSON of a 200 from discovery or authentication; a transport error or a retryable
+    status is worth another attempt, anything else is `refused`."""
+    try:
+        response = await request
+    except httpx.TransportError as exc:
+        raise RetryableError(f"{what} unreachable: {type(exc).__name__}") from exc
+    if response.status_code in RETRYABLE_STATUSES:
+        raise RetryableError(f"{what}: {_describe(response)}")
+    if response.status_code != 200:
+        raise PermanentError(f"{refused}: {_describe(response)}")
+    return response.json()
+
+
 class CxoneClient:
     def __init__(self, access_key_id: str, access_key_secret: SecretStr, *,
                  tenant_id: str | None = None, api_url: str | None = None,
@@ -72,9 +86,8 @@ class CxoneClient:
         self.discovery_url = discovery_url.rstrip("/")
         self.api_version = api_version.removeprefix("v")
         self.http = http or httpx.AsyncClient(timeout=timeout)
-        self._token: str | None = None
-        self._expires_at = 0.0
-        self._lock = asyncio.Lock()
+        self._cached = CachedToken(self._new_token,
+                                   lambda lifetime: min(RENEW_BEFORE_SECONDS, lifetime / 10))
         self._discovered = False
         self._cool_until = 0.0
         self._streak = 0
@@ -93,58 +106,30 @@ class CxoneClient:
         if self._discovered or (self.api_url and self.auth_url) or not self.tenant_id:
             self._discovered = True
             return
-        url = f"{self.discovery_url}/.well-known/cxone-configuration"
-        try:
-            response = await self.http.get(url, params={"tenantId": self.tenant_id},
-                                           headers={"Accept": "application/json"})
-        except httpx.TransportError as exc:
-            raise RetryableError(f"CXone discovery unreachable: {type(exc).__name__}") from exc
-        if response.status_code in RETRYABLE_STATUSES:
-            raise RetryableError(f"CXone discovery: {_describe(response)}")
-        if response.status_code != 200:
-            raise PermanentError(f"CXone discovery does not know tenant {self.tenant_id}: "
-                                 f"{_describe(response)}")
-        found = response.json()
+        found = await _answer(
+            "CXone discovery", f"CXone discovery does not know tenant {self.tenant_id}",
+            self.http.get(f"{self.discovery_url}/.well-known/cxone-configuration",
+                          params={"tenantId": self.tenant_id},
+                          headers={"Accept": "application/json"}))
         self.api_url = self.api_url or str(found["api_endpoint"]).rstrip("/")
         self.auth_url = self.auth_url or str(found["auth_endpoint"]).rstrip("/")
         self._discovered = True
 
     async def token(self) -> str:
-        if self._token and time.monotonic() < self._expires_at:
-            return self._token
-        async with self._lock:
-            if self._token and time.monotonic() < self._expires_at:
-                return self._token
-            await self._discover()
-            auth = self.auth_url or (self.api_url if not self.tenant_id else None) \
-                or self.discovery_url
-            try:
-                response = await self.http.post(
-                    f"{auth}/authentication/v1/token/access-key",
-                    json={"accessKeyId": self.access_key_id,
-                          "accessKeySecret": self.access_key_secret.get_secret_value()},
-                    headers={"Accept": "application/json"})
-            except httpx.TransportError as exc:
-                raise RetryableError(f"CXone authentication unreachable: "
-                                     f"{type(exc).__name__}") from exc
-            self.token_requests += 1
-            if response.status_code in RETRYABLE_STATUSES:
-                raise RetryableError(f"CXone authentication: {_describe(response)}")
-            if response.status_code != 200:
-                raise PermanentError(f"CXone refused the access key {self.access_key_id}: "
-                                     f"{_describe(response)}")
-            body = response.json()
-            self._token = str(body["access_token"])
-            lifetime = float(body.get("expires_in") or 3600)
-            self._expires_at = time.monotonic() + max(1.0, lifetime - min(RENEW_BEFORE_SECONDS,
-                                                                          lifetime / 10))
-            return self._token
+        return await self._cached.get()
 
-    def invalidate_token(self, rejected: str) -> None:
-        """Forget the token if it is still the one refused (another request may have renewed
-        it already)."""
-        if rejected == self._token:
-            self._token, self._expires_at = None, 0.0
+    async def _new_token(self) -> tuple[str, float]:
+        await self._discover()
+        auth = self.auth_url or (self.api_url if not self.tenant_id else None) \
+            or self.discovery_url
+        self.token_requests += 1
+        body = await _answer(
+            "CXone authentication", f"CXone refused the access key {self.access_key_id}",
+            self.http.post(f"{auth}/authentication/v1/token/access-key",
+                           json={"accessKeyId": self.access_key_id,
+                                 "accessKeySecret": self.access_key_secret.get_secret_value()},
+                           headers={"Accept": "application/json"}))
+        return str(body["access_token"]), float(body.get("expires_in") or 3600)
 
     def backing_off(self) -> float:
         """Seconds left of the back-off after a 429 (0: requests may go)."""
@@ -173,7 +158,7 @@ class CxoneClient:
                 raise RetryableError(f"CXone API unreachable: {type(exc).__name__}") from exc
             self.api_requests += 1
             if response.status_code == 401 and attempt == 1:
-                self.invalidate_token(token)  # expired or revoked: one fresh token, then again
+                self._cached.invalidate(token)  # expired or revoked: one fresh token, then again
                 continue
             if response.status_code == 429:
                 raise self._rate_limited(f"GET {path}")

@@ -3,8 +3,6 @@ conversations and the analytics details query."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +10,7 @@ import httpx
 from pydantic import SecretStr
 
 from cxrelay.connectors.retry import RETRYABLE_STATUSES, retry_after_seconds
+from cxrelay.connectors.tokens import CachedToken
 from cxrelay.core.errors import PermanentError, RetryableError
 from cxrelay.core.urls import path_segment
 
@@ -48,9 +47,8 @@ class GenesysClient:
         self.client_id = client_id
         self.client_secret = client_secret
         self.http = http or httpx.AsyncClient(timeout=timeout)
-        self._token: str | None = None
-        self._expires_at = 0.0
-        self._lock = asyncio.Lock()
+        # Renewed a minute early, so that a token never expires between check and use.
+        self._cached = CachedToken(self._new_token, lambda lifetime: 60.0)
         self.token_requests = 0
         self.api_requests = 0
 
@@ -61,41 +59,29 @@ class GenesysClient:
         await self.http.aclose()
 
     async def token(self) -> str:
-        if self._token and time.monotonic() < self._expires_at:
-            return self._token
-        async with self._lock:
-            if self._token and time.monotonic() < self._expires_at:
-                return self._token
-            try:
-                response = await self.http.post(
-                    f"{self.login_url}/oauth/token",
-                    data={"grant_type": "client_credentials"},
-                    auth=(self.client_id, self.client_secret.get_secret_value()),
-                )
-            except httpx.TransportError as exc:
-                raise RetryableError(f"Genesys login unreachable: {type(exc).__name__}") from exc
-            self.token_requests += 1
-            if response.status_code in RETRYABLE_STATUSES:
-                raise RetryableError(f"Genesys login: {_describe(response)}",
-                                     retry_after=retry_after_seconds(response.headers))
-            if response.status_code != 200:
-                raise PermanentError(f"Genesys login refused the client credentials: "
-                                     f"{_describe(response)}")
-            body = response.json()
-            self._token = body["access_token"]
-            # Renew a minute early so a token never expires between check and use.
-            lifetime = float(body.get("expires_in", 86399))
-            self._expires_at = time.monotonic() + max(1.0, lifetime - 60)
-            return self._token
+        return await self._cached.get()
+
+    async def _new_token(self) -> tuple[str, float]:
+        try:
+            response = await self.http.post(
+                f"{self.login_url}/oauth/token",
+                data={"grant_type": "client_credentials"},
+                auth=(self.client_id, self.client_secret.get_secret_value()),
+            )
+        except httpx.TransportError as exc:
+            raise RetryableError(f"Genesys login unreachable: {type(exc).__name__}") from exc
+        self.token_requests += 1
+        if response.status_code in RETRYABLE_STATUSES:
+            raise RetryableError(f"Genesys login: {_describe(response)}",
+                                 retry_after=retry_after_seconds(response.headers))
+        if response.status_code != 200:
+            raise PermanentError(f"Genesys login refused the client credentials: "
+                                 f"{_describe(response)}")
+        body = response.json()
+        return body["access_token"], float(body.get("expires_in", 86399))
 
     def invalidate_token(self, rejected: str | None = None) -> None:
-        """Forget the token, or only `rejected` if it is still the current one: a request that
-        was sent with the old token and answered 401 after another one refreshed it must not
-        throw the fresh token away (seen: a third token request in a burst of 16)."""
-        if rejected is not None and rejected != self._token:
-            return
-        self._token = None
-        self._expires_at = 0.0
+        self._cached.invalidate(rejected)
 
     async def request(self, method: str, path: str, json: Any = None) -> Any:
         for attempt in (1, 2):

@@ -187,6 +187,20 @@ class Emulator:
         return Response(status_code=204)
 
 
+class IssuesTokens:
+    """An emulator that issues tokens (`tokens`: token → expiry, epoch seconds) and lets a
+    test expire them all at once: `POST /__sandbox/expire-tokens`."""
+
+    lock: threading.Lock
+    tokens: dict[str, float]
+
+    async def _expire(self, request: Request) -> Response:
+        with self.lock:
+            for token in self.tokens:
+                self.tokens[token] = 0
+        return Response(status_code=204)
+
+
 class Bucket:
     """`capacity` requests at once, refilled at `rate` per second."""
 

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from cxrelay.sandbox.base import Bucket, Emulator, Fault, bearer_token
+from cxrelay.sandbox.base import Bucket, Emulator, Fault, IssuesTokens, bearer_token
 
 DEFAULT_TENANT = "sandbox-tenant"
 DEFAULT_ACCESS_KEY_ID = "sandbox-cxone-key"
@@ -57,7 +57,7 @@ def cxone_error(status: int, error: str, description: str) -> JSONResponse:
     return JSONResponse({"error": error, "error_description": description}, status_code=status)
 
 
-class CxoneEmulator(Emulator):
+class CxoneEmulator(IssuesTokens, Emulator):
     name = "cxone"
 
     def __init__(self, tenant_id: str = DEFAULT_TENANT,
@@ -217,12 +217,6 @@ class CxoneEmulator(Emulator):
         items = items if isinstance(items, list) else [items]
         self.seed(items)
         return JSONResponse({"seeded": len(items)}, status_code=201)
-
-    async def _expire(self, request: Request) -> Response:
-        with self.lock:
-            for token in self.tokens:
-                self.tokens[token] = 0
-        return Response(status_code=204)
 
     async def _settings(self, request: Request) -> Response:
         spec = await request.json()

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from cxrelay.sandbox.base import Emulator, Fault, bearer_token
+from cxrelay.sandbox.base import Emulator, Fault, IssuesTokens, bearer_token
 from cxrelay.sandbox.notifications import NotificationService
 
 DEFAULT_CLIENT_ID = "sandbox-genesys-client"
@@ -127,7 +127,7 @@ def matches_segment_filters(view: dict[str, Any], filters: list[dict[str, Any]])
     return all(any(_segment_matches(spec, segment) for segment in segments) for spec in filters)
 
 
-class GenesysEmulator(Emulator):
+class GenesysEmulator(IssuesTokens, Emulator):
     name = "genesys"
 
     def __init__(self, client_id: str = DEFAULT_CLIENT_ID,
@@ -270,12 +270,6 @@ class GenesysEmulator(Emulator):
             for item in items:
                 self.conversations[item["id"]] = item
         return JSONResponse({"seeded": len(items)}, status_code=201)
-
-    async def _expire(self, request: Request) -> Response:
-        with self.lock:
-            for token in self.tokens:
-                self.tokens[token] = 0
-        return Response(status_code=204)
 
     async def _settings(self, request: Request) -> Response:
         spec = await request.json()
