@@ -6,7 +6,8 @@ completed contacts since a time.
   `{access_token, token_type, expires_in}` (an hour).
 - Discovery: `GET {discovery}/.well-known/cxone-configuration?tenantId=…` →
   `{api_endpoint, auth_endpoint, …}`; `CXRELAY_CXONE_API_URL` (and `…_AUTH_URL`) skip it.
-  Given the API URL alone (no tenant, no auth URL), tokens are asked of that host too.
+  Given the API URL and no auth URL, tokens are asked of the API host when there is no
+  tenant to discover the auth host by, or discovery cannot be reached.
 - Contacts: `GET {api}/incontactapi/services/v{N}/contacts/{contactId}` and
   `…/contacts/completed?updatedSince=…&top=…&skip=…` (204 when nothing matched), both with
   `Accept: application/json` (without it CXone answers 406).
@@ -16,6 +17,7 @@ completed contacts since a time.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -36,6 +38,9 @@ DEFAULT_API_VERSION = "33.0"
 # between the check and its use.
 RENEW_BEFORE_SECONDS = 300
 FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS = 2.0, 60.0
+
+
+logger = logging.getLogger("cxrelay.cxone")
 
 
 class CxoneRateLimited(RetryableError):
@@ -106,11 +111,19 @@ class CxoneClient:
         if self._discovered or (self.api_url and self.auth_url) or not self.tenant_id:
             self._discovered = True
             return
-        found = await _answer(
-            "CXone discovery", f"CXone discovery does not know tenant {self.tenant_id}",
-            self.http.get(f"{self.discovery_url}/.well-known/cxone-configuration",
-                          params={"tenantId": self.tenant_id},
-                          headers={"Accept": "application/json"}))
+        try:
+            found = await _answer(
+                "CXone discovery", f"CXone discovery does not know tenant {self.tenant_id}",
+                self.http.get(f"{self.discovery_url}/.well-known/cxone-configuration",
+                              params={"tenantId": self.tenant_id},
+                              headers={"Accept": "application/json"}))
+        except (RetryableError, PermanentError) as exc:
+            if not self.api_url:
+                raise
+            # The API host is known: tokens are asked of it, as without a tenant.
+            logger.warning("%s; asking %s for tokens", exc, self.api_url)
+            self._discovered = True
+            return
         self.api_url = self.api_url or str(found["api_endpoint"]).rstrip("/")
         self.auth_url = self.auth_url or str(found["auth_endpoint"]).rstrip("/")
         self._discovered = True
@@ -120,8 +133,7 @@ class CxoneClient:
 
     async def _new_token(self) -> tuple[str, float]:
         await self._discover()
-        auth = self.auth_url or (self.api_url if not self.tenant_id else None) \
-            or self.discovery_url
+        auth = self.auth_url or self.api_url or self.discovery_url
         self.token_requests += 1
         body = await _answer(
             "CXone authentication", f"CXone refused the access key {self.access_key_id}",

@@ -125,6 +125,9 @@ def test_a_contact_still_going_on_is_not_complete() -> None:
     assert cxone.not_complete({"contactId": 5, "endReason": "Contact Hung Up"}) is None
     assert "Active" in (cxone.not_complete({"contactId": 5, "state": "Active"}) or "")
     assert cxone.not_complete({"isActive": True}) == "the contact is still active"
+    assert cxone.not_complete({"contactId": 5, "contactEndDate": None}) == \
+        "the contact has not ended yet"
+    assert cxone.not_complete({"contactId": 5, "contactEndDate": "2026-12-03T07:58:40Z"}) is None
 
 
 def test_the_wait_for_data_looks_soon_then_at_most_a_minute_apart() -> None:
@@ -251,6 +254,22 @@ def test_a_wrong_access_key_or_tenant_is_a_permanent_error(clean_sandbox: Sandbo
         asyncio.run(attempt(secret="wrong"))
     with pytest.raises(PermanentError, match="does not know tenant"):
         asyncio.run(attempt(tenant_id="someone-else"))
+
+
+def test_with_the_api_url_known_an_unreachable_discovery_is_not_needed(
+        clean_sandbox: Sandbox) -> None:
+    seed_contacts(clean_sandbox, {"contactId": "12"})
+
+    async def scenario() -> dict[str, Any] | None:
+        client = cxone_client(clean_sandbox, api_url=clean_sandbox.cxone_url,
+                              discovery_url="http://127.0.0.1:9")  # nothing listens there
+        try:
+            return await client.get_contact("12")
+        finally:
+            await client.aclose()
+
+    found = asyncio.run(scenario())
+    assert found is not None and found["contactId"] == 12
 
 
 def test_a_429_without_retry_after_backs_off_on_its_own(clean_sandbox: Sandbox) -> None:

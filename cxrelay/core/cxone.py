@@ -88,6 +88,11 @@ def not_complete(record: dict[str, Any]) -> str | None:
         state = lowered.get(name)
         if isinstance(state, str) and state.strip().lower() in ACTIVE_STATES:
             return f"the contact is still {state.strip()}"
+    # An end the record names but has not filled in yet (a record without one is complete:
+    # the reporting API's documented contact names none).
+    for name in ("contactenddate", "enddate", "contactend"):
+        if name in lowered and lowered[name] in (None, ""):
+            return "the contact has not ended yet"
     return None
 
 
