@@ -107,9 +107,11 @@ def test_claim_is_exclusive_and_ordered(any_store: Store) -> None:
 
 def test_expired_lease_is_claimed_again(any_store: Store) -> None:
     any_store.insert_events([row("e")])
-    (claimed,) = any_store.claim(worker="dead-worker", limit=1, lease_seconds=0.2)
+    (claimed,) = any_store.claim(worker="dead-worker", limit=1, lease_seconds=60)
     assert any_store.claim(worker="w2", limit=1, lease_seconds=60) == []
-    time.sleep(0.3)  # the lease is wall-clock time kept in the database; nothing to observe
+    # The worker died: its lease runs out (dated in the past here, so that no sleep races a
+    # loaded machine).
+    any_store.renew(worker="dead-worker", ids=[claimed.id], lease_seconds=-1)
     (again,) = any_store.claim(worker="w2", limit=1, lease_seconds=60)
     assert again.id == claimed.id and again.attempts == 2
 
@@ -378,18 +380,18 @@ def test_a_reservation_lapses_with_its_owners_claim(any_store: Store) -> None:
     """A dispatcher that died mid-delivery leaves its reservation: the conversation's next
     event waits while the owner's claim is live, and proceeds (looking first) once it has
     run out, not when the reservation's own TTL ends minutes later."""
-    import time
-
     ids = any_store.insert_events([row("a"), row("b")])
-    claimed = any_store.claim(worker="w1", limit=2, lease_seconds=0.5)
+    # Leases long enough for a loaded machine: the test ends event a's lease itself below
+    # (a lease of 0.5 s ran out before the second reservation on a busy CI run).
+    claimed = any_store.claim(worker="w1", limit=2, lease_seconds=60)
     assert len(claimed) == 2
     owner_a, owner_b = (f"inbox:{event_id}" for event_id in ids)
     assert any_store.reserve(conversation_id="c1", target="sf", action="upsert",
                              owner=owner_a, payload_sha256="h1", ttl_seconds=300).granted
-    any_store.renew(worker="w1", ids=[claimed[1].id], lease_seconds=60)
     assert not any_store.reserve(conversation_id="c1", target="sf", action="upsert",
                                  owner=owner_b, payload_sha256="h2").granted
-    time.sleep(0.6)  # w1 died: the lease of event a runs out, nobody renews it
+    # w1 died: the lease of event a runs out (it is dated in the past), nobody renews it.
+    any_store.renew(worker="w1", ids=[claimed[0].id], lease_seconds=-1)
     after = any_store.reserve(conversation_id="c1", target="sf", action="upsert",
                               owner=owner_b, payload_sha256="h2")
     assert after.granted and after.uncertain
@@ -398,16 +400,14 @@ def test_a_reservation_lapses_with_its_owners_claim(any_store: Store) -> None:
 def test_a_late_completion_of_a_lapsed_reservation_changes_nothing(any_store: Store) -> None:
     """A's reservation lapsed (its claim ran out) and B took it; A's late completion must not
     mark the row done: an older event C would then pass while B is still sending."""
-    import time
 
     ids = any_store.insert_events([row("a"), row("b"), row("c")])
-    claimed = any_store.claim(worker="w1", limit=3, lease_seconds=0.5)
+    claimed = any_store.claim(worker="w1", limit=3, lease_seconds=60)
     owner_a, owner_b, owner_c = (f"inbox:{event_id}" for event_id in ids)
     key = {"conversation_id": "c1", "target": "sf", "action": "upsert"}
     assert any_store.reserve(**key, owner=owner_a, payload_sha256="h1",
                              order_key="2026-11-28T14:30:01.000000Z|a").granted
-    any_store.renew(worker="w1", ids=[claimed[1].id, claimed[2].id], lease_seconds=60)
-    time.sleep(0.6)  # A's claim runs out
+    any_store.renew(worker="w1", ids=[claimed[0].id], lease_seconds=-1)  # A's claim runs out
     assert any_store.reserve(**key, owner=owner_b, payload_sha256="h2",
                              order_key="2026-11-28T14:30:09.000000Z|b").granted
     assert not any_store.complete(**key, owner=owner_a, external_ref="R-a",
@@ -429,16 +429,14 @@ def test_a_late_completion_after_the_holder_let_go_leaves_the_row_uncertain(
     """A's reservation lapsed, B took it and failed plainly (released): A's late completion
     records nothing, but the target may hold A's data, so the row is `uncertain` (the next
     attempt looks first) and fenced at A's order key."""
-    import time
 
     ids = any_store.insert_events([row("a"), row("b")])
-    claimed = any_store.claim(worker="w1", limit=2, lease_seconds=0.5)
+    claimed = any_store.claim(worker="w1", limit=2, lease_seconds=60)
     owner_a, owner_b = (f"inbox:{event_id}" for event_id in ids)
     key = {"conversation_id": "c1", "target": "slack", "action": "message"}
     a_key = "2026-11-28T14:30:05.000000Z|a"
     assert any_store.reserve(**key, owner=owner_a, payload_sha256="h1", order_key=a_key).granted
-    any_store.renew(worker="w1", ids=[claimed[1].id], lease_seconds=60)
-    time.sleep(0.6)
+    any_store.renew(worker="w1", ids=[claimed[0].id], lease_seconds=-1)  # A's claim runs out
     assert any_store.reserve(**key, owner=owner_b, payload_sha256="h2",
                              order_key="2026-11-28T14:30:09.000000Z|b").granted
     any_store.unreserve(**key, owner=owner_b)  # B failed before sending
