@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -13,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cxrelay.core.durations import parse_duration
 from cxrelay.core.errors import ConfigError
 from cxrelay.core.notifications import NotificationSource, parse_templates
+from cxrelay.core.orgs import OrgsFile, org_settings_values, parse_orgs
 from cxrelay.core.pipeline import Pipeline, parse_pipeline
 
 DEFAULT_PIPELINE = Path(__file__).with_name("default_pipeline.yaml")
@@ -81,6 +83,12 @@ class Settings(BaseSettings):
     # events ~7 writes x one fsync each, behind the one write lock the receiver waits on.
     sqlite_synchronous_dispatch: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
     pipeline: Path | None = Field(default=None, description="pipeline YAML; a default ships")
+    orgs: Path | None = Field(default=None, description="the orgs file: many orgs in one "
+                              "deployment, each with its own settings and store")
+    org: str | None = Field(default=None, description="the org these settings are of (set by "
+                            "the orgs file; for a command, the org it acts on)")
+    # The org's own variables (its sources' secrets among them): never shown.
+    org_env: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
     max_body_bytes: int = Field(default=32 * 1024, ge=1024)
     insert_timeout_seconds: float = Field(
         default=3.0, gt=0, description="an event not committed in this time gets 503 (the "
@@ -311,6 +319,67 @@ class Settings(BaseSettings):
     def genesys_urls(self) -> tuple[str, str]:
         return genesys_urls(self.genesys_cloud_region, self.genesys_api_url,
                             self.genesys_login_url)
+
+    def orgs_config(self) -> OrgsFile | None:
+        """The orgs file CXRELAY_ORGS names (read again at each call: it may change), or
+        None for a deployment of one org."""
+        if self.orgs is None:
+            return None
+        try:
+            text = self.orgs.read_text()
+        except OSError as exc:
+            raise ConfigError(f"CXRELAY_ORGS: cannot read {self.orgs}: {exc.strerror}") from exc
+        return parse_orgs(text, str(self.orgs))
+
+    def for_org(self, name: str, orgs: OrgsFile | None = None) -> Settings:
+        """The settings of one org of the orgs file: the process environment's, with the org's
+        `env` over them. Its store is its own (by default `<database dir>/orgs/<org>.db`
+        beside the SQLite default), so that everything kept per event is the org's alone."""
+        orgs = orgs or self.orgs_config()
+        if orgs is None:
+            raise ConfigError("CXRELAY_ORGS is not set: this deployment serves one org")
+        try:
+            org = orgs.org(name)
+        except KeyError:
+            raise ConfigError(f"no org named {name!r} in {self.orgs} (it has "
+                              f"{', '.join(o.name for o in orgs.orgs)})") from None
+        values: dict[str, Any] = {key: value for key, value in org_settings_values(org).items()
+                                  if key in Settings.model_fields}
+        values["org"], values["org_env"] = name, dict(org.env)
+        if org.pipeline:
+            assert self.orgs is not None
+            values["pipeline"] = self.orgs.parent / org.pipeline
+        if org.max_concurrency and "dispatch_concurrency" not in values:
+            values["dispatch_concurrency"] = org.max_concurrency
+        if "database_url" not in values:
+            values["database_url"] = org_database_url(self.database_url, name)
+        # The deployment's settings (the environment's, or as given) are every org's defaults.
+        inherited = self.model_dump(include=self.model_fields_set - {"org", "org_env"})
+        settings = Settings(**{**inherited, **values})
+        # What is no setting must be a secret variable of one of the org's webhook sources.
+        secrets = {source.secret_env for source in settings.pipeline_config.sources}
+        unknown = sorted(key for key in org.env if key.startswith("CXRELAY_")
+                         and key.removeprefix("CXRELAY_").lower() not in Settings.model_fields
+                         and key not in secrets)
+        if unknown:
+            raise ConfigError(f"org {name}: not cxrelay settings nor a source's secret: "
+                              + ", ".join(unknown))
+        return settings
+
+    def webhook_environ(self) -> dict[str, str]:
+        """Where the webhook sources' secrets are read: the process environment, with the
+        org's `env` over it."""
+        return {**os.environ, **self.org_env}
+
+
+def org_database_url(shared: str, org: str) -> str:
+    """An org's own store beside the SQLite one of the deployment; any other database needs
+    the org's own CXRELAY_DATABASE_URL (a database or schema of its own)."""
+    if not shared.startswith("sqlite:///"):
+        raise ConfigError(f"org {org}: set CXRELAY_DATABASE_URL in its env: with "
+                          f"{shared.split(':', 1)[0]} each org's store is named, not derived")
+    path = Path(shared.removeprefix("sqlite:///"))
+    return f"sqlite:///{path.parent / 'orgs' / f'{org}.db'}"
 
 
 def _window(duration: timedelta | None, days: float | None, default_days: float) -> timedelta:

@@ -45,8 +45,10 @@ class Alerts:
 
     def __init__(self, slack: SlackClient | None, channel: str | None, *,
                  interval_seconds: float = 300.0, policy: HealthPolicy | None = None,
-                 emit: Emit = emit_event, clock: Callable[[], datetime] = utcnow) -> None:
+                 emit: Emit = emit_event, clock: Callable[[], datetime] = utcnow,
+                 org: str | None = None) -> None:
         self.slack = slack if channel else None
+        self.org = org  # in a deployment of many orgs, every alert names its org
         self.channel = channel
         self.limiter = SummaryLimiter(interval_seconds=interval_seconds)
         self.policy = policy or HealthPolicy()
@@ -63,7 +65,8 @@ class Alerts:
         return cls(client, settings.alert_slack_channel,
                    interval_seconds=settings.alert_interval_seconds,
                    policy=HealthPolicy(pause_after=settings.target_pause_after,
-                                       max_probe_seconds=settings.target_probe_max_seconds))
+                                       max_probe_seconds=settings.target_probe_max_seconds),
+                   org=settings.org)
 
     async def target_changed(self, change: Change, waiting: int) -> None:
         """A target paused or resumed (`Store.record_target_*` returned this change: exactly
@@ -142,6 +145,9 @@ class Alerts:
         await self._post(text)
 
     def _event(self, kind: AlertKind, resource: dict[str, str], payload: dict[str, Any]) -> None:
+        if self.org:
+            resource, payload = {**resource, "cxrelay.org": self.org}, {**payload,
+                                                                         "org": self.org}
         try:
             self._emit(event=kind.value, resource=resource, payload=payload)
         except Exception as exc:  # an alert never fails the event that raised it
@@ -150,6 +156,8 @@ class Alerts:
     async def _post(self, text: str) -> None:
         if self.slack is None or not self.channel:
             return
+        if self.org:
+            text = f"[{self.org}] {text}"
         try:
             await self.slack.post_message(self.channel, text)
         except CxrelayError as exc:

@@ -76,6 +76,7 @@ class ArtifactWriter:
         self.batch = batch
         self.written = 0
         self.failed = 0
+        self.org: str | None = None
         # Set by the dispatcher while every slot is taken (a backlog): artifacts wait.
         self._busy_since: float | None = None
         self._store: Store | None = None
@@ -84,7 +85,8 @@ class ArtifactWriter:
         self._task: asyncio.Task[None] | None = None
         self._client: PrefectClient | None = None
 
-    async def start(self, store: Store, window: timedelta | None = None) -> None:
+    async def start(self, store: Store, window: timedelta | None = None,
+                    org: str | None = None) -> None:
         """Write pending artifacts from now on (on the running loop) until `aclose`; with
         `window` (CXRELAY_PREFECT_RETENTION), none of an event that finished longer ago: the
         server would delete it on arrival (in a soak of 100,000 events the writer, yielding
@@ -93,6 +95,7 @@ class ArtifactWriter:
             return
         self._store = store
         self._window = window
+        self.org = org
         # Its own client: a flow run's client closes with its run.
         self._client = get_client()
         await self._client.__aenter__()
@@ -161,7 +164,7 @@ class ArtifactWriter:
             async with gate:
                 try:
                     await client.create_artifact(ArtifactCreate(
-                        key=artifact_key(artifact.conversation_id), type="markdown",
+                        key=artifact_key(artifact.conversation_id, self.org), type="markdown",
                         description=description(artifact.outcome),
                         data=render_report(artifact.detail),
                         task_run_id=_uuid(artifact.link.task_run_id),

@@ -144,8 +144,11 @@ class IngestYield:
 class Dispatcher:
     def __init__(self, runtime: Runtime, concurrency: int | None = None,
                  lease_seconds: float | None = None, poll_seconds: float | None = None,
-                 max_attempts: int | None = None, worker_id: str | None = None) -> None:
+                 max_attempts: int | None = None, worker_id: str | None = None,
+                 trims_history: bool = True) -> None:
         settings = runtime.settings
+        # Prefect's history is one for every org of a deployment: one dispatcher trims it.
+        self.trims_history = trims_history
         self.runtime = runtime
         self.store = runtime.store
         self.concurrency = concurrency or settings.dispatch_concurrency
@@ -156,6 +159,7 @@ class Dispatcher:
         # inbox id → what finishes when the event is done (its run, or a lane's answer)
         self.running: dict[int, asyncio.Future[None]] = {}
         self.target_tags = [f"target:{t.name}" for t in runtime.pipeline.enabled_targets]
+        self.org_tags = [f"org:{runtime.settings.org}"] if runtime.settings.org else []
         self.lane: Lane | None = None
         self.next_lane: Lane | None = None  # opened to replace `lane`, not running yet
         self.lanes: list[Lane] = []
@@ -197,9 +201,10 @@ class Dispatcher:
             Duty("prune the store (CXRELAY_RETENTION)",
                  settings.prune_interval.total_seconds(), self._prune,
                  first=FIRST_RETENTION_SECONDS),
-            Duty(f"trim Prefect's history (CXRELAY_PREFECT_RETENTION, "
-                 f"{format_duration(retention)})", trim_interval(retention).total_seconds(),
-                 self._trim_history, first=FIRST_RETENTION_SECONDS),
+            *([Duty(f"trim Prefect's history (CXRELAY_PREFECT_RETENTION, "
+                    f"{format_duration(retention)})", trim_interval(retention).total_seconds(),
+                    self._trim_history, first=FIRST_RETENTION_SECONDS)]
+              if self.trims_history else []),
             *sweeps,
         ]
 
@@ -207,7 +212,8 @@ class Dispatcher:
         logger.info("dispatcher %s started (concurrency %d)", self.worker_id, self.concurrency)
         in_lanes = self.runtime.settings.dispatcher == "inprocess"
         settle = self.runtime.settings.settle_seconds if in_lanes else 0.0
-        await self.runtime.artifacts.start(self.store, self.runtime.settings.prefect_retention)
+        await self.runtime.artifacts.start(self.store, self.runtime.settings.prefect_retention,
+                                           org=self.runtime.settings.org)
         duty_tasks = duties.start(self.duties(), stop)
         # Each target's deliveries, at its own pace (flows/deliveries.py), each batch a task run
         # of the open lane.
@@ -343,7 +349,8 @@ class Dispatcher:
 
     def _open_lane(self) -> Lane:
         lane = open_lane(self.worker_id.rsplit(":", 1)[-1], self._lane_done,
-                         [t.name for t in self.runtime.pipeline.enabled_targets])
+                         [t.name for t in self.runtime.pipeline.enabled_targets],
+                         org=self.runtime.settings.org)
         self.lanes.append(lane)
         self.lanes = self.lanes[-100:]
         return lane
@@ -458,7 +465,8 @@ class Dispatcher:
     async def _run_one(self, event: ClaimedEvent) -> None:
         self.started_runs += 1
         try:
-            with tags(f"source:{event.source}", f"event:{event.event_type}", *self.target_tags):
+            with tags(f"source:{event.source}", f"event:{event.event_type}", *self.target_tags,
+                      *self.org_tags):
                 if self.runtime.settings.dispatcher == "deployment":
                     await self.submit(event)
                 else:

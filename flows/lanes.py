@@ -118,11 +118,13 @@ IN_FLIGHT_WAITS = 10
 _NUMBERS = itertools.count(1)
 
 
-def open_lane(prefix: str, done: Done, targets: list[str]) -> Lane:
-    """Start a `lane` flow run on the running loop and return the lane that feeds it."""
-    lane = Lane(f"{prefix}-{next(_NUMBERS)}", done)
+def open_lane(prefix: str, done: Done, targets: list[str], org: str | None = None) -> Lane:
+    """Start a `lane` flow run on the running loop and return the lane that feeds it. In a
+    deployment of many orgs the lane is the org's: named by it and tagged `org:<name>` (the
+    one tag, so that the UI filters by org)."""
+    lane = Lane(f"{org + '-' if org else ''}{prefix}-{next(_NUMBERS)}", done)
     _OPEN[lane.id] = lane
-    with TagsContext(current_tags=set()):  # see the module docstring
+    with TagsContext(current_tags={f"org:{org}"} if org else set()):  # see the docstring
         lane.run = asyncio.create_task(lane_flow(lane_id=lane.id, targets=targets))
     lane.run.add_done_callback(lambda run: _ended(lane, run))
     return lane

@@ -187,14 +187,21 @@ class _Limit:
 
 
 class Limits:
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, org: str | None = None) -> None:
         self.enabled = enabled
+        # In a deployment of many orgs each org's limits are its own (its own Genesys OAuth
+        # client, Salesforce org and Slack workspace): `cxrelay-<org>-genesys-api`, ….
+        self.org = org
         self._limits: dict[str, _Limit] = {}
         self._reading: dict[str, asyncio.Future[_Limit]] = {}
+
+    def scoped(self, name: str) -> str:
+        return f"cxrelay-{self.org}-{name.removeprefix('cxrelay-')}" if self.org else name
 
     async def _limit(self, name: str, capacity: int, decay: float | None) -> _Limit:
         """The limit as read from Prefect (created there if missing); read once per process
         and again every REREAD_SECONDS by its accountant."""
+        name = self.scoped(name)
         known = self._limits.get(name)
         if known is not None:
             return known

@@ -287,7 +287,8 @@ async def _finish(runtime: Runtime, summary: EventSummary, inline: bool,
     link = runtime.artifacts.link() if inline else None
     detail = summary.as_dict()
     if link is None:
-        await acreate_markdown_artifact(key=artifact_key(summary.conversation_id),
+        await acreate_markdown_artifact(key=artifact_key(summary.conversation_id,
+                                                         runtime.settings.org),
                                         markdown=render_report(detail),
                                         description=description(summary.outcome))
     await runtime.store.calls(runtime.store.finish, summary.inbox_id,

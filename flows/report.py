@@ -8,11 +8,13 @@ from typing import Any
 from cxrelay.core.redact import mask_text
 
 
-def artifact_key(conversation_id: str) -> str:
+def artifact_key(conversation_id: str, org: str | None = None) -> str:
     """`conversation-<id>` as an artifact key may be written: lowercase letters, digits, dashes.
     Keyed by conversation, the Artifacts page finds every event of a conversation by its id,
-    and the key's history lists them in order."""
-    return "conversation-" + re.sub(r"[^a-z0-9-]", "-", conversation_id.lower())[:200]
+    and the key's history lists them in order. In a deployment of many orgs the key starts
+    with the org (`acme-conversation-<id>`): two orgs may share a conversation id."""
+    key = "conversation-" + re.sub(r"[^a-z0-9-]", "-", conversation_id.lower())[:200]
+    return f"{org}-{key}" if org else key
 
 
 def render_report(summary: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -60,13 +61,17 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.limits.enabled = self.settings.prefect_limits
+        self.limits.org = self.settings.org
         self.ingest_calm.set()
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Runtime:
         """The one way to build a runtime: settings (from the environment by default), the
         store they name, the pipeline file and its lookups. Close it with `aclose()`."""
-        settings = settings or Settings()
+        if settings is None:
+            settings = Settings()
+            if settings.orgs and settings.org:  # a command acting on one org (`--org`)
+                settings = settings.for_org(settings.org)
         mask_numbers_in_logs()
         pipeline = settings.pipeline_config
         store = Store(settings.database_url,
@@ -212,8 +217,22 @@ class Runtime:
 _runtimes: dict[int, Runtime] = {}
 
 
+# An org's runtime, in a deployment of many: each org's dispatcher runs in a task of its own
+# that sets it, and every task it starts (lanes, runs, drainers, duties) inherits it.
+_org_runtime: ContextVar[Runtime | None] = ContextVar("cxrelay_org_runtime", default=None)
+
+
+def use_runtime(runtime: Runtime) -> None:
+    """This task, and the tasks it starts, use `runtime` (one org's)."""
+    _org_runtime.set(runtime)
+
+
 def get_runtime(settings: Settings | None = None) -> Runtime:
-    """The runtime of the running event loop (async HTTP clients belong to one loop)."""
+    """The org's runtime in a deployment of many; else the runtime of the running event loop
+    (async HTTP clients belong to one loop)."""
+    org_runtime = _org_runtime.get()
+    if org_runtime is not None:
+        return org_runtime
     loop_id = id(asyncio.get_running_loop())
     runtime = _runtimes.get(loop_id)
     if runtime is None:

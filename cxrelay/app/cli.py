@@ -56,12 +56,25 @@ def serve(
         watchdog,
     )
     from cxrelay.receiver.sources import build_sources
+    from cxrelay.settings import Settings
     from cxrelay.store.database import Store
 
     try:
-        settings = load_settings()
-        sources = build_sources(settings.pipeline_config, os.environ)
-        listening = settings.notification_source is not None
+        settings = Settings()
+        if settings.orgs:  # many orgs: each org's sources, under /webhooks/<org>/<source>
+            orgs = settings.orgs_config()
+            assert orgs is not None
+            per_org = {org.name: settings.for_org(org.name, orgs) for org in orgs.orgs}
+            sources = {f"{name}/{source}": found for name, org_settings in per_org.items()
+                       for source, found in build_sources(org_settings.pipeline_config,
+                                                          org_settings.webhook_environ()).items()}
+            for org_settings in per_org.values():  # each org's store, its tables made
+                Store(org_settings.database_url,
+                      synchronous=org_settings.sqlite_synchronous).close()
+            listening = False  # the Notification API consumer serves one org (not per org)
+        else:
+            sources = build_sources(settings.pipeline_config, os.environ)
+            listening = settings.notification_source is not None
     except CxrelayError as exc:
         fail(str(exc), 2)
     if not sources and not listening:
@@ -69,7 +82,8 @@ def serve(
               "secret variable named in the pipeline file), or notification topics", 2)
     if workers == 1 or reuse_port:
         sock = listen(host, port, reuse_port or workers > 1)
-    Store(settings.database_url, synchronous=settings.sqlite_synchronous).close()  # create tables
+    if not settings.orgs:
+        Store(settings.database_url, synchronous=settings.sqlite_synchronous).close()  # tables
     children: list[subprocess.Popen[bytes]] = []
     prefect_server: subprocess.Popen[bytes] | None = None
     environment = dict(os.environ)
@@ -93,12 +107,17 @@ def serve(
     if dispatching:
         children.append(subprocess.Popen([sys.executable, "-m", "cxrelay", "dispatch",
                                           "--parent-pid", str(os.getpid())], env=environment))
+        if settings.orgs:  # a SIGHUP reads the orgs file again in the dispatcher too
+            from cxrelay.receiver.main import FORWARD_SIGHUP
+
+            FORWARD_SIGHUP.append(children[-1].pid)
     if listening and not reuse_port:
         children.append(subprocess.Popen([sys.executable, "-m", "cxrelay", "listen",
                                           "--parent-pid", str(os.getpid())]))
     if not reuse_port:
         err.print(f"cxrelay receiving on http://{host}:{port}/webhooks/"
                   f"{{{','.join(sorted(sources))}}} with {workers} worker(s)"
+                  + (f" for {len(per_org)} orgs" if settings.orgs else "")
                   + (" and the dispatcher" if children else " (no dispatcher)"))
     if dispatching:
         ui = environment["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
@@ -144,6 +163,11 @@ def dispatch(
     settings = load_settings()
     try:
         settings.pipeline_config  # noqa: B018 - a broken pipeline file fails here, not per event
+        if settings.orgs:  # and a broken orgs file
+            orgs = settings.orgs_config()
+            assert orgs is not None
+            for org in orgs.orgs:
+                settings.for_org(org.name, orgs).pipeline_config  # noqa: B018
     except CxrelayError as exc:
         fail(str(exc), 2)
     if parent_pid:
@@ -151,11 +175,11 @@ def dispatch(
         os.nice(10)
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop, reload = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        stop_on_signals(lambda: loop.call_soon_threadsafe(stop.set))
-        runtime = Runtime.from_settings(settings)
-        set_runtime(runtime)
+        stop_on_signals(lambda: loop.call_soon_threadsafe(stop.set),
+                        on_reload=(lambda: loop.call_soon_threadsafe(reload.set))
+                        if settings.orgs else None)
 
         def watch_parent() -> None:
             # A thread, not a task: an orphan must exit even when its event loop is wedged
@@ -171,6 +195,13 @@ def dispatch(
             threading.Thread(target=watch_parent, name="cxrelay-parent-watch", daemon=True).start()
         if not await _prefect_ready(stop):
             return
+        if settings.orgs:  # many orgs: a dispatcher each (cxrelay.flows.orgs)
+            from cxrelay.flows.orgs import run_orgs
+
+            await run_orgs(settings, stop, reload)
+            return
+        runtime = Runtime.from_settings(settings)
+        set_runtime(runtime)
         try:
             await Dispatcher(runtime).run(stop)
         finally:

@@ -4,6 +4,7 @@ clear line, tables of stored text, durations."""
 from __future__ import annotations
 
 import logging
+import os
 
 import typer
 from rich.console import Console
@@ -16,9 +17,21 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def load_settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays fast
+    """The settings a command acts with: with an orgs file, those of the org `--org` (or
+    CXRELAY_ORG) names — its store, its credentials."""
     from cxrelay.settings import Settings
 
-    return Settings()
+    settings = Settings()
+    if settings.orgs and settings.org:
+        return settings.for_org(settings.org)
+    return settings
+
+
+def select_org(org: str | None) -> str | None:
+    """`--org`: the org a command acts on, for it and the flows it runs (CXRELAY_ORG)."""
+    if org:
+        os.environ["CXRELAY_ORG"] = org
+    return org
 
 
 def open_store():  # noqa: ANN202

@@ -20,9 +20,14 @@ from cxrelay.app.console import (
     load_settings,
     open_store,
     parse_duration,
+    select_org,
     since_moment,
 )
 from cxrelay.core.errors import CxrelayError
+
+# Every command that reads or changes an org's store, in a deployment of many (CXRELAY_ORGS).
+ORG = typer.Option(None, "--org", callback=select_org,
+                   help="with CXRELAY_ORGS: the org to act on (else CXRELAY_ORG)")
 
 dead_letters_app = typer.Typer(help="Events or targets that failed after their retries.",
                                no_args_is_help=True)
@@ -34,7 +39,7 @@ events_app = typer.Typer(help="What became of the events cxrelay received.",
 mapping_app = typer.Typer(help="Field mappings.", no_args_is_help=True)
 
 
-def status() -> None:
+def status(org: str | None = ORG) -> None:
     """Counts of the inbox by status and of open dead letters and quarantined bodies."""
     store = open_store()
     table = Table("what", "count")
@@ -64,7 +69,7 @@ def status() -> None:
 
 
 @events_app.command("show")
-def events_show(conversation_id: str) -> None:
+def events_show(conversation_id: str, org: str | None = ORG) -> None:
     """A conversation's events (outcome, each target's result), what each target holds (the
     ledger) and its dead letters: kept in cxrelay's inbox for CXRELAY_RETENTION (30d), after
     Prefect's own history (CXRELAY_PREFECT_RETENTION, 7d) is gone."""
@@ -125,7 +130,8 @@ def _print_targets(store) -> None:  # noqa: ANN001 - a Store, imported lazily
 
 
 @dead_letters_app.command("list")
-def dead_letters_list(all_: bool = typer.Option(False, "--all", help="include replayed")) -> None:
+def dead_letters_list(all_: bool = typer.Option(False, "--all", help="include replayed"),
+                      org: str | None = ORG) -> None:
     """List dead letters."""
     rows = open_store().dead_letters(None if all_ else "open")
     table = Table("id", "inbox", "conversation", "target", "attempts", "status", "reason")
@@ -136,7 +142,7 @@ def dead_letters_list(all_: bool = typer.Option(False, "--all", help="include re
 
 
 @dead_letters_app.command("show")
-def dead_letters_show(dead_letter_id: int) -> None:
+def dead_letters_show(dead_letter_id: int, org: str | None = ORG) -> None:
     """Show one dead letter in full, with its stored event."""
     store = open_store()
     row = store.get_dead_letter(dead_letter_id)
@@ -158,6 +164,7 @@ def dead_letters_replay(
     error: str | None = typer.Option(None, help="only those whose error type is this, or whose "
                                      "reason contains it (e.g. REQUEST_LIMIT_EXCEEDED)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would be replayed"),
+    org: str | None = ORG,
 ) -> None:
     """Queue the events of dead letters again; targets already delivered are not repeated.
     Ids and filters combine."""
@@ -188,7 +195,8 @@ def dead_letters_replay(
 
 
 @quarantine_app.command("list")
-def quarantine_list(all_: bool = typer.Option(False, "--all", help="include replayed")) -> None:
+def quarantine_list(all_: bool = typer.Option(False, "--all", help="include replayed"),
+                    org: str | None = ORG) -> None:
     """List quarantined bodies."""
     table = Table("id", "source", "received", "status", "reason")
     for row in open_store().quarantined(None if all_ else "open"):
@@ -198,7 +206,7 @@ def quarantine_list(all_: bool = typer.Option(False, "--all", help="include repl
 
 
 @quarantine_app.command("show")
-def quarantine_show(quarantine_id: int) -> None:
+def quarantine_show(quarantine_id: int, org: str | None = ORG) -> None:
     """Show one quarantined body and why it was not an event."""
     row = open_store().get_quarantined(quarantine_id)
     if row is None:
@@ -215,6 +223,7 @@ def quarantine_replay(
     since: str | None = typer.Option(None, help="those received in the last 90m, 2h, 1d …"),
     error: str | None = typer.Option(None, help="those whose reason contains this"),
     dry_run: bool = typer.Option(False, "--dry-run", help="only check the bodies again"),
+    org: str | None = ORG,
 ) -> None:
     """Normalise quarantined bodies again (after a fix) and queue those that are events: one by
     id, or every open one matching --since/--error."""
@@ -247,6 +256,7 @@ def reconcile(
     until: str | None = typer.Option(None, help="end of the interval (ISO 8601; default now)"),
     cxone: bool = typer.Option(False, "--cxone", help="ask NICE CXone for the contacts "
                                "completed since then, instead of Genesys"),
+    org: str | None = ORG,
 ) -> None:
     """Find conversations that ended without reaching cxrelay and queue them (Prefect flow)."""
     from datetime import datetime
@@ -290,7 +300,7 @@ def reconcile(
                   "for processing")
 
 
-def drift() -> None:
+def drift(org: str | None = ORG) -> None:
     """Fields that drifted from their envelope's contract: new, missing, or of another type."""
     table = Table("envelope", "field", "kind", "events", "first seen", "example event", "detail")
     rows = open_store().drift()
@@ -359,11 +369,19 @@ def mapping_check(
 
 @config_app.command("validate")
 def config_validate(path: Path | None = typer.Argument(None, help="default: CXRELAY_PIPELINE "
-                                                          "or the shipped pipeline")) -> None:
-    """Validate a pipeline file; errors name the line and the key."""
+                                                          "or the shipped pipeline"),
+                    orgs: Path | None = typer.Option(None, "--orgs", help="an orgs file "
+                                                     "(default: CXRELAY_ORGS, when set and "
+                                                     "no pipeline file is named)")) -> None:
+    """Validate a pipeline file, or an orgs file with each org's pipeline and settings;
+    errors name the line and the key (and the org)."""
     from cxrelay.core.pipeline import PipelineError, parse_pipeline
-    from cxrelay.settings import DEFAULT_PIPELINE
+    from cxrelay.settings import DEFAULT_PIPELINE, Settings
 
+    base = Settings()
+    if orgs or (path is None and base.orgs):
+        _validate_orgs(base.model_copy(update={"orgs": orgs or base.orgs}))
+        return
     target = path or load_settings().pipeline or DEFAULT_PIPELINE
     try:
         pipeline = parse_pipeline(Path(target).read_text(), str(target))
@@ -378,9 +396,43 @@ def config_validate(path: Path | None = typer.Argument(None, help="default: CXRE
                   f"filters, {len(pipeline.targets)} targets ({names})", markup=False)
 
 
+def _validate_orgs(settings) -> None:  # noqa: ANN001 - Settings, imported lazily
+    """The orgs file, then each org's settings and pipeline, every error on its own line."""
+    from cxrelay.core.pipeline import PipelineError
+
+    try:
+        orgs = settings.orgs_config()
+    except PipelineError as exc:
+        for line in exc.errors:
+            err.print(line, markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    except CxrelayError as exc:
+        fail(str(exc), 2)
+    problems = []
+    for org in orgs.orgs:
+        try:
+            org_settings = settings.for_org(org.name, orgs)
+            pipeline = org_settings.pipeline_config
+            sources = [s.name for s in pipeline.sources
+                       if org_settings.webhook_environ().get(s.secret_env)]
+            console.print(f"org {org.name}: /webhooks/{org.name}/{{{','.join(sources)}}}, "
+                          f"{len(pipeline.enabled_targets)} targets, store "
+                          f"{org_settings.database_url}", markup=False)
+        except PipelineError as exc:
+            problems += [f"org {org.name}: {line}" for line in exc.errors]
+        except CxrelayError as exc:
+            problems.append(f"org {org.name}: {exc}")
+    for line in problems:
+        err.print(line, markup=False, highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"{settings.orgs}: valid — {len(orgs.orgs)} orgs", markup=False)
+
+
 def prune(
     older_than: str | None = typer.Option(None, help="default: CXRELAY_RETENTION (30d)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="count what would be pruned"),
+    org: str | None = ORG,
 ) -> None:
     """Delete what is finished and old: inbox events, replayed dead letters and quarantined
     bodies, drift fields; ledger entries after CXRELAY_LEDGER_RETENTION (90d). Open dead

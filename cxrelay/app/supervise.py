@@ -258,9 +258,10 @@ STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 DOUBLE_SIGNAL_SECONDS = 2.0
 
 
-def stop_on_signals(set_stop: Callable[[], object]) -> None:
+def stop_on_signals(set_stop: Callable[[], object],
+                    on_reload: Callable[[], object] | None = None) -> None:
     """SIGTERM or SIGINT calls `set_stop` (from a thread: it must be thread-safe); a second one
-    exits at once.
+    exits at once. With `on_reload`, SIGHUP calls it (the orgs file is read again).
 
     The signals are blocked in every thread and taken by one thread that waits for them. A
     Python handler would not do: while a flow run is open, Prefect's flow engine installs its
@@ -270,7 +271,15 @@ def stop_on_signals(set_stop: Callable[[], object]) -> None:
     if threading.active_count() > 1:
         print(f"cxrelay: {threading.active_count() - 1} thread(s) started before the signals "
               "were blocked may still receive them", file=sys.stderr)
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | ({signal.SIGHUP} if on_reload
+                                                              else set()))
+    if on_reload is not None:
+        def reload() -> None:
+            while True:
+                signal.sigwait({signal.SIGHUP})
+                on_reload()
+
+        threading.Thread(target=reload, name="cxrelay-reload", daemon=True).start()
 
     def wait() -> None:
         signal.sigwait(STOP_SIGNALS)

@@ -249,7 +249,7 @@ class Pipeline(_Strict):
         return [target for target in self.targets if target.enabled]
 
 
-def _node_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+def node_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """The 1-based line of the YAML node at `loc`, or of the deepest ancestor found."""
     if node is None:
         return None
@@ -271,7 +271,7 @@ def _node_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _loc_text(loc: tuple[Any, ...]) -> str:
+def loc_text(loc: tuple[Any, ...]) -> str:
     text = ""
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
@@ -299,6 +299,6 @@ def parse_pipeline(text: str, filename: str = "pipeline.yaml") -> Pipeline:
             loc = tuple(part for part in error["loc"]
                         if part not in {"salesforce", "slack", "http", "jira",
                                         "function-after"})
-            line = _node_line(node, loc)
-            errors.append(f"{filename}:{line}: {_loc_text(loc)}: {error['msg']}")
+            line = node_line(node, loc)
+            errors.append(f"{filename}:{line}: {loc_text(loc)}: {error['msg']}")
         raise PipelineError(errors) from exc

@@ -155,6 +155,11 @@ class Receiver:
         return JSONResponse({"status": "ready", "sources": sorted(self.sources)})
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        await self.refresh_metrics()
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def refresh_metrics(self) -> None:
+        """The gauges read from the store, now."""
         # On a database error the gauge keeps its last value; /readyz reports the database.
         with contextlib.suppress(Exception):
             self.metrics.inbox_depth.set(await anyio.to_thread.run_sync(self.store.backlog))
@@ -169,7 +174,6 @@ class Receiver:
             self.metrics.deliveries(
                 await anyio.to_thread.run_sync(self.store.open_deliveries_by_target),
                 await anyio.to_thread.run_sync(self.store.api_usage))
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _notification_metrics(self) -> None:
         now = datetime.now(timezone.utc)
@@ -183,13 +187,20 @@ class Receiver:
         for name, count in self.store.gap_counts().items():
             self.metrics.notification_gaps.labels(name).set(count)
 
+    def open(self) -> None:
+        self.writer = GroupCommitWriter(self.store)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self.writer = GroupCommitWriter(self.store)
+        self.open()
         try:
             yield
         finally:
-            self.writer.close()
+            self.close()
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
