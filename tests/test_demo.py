@@ -33,6 +33,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "Salesforce holds 16 Tasks (one per conversation) on 12 Leads and 1 existing Contact" \
         in output
     assert "rejected: unauthorized" in output and "filtered" in output
+    assert "Two orgs in one deployment" in output
+    assert "globex's path with acme's secret: HTTP 401 (unauthorized)." in output
     assert not port_busy(4200), "the demo left its Prefect server running"
     # The runs stay in Prefect's database for the UI afterwards.
     assert (tmp_path / "prefect-home" / "prefect.db").exists()

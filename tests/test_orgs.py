@@ -230,3 +230,36 @@ def test_each_org_s_events_reach_its_own_targets_only(
         assert lead["Phone"] == phones[org]  # its own caller: nothing of the other org's
         (event,) = Store(base.for_org(org).database_url).events()
         assert event.outcome == "delivered"
+
+
+def test_the_operating_commands_act_on_the_org_they_are_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from cxrelay.app.cli import app
+
+    monkeypatch.setenv("ACME_SECRET", "acme-secret")
+    monkeypatch.setenv("CXRELAY_ORGS", str(write_orgs(tmp_path)))
+    monkeypatch.setenv("CXRELAY_DATABASE_URL", f"sqlite:///{tmp_path}/cxrelay.db")
+    monkeypatch.delenv("CXRELAY_ORG", raising=False)
+    settings = Settings()
+    store = Store(settings.for_org("acme").database_url)
+    from tests.flowkit import enqueue
+
+    enqueue(store, generic_event())
+    Store(settings.for_org("globex").database_url).close()
+    runner = CliRunner(env={"COLUMNS": "200"})
+    acme = runner.invoke(app, ["status", "--org", "acme"])
+    assert acme.exit_code == 0, acme.output
+    assert "org acme" in acme.output and "inbox pending" in acme.output
+    monkeypatch.delenv("CXRELAY_ORG", raising=False)
+    globex = runner.invoke(app, ["status", "--org", "globex"])
+    assert globex.exit_code == 0 and "inbox pending" not in globex.output
+    monkeypatch.delenv("CXRELAY_ORG", raising=False)
+    unknown = runner.invoke(app, ["dead-letters", "list", "--org", "initech"])
+    assert unknown.exit_code == 2 and "no org named 'initech'" in unknown.output
+    monkeypatch.delenv("CXRELAY_ORG", raising=False)
+    valid = runner.invoke(app, ["config", "validate"])
+    assert valid.exit_code == 0, valid.output
+    assert "org acme: /webhooks/acme/{genesys}" in valid.output
+    assert "orgs.yaml: valid — 2 orgs" in valid.output

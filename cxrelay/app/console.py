@@ -21,9 +21,14 @@ def load_settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays
     CXRELAY_ORG) names — its store, its credentials."""
     from cxrelay.settings import Settings
 
+    from cxrelay.core.errors import CxrelayError
+
     settings = Settings()
     if settings.orgs and settings.org:
-        return settings.for_org(settings.org)
+        try:
+            return settings.for_org(settings.org)
+        except CxrelayError as exc:
+            fail(str(exc), 2)
     return settings
 
 

@@ -214,6 +214,81 @@ def cxone_pushes(conversations: int) -> list[tuple[Sent, bytes, dict[str, str]]]
 DEMO_CXONE: list[dict[str, Any]] = []
 
 
+ORG_PHONES = {"acme": "+15550007001", "globex": "+15550007002"}
+
+
+def two_orgs(prefect_url: str) -> tuple[list[str], list[Any]]:
+    """A second `cxrelay serve`, with an orgs file of two orgs, each with its own emulated
+    Genesys, Salesforce and Slack and its own secret: the same conversation id in both reaches
+    each org's own targets only, and one org's secret on the other's path is a 401."""
+    directory = DEMO_DIR / "orgs"
+    directory.mkdir(parents=True, exist_ok=True)
+    boxes = {org: Sandbox().start() for org in ORG_PHONES}
+    org_secrets = {org: secrets.token_urlsafe(24) for org in ORG_PHONES}
+    (directory / "orgs.yaml").write_text("orgs:\n" + "".join(
+        f"  - name: {org}\n    env:\n" + "".join(
+            f"      {key}: '{value}'\n" for key, value in
+            {**box.environment(), "CXRELAY_WEBHOOK_SECRET": org_secrets[org]}.items())
+        for org, box in boxes.items()))
+    environment = {**{k: v for k, v in os.environ.items() if not k.startswith("CXRELAY_")},
+                   "PREFECT_API_URL": prefect_url, "CXRELAY_ORGS": str(directory / "orgs.yaml"),
+                   "CXRELAY_DATABASE_URL": f"sqlite:///{directory / 'cxrelay.db'}"}
+    port = free_port()
+    log = directory / "serve.log"
+    process = subprocess.Popen([sys.executable, "-m", "cxrelay", "serve", "--port", str(port)],
+                               env=environment, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    failures: list[str] = []
+    shown: list[Any] = []  # printed after the main report
+    try:
+        if not wait_until(lambda: answers(f"http://127.0.0.1:{port}/healthz")
+                          and log.read_text(errors="replace").count(DISPATCHER_STARTED) >= 2
+                          or process.poll() is not None, 120) or process.poll() is not None:
+            return [f"two orgs: cxrelay serve did not start; see {log}"], shown
+        conversation = str(uuid.uuid4())  # the same id in both orgs: each has its own
+        statuses = {}
+        for org, box in boxes.items():
+            httpx.post(f"{box.genesys_url}/__sandbox/conversations", json=[
+                sample_conversation(conversation, phone=ORG_PHONES[org])]).raise_for_status()
+            body = encode(generic_event(conversation, phone=ORG_PHONES[org]))
+            statuses[org] = httpx.post(f"http://127.0.0.1:{port}/webhooks/{org}/genesys",
+                                       content=body, headers=hmac_headers(
+                                           body, org_secrets[org]), timeout=10).status_code
+        body = encode(generic_event())
+        crossed = httpx.post(f"http://127.0.0.1:{port}/webhooks/globex/genesys", content=body,
+                             headers=hmac_headers(body, org_secrets["acme"]), timeout=10)
+
+        def records(box: Sandbox) -> dict[str, Any]:
+            return httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"]
+
+        wait_until(lambda: all(records(box).get("Task") for box in boxes.values()), 60)
+        table = Table("org", "POST", "Salesforce Task → its caller", "Slack",
+                      title=f"Two orgs in one deployment (conversation {conversation[:8]} in each)")
+        for org, box in boxes.items():
+            state = records(box)
+            tasks, leads = state.get("Task", []), state.get("Lead", [])
+            messages = httpx.get(f"{box.slack_url.removesuffix('/api/')}/__sandbox/state"
+                                 ).json()["messages"]
+            phones = [lead.get("Phone") for lead in leads]
+            table.add_row(org, str(statuses[org]),
+                          f"{len(tasks)} Task → Lead {', '.join(map(str, phones))}",
+                          f"{len(messages)} msg")
+            if statuses[org] != 202 or len(tasks) != 1 or phones != [ORG_PHONES[org]] \
+                    or len(messages) != 1:
+                failures.append(f"two orgs: {org} should hold one Task on its own caller "
+                                f"({ORG_PHONES[org]}) and one Slack message; got {len(tasks)} "
+                                f"Tasks on {phones} and {len(messages)} messages")
+        shown += [table, f"globex's path with acme's secret: HTTP {crossed.status_code} "
+                         f"({crossed.json().get('error')})."]
+        if crossed.status_code != 401:
+            failures.append(f"two orgs: acme's secret on globex's path got "
+                            f"{crossed.status_code}, not 401")
+    finally:
+        stop(process)
+        for box in boxes.values():
+            box.stop()
+    return failures, shown
+
+
 def completed_of(plan: list[tuple[Sent, bytes, dict[str, str]]]) -> list[str]:
     """The Genesys conversations of the plan, in order."""
     return [s.conversation_id for s, _, _ in plan if s.label == "new" and s.conversation_id]
@@ -294,7 +369,10 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
             finished.append(last)
         elapsed = ((max(finished) - started).total_seconds() if finished and done
                    else (datetime.now(timezone.utc) - started).total_seconds())
-        return _report(console, plan, store, box, done, elapsed, prefect_url, server, keep_server)
+        # Then two orgs in one deployment, each with its own emulated services.
+        org_failures, org_report = two_orgs(prefect_url)
+        return _report(console, plan, store, box, done, elapsed, prefect_url, server,
+                       keep_server, org_failures, org_report)
     finally:
         stop(receiver)
         if not keep_server:
@@ -304,7 +382,8 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
 
 def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], store: Store,
             box: Sandbox, done: bool, elapsed: float, prefect_url: str,
-            server: subprocess.Popen[bytes] | None, keep_server: bool) -> bool:
+            server: subprocess.Popen[bytes] | None, keep_server: bool,
+            org_failures: list[str] | None = None, org_report: list[Any] | None = None) -> bool:
     state = httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"]
     records, leads = state.get("Task", []), state.get("Lead", [])
     contacts = {c["Id"] for c in state.get("Contact", [])}
@@ -403,6 +482,8 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
                   f"({len(complaints)}): " + ", ".join(sorted(keys_of.values())) + ".")
     console.print(f"All {len(plan)} requests answered and the {accepted} events they "
                   f"brought processed {elapsed:.1f} s after the first request.")
+    for shown in org_report or []:
+        console.print(shown)
     if records:
         sample = {k: v for k, v in records[0].items() if not k.startswith("_")}
         console.print("A Task as Salesforce stored it:", sample, highlight=False)
@@ -412,6 +493,7 @@ def _report(console: Console, plan: list[tuple[Sent, bytes, dict[str, str]]], st
                       f"start` and open {ui}/runs (or rerun with --keep-server).")
     else:
         console.print(f"See the flow runs in the Prefect UI: {ui}/runs")
+    failures += org_failures or []
     if failures:
         console.print("[red]Expectations failed:[/red]")
         for failure in failures:

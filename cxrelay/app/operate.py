@@ -42,7 +42,7 @@ mapping_app = typer.Typer(help="Field mappings.", no_args_is_help=True)
 def status(org: str | None = ORG) -> None:
     """Counts of the inbox by status and of open dead letters and quarantined bodies."""
     store = open_store()
-    table = Table("what", "count")
+    table = Table("what", "count", title=f"org {org}" if org else None)
     for name, count in sorted(store.status_counts().items()):
         add_row(table, f"inbox {name}", count)
     table.add_row("dead letters (open)", str(len(store.dead_letters("open"))))
