@@ -19,9 +19,8 @@ err = Console(stderr=True, soft_wrap=True)
 def load_settings():  # noqa: ANN202 - imported lazily so `cxrelay --help` stays fast
     """The settings a command acts with: with an orgs file, those of the org `--org` (or
     CXRELAY_ORG) names — its store, its credentials."""
-    from cxrelay.settings import Settings
-
     from cxrelay.core.errors import CxrelayError
+    from cxrelay.settings import Settings
 
     settings = Settings()
     if settings.orgs and settings.org:
