@@ -45,6 +45,7 @@ from cxrelay.store.dead_letters import WHOLE_EVENT
 from cxrelay.store.inbox import ClaimedEvent
 
 logger = logging.getLogger("cxrelay.dispatcher")
+IDLE_CLAIM_SECONDS = 1.0
 T = TypeVar("T")
 ALERT_FLUSH_SECONDS = 5.0
 # The first prune and trim wait this long: a dispatcher starting up has events to run first.
@@ -168,6 +169,8 @@ class Dispatcher:
                                         runtime.settings.yield_max_seconds)
         self.gap_filler = GapFiller(runtime, self.worker_id)
         self._wake = asyncio.Event()
+        self._found_nothing = False  # the last claim found nothing (see _inbox_may_have_work)
+        self._last_claim = 0.0
         self._backlog = False  # the last claim found as many events as it asked for
         # The Prefect API unavailable: since when, and no claims before `_claim_after`.
         self._outage_since: float | None = None
@@ -232,13 +235,15 @@ class Dispatcher:
                 free = self.concurrency - len(self.running) \
                     if time.monotonic() >= self._claim_after else 0
                 units: list[list[ClaimedEvent]] = []
-                claiming = free >= self._claim_at_least()
+                claiming = free >= self._claim_at_least() and self._inbox_may_have_work()
                 if claiming:
+                    self._last_claim = time.monotonic()
                     try:
                         units = await self.store.calls(self._claim, free, settle)
                     except Exception:  # the database is unavailable: keep trying
                         logger.exception("claiming from the inbox failed")
                         await asyncio.sleep(1)
+                    self._found_nothing = not units
                 for unit in units:
                     claimed += unit
                     # First attempts run in the lane (a conversation's events together, after
@@ -280,6 +285,19 @@ class Dispatcher:
             await self._drain()
             await self._close_lanes()
             await self.runtime.artifacts.aclose()
+
+    def _inbox_may_have_work(self) -> bool:
+        """Whether to claim now: after a claim that found nothing, only once something was
+        committed (`Store.changed`: a few µs on SQLite), or IDLE_CLAIM_SECONDS later — what
+        becomes claimable without a commit (an event given back for later, a lease that ran
+        out, a settle window that ended) waits at most that long. An idle dispatcher claimed
+        20 times a second: 3 % of a core for one org, 44 % for 20 orgs in one process."""
+        try:
+            changed = self.store.changed()
+        except Exception:  # whatever the store says, a claim finds out
+            changed = True
+        return (changed or not self._found_nothing
+                or time.monotonic() - self._last_claim >= IDLE_CLAIM_SECONDS)
 
     def _claim_at_least(self) -> int:
         """How many slots must be free before the dispatcher claims: one while the last claim

@@ -453,7 +453,7 @@ def test_a_lane_takes_events_until_its_successor_runs(tmp_path: Path, clean_sand
     runtime = make_runtime(make_settings(tmp_path, clean_sandbox, lane_max_events=2))
     opened: list[Lane] = []
 
-    def open_lane(prefix: str, done: Any, targets: list[str]) -> Lane:
+    def open_lane(prefix: str, done: Any, targets: list[str], org: str | None = None) -> Lane:
         opened.append(Lane(f"{prefix}-{len(opened)}", done))
         return opened[-1]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -149,11 +150,30 @@ class Database:
         # The transaction `joined()` opened on this thread: `transaction()` takes part in it.
         self._joined = threading.local()
         self.calls = StoreCalls(self)  # the dispatcher's calls from its event loop
+        self._version_path = path
+        self._version_conn: Any = None
+        self._version: int | None = None
         if create:
             SQLModel.metadata.create_all(self.engine)
             migrate(self.engine)
 
+    def changed(self) -> bool:
+        """Whether anything was committed since the last call (SQLite: `PRAGMA data_version`
+        on a connection of its own, which only others' commits change; a few µs). Other
+        databases: always True."""
+        if self._version_path is None:
+            return True
+        if self._version_conn is None:
+            self._version_conn = sqlite3.connect(str(self._version_path),
+                                                 check_same_thread=False)
+        version = self._version_conn.execute("PRAGMA data_version").fetchone()[0]
+        changed, self._version = version != self._version, version
+        return changed
+
     def close(self) -> None:
+        if self._version_conn is not None:
+            self._version_conn.close()
+            self._version_conn = None
         self.calls.close()
         self.engine.dispose()
         if self._lock_file is not None:
