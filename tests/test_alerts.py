@@ -339,3 +339,17 @@ async def test_events_arriving_together_claim_a_due_probe_once_and_a_probe_that_
     assert after is not None and after.state.value == "paused" and after.probe_owner is None
     nxt = await gate.decide("salesforce", SCOPE, "c-next", now=due.probe_at)
     assert nxt.action is Action.PROBE
+
+
+@run_async
+async def test_in_a_deployment_of_many_orgs_an_alert_names_its_org(
+        clean_sandbox: Sandbox, slack_messages: Any) -> None:
+    events: list[dict[str, Any]] = []
+    client = SlackClient(SecretStr(DEFAULT_BOT_TOKEN), clean_sandbox.slack_url)
+    alerts = Alerts(client, "#cx-alerts", emit=lambda **kwargs: events.append(kwargs),
+                    org="acme")
+    await alerts.allocation(target="salesforce", used=90, allocation=100, share=0.8, waiting=3)
+    (message,) = slack_messages()
+    assert message["text"].startswith("[acme] ")
+    (event,) = events
+    assert event["resource"]["cxrelay.org"] == "acme" and event["payload"]["org"] == "acme"

@@ -191,8 +191,8 @@ def test_each_org_s_events_reach_its_own_targets_only(
         httpx.post(f"{box.genesys_url}/__sandbox/conversations",
                    json=[sample_conversation(conversation, phone=phones[org])])
     path = tmp_path / "orgs.yaml"
-    path.write_text("orgs:\n" + "".join(
-        f"  - name: {org}\n    env:\n{org_env(box)}" for org, box in boxes.items()))
+    entries = {org: f"  - name: {org}\n    env:\n{org_env(box)}" for org, box in boxes.items()}
+    path.write_text("orgs:\n" + entries["acme"] + entries["globex"])
     base = Settings(orgs=path, database_url=f"sqlite:///{tmp_path}/cxrelay.db",
                     claim_lease_seconds=5, poll_interval_seconds=0.05)
     for org in boxes:
@@ -209,20 +209,50 @@ def test_each_org_s_events_reach_its_own_targets_only(
         return httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"].get(
             "Task", [])
 
-    async def scenario() -> None:
+    path.write_text("orgs:\n" + entries["acme"])  # globex joins while it runs
+
+    async def until(condition: Any, task: asyncio.Task[None]) -> None:
+        deadline = time.monotonic() + 90
+        while not condition():
+            assert time.monotonic() < deadline, "not delivered in time"
+            assert not task.done(), task
+            await asyncio.sleep(0.2)
+
+    async def scenario() -> tuple[set[str], set[str]]:
         stop, reload = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(run_orgs(base, stop, reload))
-        deadline = time.monotonic() + 90
         try:
-            while not all(delivered(box) for box in boxes.values()):
-                assert time.monotonic() < deadline, "not every org delivered"
-                assert not task.done(), task
-                await asyncio.sleep(0.2)
+            await until(lambda: delivered(boxes["acme"]), task)
+            assert not delivered(boxes["globex"])  # not an org yet: its events wait
+            path.write_text("orgs:\n" + entries["acme"] + entries["globex"])
+            reload.set()  # as SIGHUP does (a change of the file is seen within 2 s too)
+            await until(lambda: delivered(boxes["globex"]), task)
         finally:
             stop.set()
             await asyncio.wait_for(task, 60)
+        from prefect import get_client
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterKey,
+            FlowRunFilter,
+            FlowRunFilterTags,
+        )
 
-    asyncio.run(scenario())
+        async with get_client() as client:
+            lanes = {org: {run.name for run in await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"org:{org}"])))}
+                for org in boxes}
+            keys = {artifact.key for artifact in await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                    like_=f"conversation-{conversation}")))}
+        return {name for org, names in lanes.items() for name in names
+                if name.startswith(f"lane-{org}-")}, keys
+
+    lanes, keys = asyncio.run(scenario())
+    # Each org's lanes are its own runs, tagged with it; its artifacts' keys start with it.
+    assert any(name.startswith("lane-acme-") for name in lanes)
+    assert any(name.startswith("lane-globex-") for name in lanes)
+    assert keys == {f"acme-conversation-{conversation}", f"globex-conversation-{conversation}"}
     for org, box in boxes.items():
         (task,) = delivered(box)
         (lead,) = httpx.get(f"{box.salesforce_url}/__sandbox/state").json()["records"]["Lead"]
