@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BIN, cpu_seconds, percentile, process_tree  # noqa: E402
 from bench.pace import PHONES, Watch, new_callers  # noqa: E402
+from bench.pace import wait_for as _wait  # noqa: E402
 from cxrelay.app.sending import encode, generic_event, hmac_headers  # noqa: E402
 from cxrelay.app.supervise import free_port, start_prefect_server, stop, wait_http  # noqa: E402
 from cxrelay.sandbox.server import Sandbox  # noqa: E402
@@ -213,14 +214,6 @@ def post_wrong_secret(port: int) -> int:
     return httpx.post(f"http://127.0.0.1:{port}/webhooks/globex/genesys", content=body,
                       headers=hmac_headers(body, SECRETS["acme"]), timeout=10).status_code
 
-
-def _wait(condition, seconds: float) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def test_the_orgs_file_reads_variables_and_names_the_org_and_line_of_each_error(
                    "orgs.yaml", {"ACME_SECRET": "x"})
     assert bad_key.value.errors == ["orgs.yaml:10: orgs[1] (globex).env.PATH: PATH is not a "
                                     "cxrelay setting (CXRELAY_*, or GENESYS_CLOUD_REGION)"]
-    with pytest.raises(OrgsError, match="unique: acme"):
+    with pytest.raises(OrgsError, match="names must be unique: acme"):
         parse_orgs("orgs:\n  - name: acme\n  - name: acme\n", "orgs.yaml", {})
 
 

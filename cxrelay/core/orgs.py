@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cxrelay.core.errors import CxrelayError
-from cxrelay.core.pipeline import PipelineError, loc_text, node_line
+from cxrelay.core.pipeline import PipelineError, loc_text, named, node_line, unique_names
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Settings that are not CXRELAY_* variables but an org may set.
@@ -66,17 +66,10 @@ class OrgsFile(BaseModel):
     @field_validator("orgs")
     @classmethod
     def _unique(cls, orgs: list[OrgConfig]) -> list[OrgConfig]:
-        names = [org.name for org in orgs]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ValueError(f"org names must be unique: {', '.join(twice)}")
-        return orgs
+        return unique_names(orgs)
 
     def org(self, name: str) -> OrgConfig:
-        for org in self.orgs:
-            if org.name == name:
-                return org
-        raise KeyError(name)
+        return named(self.orgs, name)
 
 
 def parse_orgs(text: str, filename: str = "orgs.yaml",

@@ -6,7 +6,7 @@ typo in the file is found by `cxrelay config validate` rather than by a silent b
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -206,17 +206,10 @@ class Pipeline(_Strict):
     @field_validator("targets", "sources")
     @classmethod
     def _unique_names(cls, items: list[Any]) -> list[Any]:
-        names = [item.name for item in items]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"names must be unique: {', '.join(duplicates)}")
-        return items
+        return unique_names(items)
 
     def target(self, name: str) -> AnyTarget:
-        for target in self.targets:
-            if target.name == name:
-                return target
-        raise KeyError(name)
+        return named(self.targets, name)
 
     def required_sources(self) -> dict[str, str]:
         """Each source path of a required field → `target.Field`, for drift warnings."""
@@ -247,6 +240,26 @@ class Pipeline(_Strict):
     @property
     def enabled_targets(self) -> list[AnyTarget]:
         return [target for target in self.targets if target.enabled]
+
+
+Named = TypeVar("Named")
+
+
+def unique_names(items: list[Named]) -> list[Named]:
+    """The items, unless two share a `name` (a validator's ValueError naming them)."""
+    names = [getattr(item, "name") for item in items]  # noqa: B009 - any item with a name
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"names must be unique: {', '.join(duplicates)}")
+    return items
+
+
+def named(items: list[Named], name: str) -> Named:
+    """The item called `name`; KeyError when none is."""
+    for item in items:
+        if getattr(item, "name") == name:  # noqa: B009
+            return item
+    raise KeyError(name)
 
 
 def node_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
