@@ -6,7 +6,8 @@ Each org's dispatcher claims from the org's own inbox with its own slots
 (`max_concurrency`, else CXRELAY_DISPATCH_CONCURRENCY): one org's burst or backlog fills that
 org's slots, never another's. The file is read again on SIGHUP and whenever it changes: an org
 added starts, an org removed stops the way a dispatcher stops (its claims released, its events
-kept in its store for when it comes back), an org whose entry changed restarts.
+kept in its store for when it comes back), an org whose entry changed restarts. Prefect's
+history is every org's at once: it is trimmed here, once, not by each org's dispatcher.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from cxrelay.core.durations import format_duration
 from cxrelay.core.errors import CxrelayError
+from cxrelay.core.history import trim_interval
 from cxrelay.core.orgs import OrgConfig
-from cxrelay.flows.dispatcher import Dispatcher
+from cxrelay.flows import duties
+from cxrelay.flows.dispatcher import FIRST_RETENTION_SECONDS, Dispatcher
+from cxrelay.flows.duties import Duty
+from cxrelay.flows.retention import trim_prefect_history
 from cxrelay.flows.runtime import Runtime, use_runtime
 from cxrelay.settings import Settings
 
@@ -33,10 +39,11 @@ class _Running:
     task: asyncio.Task[None]
 
 
-async def _dispatch_org(runtime: Runtime, stop: asyncio.Event, trims_history: bool) -> None:
+async def _dispatch_org(runtime: Runtime, stop: asyncio.Event) -> None:
     use_runtime(runtime)  # this task's, and every task it starts
     try:
-        await Dispatcher(runtime, trims_history=trims_history).run(stop)
+        # Prefect's history is every org's at once: `run_orgs` trims it, once.
+        await Dispatcher(runtime, trims_history=False).run(stop)
     finally:
         await runtime.aclose()
         runtime.store.close()
@@ -53,6 +60,11 @@ async def run_orgs(settings: Settings, stop: asyncio.Event, reload: asyncio.Even
     """Dispatch every org of the orgs file until `stop`; `reload` (SIGHUP) reads it again."""
     running: dict[str, _Running] = {}
     stamp: float | None = -1.0
+    retention = settings.prefect_retention
+    trimming = duties.start([Duty(
+        f"trim Prefect's history (CXRELAY_PREFECT_RETENTION, {format_duration(retention)})",
+        trim_interval(retention).total_seconds(), _trim_history,
+        first=FIRST_RETENTION_SECONDS)], stop)
     try:
         while not stop.is_set():
             now_stamp = _file_stamp(settings)
@@ -69,6 +81,11 @@ async def run_orgs(settings: Settings, stop: asyncio.Event, reload: asyncio.Even
                     waiter.cancel()
     finally:
         await _stop(list(running.values()))
+        await duties.finish(trimming)
+
+
+async def _trim_history() -> None:
+    await trim_prefect_history(return_state=True)
 
 
 async def _apply(settings: Settings, running: dict[str, _Running]) -> None:
@@ -85,13 +102,12 @@ async def _apply(settings: Settings, running: dict[str, _Running]) -> None:
         logger.info("orgs stopping: %s", ", ".join(sorted(gone)))
         await _stop([running.pop(name) for name in gone])
     started = []
-    for index, (name, (entry, org_settings)) in enumerate(wanted.items()):
+    for name, (entry, org_settings) in wanted.items():
         if name in running:
             continue
         stop = asyncio.Event()
         runtime = Runtime.from_settings(org_settings)
-        task = asyncio.create_task(_dispatch_org(runtime, stop, trims_history=index == 0),
-                                   name=f"cxrelay-org-{name}")
+        task = asyncio.create_task(_dispatch_org(runtime, stop), name=f"cxrelay-org-{name}")
         running[name] = _Running(entry, stop, task)
         started.append(name)
     if started:
