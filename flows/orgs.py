@@ -67,8 +67,13 @@ async def run_orgs(settings: Settings, stop: asyncio.Event, reload: asyncio.Even
         first=FIRST_RETENTION_SECONDS)], stop)
     try:
         while not stop.is_set():
+            ended = [name for name, org in running.items() if org.task.done()]
+            for name in ended:  # it crashed: started again below, the others untouched
+                task = running.pop(name).task
+                error = task.exception() if not task.cancelled() else None
+                logger.error("org %s: its dispatcher ended (%r); starting it again", name, error)
             now_stamp = _file_stamp(settings)
-            if reload.is_set() or now_stamp != stamp:
+            if ended or reload.is_set() or now_stamp != stamp:
                 reload.clear()
                 stamp = now_stamp
                 await _apply(settings, running)
