@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cxrelay.core.durations import parse_duration
@@ -319,6 +319,13 @@ class Settings(BaseSettings):
     def genesys_urls(self) -> tuple[str, str]:
         return genesys_urls(self.genesys_cloud_region, self.genesys_api_url,
                             self.genesys_login_url)
+
+    @model_validator(mode="after")
+    def _org_only_with_orgs(self) -> Settings:
+        # CXRELAY_ORG names an org of the orgs file; without one there is no org to be.
+        if self.orgs is None:
+            self.org = None
+        return self
 
     def orgs_config(self) -> OrgsFile | None:
         """The orgs file CXRELAY_ORGS names (read again at each call: it may change), or

@@ -271,7 +271,10 @@ def test_the_operating_commands_act_on_the_org_they_are_told(
     monkeypatch.setenv("ACME_SECRET", "acme-secret")
     monkeypatch.setenv("CXRELAY_ORGS", str(write_orgs(tmp_path)))
     monkeypatch.setenv("CXRELAY_DATABASE_URL", f"sqlite:///{tmp_path}/cxrelay.db")
-    monkeypatch.delenv("CXRELAY_ORG", raising=False)
+    # `--org` sets CXRELAY_ORG in this process: recorded here as absent, so that the teardown
+    # leaves it absent for the tests that follow (a delenv of an absent variable records
+    # nothing, and the org leaked into the next test's settings).
+    monkeypatch.setenv("CXRELAY_ORG", "")
     settings = Settings()
     store = Store(settings.for_org("acme").database_url)
     from tests.flowkit import enqueue
