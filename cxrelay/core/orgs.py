@@ -24,7 +24,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cxrelay.core.errors import CxrelayError
-from cxrelay.core.pipeline import PipelineError, loc_text, named, node_line, unique_names
+from cxrelay.core.pipeline import (
+    PipelineError,
+    load_yaml,
+    loc_text,
+    named,
+    node_line,
+    unique_names,
+)
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Settings that are not CXRELAY_* variables but an org may set.
@@ -77,13 +84,7 @@ def parse_orgs(text: str, filename: str = "orgs.yaml",
     """The orgs file, its `${VAR}`s read from `environ` (default: the process's); raises
     `PipelineError` whose lines name the org and the line of each error."""
     environ = os.environ if environ is None else environ
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{filename}:{mark.line + 1}" if mark else filename
-        raise OrgsError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    node, data = load_yaml(text, filename, OrgsError)
     if not isinstance(data, dict):
         raise OrgsError([f"{filename}:1: the orgs file is a mapping with `orgs:`"])
     try:

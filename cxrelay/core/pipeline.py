@@ -291,14 +291,20 @@ def loc_text(loc: tuple[Any, ...]) -> str:
     return text or "(top level)"
 
 
-def parse_pipeline(text: str, filename: str = "pipeline.yaml") -> Pipeline:
+def load_yaml(text: str, filename: str,
+              error: type[PipelineError] = PipelineError) -> tuple[yaml.Node | None, Any]:
+    """The file's YAML node tree (for the lines of errors) and its data; `error` names the
+    line of invalid YAML."""
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        return yaml.compose(text), yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{filename}:{mark.line + 1}" if mark else filename
-        raise PipelineError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+        raise error([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+
+
+def parse_pipeline(text: str, filename: str = "pipeline.yaml") -> Pipeline:
+    node, data = load_yaml(text, filename)
     if data is None:
         data = {}
     if not isinstance(data, dict):
