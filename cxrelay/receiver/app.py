@@ -209,14 +209,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail)
 
 
-def create_app(
-    store: Store, sources: Mapping[str, Source], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    insert_timeout: float = DEFAULT_INSERT_TIMEOUT_SECONDS,
-) -> Starlette:
-    receiver = Receiver(store, sources, insert_timeout)
+def receiver_app(receiver: Any, webhook_path: str, max_body_bytes: int) -> Starlette:
+    """The ASGI app of a receiver (one org's `Receiver`, or every org's): its webhook path,
+    health, readiness and metrics, its lifespan, the body size limit."""
     app = Starlette(
         routes=[
-            Route("/webhooks/{source}", receiver.webhook, methods=["POST"]),
+            Route(webhook_path, receiver.webhook, methods=["POST"]),
             Route("/healthz", receiver.healthz, methods=["GET"]),
             Route("/readyz", receiver.readyz, methods=["GET"]),
             Route("/metrics", receiver.metrics_endpoint, methods=["GET"]),
@@ -227,6 +225,15 @@ def create_app(
     # Starlette answers `/healthz/` with a 307 whose Location is built from the Host header
     # the client sent; a receiver has no use for that redirect, so an unknown path is a 404.
     app.router.redirect_slashes = False
-    app.state.receiver = receiver
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    return app
+
+
+def create_app(
+    store: Store, sources: Mapping[str, Source], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    insert_timeout: float = DEFAULT_INSERT_TIMEOUT_SECONDS,
+) -> Starlette:
+    receiver = Receiver(store, sources, insert_timeout)
+    app = receiver_app(receiver, "/webhooks/{source}", max_body_bytes)
+    app.state.receiver = receiver
     return app

@@ -31,12 +31,11 @@ def app_from_environment() -> Starlette:
     if settings.orgs:  # many orgs: /webhooks/<org>/<source> (cxrelay.receiver.orgs)
         app = create_orgs_app(settings, settings.max_body_bytes, settings.insert_timeout_seconds)
         signal.signal(signal.SIGHUP, lambda *_: _reload(app))
-        gc.collect()
-        gc.freeze()
-        return app
-    sources = build_sources(settings.pipeline_config, os.environ)
-    store = Store(settings.database_url, synchronous=settings.sqlite_synchronous)
-    app = create_app(store, sources, settings.max_body_bytes, settings.insert_timeout_seconds)
+    else:
+        sources = build_sources(settings.pipeline_config, os.environ)
+        store = Store(settings.database_url, synchronous=settings.sqlite_synchronous)
+        app = create_app(store, sources, settings.max_body_bytes,
+                         settings.insert_timeout_seconds)
     # What is loaded by now (Starlette, pydantic, SQLAlchemy, the pipeline) lives as long as
     # the process: frozen out of the collector's sight, a full collection no longer walks it.
     # Measured at saturation: p99 acknowledgement 31-37 ms → 13 ms.

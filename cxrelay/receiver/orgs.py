@@ -21,20 +21,22 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from cxrelay.core.errors import CxrelayError
-from cxrelay.receiver.app import DEFAULT_MAX_BODY_BYTES, Receiver, _http_error, error
-from cxrelay.receiver.limits import BodySizeLimit
+from cxrelay.receiver.app import (
+    DEFAULT_INSERT_TIMEOUT_SECONDS,
+    DEFAULT_MAX_BODY_BYTES,
+    Receiver,
+    error,
+    receiver_app,
+)
 from cxrelay.receiver.sources import build_sources
 from cxrelay.settings import Settings
 from cxrelay.store.database import Store
@@ -189,26 +191,10 @@ class _ByOrg:
 
 
 def create_orgs_app(settings: Settings, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                    insert_timeout: float = 3.0) -> Starlette:
+                    insert_timeout: float = DEFAULT_INSERT_TIMEOUT_SECONDS) -> Starlette:
     """The receiver of every org of CXRELAY_ORGS. Raises `CxrelayError` for a broken file."""
     orgs = OrgsReceiver(settings, insert_timeout)
     orgs.load()
-    app = Starlette(
-        routes=[
-            Route("/webhooks/{org}/{source}", orgs.webhook, methods=["POST"]),
-            Route("/healthz", orgs.healthz, methods=["GET"]),
-            Route("/readyz", orgs.readyz, methods=["GET"]),
-            Route("/metrics", orgs.metrics_endpoint, methods=["GET"]),
-        ],
-        exception_handlers={HTTPException: _http_error},
-        lifespan=orgs.lifespan,
-    )
-    app.router.redirect_slashes = False
+    app = receiver_app(orgs, "/webhooks/{org}/{source}", max_body_bytes)
     app.state.orgs = orgs
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     return app
-
-
-def describe(app: Any) -> dict[str, list[str]]:
-    """Each org's enabled sources (for the start-up line)."""
-    return {name: sorted(org.receiver.sources) for name, org in app.state.orgs.orgs.items()}
