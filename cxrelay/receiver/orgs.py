@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from cxrelay.core.buckets import TokenBucket
 from cxrelay.core.errors import CxrelayError
 from cxrelay.receiver.app import (
     DEFAULT_INSERT_TIMEOUT_SECONDS,
@@ -45,30 +45,21 @@ logger = logging.getLogger("cxrelay.receiver")
 CHECK_SECONDS = 2.0
 
 
-class _Cap:
-    """An org's `max_events_per_second`: a bucket of a second's worth."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = max(1.0, rate)
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """0 when the request may go, else the seconds until one may."""
-        now = time.monotonic()
-        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+def _admit(cap: TokenBucket) -> float:
+    """An org's `max_events_per_second` (a bucket of a second's worth): 0 when the request
+    may go (it takes a token), else the seconds until one may (it takes none: a refused
+    request does not push the next one back)."""
+    wait = cap.wait()
+    if wait == 0:
+        cap.take()
+    return wait
 
 
 @dataclass
 class _Org:
     receiver: Receiver
     database_url: str
-    cap: _Cap | None
+    cap: TokenBucket | None
 
 
 class OrgsReceiver:
@@ -91,7 +82,8 @@ class OrgsReceiver:
         built: dict[str, _Org] = {}
         for name, (entry, settings) in wanted.items():
             sources = build_sources(settings.pipeline_config, settings.webhook_environ())
-            cap = _Cap(entry.max_events_per_second) if entry.max_events_per_second else None
+            rate = entry.max_events_per_second
+            cap = TokenBucket(max(1.0, rate), rate) if rate else None
             known = self.orgs.get(name)
             if known is not None and known.database_url == settings.database_url:
                 known.receiver.sources = dict(sources)  # rotated secrets, sources added
@@ -132,7 +124,7 @@ class OrgsReceiver:
         org = self.orgs.get(name)
         if org is None:
             return error(404, "unknown_org", f"no org is named {name!r}")
-        if org.cap is not None and (wait := org.cap.take()) > 0:
+        if org.cap is not None and (wait := _admit(org.cap)) > 0:
             org.receiver.metrics.rejected.labels(request.path_params["source"],
                                                  "org_rate_limited").inc()
             return JSONResponse({"error": "org_rate_limited", "detail": f"org {name} sends "
