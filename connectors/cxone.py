@@ -98,6 +98,7 @@ class CxoneClient:
         self._streak = 0
         self.token_requests = 0
         self.api_requests = 0
+        self.last_poll_time: str | None = None  # of the last `completed_contacts`
 
     def __repr__(self) -> str:
         return (f"CxoneClient(api_url={self.api_url!r}, tenant_id={self.tenant_id!r}, "
@@ -161,7 +162,7 @@ class CxoneClient:
             raise CxoneRateLimited(f"CXone GET {path}: backing off after a 429",
                                    retry_after=left)
         for attempt in (1, 2):
-            token = await self.token()
+            token = await self.token()  # the first one discovers the API host
             url = f"{self.api_url}{path}"
             try:
                 response = await self.http.get(url, params=params, headers={
@@ -187,9 +188,8 @@ class CxoneClient:
 
     async def get_contact(self, contact_id: str) -> dict[str, Any] | None:
         """The contact's fields, or None while CXone does not have it (404: its data lags)."""
-        await self._discover()
         response = await self.get(self._services(f"/contacts/{path_segment(contact_id)}"))
-        if response.status_code == 404 or response.status_code == 204:
+        if response.status_code in (204, 404):
             return None
         return contact_record(response.json())
 
@@ -198,8 +198,7 @@ class CxoneClient:
         """Every completed contact updated since `updated_since`, through all pages (`top`
         and `skip`; `_links.next` when CXone gives one). `last_poll_time` is CXone's clock
         at the first page, the next poll's watermark."""
-        await self._discover()
-        self.last_poll_time: str | None = None
+        self.last_poll_time = None
         skip = 0
         path = self._services("/contacts/completed")
         params: dict[str, Any] | None = {"updatedSince": updated_since, "top": top, "skip": 0}

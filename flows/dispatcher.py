@@ -38,7 +38,7 @@ from cxrelay.flows.duties import Duty
 from cxrelay.flows.jira import sweep_duplicates
 from cxrelay.flows.lanes import Job, Lane, open_lane
 from cxrelay.flows.notification_gaps import GapFiller
-from cxrelay.flows.process_event import dead_letter, process_event
+from cxrelay.flows.process_event import await_data, dead_letter, process_event
 from cxrelay.flows.retention import prune_store, trim_prefect_history
 from cxrelay.flows.runtime import Runtime
 from cxrelay.store.dead_letters import WHOLE_EVENT
@@ -376,7 +376,7 @@ class Dispatcher:
     def _lane_done(self, event: ClaimedEvent, result: EventSummary | BaseException) -> None:
         waiter = self.running.get(event.id)
         if isinstance(result, EventSummary) and result.outcome is Outcome.AWAITING_DATA:
-            task = asyncio.create_task(self._await_data(event, result.again_in))
+            task = asyncio.create_task(await_data(self.runtime, event.id, result.again_in))
             task.add_done_callback(lambda _: self._settle(event.id, waiter))
             return
         if isinstance(result, BaseException):
@@ -474,11 +474,6 @@ class Dispatcher:
                 task.cancel()
                 await self.store.calls(self.store.release, inbox_id, worker=self.worker_id,
                                        delay_seconds=0, count_attempt=False)
-
-    async def _await_data(self, event: ClaimedEvent, again_in: float | None) -> None:
-        """The platform does not have the event's data yet: back to the inbox until it is
-        looked for again, as a first attempt (it failed nothing), holding no slot."""
-        await self.store.calls(self.store.await_data, event.id, max(0.5, again_in or 0.0))
 
     async def _run_one(self, event: ClaimedEvent) -> None:
         self.started_runs += 1

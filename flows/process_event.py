@@ -159,10 +159,16 @@ async def process_event(inbox_id: int, conversation_id: str = "") -> dict[str, A
     if row is None:
         raise PermanentError(f"inbox event {inbox_id} does not exist")
     summary = await handle(runtime, row)
-    if summary.outcome is Outcome.AWAITING_DATA:  # back to the inbox until it is looked for
-        await runtime.store.calls(runtime.store.await_data, inbox_id,
-                                  max(0.5, summary.again_in or 0.0))
+    if summary.outcome is Outcome.AWAITING_DATA:
+        await await_data(runtime, inbox_id, summary.again_in)
     return summary.as_dict()
+
+
+async def await_data(runtime: Runtime, inbox_id: int, again_in: float | None) -> None:
+    """The platform does not have the event's data yet: back to the inbox until it is looked
+    for again, as a first attempt (it failed nothing), holding no slot. Whoever ran it gives
+    it back: a lane's dispatcher, or its own `process-event` run."""
+    await runtime.store.calls(runtime.store.await_data, inbox_id, max(0.5, again_in or 0.0))
 
 
 async def handle(runtime: Runtime, row: InboxEvent, inline: bool = False) -> EventSummary:
@@ -239,10 +245,9 @@ async def _deliver_event(runtime: Runtime, row: InboxEvent, event: CanonicalEven
     context = event.context()
     enrich = runtime.pipeline.enrich
     context["conversation"] = {}
-    platform = "genesys"
+    platform = event.platform
     try:
-        if event.platform == "cxone":
-            platform = "cxone"
+        if platform == "cxone":
             if enrich.cxone_contact:
                 context["contact"] = await enrich_contact(runtime, row, event)
         elif enrich.genesys_conversation:
