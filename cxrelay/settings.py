@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cxrelay.core.durations import parse_duration
 from cxrelay.core.errors import ConfigError
 from cxrelay.core.notifications import NotificationSource, parse_templates
-from cxrelay.core.orgs import OrgsFile, org_settings_values, parse_orgs
+from cxrelay.core.orgs import OrgConfig, OrgsFile, org_settings_values, parse_orgs
 from cxrelay.core.pipeline import Pipeline, parse_pipeline
 
 DEFAULT_PIPELINE = Path(__file__).with_name("default_pipeline.yaml")
@@ -372,6 +372,13 @@ class Settings(BaseSettings):
             raise ConfigError(f"org {name}: not cxrelay settings nor a source's secret: "
                               + ", ".join(unknown))
         return settings
+
+    def every_org(self) -> dict[str, tuple[OrgConfig, Settings]]:
+        """Each org of the orgs file (read once): its entry and its settings."""
+        orgs = self.orgs_config()
+        if orgs is None:
+            raise ConfigError("CXRELAY_ORGS is not set: this deployment serves one org")
+        return {org.name: (org, self.for_org(org.name, orgs)) for org in orgs.orgs}
 
     def webhook_environ(self) -> dict[str, str]:
         """Where the webhook sources' secrets are read: the process environment, with the

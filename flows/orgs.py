@@ -95,9 +95,7 @@ async def _trim_history() -> None:
 
 async def _apply(settings: Settings, running: dict[str, _Running]) -> None:
     try:
-        orgs = settings.orgs_config()
-        assert orgs is not None
-        wanted = {org.name: (org, settings.for_org(org.name, orgs)) for org in orgs.orgs}
+        wanted = settings.every_org()
     except CxrelayError as exc:  # a broken edit: the orgs go on as they were
         logger.error("the orgs file was not applied: %s", exc)
         return

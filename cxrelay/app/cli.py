@@ -62,9 +62,7 @@ def serve(
     try:
         settings = Settings()
         if settings.orgs:  # many orgs: each org's sources, under /webhooks/<org>/<source>
-            orgs = settings.orgs_config()
-            assert orgs is not None
-            per_org = {org.name: settings.for_org(org.name, orgs) for org in orgs.orgs}
+            per_org = {name: org for name, (_, org) in settings.every_org().items()}
             sources = {f"{name}/{source}": found for name, org_settings in per_org.items()
                        for source, found in build_sources(org_settings.pipeline_config,
                                                           org_settings.webhook_environ()).items()}
@@ -164,10 +162,8 @@ def dispatch(
     try:
         settings.pipeline_config  # noqa: B018 - a broken pipeline file fails here, not per event
         if settings.orgs:  # and a broken orgs file
-            orgs = settings.orgs_config()
-            assert orgs is not None
-            for org in orgs.orgs:
-                settings.for_org(org.name, orgs).pipeline_config  # noqa: B018
+            for _, org_settings in settings.every_org().values():
+                org_settings.pipeline_config  # noqa: B018
     except CxrelayError as exc:
         fail(str(exc), 2)
     if parent_pid:

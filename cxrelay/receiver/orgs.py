@@ -76,9 +76,7 @@ class OrgsReceiver:
 
     def load(self) -> None:
         """Apply the orgs file: serve the orgs it names, as it names them."""
-        orgs = self.settings.orgs_config()
-        assert orgs is not None
-        wanted = {org.name: (org, self.settings.for_org(org.name, orgs)) for org in orgs.orgs}
+        wanted = self.settings.every_org()
         built: dict[str, _Org] = {}
         for name, (entry, settings) in wanted.items():
             sources = build_sources(settings.pipeline_config, settings.webhook_environ())
