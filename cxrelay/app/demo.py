@@ -120,8 +120,8 @@ def demo_pipeline(path: Path) -> Path:
     return path
 
 
-def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, str]]],
-                                             list[str]]:
+def plan_events(conversations: int, contacts: list[dict[str, Any]]
+                ) -> tuple[list[tuple[Sent, bytes, dict[str, str]]], list[str]]:
     """The requests the demo sends, each with what should happen to it."""
     secret = os.environ["CXRELAY_WEBHOOK_SECRET"]
     token = os.environ["CXRELAY_EVENTBRIDGE_TOKEN"]
@@ -149,7 +149,7 @@ def plan_events(conversations: int) -> tuple[list[tuple[Sent, bytes, dict[str, s
         plan.append((Sent("EventBridge", conversation_id, 202, DELIVERED_OR_STALE,
                           event_id=payload["id"]), body,
                      {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}))
-    plan += cxone_pushes(conversations)
+    plan += cxone_pushes(contacts)
     for _ in range(2):
         payload = generic_event(state="CONNECTED")
         body = encode(payload)
@@ -179,11 +179,11 @@ def cxone_contacts(conversations: int) -> list[dict[str, Any]]:
     ]
 
 
-def cxone_pushes(conversations: int) -> list[tuple[Sent, bytes, dict[str, str]]]:
+def cxone_pushes(contacts: list[dict[str, Any]]) -> list[tuple[Sent, bytes, dict[str, str]]]:
     """What the contacts' Studio scripts push (ONRELEASE → REST API action, bearer token)."""
     token = os.environ["CXRELAY_CXONE_TOKEN"]
     plan: list[tuple[Sent, bytes, dict[str, str]]] = []
-    for contact in DEMO_CXONE:
+    for contact in contacts:
         contact_id = str(contact["contactId"])
         fields = {"ContactID": contact_id, "MasterContactID": contact_id,
                   "ANI": contact["fromAddr"], "DNIS": "8005550100",
@@ -209,9 +209,6 @@ def cxone_pushes(conversations: int) -> list[tuple[Sent, bytes, dict[str, str]]]
                 plan.append((Sent("CXone retry", contact_id, 202, "duplicate",
                                   event_id=sent.event_id, source="cxone"), body, headers))
     return plan
-
-
-DEMO_CXONE: list[dict[str, Any]] = []
 
 
 ORG_PHONES = {"acme": "+15550007001", "globex": "+15550007002"}
@@ -311,7 +308,7 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
     os.environ.update({k: environment[k] for k in
                        ("CXRELAY_WEBHOOK_SECRET", "CXRELAY_EVENTBRIDGE_TOKEN",
                         "CXRELAY_CXONE_TOKEN")})
-    DEMO_CXONE[:] = cxone_contacts(conversations)
+    contacts = cxone_contacts(conversations)
     server: subprocess.Popen[bytes] | None = None
     receiver: subprocess.Popen[bytes] | None = None
     try:
@@ -332,7 +329,7 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
             log = (DEMO_DIR / "serve.log").read_text(errors="replace").splitlines()[-15:]
             raise RuntimeError("cxrelay serve did not start; the end of its log:\n"
                                + "\n".join(log))
-        plan, completed = plan_events(conversations)
+        plan, completed = plan_events(conversations, contacts)
         httpx.post(f"{box.genesys_url}/__sandbox/conversations",
                    json=[sample_conversation(c, phone=caller_phone(i, len(completed)),
                                              queue=queue_of(i))
@@ -341,7 +338,7 @@ def run_demo(console: Console, keep_server: bool = False, conversations: int = 1
                    json=[KNOWN_CONTACT]).raise_for_status()
         httpx.post(f"{box.cxone_url}/__sandbox/contacts", json=[
             {k: v for k, v in contact.items() if k not in ("how", "tags")}
-            for contact in DEMO_CXONE]).raise_for_status()
+            for contact in contacts]).raise_for_status()
         console.print(f"Sending {len(plan)} requests to {base}/webhooks/… ")
         started = datetime.now(timezone.utc)
         with httpx.Client(timeout=10) as client:
